@@ -1,0 +1,3 @@
+from mmsafe.cli import main
+
+raise SystemExit(main())
