@@ -11,6 +11,7 @@ The released MMSafe-PO data writes a whole dialogue as one string::
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Any
 
@@ -45,7 +46,7 @@ def parse_llava_v1(text: str, *, record: str | None = None, field: str = "questi
         raise DataError("expected the prompt to end with an open 'ASSISTANT:' turn", record=record, field=field)
     system_text = text[: cuts[0][0]]
     messages = []
-    for (_, content_start, tag), (next_start, _, _) in zip(cuts, cuts[1:], strict=False):
+    for (_, content_start, tag), (next_start, _, _) in itertools.pairwise(cuts):
         content = text[content_start:next_start]
         if content.startswith(" "):
             content = content[1:]

@@ -40,7 +40,7 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     line_number = 0
     try:
         with open_text(path) as handle:
-            for line_number, line in enumerate(handle, start=1):  # noqa: B007
+            for line_number, line in enumerate(handle, start=1):
                 if line.strip():
                     yield line_number, line
     except UnicodeDecodeError as error:
@@ -71,7 +71,7 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)  # noqa: SIM115 (closed below, renamed after)
     try:
         with handle:
             for row in rows:
