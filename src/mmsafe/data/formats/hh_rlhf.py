@@ -1,0 +1,177 @@
+"""``hh-rlhf``: Anthropic HH-RLHF dialogues (``.jsonl`` or ``.jsonl.gz``).
+
+Each line holds ``chosen`` and ``rejected`` dialogue strings built from
+``"\\n\\nHuman: "`` and ``"\\n\\nAssistant: "`` turns. Both share the same history and
+differ only in the last assistant turn, so a line becomes one :class:`TextPreference`:
+the history (ending with the last user turn) and the two final answers. A history that
+differs between ``chosen`` and ``rejected`` is an error naming the line, never a drop.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmsafe.data.formats.base import Format, Item, first_object, iter_json_lines
+from mmsafe.data.records import Message, PreferenceRecord
+from mmsafe.errors import DataError
+
+HUMAN = "\n\nHuman: "
+ASSISTANT = "\n\nAssistant: "
+# The space after the colon is missing when a turn is empty (a dialogue ending "Assistant:").
+_TURN = re.compile(r"\n\n(Human|Assistant):(?: |(?=\n)|$)")
+_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+@dataclass
+class TextPreference:
+    """One HH-RLHF line: shared history (ending with the user), chosen and rejected answers."""
+
+    id: str
+    messages: list[Message]
+    chosen: str
+    rejected: str
+    line: int
+
+
+def dataset_stem(path: str | Path) -> str:
+    """``train.jsonl.gz`` -> ``train``: the file name without its data suffixes."""
+    name = Path(path).name
+    for suffix in (".gz", ".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def parse_dialogue(text: str, *, file: str | None = None, record: str | None = None, field: str = "chosen") -> list[Message]:
+    """Split ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` into alternating messages.
+
+    The dialogue must start with a Human turn and end with an Assistant turn.
+    """
+    if text.startswith(("Human:", "Assistant:")):
+        text = "\n\n" + text
+    matches = list(_TURN.finditer(text))
+    if not matches or matches[0].start() != 0:
+        raise DataError('expected a dialogue starting with "\\n\\nHuman: "', file=file, record=record, field=field)
+    messages = []
+    for index, match in enumerate(matches):
+        end = matches[index + 1].start() if index + 1 < len(matches) else len(text)
+        role = _ROLES[match.group(1)]
+        expected = "user" if index % 2 == 0 else "assistant"
+        if role != expected:
+            raise DataError(
+                f"turn {index + 1} is {match.group(1)!r} but the turns must alternate Human/Assistant starting with Human",
+                file=file,
+                record=record,
+                field=field,
+            )
+        messages.append(Message(role, text[match.end() : end]))
+    if messages[-1].role != "assistant":
+        raise DataError("expected the dialogue to end with an Assistant turn", file=file, record=record, field=field)
+    return messages
+
+
+def parse_line(data: object, *, file: str, line: int, record_id: str) -> TextPreference:
+    """One decoded JSONL line as a :class:`TextPreference`; DataError naming the line."""
+    record = f"line {line}"
+    if not isinstance(data, dict):
+        raise DataError(f"expected a JSON object with 'chosen' and 'rejected', got {type(data).__name__}", file=file, record=record, field="-")
+    dialogues = {}
+    for name in ("chosen", "rejected"):
+        if name not in data:
+            raise DataError(f"missing field {name!r} (expected a dialogue string)", file=file, record=record, field=name)
+        if not isinstance(data[name], str):
+            raise DataError(f"expected a dialogue string, got {type(data[name]).__name__}", file=file, record=record, field=name)
+        dialogues[name] = parse_dialogue(data[name], file=file, record=record, field=name)
+    chosen, rejected = dialogues["chosen"], dialogues["rejected"]
+    if len(chosen) != len(rejected):
+        raise DataError(
+            f"'rejected' has {len(rejected)} turns but 'chosen' has {len(chosen)}; expected the same history and a different last answer",
+            file=file,
+            record=record,
+            field="rejected",
+        )
+    for index, (left, right) in enumerate(zip(chosen[:-1], rejected[:-1], strict=True)):
+        if left != right:
+            raise DataError(
+                f"turn {index + 1} ({left.role}) differs from 'chosen'; expected the same history and a different last answer",
+                file=file,
+                record=record,
+                field="rejected",
+            )
+    return TextPreference(id=record_id, messages=chosen[:-1], chosen=chosen[-1].content, rejected=rejected[-1].content, line=line)
+
+
+def iter_hh_rlhf(path: str | Path) -> Iterator[TextPreference | DataError]:
+    """Every line as a TextPreference, or the DataError of a bad line (then the next)."""
+    file = str(path)
+    stem = dataset_stem(path)
+    for item in iter_json_lines(path):
+        if isinstance(item, DataError):
+            yield item
+            continue
+        line, data = item
+        try:
+            yield parse_line(data, file=file, line=line, record_id=f"{stem}-{line}")
+        except DataError as error:
+            yield error
+
+
+def read_hh_rlhf(path: str | Path) -> Iterator[TextPreference]:
+    """Stream the dialogues of an HH-RLHF file; the first bad line raises its DataError."""
+    for item in iter_hh_rlhf(path):
+        if isinstance(item, DataError):
+            raise item
+        yield item
+
+
+def to_record(preference: TextPreference, *, file: str) -> PreferenceRecord:
+    """A text-only preference record (``image`` None) for the dialogue."""
+    data = {
+        "id": preference.id,
+        "messages": [message.to_dict() for message in preference.messages],
+        "image": None,
+        "chosen": preference.chosen,
+        "rejected": [preference.rejected],
+        "rejected_sources": ["human"],
+        "meta": {"source": "hh-rlhf", "line": preference.line},
+    }
+    try:
+        return PreferenceRecord.from_dict(data, record=preference.id)
+    except DataError as error:
+        field = error.location.field or "-"
+        if field.startswith("messages"):
+            field = "chosen"
+        raise DataError(error.message, file=file, record=f"line {preference.line}", field=field) from None
+
+
+def read_items(path: str | Path, *, image_dir: str | Path | None = None) -> Iterator[Item]:
+    del image_dir  # text only
+    file = str(path)
+    for item in iter_hh_rlhf(path):
+        if isinstance(item, DataError):
+            yield item
+            continue
+        try:
+            yield to_record(item, file=file)
+        except DataError as error:
+            yield error
+
+
+def detect(path: str | Path) -> bool:
+    path = Path(path)
+    if not path.is_file() or not path.name.endswith((".jsonl", ".jsonl.gz")):
+        return False
+    first = first_object(path)
+    return first is not None and isinstance(first.get("chosen"), str) and "messages" not in first
+
+
+FORMAT = Format(
+    name="hh-rlhf",
+    description='HH-RLHF dialogues: JSONL[.gz] lines with "chosen" and "rejected" Human/Assistant strings (read only)',
+    detect=detect,
+    read_items=read_items,
+    writer=None,
+    suffixes=(),
+)

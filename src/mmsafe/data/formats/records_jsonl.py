@@ -1,0 +1,48 @@
+"""``jsonl``: our preference records, one JSON object per line (the ARCHITECTURE contract)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from mmsafe.data.formats.base import Format, Item, first_object, iter_json_lines
+from mmsafe.data.records import PreferenceRecord, write_records
+from mmsafe.errors import DataError
+
+
+def read_items(path: str | Path, *, image_dir: str | Path | None = None) -> Iterator[Item]:
+    """Records of a JSONL file; a bad line becomes a DataError and reading goes on."""
+    del image_dir  # image paths in records are already relative to the image root
+    file = str(path)
+    for item in iter_json_lines(path):
+        if isinstance(item, DataError):
+            yield item
+            continue
+        line_number, data = item
+        try:
+            yield PreferenceRecord.from_dict(data, record=f"line {line_number}")
+        except DataError as error:
+            yield error.at(file=file)
+
+
+def detect(path: str | Path) -> bool:
+    path = Path(path)
+    if path.suffix != ".jsonl" or not path.is_file():
+        return False
+    first = first_object(path)
+    # A file whose first lines are all malformed is still most likely ours.
+    return first is None or "messages" in first
+
+
+def write(path: Path, records: Iterable[PreferenceRecord]) -> int:
+    return write_records(path, records)
+
+
+FORMAT = Format(
+    name="jsonl",
+    description="preference records, one JSON object per line (id, messages, image, chosen, rejected, rejected_sources, meta)",
+    detect=detect,
+    read_items=read_items,
+    writer=write,
+    suffixes=(".jsonl",),
+)
