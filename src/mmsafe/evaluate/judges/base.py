@@ -75,7 +75,8 @@ class Judge(Protocol):
 
     ``name`` goes into every verdict record; it should change whenever the judge would
     label differently (another model, another rubric version), because verdicts are
-    cached by (id, variant, judge name).
+    cached by (id, variant, judge name). A judge that reads only the response may set a
+    class attribute ``needs_prompt = False`` so that judging does not ask for the data.
     """
 
     name: str

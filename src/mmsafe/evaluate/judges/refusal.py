@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from mmsafe.evaluate.judges.base import JudgeInput, Verdict
 
@@ -77,6 +78,8 @@ class RefusalJudge:
 
     phrases: Sequence[str] = field(default_factory=lambda: REFUSAL_PHRASES)
     name: str = "refusal"
+    #: It reads the response alone, so judging needs no benchmark data.
+    needs_prompt: ClassVar[bool] = False
 
     def judge(self, items: list[JudgeInput]) -> list[Verdict]:
         verdicts = []
