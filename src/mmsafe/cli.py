@@ -110,9 +110,125 @@ def _models_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- generate
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory or Hub id (hf engine), or the served model name (openai engine)")
+    parser.add_argument("--data", required=True, help="preference data (records JSONL or any format `mmsafe data convert` reads)")
+    parser.add_argument("--out", required=True, help="output file")
+    parser.add_argument("--format", dest="format_name", help="input format (default: detected from the file)")
+    parser.add_argument("--image-root", help="folder that image paths are relative to (default: the data file's folder)")
+    parser.add_argument("--engine", choices=["hf", "openai"], default="hf", help="hf: in-process transformers (default); openai: an OpenAI-compatible server (vLLM, SGLang)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch; also how many answers are written at a time (default 16)")
+    parser.add_argument("--limit", type=int, help="only the first N records")
+    decoding = parser.add_argument_group("decoding (default: greedy, as in the paper)")
+    decoding.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer (default 256)")
+    decoding.add_argument("--min-new-tokens", type=int, default=0, help="suppress end-of-sequence before this many tokens (default 0)")
+    decoding.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    decoding.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    decoding.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    decoding.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    hf = parser.add_argument_group("hf engine")
+    hf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"], help="weights dtype (default float32)")
+    hf.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    hf.add_argument("--adapter", help="a LoRA adapter directory to apply on top of --model")
+    hf.add_argument("--prompt-style", default="chat-template", choices=["chat-template", "llava-v1"], help="how prompts are rendered (default: the processor's chat template)")
+    hf.add_argument("--image-mode", default="pad", choices=["pad", "resize", "none"], help="pad images to a square of the mean colour first, like LLaVA-1.5 (default pad)")
+    hf.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint (off by default)")
+    server = parser.add_argument_group("openai engine")
+    server.add_argument("--base-url", help="server URL, e.g. http://localhost:8000/v1")
+    server.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (default OPENAI_API_KEY; unset: no key sent)")
+    server.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    server.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request (default 60)")
+    server.add_argument("--max-retries", type=int, default=6, help="retries on 429, 5xx, timeouts and connection errors (default 6)")
+
+
+def _engine_from_args(args: argparse.Namespace):
+    from mmsafe.errors import ConfigError
+
+    if args.engine == "openai":
+        from mmsafe.generate.openai_engine import OpenAIEngine
+
+        if not args.base_url:
+            raise ConfigError("--engine openai needs --base-url (e.g. http://localhost:8000/v1)")
+        return OpenAIEngine(args.base_url, args.model, api_key_env=args.api_key_env, timeout=args.timeout, max_retries=args.max_retries, concurrency=args.concurrency)
+    from mmsafe.generate.hf_engine import HFEngine
+
+    return HFEngine(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        adapter=args.adapter,
+        batch_size=args.batch_size,
+        trust_remote_code=args.trust_remote_code,
+        prompt_style=args.prompt_style,
+        image_mode=args.image_mode,
+    )
+
+
+def _decoding_from_args(args: argparse.Namespace):
+    from mmsafe.generate.engine import DecodingParams
+
+    return DecodingParams(
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+
+def add_generate(subparsers: argparse._SubParsersAction) -> None:
+    generate = _command(subparsers, "generate", "answer every prompt of a data file; resumable JSONL of response records", _generate)
+    _add_engine_arguments(generate)
+    generate.add_argument("--variant", default="default", help="variant written into each response record (default 'default')")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from mmsafe.generate.runs import generate_responses
+
+    params = _decoding_from_args(args)
+    engine = _engine_from_args(args)
+    summary = generate_responses(
+        engine, args.data, args.out, image_root=args.image_root, params=params, batch_size=args.batch_size, variant=args.variant, limit=args.limit, format_name=args.format_name
+    )
+    print(summary.summary())
+    return 0
+
+
+def add_blind(subparsers: argparse._SubParsersAction) -> None:
+    blind = _command(subparsers, "blind", "add a blind rejected response (the reference model answering without the image) to every record", _blind)
+    _add_engine_arguments(blind)
+    blind.add_argument("--mode", default="remove", choices=["remove", "blank", "text"], help="remove: drop the image (the paper's way, default); blank: a grey image; text: the original text_prompt")
+    blind.add_argument("--release-rows", help="also write the released MMSafe-PO JSON form (one row per rejected response) to this file")
+
+
+def _blind(args: argparse.Namespace) -> int:
+    from mmsafe.generate.blind import make_blind
+
+    params = _decoding_from_args(args)
+    engine = _engine_from_args(args)
+    summary = make_blind(
+        engine,
+        args.data,
+        args.out,
+        mode=args.mode,
+        image_root=args.image_root,
+        params=params,
+        batch_size=args.batch_size,
+        write_release_rows=args.release_rows,
+        limit=args.limit,
+        format_name=args.format_name,
+    )
+    print(summary.summary())
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_data, add_models]
+COMMANDS = [add_data, add_models, add_generate, add_blind]
 
 
 def build_parser() -> argparse.ArgumentParser:

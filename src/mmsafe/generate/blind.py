@@ -1,0 +1,185 @@
+"""Blind responses: the reference model answers each prompt without its image.
+
+Blind Preference Optimization treats such an answer as one more rejected response: it
+ignores the image the instruction is about. For every preference record the engine
+answers a blind version of the prompt, and the answer is appended to ``rejected`` with
+source ``"blind"``. Three ways to blind a prompt:
+
+``remove``  the image and its ``<image>`` token are dropped (the paper's way);
+``blank``   the image is replaced by a plain grey picture;
+``text``    the last user turn becomes the original text-only instruction (``meta["text_prompt"]``).
+
+Generation is resumable: answers go to a side file of response records keyed by id
+(``<out>.blind-responses.jsonl``); the records file is written atomically once every
+answer is there. The output is ordinary preference records that train unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmsafe.data.conversations import remove_image_token, without_image
+from mmsafe.data.records import Message, PreferenceRecord, read_response_records, write_records
+from mmsafe.errors import ConfigError, DataError
+from mmsafe.generate.engine import DecodingParams, Engine, GenerationRequest, request_from_record
+from mmsafe.generate.runs import DEFAULT_BATCH_SIZE, config_path_for, default_image_root, load_records, run_requests
+
+logger = logging.getLogger(__name__)
+
+BLIND_MODES = ("remove", "blank", "text")
+BLIND_SOURCE = "blind"
+#: The stand-in picture of ``blank`` mode: mid-grey, the size LLaVA-1.5's vision tower takes.
+BLANK_SIZE = (336, 336)
+BLANK_COLOUR = (128, 128, 128)
+
+
+@dataclass
+class BlindSummary:
+    """What :func:`make_blind` did."""
+
+    out_path: Path
+    responses_path: Path
+    records: int
+    generated: int
+    already_done: int
+    empty: list[str]
+    """Ids whose blind answer was empty: those records keep only their other rejected responses."""
+    seconds: float
+    release_rows_path: Path | None = None
+    release_rows: int = 0
+
+    def summary(self) -> str:
+        text = (
+            f"{self.records} records with a blind rejected response written to {self.out_path} "
+            f"({self.generated} generated in {self.seconds:.1f} s, {self.already_done} already done)"
+        )
+        if self.empty:
+            text += f"; {len(self.empty)} empty blind answers not added (ids: {', '.join(self.empty[:5])}{', ...' if len(self.empty) > 5 else ''})"
+        if self.release_rows_path is not None:
+            text += f"; {self.release_rows} released-format rows written to {self.release_rows_path}"
+        return text
+
+
+def responses_path_for(out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".blind-responses.jsonl")
+
+
+def blind_request(record: PreferenceRecord, mode: str, image_root: str | Path | None, *, file: str | None = None) -> GenerationRequest:
+    """The request that asks ``record``'s prompt blind, in ``mode``."""
+    variant = f"blind-{mode}"
+    if mode == "remove":
+        return GenerationRequest(id=record.id, messages=without_image(record.messages), image=None, variant=variant, meta=dict(record.meta))
+    if mode == "blank":
+        from mmsafe.data.images import blank_image
+
+        if not record.has_image_token:
+            # A text-only record has no image to blank: it is asked as it is.
+            return request_from_record(record, image_root, variant=variant)
+        return GenerationRequest(id=record.id, messages=list(record.messages), image=blank_image(BLANK_SIZE, BLANK_COLOUR), variant=variant, meta=dict(record.meta))
+    if mode == "text":
+        text_prompt = record.meta.get("text_prompt")
+        if not isinstance(text_prompt, str) or not text_prompt.strip():
+            raise DataError(
+                f"blind mode 'text' needs the original text-only instruction, got {text_prompt!r}; use --mode remove or blank",
+                file=file,
+                record=record.id,
+                field="meta.text_prompt",
+            )
+        last = Message("user", remove_image_token(text_prompt))
+        return GenerationRequest(id=record.id, messages=[*record.messages[:-1], last], image=None, variant=variant, meta=dict(record.meta))
+    raise ConfigError(f"mode: expected one of {', '.join(BLIND_MODES)}, got {mode!r}")
+
+
+def add_blind_response(record: PreferenceRecord, response: str) -> PreferenceRecord:
+    """A copy of ``record`` with ``response`` appended as a rejected response from source ``blind``."""
+    return PreferenceRecord(
+        id=record.id,
+        messages=list(record.messages),
+        chosen=record.chosen,
+        rejected=[*record.rejected, response],
+        image=record.image,
+        rejected_sources=[*record.rejected_sources, BLIND_SOURCE],
+        meta=dict(record.meta),
+    )
+
+
+def make_blind(
+    engine: Engine,
+    data: str | Path | Iterable[PreferenceRecord],
+    out_path: str | Path,
+    *,
+    mode: str = "remove",
+    image_root: str | Path | None = None,
+    params: DecodingParams | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    write_release_rows: str | Path | None = None,
+    limit: int | None = None,
+    format_name: str | None = None,
+) -> BlindSummary:
+    """Add a blind rejected response, answered by ``engine`` (the reference model), to every record.
+
+    Args:
+        engine: the reference model's engine.
+        data: preference records (a file in any known format, or records).
+        out_path: the preference records JSONL to write.
+        mode: ``remove`` (default, the paper's), ``blank`` or ``text``.
+        image_root: where record images live (default: the data file's folder); only
+            ``blank`` mode on text-only records and nothing else reads images.
+        params: decoding settings (default: greedy, 256 new tokens).
+        batch_size: records per written batch of the side file.
+        write_release_rows: also write the released MMSafe-PO JSON form here (one row
+            per rejected response, the prompt repeated).
+        limit: only the first ``limit`` records.
+    """
+    if mode not in BLIND_MODES:
+        raise ConfigError(f"mode: expected one of {', '.join(BLIND_MODES)}, got {mode!r}")
+    params = params or DecodingParams()
+    started = time.perf_counter()
+    out_path = Path(out_path)
+    records = load_records(data, limit=limit, format_name=format_name)
+    root = default_image_root(data, image_root)
+    file = str(data) if isinstance(data, str | Path) else None
+    if mode == "text":
+        # Check every record before generating, so a bad one fails in seconds, not hours.
+        for record in records:
+            blind_request(record, mode, root, file=file)
+    responses_path = responses_path_for(out_path)
+    config = {"command": "blind", "mode": mode, "data": file or f"<{len(records)} records in memory>", "image_root": None if root is None else str(root), "limit": limit, "output": str(out_path), "release_rows": None if write_release_rows is None else str(write_release_rows)}
+    run = run_requests(
+        engine,
+        records,
+        responses_path,
+        build_request=lambda record: blind_request(record, mode, root, file=file),
+        params=params,
+        batch_size=batch_size,
+        variant=f"blind-{mode}",
+        config=config,
+        config_path=config_path_for(out_path),
+        progress_label=f"blind {mode}",
+    )
+    from mmsafe.generate.distributed import process_info
+
+    if not process_info().is_main:
+        return BlindSummary(out_path, responses_path, len(records), run.generated, run.already_done, [], run.seconds)
+
+    answers = {response.id: response.response for response in read_response_records(responses_path) if response.variant == f"blind-{mode}"}
+    missing = [record.id for record in records if record.id not in answers]
+    if missing:
+        raise DataError(f"{len(missing)} records have no blind answer yet (first: {missing[0]}); rerun to finish", file=str(responses_path))
+    empty = [record.id for record in records if not answers[record.id].strip()]
+    if empty:
+        logger.warning("%d blind answers are empty and were not added (first ids: %s)", len(empty), ", ".join(empty[:5]))
+    output = [add_blind_response(record, answers[record.id]) if answers[record.id].strip() else record for record in records]
+    write_records(out_path, output)
+    summary = BlindSummary(out_path, responses_path, len(records), run.generated, run.already_done, empty, time.perf_counter() - started)
+    if write_release_rows is not None:
+        from mmsafe.data.formats import write_records as write_format
+
+        summary.release_rows_path = Path(write_release_rows)
+        summary.release_rows = write_format(write_release_rows, output, "mmsafe-po")
+    return summary
