@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmsafe.data.formats import detect_format, get_format
+from mmsafe.data.formats.base import FileReadError
 from mmsafe.data.images import DEFAULT_MAX_PIXELS, check_image_path, load_image
 from mmsafe.errors import DataError, ImageError
 from mmsafe.progress import track
@@ -69,7 +70,7 @@ def validate_file(
     for item in track(data_format.read_items(path), desc="validate", unit="record"):
         if isinstance(item, DataError):
             report.problems.append(item.at(file=file))
-            if item.location.record is not None:
+            if not isinstance(item, FileReadError):
                 report.total += 1
             continue
         report.total += 1

@@ -19,6 +19,16 @@ ItemReader = Callable[..., Iterator[Item]]
 Writer = Callable[[Path, Iterable[PreferenceRecord]], int]
 
 
+class FileReadError(DataError):
+    """The file (or the rest of it) cannot be read at all: not one bad record but a
+    missing file, a syntax error in a whole-file format, a truncated stream."""
+
+    @classmethod
+    def wrap(cls, error: DataError, *, file: str) -> FileReadError:
+        location = error.location
+        return cls(error.message, file=location.file or file, record=location.record, field=location.field)
+
+
 @dataclass(frozen=True)
 class Format:
     """One data format, found by name in :data:`mmsafe.data.formats.FORMATS`.
@@ -74,4 +84,4 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any] | DataError]:
             except json.JSONDecodeError as error:
                 yield DataError(f"malformed JSON ({error.msg} at column {error.colno})", file=file, record=f"line {line_number}")
     except DataError as error:
-        yield error.at(file=file)
+        yield FileReadError.wrap(error, file=file)

@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from mmsafe.data.formats.base import Format, Item
+from mmsafe.data.formats.base import FileReadError, Format, Item
 from mmsafe.data.formats.mmsafe_po import record_from_row
 from mmsafe.errors import DataError
 
@@ -120,7 +120,7 @@ def _parquet_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(path.rglob("*.parquet"))
         if not files:
-            raise DataError("expected .parquet files in this folder, found none", file=str(path))
+            raise FileReadError("expected .parquet files in this folder, found none", file=str(path))
         return files
     return [path]
 
@@ -145,7 +145,7 @@ def _iter_parquet(path: Path, images: ImageWriter) -> Iterator[Item]:
                     counts[split] = index + 1
                     yield _record(row, f"{split}-{index}", split, images, str(parquet_file))
         except (pa.ArrowException, OSError) as error:
-            yield DataError(f"not a readable parquet file ({error})", file=str(parquet_file))
+            yield FileReadError(f"not a readable parquet file ({error})", file=str(parquet_file))
 
 
 def _iter_hub(hub_id: str, images: ImageWriter) -> Iterator[Item]:
@@ -154,7 +154,7 @@ def _iter_hub(hub_id: str, images: ImageWriter) -> Iterator[Item]:
     try:
         dataset_dict = datasets.load_dataset(hub_id)
     except Exception as error:  # the Hub raises many types; all mean "could not load"
-        yield DataError(f"could not load the Hugging Face dataset ({type(error).__name__}: {error})", file=hub_id)
+        yield FileReadError(f"could not load the Hugging Face dataset ({type(error).__name__}: {error})", file=hub_id)
         return
     for split, dataset in dataset_dict.items():
         if "image" in dataset.column_names:
@@ -179,7 +179,7 @@ def iter_items(path: str | Path, images: ImageWriter) -> Iterator[Item]:
         return
     path = Path(path)
     if not path.exists():
-        yield DataError("file not found (expected a .parquet file, a folder of them or a Hub id like owner/name)", file=str(path))
+        yield FileReadError("file not found (expected a .parquet file, a folder of them or a Hub id like owner/name)", file=str(path))
         return
     yield from _iter_parquet(path, images)
 

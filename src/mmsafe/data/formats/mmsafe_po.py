@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mmsafe.data.conversations import parse_llava_v1, render_llava_v1, strip_response_prefix
-from mmsafe.data.formats.base import Format, Item
+from mmsafe.data.formats.base import FileReadError, Format, Item
 from mmsafe.data.jsonl import open_text
 from mmsafe.data.records import PreferenceRecord
 from mmsafe.errors import DataError
@@ -123,11 +123,11 @@ def load_rows(path: str | Path) -> list[Any]:
         try:
             rows = json.load(handle)
         except json.JSONDecodeError as error:
-            raise DataError(f"malformed JSON ({error.msg} at column {error.colno})", file=file, record=f"line {error.lineno}") from None
+            raise FileReadError(f"malformed JSON ({error.msg} at column {error.colno})", file=file, record=f"line {error.lineno}") from None
         except UnicodeDecodeError as error:
-            raise DataError(f"not valid UTF-8 ({error.reason})", file=file) from None
+            raise FileReadError(f"not valid UTF-8 ({error.reason})", file=file) from None
     if not isinstance(rows, list):
-        raise DataError(f"expected a JSON array of objects (the released MMSafe-PO format), got a {type(rows).__name__}", file=file)
+        raise FileReadError(f"expected a JSON array of objects (the released MMSafe-PO format), got a {type(rows).__name__}", file=file)
     return rows
 
 
@@ -138,7 +138,7 @@ def read_items(path: str | Path, *, image_dir: str | Path | None = None) -> Iter
     try:
         rows = load_rows(path)
     except DataError as error:
-        yield error
+        yield FileReadError.wrap(error, file=file)
         return
     pending: PreferenceRecord | None = None
     pending_signature: str | None = None
