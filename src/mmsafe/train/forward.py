@@ -1,0 +1,135 @@
+"""Score the chosen and the K rejected responses of each example: sequence log-probs.
+
+``shared-prefix`` (the default) packs one example into one row,
+``[prompt | chosen | rejected_1 | ... | rejected_K]``, and gives the model a block
+attention mask: prompt tokens attend causally to the prompt, and each response token to
+the whole prompt and to the earlier tokens of its own response, never to another
+response. Position ids of every response continue from the end of the prompt. Each
+response is therefore scored exactly as if it followed the prompt alone, while the
+vision tower runs once per example and the prompt's hidden states are computed once. It
+is one ordinary forward, so gradient checkpointing, DDP, DeepSpeed and FSDP see nothing
+unusual. It needs an attention implementation that takes a 4-D mask (``sdpa``,
+``eager``), not ``flash_attention_2``.
+
+``separate`` is the public release's form, kept as the baseline: every (prompt,
+response) sequence of every (chosen, rejected) pair is a row of its own, with its own
+image pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmsafe.train.data import PAD_SEGMENT
+from mmsafe.train.losses import sequence_logprobs, token_logprobs
+
+#: Batch keys that are not model inputs.
+_BOOKKEEPING = (
+    "segment_ids",
+    "labels",
+    "logit_index",
+    "sequence_example",
+    "sequence_slot",
+    "rejected_source_ids",
+    "rejected_mask",
+    "reference_chosen_logps",
+    "reference_rejected_logps",
+)
+
+
+@dataclass
+class ResponseLogProbs:
+    """Sequence log-probs: ``chosen`` [B], ``rejected`` [B, K], ``rejected_mask`` [B, K]."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    rejected_mask: torch.Tensor
+
+
+def unwrap(model: Any) -> Any:
+    """The model inside DDP / DeepSpeed wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def attention_implementation(model: Any) -> str:
+    config = unwrap(model).config
+    text_config = getattr(config, "text_config", None) or config
+    return getattr(text_config, "_attn_implementation", None) or getattr(config, "_attn_implementation", None) or "eager"
+
+
+def block_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype, as_bool: bool) -> torch.Tensor:
+    """[B, T] segment ids -> [B, 1, T, T] mask (True / 0.0 where query i may attend key j).
+
+    Allowed: j <= i and key j in the prompt (segment 0) or in the query's own segment.
+    A padding query attends to itself only, so no softmax row is empty.
+    """
+    width = segment_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segment_ids.device).tril()
+    query = segment_ids.unsqueeze(2)
+    key = segment_ids.unsqueeze(1)
+    allowed = causal & (query != PAD_SEGMENT) & (key != PAD_SEGMENT) & ((key == 0) | (key == query))
+    allowed = allowed | torch.eye(width, dtype=torch.bool, device=segment_ids.device)
+    allowed = allowed.unsqueeze(1)
+    if as_bool:
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in batch.items() if key not in _BOOKKEEPING}
+
+
+def score_shared_prefix(model: Any, batch: dict[str, torch.Tensor], *, average: bool = False) -> ResponseLogProbs:
+    """Log-probs of all responses from one block-masked forward per batch."""
+    segment_ids = batch["segment_ids"]
+    implementation = attention_implementation(model)
+    if implementation.startswith("flash"):
+        raise ValueError(f"shared-prefix scoring needs sdpa or eager attention, the model uses {implementation}")
+    dtype = unwrap(model).get_input_embeddings().weight.dtype
+    inputs = _model_inputs(batch)
+    inputs["attention_mask"] = block_attention_mask(segment_ids, dtype, as_bool=implementation == "sdpa")
+    logits = model(**inputs, use_cache=False).logits  # [B, T, V]
+    labels = batch["labels"]
+    # Bring each label's predicting logits to its position; only response positions matter.
+    index = batch["logit_index"].unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+    per_token = token_logprobs(logits.gather(1, index), labels)  # [B, T]
+    max_rejected = batch["rejected_mask"].shape[1]
+    slots = torch.arange(1, max_rejected + 2, device=segment_ids.device)  # segment ids 1 .. 1 + K
+    in_slot = (segment_ids.unsqueeze(1) == slots.view(1, -1, 1)) & (labels != -100).unsqueeze(1)  # [B, 1 + K, T]
+    sums = (per_token.unsqueeze(1) * in_slot).sum(-1)
+    if average:
+        sums = sums / in_slot.sum(-1).clamp(min=1)
+    return ResponseLogProbs(chosen=sums[:, 0], rejected=sums[:, 1:], rejected_mask=batch["rejected_mask"])
+
+
+def score_separate(model: Any, batch: dict[str, torch.Tensor], *, average: bool = False) -> ResponseLogProbs:
+    """Log-probs with every (prompt, response) sequence encoded alone, pair by pair.
+
+    The chosen response is scored once per pair, as in the release; its K identical
+    scores are averaged, which leaves both the value and the gradient unchanged.
+    """
+    logits = model(**_model_inputs(batch), use_cache=False).logits
+    sequence_logps = sequence_logprobs(logits[:, :-1], batch["labels"][:, 1:], average=average)  # [S]
+    rejected_mask = batch["rejected_mask"]
+    size = rejected_mask.shape[0]
+    example = batch["sequence_example"]
+    slot = batch["sequence_slot"]
+    is_chosen = slot == 0
+    chosen_sum = torch.zeros(size, dtype=sequence_logps.dtype, device=sequence_logps.device).index_add(0, example[is_chosen], sequence_logps[is_chosen])
+    chosen_count = torch.zeros(size, device=sequence_logps.device).index_add(0, example[is_chosen], torch.ones_like(sequence_logps[is_chosen]))
+    rejected = torch.zeros(rejected_mask.shape, dtype=sequence_logps.dtype, device=sequence_logps.device)
+    rejected = rejected.index_put((example[~is_chosen], slot[~is_chosen] - 1), sequence_logps[~is_chosen])
+    return ResponseLogProbs(chosen=chosen_sum / chosen_count.clamp(min=1), rejected=rejected, rejected_mask=rejected_mask)
+
+
+def score_batch(model: Any, batch: dict[str, torch.Tensor], *, average: bool = False) -> ResponseLogProbs:
+    """Dispatch on the batch layout the collator produced."""
+    if "segment_ids" in batch:
+        return score_shared_prefix(model, batch, average=average)
+    return score_separate(model, batch, average=average)

@@ -1,0 +1,136 @@
+"""Shared-prefix scoring equals scoring each (prompt, response) alone: log-probs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmsafe.data.records import read_preference_records
+from mmsafe.models import load_model
+from mmsafe.train.data import PreferenceCollator, PreferenceDataset, PreferenceEncoder, prepare_examples
+from mmsafe.train.forward import block_attention_mask, score_batch
+from mmsafe.train.losses import bpo_loss
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    loaded = load_model(tiny_model_dir, dtype="float32", device="cpu")
+    loaded.model.train()  # the tiny model has no dropout: training mode changes nothing but is what training runs
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def items(tiny, sample_dir, bpo_records):
+    """Three examples: two with K = 2 (human, blind), one with K = 1; one with earlier turns."""
+    encoder = PreferenceEncoder(tiny.processor, sample_dir, max_length=256)
+    two = list(read_preference_records(bpo_records))[:2]
+    one = list(read_preference_records(sample_dir / "records.jsonl"))[5:6]
+    prepared = prepare_examples([*two, *one], encoder)
+    assert [example.num_rejected for example in prepared.examples] == [2, 2, 1]
+    dataset = PreferenceDataset(prepared.examples, encoder)
+    return [dataset[index] for index in range(len(dataset))], prepared.sources
+
+
+def alone(model, items):
+    """Every (prompt, response) as its own batch of one: no padding, no packing."""
+    chosen, rejected = [], []
+    for item in items:
+        example = item["example"]
+        scores = []
+        for response in example.responses:
+            ids = torch.tensor([example.prompt_ids + response])
+            logits = model(input_ids=ids, **item["image_inputs"]).logits[0]
+            start = len(example.prompt_ids)
+            logps = torch.log_softmax(logits[start - 1 : -1], dim=-1)
+            scores.append(logps.gather(-1, torch.tensor(response)[:, None]).sum())
+        chosen.append(scores[0])
+        rejected.append(scores[1:])
+    return chosen, rejected
+
+
+def gradients(model):
+    return {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
+
+
+def assert_same_gradients(expected, actual):
+    assert expected.keys() == actual.keys()
+    total = max(gradient.norm().item() for gradient in expected.values())
+    for name, gradient in expected.items():
+        difference = (gradient - actual[name]).norm().item()
+        scale = gradient.norm().item()
+        # Some gradients are zero in exact arithmetic (attention key biases: softmax does not
+        # move when every score shifts by the same amount); there only float noise is left.
+        if scale < 1e-6 * total:
+            assert actual[name].norm().item() < 1e-6 * total, name
+            continue
+        assert difference <= 1e-4 * scale, f"{name}: relative difference {difference / scale:.2e}"
+
+
+def test_block_mask_lets_responses_see_the_prompt_and_themselves_only():
+    # segments: prompt, prompt, response 1, response 1, response 2, pad
+    segments = torch.tensor([[0, 0, 1, 1, 2, -1]])
+    allowed = block_attention_mask(segments, torch.float32, as_bool=True)[0, 0].int()
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 0, 0, 1, 0],  # response 2 skips response 1
+            [0, 0, 0, 0, 0, 1],  # padding sees itself only
+        ]
+    )
+    assert torch.equal(allowed, expected)
+    additive = block_attention_mask(segments, torch.float32, as_bool=False)[0, 0]
+    assert torch.equal(additive == 0, expected.bool())
+
+
+@pytest.mark.parametrize("mode", ["shared-prefix", "separate"])
+def test_log_probs_and_gradients_match_scoring_each_sequence_alone(tiny, items, mode):
+    items, sources = items
+    model = tiny.model
+    batch = PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode=mode)(items)
+    weights = torch.tensor([0.7, -1.3, 0.4])  # any fixed mix, so every score feeds the gradient
+
+    model.zero_grad()
+    chosen, rejected = alone(model, items)
+    expected_total = sum(w * c for w, c in zip(weights, chosen, strict=True)) + sum(r for row in rejected for r in row)
+    expected_total.backward()
+    expected_gradients = gradients(model)
+
+    model.zero_grad()
+    scores = score_batch(model, batch)
+    assert scores.rejected.shape == (3, 2)
+    assert scores.rejected_mask.tolist() == [[True, True], [True, True], [True, False]]
+    torch.testing.assert_close(scores.chosen, torch.stack(chosen).detach(), atol=1e-4, rtol=0)
+    for row, expected_row in enumerate(rejected):
+        torch.testing.assert_close(scores.rejected[row, : len(expected_row)], torch.stack(expected_row).detach(), atol=1e-4, rtol=0)
+    total = (weights * scores.chosen).sum() + scores.rejected[scores.rejected_mask].sum()
+    total.backward()
+    assert_same_gradients(expected_gradients, gradients(model))
+
+
+def test_shared_prefix_and_separate_give_the_same_bpo_loss(tiny, items):
+    items, sources = items
+    with torch.no_grad():
+        shared = score_batch(tiny.model, PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="shared-prefix")(items))
+        separate = score_batch(tiny.model, PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="separate")(items))
+    # A reference a little below the policy, so that the loss is not at its symmetric point.
+    reference_chosen = shared.chosen - 0.5
+    reference_rejected = shared.rejected + 0.25
+    losses = [
+        bpo_loss(scores.chosen, scores.rejected, reference_chosen, reference_rejected, beta=0.1, rejected_mask=scores.rejected_mask).loss
+        for scores in (shared, separate)
+    ]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=0)
+
+
+def test_sdpa_bool_mask_and_eager_float_mask_agree(tiny_model_dir, items):
+    items, sources = items
+    results = []
+    for implementation in ("sdpa", "eager"):
+        loaded = load_model(tiny_model_dir, dtype="float32", device="cpu", attn_implementation=implementation)
+        batch = PreferenceCollator(loaded.tokenizer.pad_token_id, sources)(items)
+        with torch.no_grad():
+            results.append(score_batch(loaded.model, batch).chosen)
+    torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=0)
