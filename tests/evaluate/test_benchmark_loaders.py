@@ -187,7 +187,7 @@ def test_mmsafe_po_released_json_counts_by_entity_type(tmp_path):
     assert Counter(item.meta["entity_type"] for item in items) == {"LOC": 2, "PER": 1, "ORG": 1, "MISC": 1}
     assert [message.role for message in items[0].messages] == ["user", "assistant", "user"]
     assert items[0].messages[-1].content == "<image>\nWhat is shown 0?"
-    assert items[0].image_root == tmp_path / "images"
+    assert items[0].image_root == tmp_path  # beside the data file, as generation looks
     assert load_benchmark("mmsafe-po", path, image_root=tmp_path / "x")[0].image_root == tmp_path / "x"
 
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from mmsafe.data.records import Message
-from mmsafe.errors import ConfigError, ModelError
+from mmsafe.errors import ConfigError, MmsafeError, ModelError
 from mmsafe.evaluate.judges import JudgeInput, Verdict, available_judges, get_judge, register_judge
 from mmsafe.evaluate.judges import base as judges_base
 from mmsafe.evaluate.judges.llama_guard import (
@@ -336,8 +336,8 @@ def test_llm_judge_over_http(chat_server, tmp_path, monkeypatch):
     assert isinstance(requests[-1][1]["messages"][0]["content"], str)
 
 
-def test_llm_judge_http_errors_are_model_errors(chat_server):
+def test_llm_judge_http_errors_are_reported(chat_server):
     base_url, _ = chat_server
     judge = get_judge("llm", model="m", base_url=base_url.replace("/v1", "/wrong"))
-    with pytest.raises(ModelError, match="HTTP 404"):
+    with pytest.raises(MmsafeError, match="HTTP 404"):
         judge.judge([item("x")])

@@ -101,15 +101,21 @@ def load_benchmark(name: str, path: str | Path, **options: Any) -> list[Benchmar
 def load_mmsafe_po(path: str | Path, *, image_root: str | Path | None = None, format_name: str | None = None) -> list[BenchmarkItem]:
     """MMSafe-PO records (released JSON, HF parquet, or our JSONL) as benchmark items.
 
-    ``image_root``: the folder the record image names are relative to (default: an
-    ``images`` folder beside the file, or inside a folder of parquet shards). Images
-    embedded in parquet are written there once and read from there.
+    ``image_root``: the folder the record image names are relative to. By default it
+    is the data file's folder (as for generation); for parquet, whose images are
+    embedded, it is ``images/`` beside the file (or inside the folder of shards), where
+    the images are written once and read from.
     """
     from mmsafe.data.formats import read_records
 
     path = Path(path)
-    root = Path(image_root) if image_root is not None else (path if path.is_dir() else path.parent) / "images"
     embeds_images = path.suffix == ".parquet" or path.is_dir()
+    if image_root is not None:
+        root = Path(image_root)
+    elif embeds_images:
+        root = (path if path.is_dir() else path.parent) / "images"
+    else:
+        root = path.parent
     records = read_records(path, format_name, image_dir=root if embeds_images else None)
     items = [BenchmarkItem(record.id, list(record.messages), record.image, root, dict(record.meta)) for record in records]
     _check_unique(items, str(path))

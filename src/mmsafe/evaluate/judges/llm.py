@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from importlib import resources
 from typing import Any
 
 from mmsafe.data.records import Message
-from mmsafe.errors import ConfigError, ModelError
+from mmsafe.errors import ConfigError
 from mmsafe.evaluate.judges.base import JudgeInput, Verdict
 
 GENERAL_RUBRIC = "llm_judge"
@@ -107,30 +106,14 @@ def build_chat_messages(prompt: str, image_url: str | None) -> list[dict[str, An
     return [{"role": "user", "content": [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": image_url}}]}]
 
 
-def _post_chat_completion(base_url: str, payload: dict[str, Any], api_key: str | None, timeout: float) -> str:
-    """One POST to ``{base_url}/chat/completions``; returns the first choice's text."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    url = base_url.rstrip("/") + "/chat/completions"
-    try:
-        response = httpx.post(url, json=payload, headers=headers, timeout=timeout)
-        response.raise_for_status()
-        return response.json()["choices"][0]["message"]["content"] or ""
-    except httpx.HTTPStatusError as error:
-        raise ModelError(f"llm judge: {url} answered HTTP {error.response.status_code}") from None
-    except httpx.HTTPError as error:
-        raise ModelError(f"llm judge: request to {url} failed ({type(error).__name__}: {error})") from None
-    except (KeyError, IndexError, TypeError, ValueError):
-        raise ModelError(f"llm judge: {url} did not answer in the chat-completions format") from None
-
-
 @dataclass
 class LlmJudge:
     """A chat model behind an OpenAI-compatible endpoint (vLLM, SGLang, a hosted API).
 
-    The API key is read from the environment variable named by ``api_key_env`` and is
-    never logged or written out. ``temperature`` 0 keeps the labels reproducible.
+    Requests go through :class:`mmsafe.generate.openai_engine.OpenAIEngine` (bounded
+    concurrency, timeouts, retries with backoff and jitter). The API key is read from
+    the environment variable named by ``api_key_env`` and is never logged or written
+    out. Decoding is greedy (temperature 0) so the labels are reproducible.
     """
 
     model: str = ""
@@ -140,19 +123,27 @@ class LlmJudge:
     send_image: bool = True
     max_concurrency: int = 4
     timeout: float = 120.0
+    max_retries: int = 6
     max_tokens: int = 256
-    temperature: float = 0.0
     name: str = ""
 
     def __post_init__(self) -> None:
+        from mmsafe.generate.openai_engine import OpenAIEngine
+
         if not self.model:
             raise ConfigError("llm judge: give the judge model's name (--judge-model / model=...)")
-        if self.max_concurrency < 1:
-            raise ConfigError("llm judge: max_concurrency must be at least 1")
         self._rubrics = {
             GENERAL_RUBRIC: load_rubric(GENERAL_RUBRIC, self.rubric_version),
             ADVICE_RUBRIC: load_rubric(ADVICE_RUBRIC, self.rubric_version),
         }
+        self._engine = OpenAIEngine(
+            self.base_url,
+            self.model,
+            api_key_env=self.api_key_env,
+            timeout=self.timeout,
+            max_retries=self.max_retries,
+            concurrency=self.max_concurrency,
+        )
         if not self.name:
             self.name = f"llm:{self.model}:v{self.rubric_version}"
 
@@ -161,24 +152,23 @@ class LlmJudge:
         category = item.category or item.meta.get("scenario")
         return ADVICE_RUBRIC if is_advice_scenario(category) else GENERAL_RUBRIC
 
-    def request_payload(self, item: JudgeInput) -> dict[str, Any]:
+    def chat_messages(self, item: JudgeInput) -> list[dict[str, Any]]:
+        """The OpenAI-format request for one item: the filled rubric, with the image if any."""
         prompt = build_judge_prompt(item, self._rubrics[self.rubric_for(item)])
-        image_url = image_data_url(item) if self.send_image else None
-        return {
-            "model": self.model,
-            "messages": build_chat_messages(prompt, image_url),
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }
+        return build_chat_messages(prompt, image_data_url(item) if self.send_image else None)
 
     def judge(self, items: list[JudgeInput]) -> list[Verdict]:
-        api_key = os.environ.get(self.api_key_env)
+        from mmsafe.generate.engine import DecodingParams
+
+        params = DecodingParams(max_new_tokens=self.max_tokens)
 
         def one(item: JudgeInput) -> Verdict:
-            answer = _post_chat_completion(self.base_url, self.request_payload(item), api_key, self.timeout)
+            answer = self._engine.chat(self.chat_messages(item), params, request_id=item.id)
             verdict = parse_judge_answer(answer)
             verdict.extra["rubric"] = f"{self.rubric_for(item)}_v{self.rubric_version}"
             return verdict
 
-        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+        if not items:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
             return list(pool.map(one, items))
