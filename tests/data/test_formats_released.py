@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mmsafe.data.formats import convert, detect_format, read_records, write_records
-from mmsafe.data.formats.mmsafe_po import RESTORE_KEY, rows_from_record
+from mmsafe.data.formats.mmsafe_po import RESTORE_KEY, record_from_row, rows_from_record
 from mmsafe.data.records import Message, PreferenceRecord, read_preference_records
 from mmsafe.errors import DataError
 
@@ -156,3 +158,37 @@ def test_records_file_written_from_release_reads_with_the_records_reader(release
     records_path = tmp_path / "records.jsonl"
     convert(released_file, records_path)
     assert [record.id for record in read_preference_records(records_path)] == ["0", "17", "42"]
+
+
+# Questions and responses built from the pieces that make the LLaVA form tricky: tags
+# inside turns, odd spacing and newlines around tags, text before the first turn.
+pieces = st.sampled_from(["USER:", "ASSISTANT:", " ", "  ", "\n", "a", "“b”", "<image>", "<image>\n"])
+texts = st.lists(pieces, max_size=6).map("".join)
+words = st.lists(st.sampled_from(["a", "“b”", " ", "\n", ":"]), min_size=1, max_size=5).map("".join)
+
+
+@st.composite
+def questions(draw):
+    turns = draw(st.lists(st.tuples(words, words), max_size=3))
+    separator = st.sampled_from([" ", "  ", "\n", " \n"])
+    text = draw(st.sampled_from(["", "System. ", "\n"]))
+    for user, assistant in turns:
+        text += f"USER:{draw(separator)}{user}{draw(separator)}ASSISTANT:{draw(separator)}{assistant}{draw(separator)}"
+    image = draw(st.sampled_from(["", "<image>", "<image>\n"]))
+    text += f"USER: {image}{draw(words)}{draw(separator)}ASSISTANT:"
+    return text + draw(st.sampled_from(["", "", " ", "\n"]))
+
+
+responses = st.tuples(st.sampled_from(["ASSISTANT: ", "ASSISTANT:", "", " ASSISTANT:  "]), words).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(question=st.one_of(questions(), texts), chosen=st.one_of(responses, texts), rejected=responses, integer_id=st.booleans())
+def test_any_row_either_round_trips_exactly_or_is_refused(question, chosen, rejected, integer_id):
+    row = {"id": 5 if integer_id else "5", "question": question, "image": None, "chosen": chosen, "rejected": rejected, "type": "harmless"}
+    try:
+        record = record_from_row(row, label="item 0")
+    except DataError as error:
+        assert error.location.field in ("question", "chosen", "rejected")
+        return
+    assert rows_from_record(record) == [row]

@@ -30,8 +30,10 @@ def detect(path: str | Path) -> bool:
     if path.suffix != ".jsonl" or not path.is_file():
         return False
     first = first_object(path)
-    # A file whose first lines are all malformed is still most likely ours.
-    return first is None or "messages" in first
+    # Any .jsonl that does not look like HH-RLHF dialogues is taken as records, so that a
+    # file of broken records is reported record by record instead of "unknown format".
+    looks_like_dialogues = first is not None and isinstance(first.get("chosen"), str) and "messages" not in first
+    return not looks_like_dialogues
 
 
 def write(path: Path, records: Iterable[PreferenceRecord]) -> int:
