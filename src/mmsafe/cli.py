@@ -33,7 +33,7 @@ def add_data(subparsers: argparse._SubParsersAction) -> None:
 
     validate = _command(commands, "validate", "check a data file; one line per problem (file:record:field), exit 1 if any", _data_validate)
     validate.add_argument("path", help="data file (records JSONL, released JSON, HF parquet or HH-RLHF JSONL[.gz])")
-    validate.add_argument("--image-root", help="folder that image paths are relative to (checks that every image opens)")
+    validate.add_argument("--image-root", help="folder that image paths are relative to (default: the data file's folder); every image is opened")
     validate.add_argument("--format", dest="format_name", help="input format (default: detected from the file)")
     validate.add_argument("--max-problems", type=int, default=1000, help="stop listing problems after this many (default 1000)")
 
