@@ -226,9 +226,102 @@ def _blind(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- judge and report
+
+
+def _option_value(text: str):
+    """``KEY=VALUE`` values: JSON when they parse (numbers, true/false), else the string."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def add_judge(subparsers: argparse._SubParsersAction) -> None:
+    judge = _command(subparsers, "judge", "label every response safe / unsafe / unparseable; resumable JSONL of verdict records", _judge)
+    judge.add_argument("--responses", required=True, help="response records (JSONL) written by `mmsafe generate`")
+    judge.add_argument("--out", required=True, help="verdict records (JSONL); appended to, a rerun skips what is judged")
+    judge.add_argument("--judge", required=True, help="refusal (keywords: measures refusal), llama-guard (Llama Guard 3 in-process), llm (OpenAI-compatible chat model), or a plugin's name")
+    judge.add_argument("--data", help="the benchmark data the responses answer (prompts, images, categories); needed by llama-guard and llm")
+    judge.add_argument("--benchmark", help="how to read --data: mmsafe-po (default), mm-safetybench, spa-vl-harmeval")
+    judge.add_argument("--image-root", help="image folder of --data (mmsafe-po default: the data file's folder)")
+    judge.add_argument("--batch-size", type=int, default=16, help="responses per judge call and per written batch (default 16)")
+    judge.add_argument("--judge-model", help="llama-guard: checkpoint or Hub id (default meta-llama/Llama-Guard-3-8B; the 11B Vision model reads the image); llm: the served model name")
+    judge.add_argument("--device", default="auto", help="llama-guard: auto (default), cpu, cuda, ...")
+    judge.add_argument("--dtype", default="auto", help="llama-guard: auto (default), float32, bfloat16, float16")
+    judge.add_argument("--base-url", help="llm: server URL, e.g. http://localhost:8000/v1")
+    judge.add_argument("--api-key-env", default="OPENAI_API_KEY", help="llm: environment variable holding the API key (default OPENAI_API_KEY)")
+    judge.add_argument("--concurrency", type=int, default=4, help="llm: requests in flight (default 4)")
+    judge.add_argument("--no-image", action="store_true", help="llm: judge the text only, without sending the image")
+    judge.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any other judge option (repeatable), e.g. --option max_new_tokens=32")
+
+
+def _judge_options(args: argparse.Namespace) -> dict:
+    from mmsafe.errors import ConfigError
+
+    options: dict = {}
+    if args.judge == "llama-guard":
+        options.update(device=args.device, dtype=args.dtype)
+        if args.judge_model:
+            options["model"] = args.judge_model
+    elif args.judge == "llm":
+        if not args.base_url:
+            raise ConfigError("--judge llm needs --base-url (e.g. http://localhost:8000/v1) and --judge-model")
+        options.update(model=args.judge_model or "", base_url=args.base_url, api_key_env=args.api_key_env, max_concurrency=args.concurrency, send_image=not args.no_image)
+    for text in args.option:
+        key, separator, value = text.partition("=")
+        if not separator or not key:
+            raise ConfigError(f"--option: expected KEY=VALUE, got {text!r}")
+        options[key.replace("-", "_")] = _option_value(value)
+    return options
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from mmsafe.evaluate.judges import get_judge
+    from mmsafe.evaluate.judging import judge_responses
+
+    judge = get_judge(args.judge, **_judge_options(args))
+    result = judge_responses(args.responses, args.out, judge, data=args.data, benchmark=args.benchmark, image_root=args.image_root, batch_size=args.batch_size)
+    print(result.summary())
+    return 0
+
+
+def add_report(subparsers: argparse._SubParsersAction) -> None:
+    report = _command(subparsers, "report", "safety rates with intervals, breakdowns, model comparisons, plots and an HTML page to browse", _report)
+    report.add_argument("--verdicts", nargs="+", required=True, help="verdict files (one or more models and judges)")
+    report.add_argument("--out", required=True, help="output folder (summary.md, summary.json, *.png, report.html)")
+    report.add_argument("--responses", nargs="*", default=[], help="response files, shown side by side in report.html")
+    report.add_argument("--data", help="the benchmark data (prompts, images, categories to break down by)")
+    report.add_argument("--benchmark", help="how to read --data: mmsafe-po (default), mm-safetybench, spa-vl-harmeval")
+    report.add_argument("--image-root", help="image folder of --data (mmsafe-po default: the data file's folder)")
+    report.add_argument("--unparseable-as-unsafe", action="store_true", help="count unparseable verdicts as unsafe (default: left out of rates, counted apart)")
+    report.add_argument("--resamples", type=int, default=10_000, help="paired bootstrap resamples (default 10000)")
+    report.add_argument("--seed", type=int, default=0, help="paired bootstrap seed (default 0)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from mmsafe.evaluate.report import build_report
+
+    result = build_report(
+        args.verdicts,
+        args.out,
+        responses=args.responses,
+        data=args.data,
+        benchmark=args.benchmark,
+        image_root=args.image_root,
+        unparseable_as_unsafe=args.unparseable_as_unsafe,
+        resamples=args.resamples,
+        seed=args.seed,
+    )
+    print(result.describe())
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_data, add_models, add_generate, add_blind]
+COMMANDS = [add_data, add_models, add_generate, add_blind, add_judge, add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:
