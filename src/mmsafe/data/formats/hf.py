@@ -154,7 +154,7 @@ def _iter_hub(hub_id: str, images: ImageWriter) -> Iterator[Item]:
     try:
         dataset_dict = datasets.load_dataset(hub_id)
     except Exception as error:  # the Hub raises many types; all mean "could not load"
-        yield FileReadError(f"could not load the Hugging Face dataset ({type(error).__name__}: {error})", file=hub_id)
+        yield FileReadError(f"no such local file, and could not load it as a Hugging Face dataset ({type(error).__name__}: {error})", file=hub_id)
         return
     for split, dataset in dataset_dict.items():
         if "image" in dataset.column_names:
