@@ -226,6 +226,40 @@ def _blind(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- build-data
+
+
+def add_build_data(subparsers: argparse._SubParsersAction) -> None:
+    build = _command(subparsers, "build-data", "modality interpretation: text preference data -> multimodal preference records + images", _build_data)
+    build.add_argument("--config", help="YAML config (see configs/build/); flags and key=value overrides win over it")
+    build.add_argument("--input", help="text preference data: HH-RLHF .jsonl[.gz], PKU-SafeRLHF JSONL or prompt/chosen/rejected JSONL")
+    build.add_argument("--out", help="output folder (records.jsonl, images/, summary.json); a rerun resumes there")
+    build.add_argument("--image-index", help="folder or CSV/JSON index of entity images (local source, gazetteer names)")
+    build.add_argument("--entities", help="entity recognizer: gazetteer, hf-ner or llm")
+    build.add_argument("--images", help="image sources in fallback order, comma-separated: local,wikipedia")
+    build.add_argument("--rewrite", help="rewriting: template or model")
+    build.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    build.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. max_records_per_dialogue=2 images.wikipedia.min_interval_s=0.5")
+
+
+def _build_data(args: argparse.Namespace) -> int:
+    import json
+
+    from mmsafe.build import BuildConfig, build_data
+    from mmsafe.config import load_config
+
+    overrides = list(args.overrides)
+    flags = {"input": args.input, "out": args.out, "images.index": args.image_index, "entities.method": args.entities, "rewrite.method": args.rewrite}
+    overrides += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    if args.images is not None:
+        overrides.append(f"images.sources={json.dumps([name.strip() for name in args.images.split(',') if name.strip()])}")
+    config = load_config(BuildConfig, args.config, overrides)
+    summary = build_data(config)
+    print(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) if args.json else summary.table())
+    print(f"records: {config.out}/records.jsonl, images: {config.out}/images, summary: {config.out}/summary.json", file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------- judge and report
 
 
@@ -321,7 +355,7 @@ def _report(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_data, add_models, add_generate, add_blind, add_judge, add_report]
+COMMANDS = [add_data, add_models, add_generate, add_blind, add_build_data, add_judge, add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:
