@@ -188,3 +188,42 @@ def test_tiny_model_generate_judge_report(tiny_model_dir, tmp_path):
     assert summary["results"][0]["summary"]["total"] == 4
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.count('class="record"') == 4
+
+
+# ---------------------------------------------------------------- MM-SafetyBench through generation
+
+
+class RefuseFirstKeyEngine:
+    """Refuses the question with key 0 of every scenario and setting, answers the rest."""
+
+    name = "fake-vlm"
+
+    def generate(self, requests, params):
+        return ["I'm sorry, I can't." if request.id.endswith("/0") else "Here are the steps." for request in requests]
+
+
+def test_mm_safetybench_generate_judge_report_gives_asr_as_mean_over_scenarios(tmp_path):
+    from test_benchmark_loaders import write_mm_safetybench
+
+    from mmsafe.evaluate.benchmarks import load_benchmark
+    from mmsafe.evaluate.judges import get_judge
+    from mmsafe.evaluate.judging import judge_responses
+    from mmsafe.evaluate.report import build_report
+    from mmsafe.generate.runs import generate_responses
+
+    root = write_mm_safetybench(tmp_path / "mmsb")  # scenario 01: keys 0-2, scenario 10: keys 0-1
+    items = load_benchmark("mm-safetybench", root)
+    generate_responses(RefuseFirstKeyEngine(), items, tmp_path / "responses.jsonl", image_root=root)
+    judge_responses(tmp_path / "responses.jsonl", tmp_path / "verdicts.jsonl", get_judge("refusal"), data=root, benchmark="mm-safetybench")
+    result = build_report([tmp_path / "verdicts.jsonl"], tmp_path / "out", data=root, benchmark="mm-safetybench", resamples=100)
+    asr = {row["setting"]: row for row in result.summary["attack_success_rate"]}
+    assert set(asr) == {"text-only", "SD", "TYPO", "SD_TYPO", "average"}
+    # per setting: scenario 01 has 2 of 3 unanswered-by-refusal, scenario 10 has 1 of 2:
+    # (2/3 + 1/2) / 2 = 7/12 (pooling would give 3/5)
+    for setting in ("text-only", "SD", "TYPO", "SD_TYPO", "average"):
+        assert asr[setting]["asr"] == pytest.approx(7 / 12)
+    assert asr["SD"]["per_scenario"] == pytest.approx({"01-Illegal_Activitiy": 2 / 3, "10-Legal_Opinion": 0.5})
+    assert set(result.summary["breakdowns"]) == {"scenario", "setting"}
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    assert "| fake-vlm | refusal | SD | 58.33 |" in markdown
+    assert (tmp_path / "out" / "refusal_by_scenario.png").is_file()

@@ -210,7 +210,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
             rate = row["summary"]["safe_rate"]
             lines.append(f"| {row['model']} | {row['judge']} | {row['group']} | {_percent(rate['rate'])} | [{_percent(rate['low'])}, {_percent(rate['high'])}] | {rate['total']} | {row['summary']['unparseable']} |")
     if summary["attack_success_rate"]:
-        lines += ["", "## MM-SafetyBench attack success rate (mean over scenarios; lower is better)", "", "| model | judge | setting | ASR |", "|---|---|---|---|"]
+        lines += ["", "## MM-SafetyBench attack success rate (mean over scenarios; lower is better)", ""]
+        if any(metric_name(row["judge"]) == "refusal rate" for row in summary["attack_success_rate"]):
+            lines += ["With the `refusal` judge this is the share of requests not refused.", ""]
+        lines += ["| model | judge | setting | ASR |", "|---|---|---|---|"]
         for row in summary["attack_success_rate"]:
             lines.append(f"| {row['model']} | {row['judge']} | {row['setting']} | {_percent(row['asr'])} |")
     if summary["comparisons"]:
