@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -25,6 +26,10 @@ def test_detection(tmp_path, record_dict):
     dialogues = tmp_path / "dialogues.jsonl"
     dialogues.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}) + "\n", encoding="utf-8")
     assert detect_format(records) == "jsonl"
+    packed = tmp_path / "records.jsonl.gz"
+    packed.write_bytes(gzip.compress(records.read_bytes()))
+    assert detect_format(packed) == "jsonl"
+    assert [record.id for record in read_records(packed)] == ["a"]
     assert detect_format(dialogues) == "hh-rlhf"
     assert detect_format("Downton/MMSafe-PO") == "hf"  # a Hub id, not a local file
     with pytest.raises(DataError, match="file not found"):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from mmsafe.data.formats import convert, detect_format, read_records, write_records
 from mmsafe.data.formats.mmsafe_po import RESTORE_KEY, record_from_row, rows_from_record
 from mmsafe.data.records import Message, PreferenceRecord, read_preference_records
+from mmsafe.data.validate import validate_file
 from mmsafe.errors import DataError
 
 
@@ -30,7 +31,7 @@ def test_released_rows_become_records(released_file):
     assert multi.meta["entity"] == "José Example"
     assert list(multi.meta)[:6] == ["type", "entity", "entity_type", "replacement", "text_prompt", "mid_prompt"]
     # A well-formed release needs nothing extra to be written back, except integer ids.
-    assert multi.meta[RESTORE_KEY] == {"id": "int"}
+    assert multi.meta[RESTORE_KEY] == {"id": 17}
 
 
 def test_released_to_records_to_released_keeps_every_field(released_file, released_rows, tmp_path):
@@ -111,9 +112,18 @@ def test_rows_with_the_same_id_but_different_prompts_stay_apart(tmp_path):
         {"id": 1, "question": "USER: <image>\nA ASSISTANT:", "image": "x.jpg", "chosen": "ASSISTANT: No.", "rejected": "ASSISTANT: Yes."},
         {"id": 1, "question": "USER: <image>\nB ASSISTANT:", "image": "x.jpg", "chosen": "ASSISTANT: No.", "rejected": "ASSISTANT: Yes."},
     ]
+    rows.append({**rows[0], "rejected": "ASSISTANT: Sure."})  # not next to its twin: not merged
     source = tmp_path / "in.json"
     source.write_text(json.dumps(rows), encoding="utf-8")
-    assert [record.prompt for record in read_records(source)] == ["<image>\nA", "<image>\nB"]
+    records = list(read_records(source))
+    assert [record.prompt for record in records] == ["<image>\nA", "<image>\nB", "<image>\nA"]
+    # Every later stage keys outputs by id, so repeated ids are made unique ...
+    assert [record.id for record in records] == ["1", "1#2", "1#3"]
+    assert validate_file(source, image_root=tmp_path).problems[0].location.field == "image"  # no duplicate-id problem
+    # ... and written back as they were released.
+    back = tmp_path / "back.json"
+    write_records(back, records)
+    assert json.loads(back.read_text(encoding="utf-8")) == rows
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,9 @@ becomes a record whose ``messages`` are the parsed ``question``, whose responses
 ``"ASSISTANT: "`` prefix removed, and whose ``meta`` holds every other field in order.
 What the record cannot say by itself (an integer id, a prefix or question spelled
 unusually, a different key order) is kept under ``meta["released_format"]`` so that
-writing the record back gives the same row, field for field.
+writing the record back gives the same row, field for field. Record ids are unique: a
+released id used again by a different prompt gets a suffix (``17#2``), and the original
+id is written back.
 
 Rows that repeat the same prompt with different rejected responses (the release's
 duplicated-row form of BPO data) are read as one record with K rejected responses, and a
@@ -37,6 +39,8 @@ RESPONSE_PREFIX = "ASSISTANT: "
 RESTORE_KEY = "released_format"
 #: Per-row source of the rejected response; written only when it is not "human".
 SOURCE_KEY = "rejected_source"
+#: Separates a repeated released id from its count: the second row with id 17 is "17#2".
+ID_SUFFIX = "#"
 CORE_KEYS = ("id", "question", "image", "chosen", "rejected")
 
 
@@ -59,7 +63,7 @@ def record_from_row(row: Any, *, label: str, question_key: str = "question") -> 
     restore: dict[str, Any] = {}
     raw_id = _require(row, "id", label, (int, str), "an integer or string id")
     if isinstance(raw_id, int):
-        restore["id"] = "int"
+        restore["id"] = raw_id
     label = str(raw_id)
     question = _require(row, question_key, label, (str,), "a LLaVA-v1 prompt string")
     system_text, messages = parse_llava_v1(question, record=label, field=question_key)
@@ -107,6 +111,34 @@ def record_from_row(row: Any, *, label: str, question_key: str = "question") -> 
         raise DataError(error.message, record=label, field=field) from None
 
 
+def _unique_id(record: PreferenceRecord, taken: set[str]) -> None:
+    """Give a repeated id a suffix (``17`` -> ``17#2``), keeping the original for writing.
+
+    Every later stage keys its outputs by record id, so two different prompts under one
+    id would silently share one answer; the released id is restored when writing back.
+    """
+    if record.id not in taken:
+        taken.add(record.id)
+        return
+    restore = record.meta.setdefault(RESTORE_KEY, {})
+    restore.setdefault("id", record.id)
+    number = 2
+    while f"{record.id}{ID_SUFFIX}{number}" in taken:
+        number += 1
+    record.id = f"{record.id}{ID_SUFFIX}{number}"
+    taken.add(record.id)
+
+
+def _original_id(record: PreferenceRecord, restore: dict[str, Any]) -> Any:
+    """The released id: the stored one while the record id still derives from it."""
+    if "id" not in restore:
+        return record.id
+    original = str(restore["id"])
+    if record.id == original or (record.id.startswith(original + ID_SUFFIX) and record.id[len(original) + 1 :].isdigit()):
+        return restore["id"]
+    return record.id
+
+
 def _merge_signature(row: dict[str, Any]) -> str | None:
     """Rows with the same signature differ only in the rejected response."""
     rejected = row.get("rejected")
@@ -142,6 +174,7 @@ def read_items(path: str | Path, *, image_dir: str | Path | None = None) -> Iter
         return
     pending: PreferenceRecord | None = None
     pending_signature: str | None = None
+    taken: set[str] = set()
     for index, row in enumerate(rows):
         try:
             record = record_from_row(row, label=f"item {index}")
@@ -155,6 +188,7 @@ def read_items(path: str | Path, *, image_dir: str | Path | None = None) -> Iter
             continue
         if pending is not None:
             yield pending
+        _unique_id(record, taken)
         pending, pending_signature = record, signature
     if pending is not None:
         yield pending
@@ -164,9 +198,7 @@ def rows_from_record(record: PreferenceRecord) -> list[dict[str, Any]]:
     """The released rows of one record: one row per rejected response."""
     restore = record.meta.get(RESTORE_KEY) or {}
     meta = {key: value for key, value in record.meta.items() if key != RESTORE_KEY}
-    record_id: Any = record.id
-    if restore.get("id") == "int" and record.id.lstrip("-").isdigit():
-        record_id = int(record.id)
+    record_id = _original_id(record, restore)
     question = restore.get("question")
     # A stored question is only used while it still says what the messages say.
     if question is None or parse_llava_v1(question)[1] != record.messages:

@@ -27,7 +27,7 @@ def read_items(path: str | Path, *, image_dir: str | Path | None = None) -> Iter
 
 def detect(path: str | Path) -> bool:
     path = Path(path)
-    if path.suffix != ".jsonl" or not path.is_file():
+    if not path.name.endswith((".jsonl", ".jsonl.gz")) or not path.is_file():
         return False
     first = first_object(path)
     # Any .jsonl that does not look like HH-RLHF dialogues is taken as records, so that a
