@@ -129,3 +129,16 @@ def test_too_many_problems_are_cut_short(tmp_path, capsys):
     assert main(["data", "validate", str(path), "--max-problems", "2"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and err[-1] == "... and 3 more problems"
+
+
+def test_an_unreadable_file_is_a_problem_not_a_traceback(tmp_path, record_dict, monkeypatch):
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps(record_dict("a", image=None)) + "\n", encoding="utf-8")
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("mmsafe.data.jsonl.open_text", refuse)
+    report = validate_file(path)
+    assert (report.total, len(report.problems)) == (0, 1)
+    assert str(report.problems[0]) == f"{path}:-:-: cannot read the file (Permission denied)"

@@ -85,3 +85,5 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any] | DataError]:
                 yield DataError(f"malformed JSON ({error.msg} at column {error.colno})", file=file, record=f"line {line_number}")
     except DataError as error:
         yield FileReadError.wrap(error, file=file)
+    except OSError as error:  # unreadable (permissions, I/O): a message, not a traceback
+        yield FileReadError(f"cannot read the file ({error.strerror or error})", file=file)

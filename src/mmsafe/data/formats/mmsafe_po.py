@@ -172,6 +172,9 @@ def read_items(path: str | Path, *, image_dir: str | Path | None = None) -> Iter
     except DataError as error:
         yield FileReadError.wrap(error, file=file)
         return
+    except OSError as error:
+        yield FileReadError(f"cannot read the file ({error.strerror or error})", file=file)
+        return
     pending: PreferenceRecord | None = None
     pending_signature: str | None = None
     taken: set[str] = set()
