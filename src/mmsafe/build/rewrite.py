@@ -39,10 +39,14 @@ COMPANY_POSSESSIVE_PHRASE = "the pictured company's"
 #: What the rephrasing prompt calls each type.
 ENTITY_KINDS = {"PER": "person", "ORG": "organization", "LOC": "place", "MISC": "thing"}
 
+# A title before a name goes with the name: "Mr. Obama" -> "the person featured in the image".
+_TITLE_BEFORE = re.compile(r"(?:^|(?<=\W))(?:Mr|Mrs|Ms|Dr|Prof|Sir|President)\.?\s+$")
 _ARTICLE_BEFORE = re.compile(r"(?:^|(?<=\W))(the|a|an)\s+$", re.IGNORECASE)
 _POSSESSIVE_AFTER = re.compile(r"^['’]s(?!\w)")
 _BARE_APOSTROPHE_AFTER = re.compile(r"^['’](?!\w)")
-_SENTENCE_END = re.compile(r"(?:^|[.!?:]\s*|\n\s*)[\"'“‘(]*$")
+# Empty text, a sentence end or a line break, then optional opening quotes/brackets; or a
+# double quote opened after a space (quoted speech starts a sentence).
+_SENTENCE_END = re.compile(r"(?:(?:^|[.!?:]\s*|\n\s*)[\"'“‘(]*|\s[\"“])$")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ def replace_spans(text: str, spans: Sequence[Span], phrase: str, possessive_phra
 
     - an article right before the mention is dropped, since the phrase brings its own:
       "the United Nations" -> "the organization in the image", not "the the ...";
+    - a title right before the mention goes too: "Mr. Obama" -> "the person ...";
     - a possessive ("Obama's", "Paris’s", "Texas'") takes ``possessive_phrase``:
       "Obama's policies" -> "the pictured person's policies";
     - at the start of a sentence the phrase is capitalised.
@@ -80,6 +85,9 @@ def replace_spans(text: str, spans: Sequence[Span], phrase: str, possessive_phra
         if possessive is not None:
             replacement = possessive_phrase
             after = after[possessive.end() :]
+        title = _TITLE_BEFORE.search(before)
+        if title is not None:
+            before = before[: title.start()]
         if replacement.split(" ", 1)[0].lower() in ("the", "a", "an"):
             article = _ARTICLE_BEFORE.search(before)
             if article is not None:
