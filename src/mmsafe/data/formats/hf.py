@@ -108,6 +108,8 @@ def _record(row: dict[str, Any], record_id: str, split: str, images: ImageWriter
         return DataError(str(error), file=file, record=record_id, field="image")
     released = {key: value for key, value in row.items() if key not in ("image", "id")}
     released = {"id": record_id, "image": image_name, **released}
+    if "id" in row:  # not in the published columns; kept rather than dropped if a copy adds one
+        released["source_id"] = row["id"]
     try:
         record = record_from_row(released, label=record_id, question_key="prompt")
     except DataError as error:
