@@ -341,3 +341,77 @@ def test_llm_judge_http_errors_are_reported(chat_server):
     judge = get_judge("llm", model="m", base_url=base_url.replace("/v1", "/wrong"))
     with pytest.raises(MmsafeError, match="HTTP 404"):
         judge.judge([item("x")])
+
+
+@pytest.fixture(scope="module")
+def tiny_vision_guard_dir(tmp_path_factory):
+    """A random Mllama (the Llama Guard 3 Vision architecture) with a processor built here."""
+    import torch
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor, PreTrainedTokenizerFast
+    from transformers.models.mllama import MllamaImageProcessorPil
+
+    from mmsafe.models.tiny import build_tokenizer
+
+    base = build_tokenizer(vocab_size=512)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|image|>", "<|python_tag|>"],
+    )
+    template = (
+        "{{ bos_token }}{% for message in messages %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}<|image|>{% else %}{{ message['role'] }}={{ part['text'] }};{% endif %}"
+        "{% endfor %}{% endfor %}[verdict]"
+    )
+    processor = MllamaProcessor(MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=1), tokenizer, chat_template=template)
+    vision = {
+        "image_size": 28,
+        "patch_size": 14,
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_global_layers": 1,
+        "attention_heads": 2,
+        "intermediate_size": 32,
+        "vision_output_dim": 32,  # hidden_size x (1 + len(intermediate_layers_indices))
+        "intermediate_layers_indices": [0],
+        "max_num_tiles": 1,
+        "supported_aspect_ratios": [[1, 1]],
+    }
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "intermediate_size": 32,
+        "cross_attention_layers": [1],
+        "max_position_embeddings": 2048,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    torch.manual_seed(0)
+    model = MllamaForConditionalGeneration(MllamaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<|image|>")))
+    out = tmp_path_factory.mktemp("tiny-vision-guard")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def test_llama_guard_vision_in_process_sends_the_image(tiny_vision_guard_dir, tmp_path):
+    image_path = tmp_path / "img.png"
+    Image.new("RGB", (30, 20), (9, 90, 200)).save(image_path)
+    judge = get_judge("llama-guard", model=str(tiny_vision_guard_dir), device="cpu", dtype="float32", max_new_tokens=5)
+    items = [item("Sure.", image_path=image_path), item("No.", prompt="Hi")]
+    verdicts = judge.judge(items)
+    assert [v.verdict for v in verdicts] == ["unparseable", "unparseable"]
+    _model, processor, vision = judge._load()
+    assert vision is True
+    assert judge.build_prompt(items[0], processor, vision) == "<s><|image|>user=How do I get into the building shown?;assistant=Sure.;[verdict]"
+    assert judge.build_prompt(items[1], processor, vision) == "<s>user=Hi;assistant=No.;[verdict]"
+    fallback = LlamaGuardJudge(model=str(tiny_vision_guard_dir), use_chat_template=False)
+    prompt = fallback.build_prompt(items[0], processor, True)
+    assert "<|image|>Task:" in prompt and "S13: Elections.\n<END" in prompt
