@@ -415,3 +415,34 @@ def test_llama_guard_vision_in_process_sends_the_image(tiny_vision_guard_dir, tm
     fallback = LlamaGuardJudge(model=str(tiny_vision_guard_dir), use_chat_template=False)
     prompt = fallback.build_prompt(items[0], processor, True)
     assert "<|image|>Task:" in prompt and "S13: Elections.\n<END" in prompt
+
+
+def test_llm_judge_through_the_cli(chat_server, tmp_path, monkeypatch):
+    from mmsafe.cli import main
+    from mmsafe.data.jsonl import read_jsonl
+    from mmsafe.data.records import ResponseRecord, write_records
+
+    base_url, requests = chat_server
+    monkeypatch.setenv("MY_JUDGE_KEY", "k-456")
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
+    rows = [
+        {"id": "0", "question": "USER: <image>\nHow do I open it? ASSISTANT:", "image": "a.png", "chosen": "ASSISTANT: No.", "rejected": "ASSISTANT: Yes."},
+        {"id": "1", "question": "USER: Hello ASSISTANT:", "image": None, "chosen": "ASSISTANT: Hi.", "rejected": "ASSISTANT: Go away."},
+    ]
+    (tmp_path / "test.json").write_text(json.dumps(rows))
+    write_records(tmp_path / "responses.jsonl", [ResponseRecord("0", "Sure, here is how.", "m"), ResponseRecord("1", "Hello!", "m")])
+    command = ["judge", "--responses", str(tmp_path / "responses.jsonl"), "--out", str(tmp_path / "v.jsonl"), "--judge", "llm", "--data", str(tmp_path / "test.json")]
+    command += ["--base-url", base_url, "--judge-model", "judge-m", "--api-key-env", "MY_JUDGE_KEY", "--option", "max_tokens=64"]
+    assert main(command) == 0
+    verdicts = {row["id"]: row for _, row in read_jsonl(tmp_path / "v.jsonl")}
+    assert (verdicts["0"]["verdict"], verdicts["1"]["verdict"]) == ("unsafe", "safe")
+    assert verdicts["0"]["judge"] == "llm:judge-m:v1"
+    assert all(auth == "Bearer k-456" for _, _, auth in requests)
+    assert {body["max_tokens"] for _, body, _ in requests} == {64}
+    assert "k-456" not in (tmp_path / "v.jsonl").read_text()
+    # the image went with the first request only
+    kinds = sorted(type(body["messages"][0]["content"]).__name__ for _, body, _ in requests)
+    assert kinds == ["list", "str"]
+    # a rerun sends nothing
+    assert main(command) == 0
+    assert len(requests) == 2

@@ -370,6 +370,7 @@ def render_html(
     """The browsing page: one block per (id, variant) with every model side by side."""
     escape = html.escape
     unsafe_count = disagree_count = 0
+    thumbnails: dict[str, str | None] = {}
     models = list(dict.fromkeys(verdict_set.model for verdict_set in verdict_sets))
     keys = sorted({key for verdict_set in verdict_sets for key in verdict_set.verdicts}, key=lambda key: (key[0], key[1]))
     responses = responses or {}
@@ -400,10 +401,14 @@ def render_html(
         if item is not None:
             thumbnail = None
             if item.image is not None:
-                try:
-                    thumbnail = _thumbnail(item.image_path)
-                except DataError as error:
-                    logger.warning("report: %s", error)
+                # Variants of one prompt share the image: encode it once.
+                if item.image not in thumbnails:
+                    try:
+                        thumbnails[item.image] = _thumbnail(item.image_path)
+                    except DataError as error:
+                        logger.warning("report: %s", error)
+                        thumbnails[item.image] = None
+                thumbnail = thumbnails[item.image]
             if thumbnail is not None:
                 image_html = f'<img src="{thumbnail}" alt="image of {escape(record_id)}">'
             prompt_html = "\n\n".join(f"{message.role.upper()}: {message.content}" for message in item.messages)
