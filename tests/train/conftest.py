@@ -35,3 +35,12 @@ def bpo_records(sample_dir) -> Path:
     path = sample_dir / "records_bpo.jsonl"
     write_records(path, records)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_records(bpo_records) -> Path:
+    """Twelve train-split records of the K = 2 set: enough for a few steps, quick to prepare."""
+    records = [record for record in read_preference_records(bpo_records) if record.meta.get("split") == "train"][:12]
+    path = bpo_records.parent / "records_small.jsonl"
+    write_records(path, records)
+    return path

@@ -122,8 +122,8 @@ def bpo_loss(
         policy_chosen_logps, ref_chosen_logps: [B].
         policy_rejected_logps, ref_rejected_logps: [B, K] (entries where
             ``rejected_mask`` is False are ignored and may hold anything finite).
-        weights: [K] per-slot weights (for example human 1.0, blind 0.5); None means 1
-            each, the paper's equal-weight sum.
+        weights: [K] per-slot weights (for example human 1.0, blind 0.5), or [B, K] per
+            response; None means 1 each, the paper's equal-weight sum.
         rejected_mask: [B, K] bool, True where example b has a k-th rejected response.
 
     ``losses[b] = sum_k weights[k] * mask[b, k] * term(b, k)``; ``loss`` is their mean.
@@ -139,7 +139,8 @@ def bpo_loss(
     terms = _pair_losses(chosen_logratios.unsqueeze(-1), rejected_logratios, beta, label_smoothing, loss_type)
     scale = rejected_mask.to(terms.dtype)
     if weights is not None:
-        scale = scale * weights.to(terms.dtype).unsqueeze(0)
+        weights = weights.to(device=terms.device, dtype=terms.dtype)
+        scale = scale * (weights.unsqueeze(0) if weights.dim() == 1 else weights)
     # torch.where, not a product, so that a garbage value in a masked slot cannot leak a NaN.
     losses = torch.where(rejected_mask, terms * scale, torch.zeros_like(terms)).sum(dim=-1)
     return PreferenceLoss(

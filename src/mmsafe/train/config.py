@@ -1,0 +1,155 @@
+"""The one typed configuration of a training run: YAML files and ``key=value`` overrides.
+
+Every field is documented here once; ``mmsafe train --help`` lists them. The resolved
+config is written beside the checkpoint (``train_config.yaml``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mmsafe.config import option
+from mmsafe.errors import ConfigError
+
+ReferenceMode = Literal["precomputed", "copy", "adapters-disabled"]
+
+#: TrainingArguments set from typed fields of TrainConfig (not allowed in ``trainer_args``).
+TYPED_TRAINING_ARGUMENTS = (
+    "output_dir",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "bf16",
+    "gradient_checkpointing",
+    "activation_checkpointing",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "seed",
+    "report_to",
+    "remove_unused_columns",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Preference training of an image-text-to-text model with DPO or BPO."""
+
+    model: str = option(help="base model: a local checkpoint directory or a Hub id (llava-hf/llava-1.5-7b-hf)")
+    data: str = option(help="preference records (JSONL, mmsafe record format)")
+    output_dir: str = option(help="where checkpoints, the final model and train_config.yaml are written")
+    image_root: str | None = option(None, help="folder image paths are relative to (default: the data file's folder)")
+    split: str | None = option(None, help="train only on records whose meta.split equals this (records without one are kept); null: all")
+
+    loss: Literal["bpo", "dpo"] = option("bpo", help="bpo: chosen against every rejected response (sum of K DPO terms); dpo: against the first one only")
+    rejected_sources: list[str] | None = option(None, help="rejected sources to use, e.g. [human] or [human, blind]; null: all")
+    source_weights: dict[str, float] = option(default_factory=dict, help="BPO weight per rejected source (missing sources weigh 1.0), e.g. {blind: 0.5}")
+    loss_type: Literal["sigmoid", "ipo"] = option("sigmoid", help="sigmoid (DPO) or ipo")
+    beta: float = option(0.1, help="strength of the KL penalty: reward = beta * log(pi / pi_ref)")
+    label_smoothing: float = option(0.0, help="conservative DPO: assumed probability that a preference label is flipped (sigmoid only)")
+    average_logprobs: bool = option(False, help="use the mean instead of the sum of token log-probs per response")
+
+    forward_mode: Literal["shared-prefix", "separate"] = option(
+        "shared-prefix", help="shared-prefix: image and prompt computed once per example; separate: the release's one-row-per-pair baseline"
+    )
+    reference: ReferenceMode = option(
+        "precomputed",
+        help="precomputed: reference log-probs computed once before training and cached on disk; copy: a frozen copy of the model; adapters-disabled: LoRA only, the same model with adapters off",
+    )
+    reference_cache_dir: str | None = option(None, help="folder of the reference log-prob cache (default: $MMSAFE_CACHE/reference or ~/.cache/mmsafe/reference)")
+
+    max_length: int = option(768, help="most tokens of prompt + one response (image tokens included); longer responses are cut, longer prompts skipped")
+    image_mode: Literal["pad", "resize", "none"] = option("pad", help="pad: square on the processor's mean colour (the release); resize; none")
+    prompt_style: Literal["chat-template", "llava-v1"] = option("chat-template", help="how prompts are rendered: the processor's chat template or the raw LLaVA-v1 form")
+    skip_bad_images: bool = option(False, help="skip (and count) records whose image is missing or unreadable instead of stopping with an error")
+
+    finetune: Literal["full", "lora"] = option("full", help="full: every language-model weight trains; lora: PEFT adapters on target_modules")
+    freeze_vision_tower: bool = option(True, help="keep the vision encoder frozen (the release does)")
+    train_projector: bool = option(True, help="train the vision-to-language projector (the release does)")
+    lora_r: int = option(16, help="LoRA rank")
+    lora_alpha: int = option(32, help="LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = option(0.05, help="dropout on the LoRA input")
+    lora_target_modules: list[str] = option(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="names of language-model linear layers that get adapters",
+    )
+    quantization: Literal["none", "4bit", "8bit"] = option("none", help="QLoRA: load the base model quantized with bitsandbytes (GPU and the gpu extra needed)")
+    merge_lora: bool = option(False, help="after LoRA training, also merge the adapters and save full weights in output_dir/merged")
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", help="weights dtype when loading (auto: bf16 on a supporting GPU, else fp32)")
+    attn_implementation: str | None = option(None, help="attention kernel (sdpa, eager); shared-prefix needs one that takes a 4-D mask")
+    trust_remote_code: bool = option(False, help="run model code shipped with the checkpoint")
+
+    learning_rate: float = option(1e-6, help="peak learning rate")
+    lr_scheduler_type: str = option("cosine", help="transformers scheduler name: cosine, linear, constant, ...")
+    warmup_steps: int = option(10, help="linear warm-up steps")
+    num_train_epochs: float = option(1.0, help="epochs over the data (ignored when max_steps > 0)")
+    max_steps: int = option(-1, help="stop after this many optimizer steps (-1: use num_train_epochs)")
+    per_device_train_batch_size: int = option(1, help="examples per device per micro-batch")
+    gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
+    bf16: bool = option(False, help="bf16 mixed precision")
+    gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass to save memory")
+    logging_steps: int = option(1, help="log every N optimizer steps")
+    save_steps: int = option(500, help="save a resumable checkpoint every N steps")
+    save_total_limit: int | None = option(2, help="keep at most this many checkpoints")
+    seed: int = option(42, help="random seed (data order, adapter initialisation)")
+    report_to: list[str] = option(default_factory=list, help="logging integrations: tensorboard, wandb, ... (none by default)")
+    resume: bool = option(True, help="continue from the last checkpoint in output_dir when there is one")
+    trainer_args: dict[str, Any] = option(
+        default_factory=dict, help="any other transformers.TrainingArguments, by name (deepspeed, fsdp, optim, weight_decay, ...)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"beta: expected a positive number, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing: expected a number in [0, 0.5), got {self.label_smoothing}")
+        if self.loss_type == "ipo" and self.label_smoothing:
+            raise ConfigError("label_smoothing: applies to loss_type sigmoid only")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length: expected at least 2, got {self.max_length}")
+        if self.reference == "adapters-disabled" and self.finetune != "lora":
+            raise ConfigError("reference: adapters-disabled needs finetune: lora (a full fine-tune has no adapters to turn off)")
+        if self.quantization != "none" and self.finetune != "lora":
+            raise ConfigError(f"quantization: {self.quantization} weights cannot be trained directly; use finetune: lora (QLoRA)")
+        if self.merge_lora and self.finetune != "lora":
+            raise ConfigError("merge_lora: only meaningful with finetune: lora")
+        if self.attn_implementation and self.attn_implementation.startswith("flash") and self.forward_mode == "shared-prefix":
+            raise ConfigError("attn_implementation: shared-prefix scoring needs a 4-D attention mask (sdpa or eager), not flash attention")
+        for source, weight in self.source_weights.items():
+            if weight < 0:
+                raise ConfigError(f"source_weights.{source}: expected a weight >= 0, got {weight}")
+        self.check_trainer_args()
+
+    def check_trainer_args(self) -> None:
+        from transformers import TrainingArguments
+
+        known = set(inspect.signature(TrainingArguments).parameters)
+        for name in self.trainer_args:
+            if name in TYPED_TRAINING_ARGUMENTS:
+                raise ConfigError(f"trainer_args.{name}: set it as the top-level option {name} instead")
+            if name not in known:
+                raise ConfigError(f"trainer_args.{name}: not a transformers.TrainingArguments parameter")
+
+    def training_arguments(self) -> Any:
+        """The ``transformers.TrainingArguments`` of this run."""
+        from transformers import TrainingArguments
+
+        values = {name: getattr(self, name) for name in TYPED_TRAINING_ARGUMENTS if hasattr(self, name)}
+        values["remove_unused_columns"] = False  # the collator's keys are not forward() arguments
+        values["report_to"] = list(self.report_to) or "none"
+        parameters = inspect.signature(TrainingArguments).parameters
+        # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns).
+        if "activation_checkpointing" in parameters:
+            values["activation_checkpointing"] = values.pop("gradient_checkpointing")
+        values.update(self.trainer_args)
+        try:
+            return TrainingArguments(**values)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"training arguments: {error}") from None

@@ -1,0 +1,96 @@
+"""Sequence log-probs of each record's chosen and rejected responses under a model.
+
+Used for the likelihood form of pairwise accuracy (does the model find the chosen
+response more likely than the rejected one?) and by benchmarks. Scoring uses the same
+tokenization and shared-prefix forward as training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmsafe.data.records import PreferenceRecord
+from mmsafe.models.prompts import PromptStyle
+from mmsafe.train.data import PreferenceCollator, PreferenceDataset, PreferenceEncoder, prepare_examples
+from mmsafe.train.forward import score_batch
+
+
+@dataclass
+class ResponseScores:
+    """Log-prob sums (or means) of one record's responses; ``rejected[k]`` is from ``sources[k]``."""
+
+    id: str
+    chosen: float
+    rejected: list[float]
+    sources: list[str]
+    truncated: bool = False
+
+    @property
+    def prefers_chosen(self) -> list[bool]:
+        """Per rejected response: is the chosen one more likely?"""
+        return [self.chosen > value for value in self.rejected]
+
+
+@dataclass
+class ScoredRecords:
+    """Scores of the records that could be scored, and the ids skipped (reason -> ids)."""
+
+    scores: list[ResponseScores]
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def score_responses(
+    loaded_model: Any,
+    records: Iterable[PreferenceRecord],
+    image_root: str | Path | None,
+    *,
+    batch_size: int = 4,
+    max_length: int = 2048,
+    image_mode: str = "pad",
+    prompt_style: PromptStyle = "chat-template",
+    average: bool = False,
+    skip_bad_images: bool = False,
+) -> ScoredRecords:
+    """Score every record's chosen and rejected responses with ``loaded_model``.
+
+    Args:
+        loaded_model: a :class:`mmsafe.models.LoadedModel` (model + processor).
+        records: preference records; images are read from ``image_root``.
+        max_length: prompt + response token limit; longer responses are cut (and
+            flagged ``truncated``), records whose prompt alone is longer are skipped.
+        average: mean instead of sum of token log-probs.
+    """
+    encoder = PreferenceEncoder(loaded_model.processor, image_root, max_length=max_length, image_mode=image_mode, prompt_style=prompt_style)
+    prepared = prepare_examples(records, encoder, skip_bad_images=skip_bad_images)
+    dataset = PreferenceDataset(prepared.examples, encoder)
+    collator = PreferenceCollator(encoder.tokenizer.pad_token_id, prepared.sources, mode="shared-prefix")
+    model = loaded_model.model
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = []
+    try:
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[index] for index in range(start, min(start + batch_size, len(dataset)))]
+            batch = {key: value.to(device) for key, value in collator(items).items()}
+            result = score_batch(model, batch, average=average)
+            for row, item in enumerate(items):
+                example = item["example"]
+                scores.append(
+                    ResponseScores(
+                        id=example.id,
+                        chosen=float(result.chosen[row]),
+                        rejected=[float(value) for value in result.rejected[row, : example.num_rejected]],
+                        sources=list(example.rejected_sources),
+                        truncated=example.truncated,
+                    )
+                )
+    finally:
+        model.train(was_training)
+    return ScoredRecords(scores=scores, skipped=prepared.skipped)

@@ -1,0 +1,396 @@
+"""DPO / BPO training on ``transformers.Trainer``.
+
+:func:`train` reads top to bottom: load the records and the model, decide what trains,
+tokenize, get reference log-probs, train (resuming from the last checkpoint), save the
+model with its processor and the resolved config. Everything the Trainer offers through
+``TrainingArguments`` (schedulers, accumulation, bf16, gradient checkpointing,
+``report_to``, DeepSpeed, FSDP via ``accelerate launch``) works unchanged, because the
+only thing :class:`PreferenceTrainer` changes is how the loss is computed and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from mmsafe.config import save_config
+from mmsafe.errors import ConfigError, DataError, ModelError
+from mmsafe.train.config import TrainConfig
+from mmsafe.train.data import PreferenceCollator, PreferenceDataset, PreferenceEncoder, prepare_examples
+from mmsafe.train.forward import ResponseLogProbs, score_batch
+from mmsafe.train.losses import PreferenceLoss, bpo_loss, dpo_loss
+from mmsafe.train.reference import (
+    DisabledAdapterReference,
+    FrozenCopyReference,
+    PrecomputeStats,
+    ReferenceCache,
+    examples_fingerprint,
+    model_fingerprint,
+    precompute_reference,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Parameter-name fragments of the parts of a vision-language model (LLaVA and kin).
+VISION_TOWER_NAMES = ("vision_tower", "vision_model", "visual.blocks", "vision_encoder")
+PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "visual.merger")
+CONFIG_FILE = "train_config.yaml"
+SUMMARY_FILE = "train_summary.json"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class TrainResult:
+    """What a run did: where its model is, how far it got, what it skipped."""
+
+    output_dir: Path
+    global_step: int
+    resumed_from: str | None
+    examples: int
+    skipped: dict[str, int]
+    truncated: int
+    reference_forwards: int
+    reference_cache: str | None
+    trainable_parameters: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output_dir": str(self.output_dir),
+            "global_step": self.global_step,
+            "resumed_from": self.resumed_from,
+            "examples": self.examples,
+            "skipped": self.skipped,
+            "truncated": self.truncated,
+            "reference_forwards": self.reference_forwards,
+            "reference_cache": self.reference_cache,
+            "trainable_parameters": self.trainable_parameters,
+            "metrics": self.metrics,
+        }
+
+
+class PreferenceTrainer(Trainer):
+    """A Trainer whose loss is DPO or BPO over log-probs from :func:`score_batch`.
+
+    ``reference`` is called for batches that carry no precomputed reference log-probs.
+    ``sources`` names the rejected sources, for the per-source logs.
+    """
+
+    def __init__(self, *args: Any, config: TrainConfig, sources: Sequence[str], reference: Any | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.preference_config = config
+        self.sources = list(sources)
+        self.reference = reference
+        # The loss is a mean over examples, not over tokens: let the Trainer divide it by
+        # the accumulation steps itself (it would not, for a model whose forward takes **kwargs).
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        weights = [config.source_weights.get(source, 1.0) for source in self.sources] + [1.0]
+        self.source_weights = torch.tensor(weights)
+        self._metric_names = self._make_metric_names()
+        self._metric_sums = torch.zeros(len(self._metric_names), dtype=torch.float64)
+        self._metric_counts = torch.zeros(len(self._metric_names), dtype=torch.float64)
+
+    def _make_metric_names(self) -> list[str]:
+        names = ["logps/chosen", "rewards/chosen", "rewards/accuracy", "rewards/margin"]
+        for source in self.sources:
+            names += [f"logps/rejected_{source}", f"rewards/rejected_{source}", f"rewards/margin_{source}", f"rewards/accuracy_{source}"]
+        return names
+
+    def preference_loss(self, policy: ResponseLogProbs, reference: ResponseLogProbs, source_ids: torch.Tensor) -> PreferenceLoss:
+        config = self.preference_config
+        if config.loss == "dpo":
+            return dpo_loss(
+                policy.chosen, policy.rejected[:, 0], reference.chosen, reference.rejected[:, 0],
+                beta=config.beta, label_smoothing=config.label_smoothing, loss_type=config.loss_type,
+            )  # fmt: skip
+        weights = self.source_weights.to(source_ids.device)[source_ids.clamp(min=0)]
+        return bpo_loss(
+            policy.chosen, policy.rejected, reference.chosen, reference.rejected, beta=config.beta, weights=weights,
+            label_smoothing=config.label_smoothing, loss_type=config.loss_type, rejected_mask=policy.rejected_mask,
+        )  # fmt: skip
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        average = self.preference_config.average_logprobs
+        policy = score_batch(model, inputs, average=average)
+        if "reference_chosen_logps" in inputs:
+            reference = ResponseLogProbs(inputs["reference_chosen_logps"], inputs["reference_rejected_logps"], inputs["rejected_mask"])
+        elif self.reference is not None:
+            reference = self.reference(inputs)
+        else:
+            raise RuntimeError("no reference log-probs: the batch has none and no reference model is set")
+        result = self.preference_loss(policy, reference, inputs["rejected_source_ids"])
+        self._record_metrics(policy, result, inputs["rejected_source_ids"])
+        return (result.loss, {"chosen_rewards": result.chosen_rewards}) if return_outputs else result.loss
+
+    @torch.no_grad()
+    def _record_metrics(self, policy: ResponseLogProbs, result: PreferenceLoss, source_ids: torch.Tensor) -> None:
+        values: dict[str, tuple[float, float]] = {}
+        mask = policy.rejected_mask if result.rejected_rewards.dim() == 2 else policy.rejected_mask[:, 0]
+        margins = result.margins if result.margins.dim() == 2 else result.margins.unsqueeze(1)
+        rejected_rewards = result.rejected_rewards if result.rejected_rewards.dim() == 2 else result.rejected_rewards.unsqueeze(1)
+        mask = mask if mask.dim() == 2 else mask.unsqueeze(1)
+        width = margins.shape[1]
+        source_ids = source_ids[:, :width]
+        rejected_logps = policy.rejected[:, :width]
+        values["logps/chosen"] = (policy.chosen.sum().item(), policy.chosen.numel())
+        values["rewards/chosen"] = (result.chosen_rewards.sum().item(), result.chosen_rewards.numel())
+        values["rewards/accuracy"] = ((margins > 0)[mask].float().sum().item(), mask.sum().item())
+        values["rewards/margin"] = (margins[mask].sum().item(), mask.sum().item())
+        for index, source in enumerate(self.sources):
+            selected = mask & (source_ids == index)
+            count = selected.sum().item()
+            values[f"logps/rejected_{source}"] = (rejected_logps[selected].sum().item(), count)
+            values[f"rewards/rejected_{source}"] = (rejected_rewards[selected].sum().item(), count)
+            values[f"rewards/margin_{source}"] = (margins[selected].sum().item(), count)
+            values[f"rewards/accuracy_{source}"] = ((margins[selected] > 0).float().sum().item(), count)
+        for position, name in enumerate(self._metric_names):
+            total, count = values[name]
+            self._metric_sums[position] += total
+            self._metric_counts[position] += count
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # the same on every process, so the reduction below is matched
+            sums, counts = self._metric_sums, self._metric_counts
+            if self.args.world_size > 1:
+                stacked = self.accelerator.reduce(torch.stack([sums, counts]).to(self.args.device), reduction="sum").cpu()
+                sums, counts = stacked[0], stacked[1]
+            for name, total, count in zip(self._metric_names, sums.tolist(), counts.tolist(), strict=True):
+                if count > 0:
+                    logs[name] = total / count
+            self._metric_sums.zero_()
+            self._metric_counts.zero_()
+        super().log(logs, start_time)
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every log event, with its step, to ``output_dir/train_log.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and logs:
+            with self.path.open("a", encoding="utf-8") as stream:
+                stream.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def load_training_records(config: TrainConfig) -> list[Any]:
+    from mmsafe.data.records import read_preference_records
+
+    path = Path(config.data)
+    if not path.is_file():
+        raise DataError("data file not found (expected preference records as JSONL)", file=str(path))
+    records = list(read_preference_records(path))
+    if config.split is not None:
+        records = [record for record in records if record.meta.get("split", config.split) == config.split]
+    if not records:
+        raise DataError(f"no records to train on (split: {config.split})", file=str(path))
+    return records
+
+
+def load_policy(config: TrainConfig) -> tuple[Any, Any]:
+    """The model and processor, quantized for QLoRA when asked."""
+    from mmsafe.models.loading import load_model, load_processor
+
+    if config.quantization == "none":
+        loaded = load_model(
+            config.model, dtype=config.dtype, device="cpu", trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation
+        )
+        return loaded.model, loaded.processor
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"quantization: {config.quantization} needs bitsandbytes (pip install 'mmsafe[gpu]')") from None
+    if not torch.cuda.is_available():
+        raise ConfigError(f"quantization: {config.quantization} needs a CUDA GPU")
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    if config.quantization == "4bit":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+    else:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            config.model, quantization_config=quantization, use_safetensors=True, trust_remote_code=config.trust_remote_code, device_map={"": torch.cuda.current_device()}
+        )
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load {config.model} quantized: {error}") from None
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    return model, load_processor(config.model, trust_remote_code=config.trust_remote_code)
+
+
+def _matches(name: str, fragments: Sequence[str]) -> bool:
+    return any(fragment in name for fragment in fragments)
+
+
+def set_trainable(model: Any, config: TrainConfig) -> Any:
+    """Freeze the vision tower (by default), train the projector, full or LoRA language model."""
+    if config.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        names = "|".join(config.lora_target_modules)
+        module_names = [name for name, _ in model.named_modules()]
+        projectors = [fragment for fragment in PROJECTOR_NAMES if any(name.endswith(fragment) for name in module_names)]
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            # A regex: adapters on the language model's layers only, not the vision tower's.
+            target_modules=rf".*language_model.*\.({names})",
+            # The projector trains fully beside the adapters and is saved with them.
+            modules_to_save=projectors if config.train_projector and projectors else None,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        if config.gradient_checkpointing:
+            model.enable_input_require_grads()
+    for name, parameter in model.named_parameters():
+        if _matches(name, VISION_TOWER_NAMES):
+            trainable = not config.freeze_vision_tower
+        elif _matches(name, PROJECTOR_NAMES):
+            trainable = config.train_projector and (config.finetune == "full" or "modules_to_save" in name)
+        elif config.finetune == "full":
+            trainable = True
+        else:
+            continue  # LoRA: PEFT has decided (adapters train, base weights stay)
+        parameter.requires_grad_(trainable)
+    if not any(_matches(name, VISION_TOWER_NAMES) for name, _ in model.named_parameters()):
+        logger.warning("found no vision tower parameters by name (%s); nothing frozen", ", ".join(VISION_TOWER_NAMES))
+    return model
+
+
+def count_trainable(model: Any) -> int:
+    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+
+
+def attach_reference(
+    config: TrainConfig, model: Any, dataset: PreferenceDataset, collator: PreferenceCollator, encoder: PreferenceEncoder
+) -> tuple[str | None, int]:
+    """Precompute (or read from the cache) reference log-probs into the examples.
+
+    Returns the cache file and the number of reference forwards run. The main process
+    computes and writes; the others then read the same file.
+    """
+    from accelerate import PartialState
+
+    key = {
+        "model": model_fingerprint(config.model),
+        "dtype": config.dtype,
+        "quantization": config.quantization,
+        "attn_implementation": config.attn_implementation,
+        "average_logprobs": config.average_logprobs,
+        "tokenization": encoder.settings(),
+        "examples": examples_fingerprint(dataset.examples, encoder.image_root),
+    }
+    cache = ReferenceCache(config.reference_cache_dir, key)
+    stats = PrecomputeStats()
+    state = PartialState()
+    with state.main_process_first():
+        logps = cache.load()
+        if logps is None or any(example.id not in logps for example in dataset.examples):
+            logger.info("computing reference log-probs for %d examples (cache %s)", len(dataset), cache.path)
+            device = state.device
+            model.to(device)
+            scoring_collator = PreferenceCollator(collator.pad_token_id, collator.sources, mode="shared-prefix")
+            logps = precompute_reference(
+                model, dataset, scoring_collator, batch_size=max(1, config.per_device_train_batch_size), average=config.average_logprobs, stats=stats
+            )
+            if state.is_main_process:
+                cache.save(logps)
+        else:
+            logger.info("reference log-probs read from %s", cache.path)
+    for example in dataset.examples:
+        example.reference_logps = logps[example.id]
+    return str(cache.path), stats.forwards
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run DPO or BPO as ``config`` says; returns what happened (also in train_summary.json)."""
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)
+    arguments = config.training_arguments()  # checks the trainer options before the slow part
+
+    records = load_training_records(config)
+    model, processor = load_policy(config)
+    reference_model = FrozenCopyReference(model, average=config.average_logprobs) if config.reference == "copy" else None
+    model = set_trainable(model, config)
+    trainable = count_trainable(model)
+    if trainable == 0:
+        raise ConfigError("nothing to train: every parameter is frozen (check finetune, train_projector)")
+
+    image_root = config.image_root if config.image_root is not None else str(Path(config.data).parent)
+    encoder = PreferenceEncoder(processor, image_root, max_length=config.max_length, image_mode=config.image_mode, prompt_style=config.prompt_style)
+    prepared = prepare_examples(
+        records,
+        encoder,
+        data_file=config.data,
+        rejected_sources=config.rejected_sources,
+        max_rejected=1 if config.loss == "dpo" else None,
+        skip_bad_images=config.skip_bad_images,
+    )
+    if not prepared.examples:
+        raise DataError(f"every record was skipped ({prepared.skip_counts()})", file=config.data)
+    dataset = PreferenceDataset(prepared.examples, encoder)
+    collator = PreferenceCollator(encoder.tokenizer.pad_token_id, prepared.sources, mode=config.forward_mode)
+
+    cache_path, reference_forwards = None, 0
+    reference: Any = reference_model
+    if config.reference == "precomputed":
+        cache_path, reference_forwards = attach_reference(config, model, dataset, collator, encoder)
+    elif config.reference == "adapters-disabled":
+        reference = DisabledAdapterReference(model, average=config.average_logprobs)
+
+    trainer = PreferenceTrainer(
+        model=model,
+        args=arguments,
+        data_collator=collator,
+        train_dataset=dataset,
+        processing_class=processor,
+        callbacks=[JsonlLogCallback(output_dir / LOG_FILE)],
+        config=config,
+        sources=prepared.sources,
+        reference=reference,
+    )
+    last_checkpoint = get_last_checkpoint(str(output_dir)) if config.resume else None
+    if last_checkpoint:
+        logger.info("resuming from %s", last_checkpoint)
+    outcome = trainer.train(resume_from_checkpoint=last_checkpoint)
+
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(str(output_dir))
+        save_config(config, output_dir / CONFIG_FILE)
+        if config.merge_lora:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            merged.save_pretrained(str(output_dir / "merged"), safe_serialization=True)
+            processor.save_pretrained(str(output_dir / "merged"))
+    if reference is not None:
+        reference_forwards += reference.forwards
+    result = TrainResult(
+        output_dir=output_dir,
+        global_step=trainer.state.global_step,
+        resumed_from=last_checkpoint,
+        examples=len(prepared.examples),
+        skipped=prepared.skip_counts(),
+        truncated=prepared.truncated,
+        reference_forwards=reference_forwards,
+        reference_cache=cache_path,
+        trainable_parameters=trainable,
+        metrics={key: value for key, value in outcome.metrics.items() if isinstance(value, int | float)},
+    )
+    if trainer.is_world_process_zero():
+        (output_dir / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return result
