@@ -353,9 +353,41 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- train
+
+
+def add_train(subparsers: argparse._SubParsersAction) -> None:
+    from mmsafe.config import describe
+    from mmsafe.train.config import TrainConfig
+
+    options = "\n".join(f"  {name} (default {default}): {text}" for name, default, text in describe(TrainConfig))
+    train = subparsers.add_parser(
+        "train",
+        help="DPO / BPO preference training of a vision-language model",
+        description="DPO / BPO preference training on transformers.Trainer (also under accelerate launch).",
+        epilog="options (YAML keys and key=value overrides):\n" + options,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.set_defaults(handler=_train)
+    train.add_argument("--config", help="YAML file of TrainConfig options (configs/train/*.yaml)")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="override an option, e.g. beta=0.2 max_steps=10")
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from mmsafe.config import load_config
+    from mmsafe.train.config import TrainConfig
+    from mmsafe.train.trainer import train
+
+    result = train(load_config(TrainConfig, args.config, args.overrides))
+    print(json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step, "skipped": result.skipped}))
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_data, add_models, add_generate, add_blind, add_build_data, add_judge, add_report]
+COMMANDS = [add_data, add_models, add_generate, add_blind, add_build_data, add_judge, add_report, add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:
