@@ -237,6 +237,8 @@ def paired_comparison(
         raise ValueError(f"expected aligned outcomes, got {len(safe_a)} and {len(safe_b)}")
     if not 0 < confidence < 1:
         raise ValueError("confidence must be in (0, 1)")
+    if resamples < 1:
+        raise ValueError("resamples must be at least 1")
     a = np.asarray(safe_a, dtype=float)
     b = np.asarray(safe_b, dtype=float)
     n = len(a)
@@ -247,8 +249,11 @@ def paired_comparison(
         return PairedComparison(0, nan, nan, nan, nan, nan, 0, 0, 1.0, resamples, seed)
     differences = b - a
     generator = np.random.default_rng(seed)
-    indices = generator.integers(0, n, size=(resamples, n))
-    means = differences[indices].mean(axis=1)
+    # Resample in chunks so that memory stays ~16 MB whatever n x resamples is.
+    chunk = max(1, 2_000_000 // n)
+    means = np.concatenate(
+        [differences[generator.integers(0, n, size=(min(chunk, resamples - start), n))].mean(axis=1) for start in range(0, resamples, chunk)]
+    )
     tail = (1 - confidence) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return PairedComparison(
