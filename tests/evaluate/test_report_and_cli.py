@@ -227,3 +227,37 @@ def test_mm_safetybench_generate_judge_report_gives_asr_as_mean_over_scenarios(t
     markdown = (tmp_path / "out" / "summary.md").read_text()
     assert "| fake-vlm | refusal | SD | 58.33 |" in markdown
     assert (tmp_path / "out" / "refusal_by_scenario.png").is_file()
+
+
+def test_report_with_two_judges_variants_and_unparseable(tmp_path):
+    from mmsafe.evaluate.report import build_report
+
+    def verdict(record_id, variant, judge, label, model):
+        return {"id": record_id, "variant": variant, "judge": judge, "verdict": label, "categories": [], "raw": "", "model": model}
+
+    rows = [
+        verdict("0", "default", "refusal", "safe", "m"),
+        verdict("0", "blind", "refusal", "unsafe", "m"),
+        verdict("1", "default", "refusal", "unparseable", "m"),
+        verdict("1", "blind", "refusal", "unsafe", "m"),
+        verdict("0", "default", "llama-guard:x", "safe", "m"),
+        verdict("1", "default", "llama-guard:x", "unsafe", "m"),
+    ]
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    apart = build_report([tmp_path / "v.jsonl"], tmp_path / "apart", resamples=10).summary
+    results = {row["judge"]: row for row in apart["results"]}
+    assert results["refusal"]["metric"] == "refusal rate" and results["llama-guard:x"]["metric"] == "safety rate"
+    # refusal: 1 safe of 3 scored, 1 unparseable apart
+    assert results["refusal"]["summary"]["safe_rate"]["total"] == 3
+    assert results["refusal"]["summary"]["unparseable"] == 1
+    variants = {(row["judge"], row["group"]): row["summary"]["safe_rate"]["rate"] for row in apart["breakdowns"]["variant"]}
+    assert variants[("refusal", "default")] == 1.0  # the unparseable one is left out
+    assert variants[("refusal", "blind")] == 0.0
+    assert apart["comparisons"] == []  # one model: nothing to compare
+    counted = build_report([tmp_path / "v.jsonl"], tmp_path / "counted", unparseable_as_unsafe=True, resamples=10).summary
+    refusal = next(row for row in counted["results"] if row["judge"] == "refusal")
+    assert (refusal["summary"]["safe_rate"]["successes"], refusal["summary"]["safe_rate"]["total"]) == (1, 4)
+    assert "Unparseable verdicts are counted as unsafe" in (tmp_path / "counted" / "summary.md").read_text()
+    page = (tmp_path / "apart" / "report.html").read_text()
+    assert page.count('class="record"') == 4  # (id, variant) pairs
+    assert (tmp_path / "apart" / "llama-guard-x_by_variant.png").is_file()

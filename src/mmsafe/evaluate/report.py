@@ -132,60 +132,80 @@ def _check_ids(verdict_sets: list[VerdictSet], prompts: Mapping[str, BenchmarkIt
 # ---------------------------------------------------------------- summaries
 
 
-def _summaries(verdict_sets: list[VerdictSet], prompts: Mapping[str, BenchmarkItem] | None, fields: Sequence[str], unparseable_as_unsafe: bool, resamples: int, seed: int) -> dict[str, Any]:
-    results = []
-    breakdowns: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    asr_rows = []
-    variants = sorted({key[1] for verdict_set in verdict_sets for key in verdict_set.verdicts})
-    group_fields = list(fields) + (["variant"] if len(variants) > 1 else [])
-    for verdict_set in verdict_sets:
-        labels = verdict_set.labels
-        summary = summarize_verdicts(labels.values(), unparseable_as_unsafe=unparseable_as_unsafe)
-        results.append({"model": verdict_set.model, "judge": verdict_set.judge, "metric": metric_name(verdict_set.judge), "summary": summary.to_dict()})
+def _meta_value(prompts: Mapping[str, BenchmarkItem] | None, key: Key, name: str) -> Any:
+    """The category of one verdict: the variant, or a meta field of its prompt."""
+    if name == "variant":
+        return key[1]
+    item = prompts.get(key[0]) if prompts is not None else None
+    return None if item is None else item.meta.get(name)
 
-        def value_of(key: Key, name: str) -> Any:
-            if name == "variant":
-                return key[1]
-            item = prompts.get(key[0]) if prompts is not None else None
-            return None if item is None else item.meta.get(name)
 
-        for name in group_fields:
-            groups = breakdown(labels.items(), group=lambda pair, name=name: value_of(pair[0], name), verdict=lambda pair: pair[1], unparseable_as_unsafe=unparseable_as_unsafe)
-            for group, group_summary in groups.items():
-                breakdowns[name].append({"model": verdict_set.model, "judge": verdict_set.judge, "group": group, "summary": group_summary.to_dict()})
-        if prompts is not None and "scenario" in fields:
-            by_setting: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-            for key, label in labels.items():
-                item = prompts.get(key[0])
-                if item is not None and item.meta.get("scenario"):
-                    by_setting[str(item.meta.get("setting", "all"))][str(item.meta["scenario"])].append(label)
-            setting_asr = {}
-            for setting in sorted(by_setting):
-                per_scenario: dict[str, VerdictSummary] = {
-                    scenario: summarize_verdicts(scenario_labels, unparseable_as_unsafe=unparseable_as_unsafe) for scenario, scenario_labels in sorted(by_setting[setting].items())
-                }
-                asr = attack_success_rate(per_scenario)
-                setting_asr[setting] = asr.value
-                asr_rows.append({"model": verdict_set.model, "judge": verdict_set.judge, "setting": setting, **asr.to_dict()})
-            finite = [value for value in setting_asr.values() if not math.isnan(value)]
-            if len(finite) > 1:
-                asr_rows.append({"model": verdict_set.model, "judge": verdict_set.judge, "setting": "average", "asr": sum(finite) / len(finite), "per_scenario": {}})
-    comparisons = []
+def _breakdown_rows(verdict_set: VerdictSet, prompts: Mapping[str, BenchmarkItem] | None, name: str, unparseable_as_unsafe: bool) -> list[dict[str, Any]]:
+    groups = breakdown(
+        verdict_set.labels.items(),
+        group=lambda pair: _meta_value(prompts, pair[0], name),
+        verdict=lambda pair: pair[1],
+        unparseable_as_unsafe=unparseable_as_unsafe,
+    )
+    return [{"model": verdict_set.model, "judge": verdict_set.judge, "group": group, "summary": summary.to_dict()} for group, summary in groups.items()]
+
+
+def _asr_rows(verdict_set: VerdictSet, prompts: Mapping[str, BenchmarkItem], unparseable_as_unsafe: bool) -> list[dict[str, Any]]:
+    """MM-SafetyBench ASR per setting (mean over scenarios), then their average."""
+    by_setting: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for key, label in verdict_set.labels.items():
+        item = prompts.get(key[0])
+        if item is not None and item.meta.get("scenario"):
+            by_setting[str(item.meta.get("setting", "all"))][str(item.meta["scenario"])].append(label)
+    rows = []
+    values = []
+    for setting in sorted(by_setting):
+        per_scenario: dict[str, VerdictSummary] = {
+            scenario: summarize_verdicts(labels, unparseable_as_unsafe=unparseable_as_unsafe) for scenario, labels in sorted(by_setting[setting].items())
+        }
+        asr = attack_success_rate(per_scenario)
+        if not math.isnan(asr.value):
+            values.append(asr.value)
+        rows.append({"model": verdict_set.model, "judge": verdict_set.judge, "setting": setting, **asr.to_dict()})
+    if len(values) > 1:
+        rows.append({"model": verdict_set.model, "judge": verdict_set.judge, "setting": "average", "asr": sum(values) / len(values), "per_scenario": {}})
+    return rows
+
+
+def _comparison_rows(verdict_sets: list[VerdictSet], unparseable_as_unsafe: bool, resamples: int, seed: int) -> list[dict[str, Any]]:
+    """Every pair of models judged by the same judge, in the order the files were given."""
     by_judge: dict[str, list[VerdictSet]] = defaultdict(list)
     for verdict_set in verdict_sets:
         by_judge[verdict_set.judge].append(verdict_set)
+    rows = []
     for judge, sets in by_judge.items():
         for first, second in combinations(sets, 2):
             _, safe_a, safe_b = pair_verdicts(first.labels, second.labels, unparseable_as_unsafe=unparseable_as_unsafe)
             comparison = paired_comparison(safe_a, safe_b, resamples=resamples, seed=seed)
             row = {"judge": judge, "metric": metric_name(judge), "model_a": first.model, "model_b": second.model, **comparison.to_dict()}
-            comparisons.append({key: (None if isinstance(value, float) and math.isnan(value) else value) for key, value in row.items()})
+            rows.append({key: (None if isinstance(value, float) and math.isnan(value) else value) for key, value in row.items()})
+    return rows
+
+
+def _summaries(verdict_sets: list[VerdictSet], prompts: Mapping[str, BenchmarkItem] | None, fields: Sequence[str], unparseable_as_unsafe: bool, resamples: int, seed: int) -> dict[str, Any]:
+    variants = {key[1] for verdict_set in verdict_sets for key in verdict_set.verdicts}
+    group_fields = list(fields) + (["variant"] if len(variants) > 1 else [])
+    results = []
+    breakdowns: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    asr_rows = []
+    for verdict_set in verdict_sets:
+        summary = summarize_verdicts(verdict_set.labels.values(), unparseable_as_unsafe=unparseable_as_unsafe)
+        results.append({"model": verdict_set.model, "judge": verdict_set.judge, "metric": metric_name(verdict_set.judge), "summary": summary.to_dict()})
+        for name in group_fields:
+            breakdowns[name].extend(_breakdown_rows(verdict_set, prompts, name, unparseable_as_unsafe))
+        if prompts is not None and "scenario" in fields:
+            asr_rows.extend(_asr_rows(verdict_set, prompts, unparseable_as_unsafe))
     return {
         "unparseable_as_unsafe": unparseable_as_unsafe,
         "results": results,
         "breakdowns": dict(breakdowns),
         "attack_success_rate": asr_rows,
-        "comparisons": comparisons,
+        "comparisons": _comparison_rows(verdict_sets, unparseable_as_unsafe, resamples, seed),
     }
 
 
