@@ -226,6 +226,42 @@ def _blind(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- probe
+
+
+def add_probe(subparsers: argparse._SubParsersAction) -> None:
+    from mmsafe.evaluate.probe import VARIANTS
+
+    probe = _command(subparsers, "probe", "modality co-defense and cheating: answer and judge each record as text, multimodal, blind, blank, swap and mid variants", _probe)
+    _add_engine_arguments(probe)
+    probe.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
+    probe.add_argument("--judges", default="refusal", help="comma-separated judges; refusal always runs, for the refusal rate (default: refusal)")
+    probe.add_argument("--swap-pool", help="folder of harmless images for the swap variant (default: built-in pictures); --seed chooses each record's swap image")
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from mmsafe.evaluate.probe import render_probe_markdown, run_probe
+
+    params = _decoding_from_args(args)
+    engine = _engine_from_args(args)
+    result = run_probe(
+        engine,
+        args.data,
+        args.out,
+        image_root=args.image_root,
+        variants=[name.strip() for name in args.variants.split(",") if name.strip()],
+        judges=[name.strip() for name in args.judges.split(",") if name.strip()],
+        swap_pool=args.swap_pool,
+        params=params,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        seed=args.seed,
+    )
+    print(render_probe_markdown(result))
+    print(f"probe written to {args.out} (probe.md, probe.json, probe.png, responses.jsonl, verdicts-*.jsonl)", file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------- build-data
 
 
@@ -387,7 +423,7 @@ def _train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_data, add_models, add_generate, add_blind, add_build_data, add_judge, add_report, add_train]
+COMMANDS = [add_data, add_models, add_generate, add_blind, add_probe, add_build_data, add_judge, add_report, add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

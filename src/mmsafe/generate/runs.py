@@ -181,6 +181,7 @@ def run_requests(
     *,
     build_request: Callable[[PreferenceRecord], GenerationRequest],
     params: DecodingParams,
+    response_extra: Callable[[GenerationRequest], dict[str, Any]] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     variant: str = "default",
     config: dict[str, Any] | None = None,
@@ -190,6 +191,8 @@ def run_requests(
     """Answer ``build_request(record)`` for every record not yet in ``out_path``.
 
     The engine-independent core of :func:`generate_responses` and blind generation.
+    ``response_extra(request)`` adds fields to each response record (a probe variant
+    records the prompt and image it asked, so judges see what the model saw).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}")
@@ -225,7 +228,10 @@ def run_requests(
             requests = [build_request(record) for record in chunk]
             responses = engine.generate(requests, params)
             check_responses(requests, responses, engine.name)
-            rows = [ResponseRecord(id=request.id, response=text, model=engine.name, variant=variant, params=params_dict).to_dict() for request, text in zip(requests, responses, strict=True)]
+            rows = [
+                ResponseRecord(id=request.id, response=text, model=engine.name, variant=variant, params=params_dict, extra=response_extra(request) if response_extra else {}).to_dict()
+                for request, text in zip(requests, responses, strict=True)
+            ]
             generated += writer.write_batch(rows)
             bar.update(len(chunk))
     finally:
