@@ -446,6 +446,8 @@ def test_llm_judge_through_the_cli(chat_server, tmp_path, monkeypatch):
     assert all(auth == "Bearer k-456" for _, _, auth in requests)
     assert {body["max_tokens"] for _, body, _ in requests} == {64}
     assert "k-456" not in (tmp_path / "v.jsonl").read_text()
+    config = (tmp_path / "v.jsonl.config.yaml").read_text()
+    assert "api_key_env: MY_JUDGE_KEY" in config and "k-456" not in config
     # the image went with the first request only
     kinds = sorted(type(body["messages"][0]["content"]).__name__ for _, body, _ in requests)
     assert kinds == ["list", "str"]

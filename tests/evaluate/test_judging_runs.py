@@ -62,6 +62,12 @@ def test_refusal_judging_writes_the_verdict_contract_without_data(tmp_path):
         "model": "tiny",
     }
     assert len(first["response_sha256"]) == 16
+    import yaml
+
+    config = yaml.safe_load((tmp_path / "verdicts.jsonl.config.yaml").read_text())
+    assert config["refusal"]["judge"]["type"] == "RefusalJudge"
+    assert config["refusal"]["responses"] == str(responses)
+    assert config["refusal"]["batch_size"] == 2
 
 
 def test_rerun_skips_judged_responses_and_judges_only_new_ones(tmp_path):

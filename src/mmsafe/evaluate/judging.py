@@ -4,16 +4,19 @@ Verdicts are appended in batches through :class:`~mmsafe.data.jsonl.ResumableJso
 keyed by ``(id, variant, judge)``: a rerun (after a crash, or with more responses) only
 judges what is missing, and one verdicts file can hold several judges' verdicts. Each
 verdict keeps a hash of the response it labels, so a verdicts file reused for changed
-responses is refused rather than silently trusted.
+responses is refused rather than silently trusted. The settings of each judge's run are
+saved beside the verdicts as ``<out>.config.yaml``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,36 @@ class JudgeRunResult:
     def summary(self) -> str:
         counts = ", ".join(f"{name} {count}" for name, count in sorted(self.counts.items())) or "nothing new"
         return f"{self.judge}: judged {self.judged} of {self.total} responses ({self.skipped} already judged) -> {self.out_path} [{counts}]"
+
+
+def config_path_for(out_path: Path) -> Path:
+    return out_path.with_name(out_path.name + ".config.yaml")
+
+
+def describe_judge(judge: Judge) -> dict[str, Any]:
+    """The judge's settings (plain values only: never a loaded model, never a key's value)."""
+    describe = getattr(judge, "describe", None)
+    if callable(describe):
+        return dict(describe())
+    settings: dict[str, Any] = {"type": type(judge).__name__, "name": judge.name}
+    if dataclasses.is_dataclass(judge):
+        for item in dataclasses.fields(judge):
+            value = getattr(judge, item.name)
+            if item.init and not item.name.startswith("_") and isinstance(value, str | int | float | bool | type(None) | list | tuple):
+                settings[item.name] = list(value) if isinstance(value, tuple) else value
+    return settings
+
+
+def _write_config(path: Path, judge: Judge, settings: dict[str, Any]) -> None:
+    """Record this judge's run beside the verdicts; one entry per judge name."""
+    import yaml
+
+    from mmsafe import __version__
+
+    existing = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
+    runs = existing if isinstance(existing, dict) else {}
+    runs[judge.name] = {**settings, "judge": describe_judge(judge), "mmsafe_version": __version__, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    path.write_text(yaml.safe_dump(runs, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 def _read_responses(path: Path) -> list[ResponseRecord]:
@@ -145,6 +178,15 @@ def judge_responses(
 
     _check_cache(out_path, judge.name, responses)
     writer = ResumableJsonlWriter(out_path, key=verdict_key)
+    settings = {
+        "responses": str(responses_path),
+        "data": str(data) if isinstance(data, str | Path) else None if data is None else "<in memory>",
+        "benchmark": benchmark,
+        "image_root": None if image_root is None else str(image_root),
+        "batch_size": batch_size,
+        "output": str(out_path),
+    }
+    _write_config(config_path_for(out_path), judge, settings)
     if writer.repaired_bytes:
         logger.warning("%s: removed a line cut short by an earlier crash (%d bytes)", out_path, writer.repaired_bytes)
     todo = [(response, item) for response, item in zip(responses, inputs, strict=True) if (response.id, response.variant, judge.name) not in writer]
