@@ -171,7 +171,9 @@ def _reorder(out_path: Path, order: list[str], variant: str) -> None:
     others = [row for row in rows if not (row.get("variant", "default") == variant and row["id"] in position)]
     ordered = ours + others
     if ordered != rows:
+        mode = out_path.stat().st_mode & 0o777
         write_jsonl(out_path, ordered)
+        out_path.chmod(mode)  # the rewrite goes through a private temporary file; keep the file's permissions
 
 
 def run_requests(
