@@ -149,7 +149,24 @@ class TrainConfig:
         if "activation_checkpointing" in parameters:
             values["activation_checkpointing"] = values.pop("gradient_checkpointing")
         values.update(self.trainer_args)
+        if _launched_processes() > 1 and not _has_accelerator():
+            # Several processes on a machine without GPUs: DDP over gloo. Without use_cpu the
+            # processes would not join one group and each would train alone.
+            values.setdefault("use_cpu", True)
         try:
             return TrainingArguments(**values)
         except (ValueError, TypeError) as error:
             raise ConfigError(f"training arguments: {error}") from None
+
+
+def _launched_processes() -> int:
+    """How many processes the launcher (accelerate launch, torchrun) started."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())

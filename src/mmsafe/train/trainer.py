@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,10 +177,39 @@ class JsonlLogCallback(TrainerCallback):
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if state.is_world_process_zero and logs:
+    def _write(self, state: Any, entry: dict[str, Any]) -> None:
+        if state.is_world_process_zero:
             with self.path.open("a", encoding="utf-8") as stream:
-                stream.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                stream.write(json.dumps({"step": state.global_step, **entry}) + "\n")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._write(state, {"event": "train_begin"})  # after a resume, step is the checkpoint's
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs:
+            self._write(state, logs)
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest ``checkpoint-N`` that was saved to the end.
+
+    The Trainer writes ``trainer_state.json`` last; a run killed while saving leaves a
+    folder without it, which is passed over (with a warning) instead of failing the resume.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not output_dir.is_dir():
+        return None
+    found = []
+    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
+        if path.is_dir() and suffix.isdigit():
+            found.append((int(suffix), path))
+    for _, path in sorted(found, reverse=True):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        logger.warning("ignoring %s: incomplete (the run stopped while saving it)", path)
+    return None
 
 
 def load_training_records(config: TrainConfig) -> list[Any]:
@@ -316,12 +346,14 @@ def attach_reference(
 def train(config: TrainConfig) -> TrainResult:
     """Run DPO or BPO as ``config`` says; returns what happened (also in train_summary.json)."""
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
     arguments = config.training_arguments()  # checks the trainer options before the slow part
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and arguments.world_size != launched:  # also sets up the process group, before anything else does
+        raise ConfigError(f"{launched} processes were launched but they did not form one training group (world size {arguments.world_size}); check the accelerate config")
 
     records = load_training_records(config)
     model, processor = load_policy(config)
@@ -364,7 +396,7 @@ def train(config: TrainConfig) -> TrainResult:
         sources=prepared.sources,
         reference=reference,
     )
-    last_checkpoint = get_last_checkpoint(str(output_dir)) if config.resume else None
+    last_checkpoint = last_complete_checkpoint(output_dir) if config.resume else None
     if last_checkpoint:
         logger.info("resuming from %s", last_checkpoint)
     outcome = trainer.train(resume_from_checkpoint=last_checkpoint)
