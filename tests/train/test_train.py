@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from mmsafe.cli import main
 from mmsafe.config import load_config
 from mmsafe.data.records import read_preference_records
+from mmsafe.errors import ConfigError
 from mmsafe.models import load_model
 from mmsafe.train.config import TrainConfig
 from mmsafe.train.logprobs import score_responses
@@ -211,3 +212,20 @@ def test_quantization_without_bitsandbytes_or_gpu_is_a_clear_error(tmp_path, tin
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the error path, also on a GPU machine
     assert main(["train", "--config", str(config)]) == 1
     assert "quantization: 4bit needs" in capsys.readouterr().err  # bitsandbytes, or a CUDA GPU
+
+
+@pytest.mark.parametrize("name", ["llava15_7b_bpo", "llava15_7b_dpo", "tiny_bpo", "tiny_dpo"])
+def test_shipped_configs_load(name):
+    config = load_config(TrainConfig, Path(__file__).resolve().parents[2] / "configs" / "train" / f"{name}.yaml")
+    assert config.loss == name.rsplit("_", 1)[1]
+    if name.startswith("llava15"):
+        # The release's recipe (METHOD.md section 3).
+        assert config.model == "llava-hf/llava-1.5-7b-hf"
+        assert (config.beta, config.learning_rate, config.lr_scheduler_type, config.warmup_steps) == (0.1, 1e-6, "cosine", 10)
+        assert (config.per_device_train_batch_size, config.gradient_accumulation_steps, config.bf16, config.max_length, config.seed) == (1, 2, True, 768, 42)
+        assert config.finetune == "full" and config.freeze_vision_tower and config.train_projector and config.image_mode == "pad"
+    if config.bf16 and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="bf16"):  # a clear error on a machine without a GPU
+            config.training_arguments()
+    else:
+        assert config.training_arguments().learning_rate == config.learning_rate

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from mmsafe.config import option
 from mmsafe.errors import ConfigError
+from mmsafe.progress import progress_enabled
 
 ReferenceMode = Literal["precomputed", "copy", "adapters-disabled"]
 
@@ -148,6 +149,7 @@ class TrainConfig:
         # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name warns).
         if "activation_checkpointing" in parameters:
             values["activation_checkpointing"] = values.pop("gradient_checkpointing")
+        values["disable_tqdm"] = not progress_enabled()  # MMSAFE_PROGRESS, as every other stage
         values.update(self.trainer_args)
         if _launched_processes() > 1 and not _has_accelerator():
             # Several processes on a machine without GPUs: DDP over gloo. Without use_cpu the

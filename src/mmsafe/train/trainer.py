@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 #: Parameter-name fragments of the parts of a vision-language model (LLaVA and kin).
 VISION_TOWER_NAMES = ("vision_tower", "vision_model", "visual.blocks", "vision_encoder")
 PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "visual.merger")
+REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 CONFIG_FILE = "train_config.yaml"
 SUMMARY_FILE = "train_summary.json"
 LOG_FILE = "train_log.jsonl"
@@ -117,6 +118,14 @@ class PreferenceTrainer(Trainer):
             policy.chosen, policy.rejected, reference.chosen, reference.rejected, beta=config.beta, weights=weights,
             label_smoothing=config.label_smoothing, loss_type=config.loss_type, rejected_mask=policy.rejected_mask,
         )  # fmt: skip
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        # Under DeepSpeed the Trainer casts every float input to the model's dtype; bf16
+        # would round a reference log-prob of -250.1 to -250, so these travel uncast.
+        exact = {key: inputs.pop(key) for key in REFERENCE_KEYS if key in inputs}
+        inputs = super()._prepare_inputs(inputs)
+        inputs.update({key: value.to(self.args.device) for key, value in exact.items()})
+        return inputs
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
         average = self.preference_config.average_logprobs
