@@ -85,26 +85,34 @@ def test_block_mask_lets_responses_see_the_prompt_and_themselves_only():
     assert torch.equal(additive == 0, expected.bool())
 
 
+WEIGHTS = torch.tensor([0.7, -1.3, 0.4])  # any fixed mix, so that every score feeds the gradient
+
+
+@pytest.fixture(scope="module")
+def expected(tiny, items):
+    """Scores and parameter gradients from scoring every sequence alone."""
+    model = tiny.model
+    model.zero_grad()
+    chosen, rejected = alone(model, items[0])
+    total = sum(w * c for w, c in zip(WEIGHTS, chosen, strict=True)) + sum(r for row in rejected for r in row)
+    total.backward()
+    return [c.detach() for c in chosen], [[r.detach() for r in row] for row in rejected], gradients(model)
+
+
 @pytest.mark.parametrize("mode", ["shared-prefix", "separate"])
-def test_log_probs_and_gradients_match_scoring_each_sequence_alone(tiny, items, mode):
+def test_log_probs_and_gradients_match_scoring_each_sequence_alone(tiny, items, expected, mode):
     items, sources = items
+    chosen, rejected, expected_gradients = expected
     model = tiny.model
     batch = PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode=mode)(items)
-    weights = torch.tensor([0.7, -1.3, 0.4])  # any fixed mix, so every score feeds the gradient
-
-    model.zero_grad()
-    chosen, rejected = alone(model, items)
-    expected_total = sum(w * c for w, c in zip(weights, chosen, strict=True)) + sum(r for row in rejected for r in row)
-    expected_total.backward()
-    expected_gradients = gradients(model)
-
+    weights = WEIGHTS
     model.zero_grad()
     scores = score_batch(model, batch)
     assert scores.rejected.shape == (3, 2)
     assert scores.rejected_mask.tolist() == [[True, True], [True, True], [True, False]]
-    torch.testing.assert_close(scores.chosen, torch.stack(chosen).detach(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(scores.chosen, torch.stack(chosen), atol=1e-4, rtol=0)
     for row, expected_row in enumerate(rejected):
-        torch.testing.assert_close(scores.rejected[row, : len(expected_row)], torch.stack(expected_row).detach(), atol=1e-4, rtol=0)
+        torch.testing.assert_close(scores.rejected[row, : len(expected_row)], torch.stack(expected_row), atol=1e-4, rtol=0)
     total = (weights * scores.chosen).sum() + scores.rejected[scores.rejected_mask].sum()
     total.backward()
     assert_same_gradients(expected_gradients, gradients(model))

@@ -127,9 +127,6 @@ def test_second_run_reads_the_reference_cache(tmp_path, tiny_model_dir, small_re
     copy = train(TrainConfig(**options(tmp_path / "c", tiny_model_dir, small_records, reference="copy", max_steps=1)))
     assert copy.reference_forwards == 1
     assert first_loss(tmp_path / "c" / "out") == pytest.approx(first_loss(tmp_path / "a" / "out"), abs=1e-5)
-    # Other tokenization settings are another cache entry.
-    third = train(TrainConfig(**options(tmp_path / "d", tiny_model_dir, small_records, reference_cache_dir=str(tmp_path / "cache"), max_steps=1, max_length=300)))
-    assert third.reference_forwards > 0 and third.reference_cache != first.reference_cache
 
 
 @pytest.mark.slow
