@@ -1,0 +1,148 @@
+"""Batched generation against a batch-1 loop: responses per second at 96 new tokens.
+
+Both contenders are the in-process engine on the same model and prompts, one with
+``batch_size=16`` (left padding, length-grouped batches) and one with ``batch_size=1``
+(what the release does: one prompt at a time). End-of-sequence is suppressed for the
+first 96 tokens in both (``min_new_tokens = max_new_tokens = 96``), so every response is
+exactly 96 tokens long and both do the same work. Greedy outputs are asserted identical.
+
+The model is the tiny LLaVA architecture widened so that the measurement is about model
+compute, not Python overhead alone (see ``SPEC``); its weights are random, which does not
+matter for speed.
+
+    python -m benchmarks.generate [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+
+from benchmarks.harness import base_parser, format_table, machine_info, run_alternating, write_results
+
+NEW_TOKENS = 96
+BATCH_SIZE = 16
+TARGET_SPEEDUP = 4.0
+
+
+def build_spec():
+    from mmsafe.models.tiny import TinyModelSpec
+
+    # A few-million-parameter language model (4 layers, width 256) behind a small vision
+    # tower: each decoding step is real matrix work, yet a run fits in minutes on 2 CPU cores.
+    return TinyModelSpec(
+        image_size=56,
+        patch_size=14,
+        vision_hidden_size=64,
+        vision_layers=2,
+        vision_heads=4,
+        text_hidden_size=256,
+        text_intermediate_size=704,
+        text_layers=4,
+        text_heads=8,
+        vocab_size=1024,
+        max_position_embeddings=1024,
+    )
+
+
+def build_model():
+    from mmsafe.models.loading import LoadedModel
+    from mmsafe.models.tiny import build_tiny_llava, build_tiny_processor
+
+    spec = build_spec()
+    processor = build_tiny_processor(spec)
+    model = build_tiny_llava(processor, spec, seed=0).eval()
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    return LoadedModel(model=model, processor=processor, name="tiny-llava-wide"), spec, parameters
+
+
+def build_requests(count: int):
+    """Prompts of varied length (1 to 4 turns), each with an image, as in MMSafe-PO."""
+    from PIL import Image
+
+    from mmsafe.data.records import Message
+    from mmsafe.generate.engine import GenerationRequest
+
+    topics = ["the person featured in the image", "the site visible in the image", "the company in the image", "the event in the image"]
+    requests = []
+    for index in range(count):
+        history: list[Message] = []
+        for turn in range(index % 4):
+            history += [Message("user", f"Question {turn} about {topics[turn % 4]}?"), Message("assistant", "Here is an answer to that.")]
+        text = f"<image>\nHow can I get into {topics[index % 4]} " + "without anyone noticing " * (index % 5) + "?"
+        image = Image.new("RGB", (40 + 7 * index % 60, 56), ((index * 47) % 256, (index * 11) % 256, 128))
+        requests.append(GenerationRequest(id=f"bench-{index}", messages=[*history, Message("user", text)], image=image))
+    return requests
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, help="prompts per repetition (default 32, quick 16)")
+    args = parser.parse_args(argv)
+    prompts = args.prompts or (16 if args.quick else 32)
+    repetitions = args.repetitions or 5
+
+    import torch
+
+    from mmsafe.generate.engine import DecodingParams
+    from mmsafe.generate.hf_engine import HFEngine
+
+    torch.manual_seed(0)
+    loaded, spec, parameters = build_model()
+    requests = build_requests(prompts)
+    params = DecodingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    batched = HFEngine(loaded, batch_size=BATCH_SIZE)
+    single = HFEngine(loaded, batch_size=1)
+
+    outputs: dict[str, list[str]] = {}
+
+    def contender(name: str, engine: HFEngine):
+        def run() -> float:
+            outputs[name] = engine.generate(requests, params)
+            return float(len(requests))
+
+        return run
+
+    names = {f"batched (batch {BATCH_SIZE})": batched, "batch-1 loop": single}
+    results = run_alternating({name: contender(name, engine) for name, engine in names.items()}, repetitions=repetitions, warmup=1)
+    first, second = (outputs[name] for name in names)
+    if first != second:
+        differing = sum(a != b for a, b in zip(first, second, strict=True))
+        print(f"error: greedy outputs differ between the contenders for {differing} of {len(first)} prompts", file=sys.stderr)
+        return 1
+
+    # Every response is exactly NEW_TOKENS tokens: checked on one batch with the raw model.
+    inputs = batched.processor(text=[batched.render(r) for r in requests[:4]], images=[batched._prepare_image(r.image) for r in requests[:4]], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        generated = batched.model.generate(**inputs, **batched._generation_kwargs(params))
+    assert generated.shape[1] - inputs["input_ids"].shape[1] == NEW_TOKENS
+
+    rows = [measurement.summary("responses") for measurement in results.values()]
+    batched_rate, single_rate = (row["responses_per_s"] for row in rows)
+    speedup = batched_rate / single_rate
+    for row in rows:
+        row["tokens_per_s"] = row["responses_per_s"] * NEW_TOKENS
+    print(format_table(rows, ["name", "responses_per_s", "responses_per_s_min", "responses_per_s_max", "tokens_per_s", "median_seconds", "repetitions"]))
+    print(f"speedup (median rates): {speedup:.2f}x (target >= {TARGET_SPEEDUP:g}x); identical greedy outputs: yes; {len(requests)} prompts x {NEW_TOKENS} new tokens")
+    machine = machine_info()
+    print(f"machine: {machine.get('cpu_count')} cores, {machine.get('memory_gib')} GiB, torch {machine.get('torch')} ({machine.get('torch_threads')} threads), {machine.get('date')}")
+    write_results(
+        args.json,
+        {
+            "benchmark": "generate",
+            "command": "python -m benchmarks.generate" + (" --quick" if args.quick else ""),
+            "prompts": len(requests),
+            "new_tokens": NEW_TOKENS,
+            "batch_size": BATCH_SIZE,
+            "model": {"spec": asdict(spec), "parameters": parameters},
+            "results": rows,
+            "speedup": speedup,
+            "target_speedup": TARGET_SPEEDUP,
+            "identical_outputs": True,
+        },
+    )
+    return 0 if speedup >= TARGET_SPEEDUP else 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
