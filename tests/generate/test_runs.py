@@ -91,6 +91,8 @@ def test_variants_share_an_output_and_images_reach_the_engine(dataset, tmp_path)
     generate_responses(EchoEngine(), dataset, out, batch_size=7, variant="probe")
     keys = [(r.id, r.variant) for r in read_response_records(out)]
     assert len(keys) == len(set(keys)) == 48
+    ids = [f"rec-{index:04d}" for index in range(24)]
+    assert keys == [(i, "default") for i in ids] + [(i, "probe") for i in ids]  # each variant in input order, in place
     responses = {r.id: r.response for r in read_response_records(out)}
     assert responses["rec-0000"].endswith("image=False") and responses["rec-0001"].endswith("image=True")
 
@@ -125,3 +127,20 @@ def test_bad_input_is_named(tmp_path):
 
     with pytest.raises(MmsafeError, match="returned 2 responses for 3 requests"):
         generate_responses(EchoEngine(short=True), write_dataset(tmp_path / "ok", make_records(3)), tmp_path / "out3.jsonl")
+
+
+def test_response_extra_fields_are_written(dataset, tmp_path):
+    from mmsafe.generate.runs import load_records, run_requests
+
+    records = load_records(dataset, limit=3)
+    out = tmp_path / "out.jsonl"
+    run_requests(
+        EchoEngine(),
+        records,
+        out,
+        build_request=lambda record: GenerationRequest(record.id, record.messages, None),
+        params=DecodingParams(max_new_tokens=3),
+        response_extra=lambda request: {"asked": request.messages[-1].content},
+    )
+    rows = _lines(out)
+    assert [row["asked"] for row in rows] == [record.prompt for record in records]

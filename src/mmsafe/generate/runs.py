@@ -163,13 +163,17 @@ def _reorder(out_path: Path, order: list[str], variant: str) -> None:
     """Rewrite the output (atomically) with this variant's rows in input order.
 
     Batches are generated in order of prompt size, not input order; a finished output is
-    easier to read and diff in input order. Rows of other variants keep their place after.
+    easier to read and diff in input order. The rows of this variant are sorted among the
+    lines they occupy; every other row (other variants) keeps its line.
     """
     rows = _read_rows(out_path)
     position = {record_id: index for index, record_id in enumerate(order)}
-    ours = sorted((row for row in rows if row.get("variant", "default") == variant and row["id"] in position), key=lambda row: position[row["id"]])
-    others = [row for row in rows if not (row.get("variant", "default") == variant and row["id"] in position)]
-    ordered = ours + others
+
+    def ours(row: dict[str, Any]) -> bool:
+        return row.get("variant", "default") == variant and row["id"] in position
+
+    sorted_rows = iter(sorted((row for row in rows if ours(row)), key=lambda row: position[row["id"]]))
+    ordered = [next(sorted_rows) if ours(row) else row for row in rows]
     if ordered != rows:
         mode = out_path.stat().st_mode & 0o777
         write_jsonl(out_path, ordered)
