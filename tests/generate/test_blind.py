@@ -101,6 +101,7 @@ def test_killed_run_resumes_and_writes_the_records_only_at_the_end(dataset, tmp_
 def test_empty_answers_are_reported_not_added(dataset, tmp_path):
     summary = make_blind(RecordingEngine(empty_for=("rec-0003",)), dataset, tmp_path / "blind.jsonl")
     assert summary.empty == ["rec-0003"] and "1 empty blind answers" in summary.summary()
+    assert f"train with image_root={dataset.parent}" in summary.summary()  # the output is not beside the images
     records = {r.id: r for r in read_preference_records(tmp_path / "blind.jsonl")}
     assert records["rec-0003"].rejected_sources == ["human"] and records["rec-0002"].rejected_sources == ["human", "blind"]
 

@@ -51,6 +51,8 @@ class BlindSummary:
     seconds: float
     release_rows_path: Path | None = None
     release_rows: int = 0
+    image_root: Path | None = None
+    """Where the records' images are, when that is not the output's folder (train with this image_root)."""
 
     def summary(self) -> str:
         text = (
@@ -61,6 +63,8 @@ class BlindSummary:
             text += f"; {len(self.empty)} empty blind answers not added (ids: {', '.join(self.empty[:5])}{', ...' if len(self.empty) > 5 else ''})"
         if self.release_rows_path is not None:
             text += f"; {self.release_rows} released-format rows written to {self.release_rows_path}"
+        if self.image_root is not None:
+            text += f"; image paths are relative to {self.image_root}: train with image_root={self.image_root}"
         return text
 
 
@@ -177,6 +181,8 @@ def make_blind(
     output = [add_blind_response(record, answers[record.id]) if answers[record.id].strip() else record for record in records]
     write_records(out_path, output)
     summary = BlindSummary(out_path, responses_path, len(records), run.generated, run.already_done, empty, time.perf_counter() - started)
+    if root is not None and any(record.image is not None for record in records) and root.resolve() != out_path.parent.resolve():
+        summary.image_root = root
     if write_release_rows is not None:
         from mmsafe.data.formats import write_records as write_format
 
