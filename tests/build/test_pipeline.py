@@ -302,3 +302,20 @@ def test_custom_stages_can_replace_the_configured_ones(hh_file, image_index, tmp
     build_data(config, stages=stages)
     first = read_rows(tmp_path / "out" / RECORDS_FILE)[0]
     assert first["messages"][-1]["content"] == "<image>\nWhy is this person so popular?"
+
+
+def test_rerun_with_other_settings_is_refused_unless_harmless(hh_file, image_index, tmp_path):
+    out = tmp_path / "out"
+    build_data(config_for(hh_file, image_index, out))
+    with pytest.raises(ConfigError, match=r"other settings \(rewrite\.phrases: .*choose another --out"):
+        build_data(config_for(hh_file, image_index, out, rewrite={"phrases": {"PER": "him"}}))
+    summary = build_data(config_for(hh_file, image_index, out, batch_size=2, max_dialogues=3))
+    assert summary.records_written == 0 and summary.records == 4
+
+
+def test_the_example_config_loads():
+    from mmsafe.config import load_config
+
+    config = load_config(BuildConfig, Path(__file__).parents[2] / "configs" / "build" / "hh_rlhf_offline.yaml")
+    assert (config.entities.method, config.images.sources, config.rewrite.method) == ("gazetteer", ["local"], "template")
+    assert config.entities.hf_ner.model == "dbmdz/bert-large-cased-finetuned-conll03-english"

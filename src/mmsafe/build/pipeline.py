@@ -45,7 +45,7 @@ from mmsafe.build.entities import (
 from mmsafe.build.images import ImageChain, ImageIndex, ImageSource, ImageStore, LocalImageSource, WikipediaImageSource
 from mmsafe.build.rewrite import ModelRewriter, Rewrite, Rewriter, Span, TemplateRewriter
 from mmsafe.build.sources import Dialogue, read_dialogues
-from mmsafe.config import save_config
+from mmsafe.config import read_yaml, save_config, to_dict
 from mmsafe.data.jsonl import ResumableJsonlWriter, iter_lines, read_jsonl
 from mmsafe.data.records import IMAGE_TOKEN, Message, PreferenceRecord
 from mmsafe.errors import ConfigError, DataError, ImageError
@@ -59,6 +59,20 @@ STATE_FILE = ".build-state.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "build_config.yaml"
 RELEASED_FILE = "mmsafe-po.json"
+#: Settings a rerun into the same folder may change: they do not change what is written.
+RESUME_FREE_SETTINGS = {
+    "batch_size",
+    "on_bad_line",
+    "export_released",
+    "max_dialogues",
+    "entities.hf_ner.device",
+    "entities.hf_ner.batch_size",
+    "images.wikipedia.min_interval_s",
+    "images.wikipedia.max_retries",
+    "images.wikipedia.backoff_s",
+    "images.wikipedia.max_backoff_s",
+    "images.wikipedia.timeout_s",
+}
 #: Turn counts of 5 and more share one bucket, as in the paper's statistics.
 MAX_TURN_BUCKET = 5
 
@@ -327,7 +341,11 @@ class Builder:
         self.state = ResumableJsonlWriter(self.out / STATE_FILE, key=lambda row: row["dialogue"])
         self.seen_content: set[str] = set()
         if self.records.path.exists():
-            self.seen_content = {record_content_key(row) for _, row in read_jsonl(self.records.path)}
+            for line_number, row in read_jsonl(self.records.path):
+                try:
+                    self.seen_content.add(record_content_key(row))
+                except (KeyError, TypeError, IndexError):
+                    raise DataError("existing record lacks meta.text_prompt / meta.entity; is this a build-data output folder?", file=str(self.records.path), record=f"line {line_number}") from None
         self.images: dict[tuple[str, str], tuple[str, str] | None] = {}
         self.image_errors: Counter[str] = Counter()
         self.records_written = 0
@@ -448,6 +466,29 @@ def count_lines(path: str | Path) -> int | None:
         return None
 
 
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("phrases", "possessive_phrases"):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume(config: BuildConfig, out: Path) -> None:
+    """Refuse to continue a build in ``out`` that was started with other settings."""
+    previous_path = out / CONFIG_FILE
+    if not (out / STATE_FILE).exists() or not previous_path.exists():
+        return
+    previous = _flatten(read_yaml(previous_path))
+    current = _flatten(to_dict(config))
+    changed = [key for key in sorted(set(previous) | set(current)) if key not in RESUME_FREE_SETTINGS and previous.get(key) != current.get(key)]
+    if changed:
+        details = "; ".join(f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in changed[:5])
+        raise ConfigError(f"{out} already holds a build made with other settings ({details}); rerun with the same settings to resume, or choose another --out")
+
+
 def build_data(config: BuildConfig, *, stages: Stages | None = None) -> BuildSummary:
     """Run the build the config describes; resumes from what ``config.out`` already holds.
 
@@ -457,6 +498,7 @@ def build_data(config: BuildConfig, *, stages: Stages | None = None) -> BuildSum
     config.check_paths()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_resume(config, out)
     save_config(config, out / CONFIG_FILE)
     stages = stages or make_stages(config)
     builder = Builder(config, stages)
