@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from mmsafe.train.losses import bpo_loss, dpo_loss, sequence_logprobs, token_logprobs
+from mmsafe.train.losses import bpo_loss, dpo_loss, sequence_logprobs, sft_loss, token_logprobs
 
 BETA = 0.5
 POLICY_CHOSEN = torch.tensor([-2.0, -4.0, -3.0])
@@ -145,3 +145,8 @@ def test_sequence_logprobs_sum_and_mean():
     close(sequence_logprobs(logits, labels, average=True), [-2.0794415 / 2, -1.3862944])
     # a sequence with no label tokens sums to 0 (and its mean does not divide by zero)
     close(sequence_logprobs(logits[:1], torch.full((1, 3), -100), average=True), [0.0])
+
+
+def test_sft_loss_is_the_mean_negative_log_likelihood():
+    # per-token mean log-probs -1 and -3 -> (1 + 3) / 2 = 2
+    close(sft_loss(torch.tensor([-1.0, -3.0])), 2.0)

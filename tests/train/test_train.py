@@ -93,8 +93,16 @@ def test_train_changes_trainable_weights_and_not_the_vision_tower(tmp_path, tiny
         projector = {name: value for name, value in adapter.items() if "multi_modal_projector" in name}
         assert projector, "the projector trains beside the adapters"
         # The trained model loads with the standard loader (adapter on its base).
-        merged = load_model(out, dtype="float32").model.merge_and_unload().state_dict()
-        base = load_model(tiny_model_dir, dtype="float32").model.state_dict()
+        trained = load_model(out, dtype="float32")
+        base_model = load_model(tiny_model_dir, dtype="float32")
+        # With its adapters off the trained model is the reference: the base, projector included.
+        records = list(read_preference_records(small_records))[:2]
+        with trained.model.disable_adapter():
+            adapters_off = score_responses(trained, records, small_records.parent).scores
+        base_scores = score_responses(base_model, records, small_records.parent).scores
+        assert [s.chosen for s in adapters_off] == pytest.approx([s.chosen for s in base_scores], abs=1e-4)
+        merged = trained.model.merge_and_unload().state_dict()
+        base = base_model.model.state_dict()
         assert merged.keys() == base.keys()
         assert all(torch.equal(merged[name], value) for name, value in base.items() if "vision_tower" in name)
         projector = "model.multi_modal_projector.linear_1.weight"
@@ -226,3 +234,16 @@ def test_shipped_configs_load(name):
             config.training_arguments()
     else:
         assert config.training_arguments().learning_rate == config.learning_rate
+
+
+@pytest.mark.parametrize("target", ["chosen", "rejected"])
+def test_sft_warm_up_raises_the_likelihood_of_its_target(tmp_path, tiny_model_dir, small_records, target):
+    result = train(TrainConfig(**options(tmp_path, tiny_model_dir, small_records, loss="sft", sft_target=target, reference="copy", max_steps=4)))
+    assert result.reference_forwards == 0  # a warm-up has no reference
+    assert result.metrics["logps/chosen"] < 0
+    records = list(read_preference_records(small_records))[:4]
+    before = score_responses(load_model(tiny_model_dir, dtype="float32"), records, small_records.parent, average=True).scores
+    after = score_responses(load_model(tmp_path / "out", dtype="float32"), records, small_records.parent, average=True).scores
+    def imitated(score):
+        return score.chosen if target == "chosen" else score.rejected[0]
+    assert all(imitated(new) > imitated(old) for new, old in zip(after, before, strict=True))

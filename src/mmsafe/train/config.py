@@ -48,7 +48,12 @@ class TrainConfig:
     image_root: str | None = option(None, help="folder image paths are relative to (default: the data file's folder)")
     split: str | None = option(None, help="train only on records whose meta.split equals this (records without one are kept); null: all")
 
-    loss: Literal["bpo", "dpo"] = option("bpo", help="bpo: chosen against every rejected response (sum of K DPO terms); dpo: against the first one only")
+    loss: Literal["bpo", "dpo", "sft"] = option(
+        "bpo", help="bpo: chosen against every rejected response (sum of K DPO terms); dpo: against the first one only; sft: plain supervised warm-up on one response"
+    )
+    sft_target: Literal["chosen", "rejected"] = option(
+        "chosen", help="loss sft only: imitate the chosen response, or the first rejected one (a deliberately unsafe starting model for demos)"
+    )
     rejected_sources: list[str] | None = option(None, help="rejected sources to use, e.g. [human] or [human, blind]; null: all")
     source_weights: dict[str, float] = option(default_factory=dict, help="BPO weight per rejected source (missing sources weigh 1.0), e.g. {blind: 0.5}")
     loss_type: Literal["sigmoid", "ipo"] = option("sigmoid", help="sigmoid (DPO) or ipo")

@@ -195,7 +195,8 @@ def prepare_examples(
 ) -> PreparedData:
     """Tokenize every record, skipping (and counting) those that cannot be trained on.
 
-    ``max_rejected=1`` keeps the first rejected response (plain DPO); ``rejected_sources``
+    ``max_rejected=1`` keeps the first rejected response (plain DPO), ``0`` none (the
+    chosen response alone, for supervised warm-up); ``rejected_sources``
     keeps only responses from those sources (``["human"]``, ``["human", "blind"]``).
     """
     prepared = PreparedData(examples=[])
@@ -205,7 +206,7 @@ def prepare_examples(
 
     for record in records:
         rejected = select_rejected(record, rejected_sources, max_rejected)
-        if not rejected:
+        if not rejected and max_rejected != 0:
             skip("no rejected response from the selected sources", record.id)
             continue
         try:
@@ -328,8 +329,10 @@ class PreferenceCollator:
         rows: list[tuple[int, int]] = []  # (item index, response slot)
         image_parts = []
         for item_index, item in enumerate(items):
-            for slot in range(1, len(item["example"].responses)):
-                for response_slot in (0, slot):
+            responses = item["example"].responses
+            pairs = [(0, slot) for slot in range(1, len(responses))] or [(0,)]  # no rejected: chosen alone
+            for pair in pairs:
+                for response_slot in pair:
                     rows.append((item_index, response_slot))
                     image_parts.append(item["image_inputs"])
         sequences = [(items[index]["example"].prompt_ids, items[index]["example"].responses[slot]) for index, slot in rows]

@@ -152,6 +152,15 @@ def bpo_loss(
     )
 
 
+def sft_loss(policy_logps: torch.Tensor) -> torch.Tensor:
+    """Supervised warm-up: the negative log-likelihood, [B] log-probs -> scalar mean.
+
+    With per-token mean log-probs (the trainer passes those) this is the usual token
+    cross-entropy averaged per sequence: [-1.0, -3.0] -> 2.0.
+    """
+    return -policy_logps.mean()
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Log-probability of each label token: [N, T, V] logits, [N, T] labels -> [N, T].
 

@@ -10,6 +10,7 @@ only thing :class:`PreferenceTrainer` changes is how the loss is computed and lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from mmsafe.errors import ConfigError, DataError, ModelError
 from mmsafe.train.config import TrainConfig
 from mmsafe.train.data import PreferenceCollator, PreferenceDataset, PreferenceEncoder, prepare_examples
 from mmsafe.train.forward import ResponseLogProbs, score_batch
-from mmsafe.train.losses import PreferenceLoss, bpo_loss, dpo_loss
+from mmsafe.train.losses import PreferenceLoss, bpo_loss, dpo_loss, sft_loss
 from mmsafe.train.reference import (
     DisabledAdapterReference,
     FrozenCopyReference,
@@ -128,6 +129,11 @@ class PreferenceTrainer(Trainer):
         return inputs
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        if self.preference_config.loss == "sft":
+            policy = score_batch(model, inputs, average=True)
+            loss = sft_loss(policy.chosen)
+            self._record({"logps/chosen": (policy.chosen.detach().sum().item(), policy.chosen.numel())})
+            return (loss, {}) if return_outputs else loss
         average = self.preference_config.average_logprobs
         policy = score_batch(model, inputs, average=average)
         if "reference_chosen_logps" in inputs:
@@ -161,10 +167,15 @@ class PreferenceTrainer(Trainer):
             values[f"rewards/rejected_{source}"] = (rejected_rewards[selected].sum().item(), count)
             values[f"rewards/margin_{source}"] = (margins[selected].sum().item(), count)
             values[f"rewards/accuracy_{source}"] = ((margins[selected] > 0).float().sum().item(), count)
+        self._record(values)
+
+    def _record(self, values: dict[str, tuple[float, float]]) -> None:
+        """Add (sum, count) pairs to the running metrics, averaged at the next log."""
         for position, name in enumerate(self._metric_names):
-            total, count = values[name]
-            self._metric_sums[position] += total
-            self._metric_counts[position] += count
+            if name in values:
+                total, count = values[name]
+                self._metric_sums[position] += total
+                self._metric_counts[position] += count
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # the same on every process, so the reduction below is matched
@@ -365,8 +376,11 @@ def train(config: TrainConfig) -> TrainResult:
         raise ConfigError(f"{launched} processes were launched but they did not form one training group (world size {arguments.world_size}); check the accelerate config")
 
     records = load_training_records(config)
+    supervised = config.loss == "sft"
+    if supervised and config.sft_target == "rejected":
+        records = [dataclasses.replace(record, chosen=record.rejected[0]) for record in records]
     model, processor = load_policy(config)
-    reference_model = FrozenCopyReference(model, average=config.average_logprobs) if config.reference == "copy" else None
+    reference_model = FrozenCopyReference(model, average=config.average_logprobs) if config.reference == "copy" and not supervised else None
     model = set_trainable(model, config)
     trainable = count_trainable(model)
     if trainable == 0:
@@ -379,7 +393,7 @@ def train(config: TrainConfig) -> TrainResult:
         encoder,
         data_file=config.data,
         rejected_sources=config.rejected_sources,
-        max_rejected=1 if config.loss == "dpo" else None,
+        max_rejected={"dpo": 1, "sft": 0}.get(config.loss),
         skip_bad_images=config.skip_bad_images,
     )
     if not prepared.examples:
@@ -389,7 +403,9 @@ def train(config: TrainConfig) -> TrainResult:
 
     cache_path, reference_forwards = None, 0
     reference: Any = reference_model
-    if config.reference == "precomputed":
+    if supervised:
+        pass  # supervised warm-up: no reference model
+    elif config.reference == "precomputed":
         cache_path, reference_forwards = attach_reference(config, model, dataset, collator, encoder)
     elif config.reference == "adapters-disabled":
         reference = DisabledAdapterReference(model, average=config.average_logprobs)
@@ -432,6 +448,9 @@ def train(config: TrainConfig) -> TrainResult:
         trainable_parameters=trainable,
         metrics={key: value for key, value in outcome.metrics.items() if isinstance(value, int | float)},
     )
+    # The last logged values of the preference metrics (rewards/accuracy, ...), for callers.
+    for entry in trainer.state.log_history:
+        result.metrics.update({key: value for key, value in entry.items() if key in trainer._metric_names})
     if trainer.is_world_process_zero():
         (output_dir / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     return result
