@@ -206,6 +206,7 @@ def test_config_errors_name_the_option(tmp_path, tiny_model_dir, small_records, 
         (["trainer_args={not_an_argument: 1}"], "trainer_args.not_an_argument: not a transformers.TrainingArguments parameter"),
         (["trainer_args={learning_rate: 1}"], "trainer_args.learning_rate: set it as the top-level option"),
         (["quantization=4bit"], "quantization: 4bit weights cannot be trained directly"),
+        (["source_weights={blnd: 0.5}"], "source_weights: no rejected response comes from blnd (sources in the data: human, blind)"),
     ]
     for overrides, message in cases:
         assert main(["train", "--config", str(config), *overrides]) == 1

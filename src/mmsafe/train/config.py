@@ -155,6 +155,7 @@ class TrainConfig:
         if "activation_checkpointing" in parameters:
             values["activation_checkpointing"] = values.pop("gradient_checkpointing")
         values["disable_tqdm"] = not progress_enabled()  # MMSAFE_PROGRESS, as every other stage
+        values["dataloader_pin_memory"] = _has_accelerator()  # pinning helps host-to-GPU copies only
         values.update(self.trainer_args)
         if _launched_processes() > 1 and not _has_accelerator():
             # Several processes on a machine without GPUs: DDP over gloo. Without use_cpu the

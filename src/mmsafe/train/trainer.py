@@ -398,6 +398,9 @@ def train(config: TrainConfig) -> TrainResult:
     )
     if not prepared.examples:
         raise DataError(f"every record was skipped ({prepared.skip_counts()})", file=config.data)
+    unknown = sorted(set(config.source_weights) - set(prepared.sources))
+    if unknown:
+        raise ConfigError(f"source_weights: no rejected response comes from {', '.join(unknown)} (sources in the data: {', '.join(prepared.sources)})")
     dataset = PreferenceDataset(prepared.examples, encoder)
     collator = PreferenceCollator(encoder.tokenizer.pad_token_id, prepared.sources, mode=config.forward_mode)
 
