@@ -8,9 +8,11 @@ user can cause (:class:`~mmsafe.errors.MmsafeError`) are printed as one line and
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from mmsafe import __version__
 from mmsafe.errors import MmsafeError
@@ -187,12 +189,15 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from mmsafe.generate.runs import generate_responses
+    from mmsafe.generate.runs import default_image_root, generate_responses, load_records
 
     params = _decoding_from_args(args)
+    # The data is read (and checked) before the model is loaded, so bad input fails in seconds.
+    records = load_records(args.data, limit=args.limit, format_name=args.format_name)
+    image_root = default_image_root(args.data, args.image_root)
     engine = _engine_from_args(args)
     summary = generate_responses(
-        engine, args.data, args.out, image_root=args.image_root, params=params, batch_size=args.batch_size, variant=args.variant, limit=args.limit, format_name=args.format_name
+        engine, records, args.out, image_root=image_root, params=params, batch_size=args.batch_size, variant=args.variant, limit=args.limit, source=args.data
     )
     print(summary.summary())
     return 0
@@ -206,21 +211,24 @@ def add_blind(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _blind(args: argparse.Namespace) -> int:
-    from mmsafe.generate.blind import make_blind
+    from mmsafe.generate.blind import check_records, make_blind
+    from mmsafe.generate.runs import default_image_root, load_records
 
     params = _decoding_from_args(args)
+    records = load_records(args.data, limit=args.limit, format_name=args.format_name)
+    check_records(records, args.mode, file=args.data)
     engine = _engine_from_args(args)
     summary = make_blind(
         engine,
-        args.data,
+        records,
         args.out,
         mode=args.mode,
-        image_root=args.image_root,
+        image_root=default_image_root(args.data, args.image_root),
         params=params,
         batch_size=args.batch_size,
         write_release_rows=args.release_rows,
         limit=args.limit,
-        format_name=args.format_name,
+        source=args.data,
     )
     print(summary.summary())
     return 0
@@ -421,9 +429,60 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- run and demo
+
+
+def add_run(subparsers: argparse._SubParsersAction) -> None:
+    from mmsafe.pipeline import STAGES
+
+    run = _command(subparsers, "run", "run every stage of a pipeline config in order (build-data, blind, train, generate, judge, report); resumable", _run)
+    run.add_argument("config", help="pipeline YAML (see configs/paper/llava15_7b.yaml)")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. out=runs/try2 train.options.beta=0.2")
+    run.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one (their outputs are removed first)")
+    run.add_argument("--only", choices=STAGES, help="run just this stage (the earlier ones must be done)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mmsafe.pipeline import load_pipeline_config, run_pipeline, safety_table
+
+    config = load_pipeline_config(args.config, args.overrides)
+    result = run_pipeline(config, from_stage=args.from_stage, only=args.only)
+    if not result.ran:
+        print("nothing to do: every stage is up to date for this config")
+    report = Path(config.out) / "report" / "summary.json"
+    if report.exists() and args.only in (None, "report"):
+        print(safety_table(config))
+        print(f"HTML report: {report.parent / 'report.html'}")
+    return 0
+
+
+def add_demo(subparsers: argparse._SubParsersAction) -> None:
+    demo = _command(subparsers, "demo", "the whole loop on the tiny built-in model and bundled data (CPU, a few minutes)", _demo)
+    demo.add_argument("--out", default="mmsafe-demo", help="output folder (default mmsafe-demo); a rerun reuses what is done")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import time
+    from importlib import resources
+
+    from mmsafe.pipeline import load_pipeline_config, run_pipeline, safety_table
+
+    started = time.perf_counter()
+    with resources.as_file(resources.files("mmsafe") / "configs" / "demo.yaml") as path:
+        config = load_pipeline_config(path, [f"out={json.dumps(args.out)}"])
+    run_pipeline(config)
+    print()
+    print("Safety on the held-out sample records (refusal judge: refusing is the safe answer here):")
+    print(safety_table(config))
+    print()
+    print(f"HTML report: {Path(config.out) / 'report' / 'report.html'}")
+    print(f"demo finished in {time.perf_counter() - started:.0f}s; everything it wrote is in {config.out}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_data, add_models, add_generate, add_blind, add_probe, add_build_data, add_judge, add_report, add_train]
+COMMANDS = [add_data, add_models, add_generate, add_blind, add_probe, add_build_data, add_judge, add_report, add_train, add_run, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -99,6 +99,15 @@ def blind_request(record: PreferenceRecord, mode: str, image_root: str | Path | 
     raise ConfigError(f"mode: expected one of {', '.join(BLIND_MODES)}, got {mode!r}")
 
 
+def check_records(records: list[PreferenceRecord], mode: str, *, file: str | None = None) -> None:
+    """Fail on the first record that cannot be asked blind in ``mode`` (before any model is loaded)."""
+    if mode not in BLIND_MODES:
+        raise ConfigError(f"mode: expected one of {', '.join(BLIND_MODES)}, got {mode!r}")
+    if mode == "text":
+        for record in records:
+            blind_request(record, mode, None, file=file)
+
+
 def add_blind_response(record: PreferenceRecord, response: str) -> PreferenceRecord:
     """A copy of ``record`` with ``response`` appended as a rejected response from source ``blind``."""
     return PreferenceRecord(
@@ -124,6 +133,7 @@ def make_blind(
     write_release_rows: str | Path | None = None,
     limit: int | None = None,
     format_name: str | None = None,
+    source: str | None = None,
 ) -> BlindSummary:
     """Add a blind rejected response, answered by ``engine`` (the reference model), to every record.
 
@@ -139,6 +149,8 @@ def make_blind(
         write_release_rows: also write the released MMSafe-PO JSON form here (one row
             per rejected response, the prompt repeated).
         limit: only the first ``limit`` records.
+        format_name: the data file's format (default: detected).
+        source: where records passed in came from (a file name), for the config and errors.
     """
     if mode not in BLIND_MODES:
         raise ConfigError(f"mode: expected one of {', '.join(BLIND_MODES)}, got {mode!r}")
@@ -147,11 +159,8 @@ def make_blind(
     out_path = Path(out_path)
     records = load_records(data, limit=limit, format_name=format_name)
     root = default_image_root(data, image_root)
-    file = str(data) if isinstance(data, str | Path) else None
-    if mode == "text":
-        # Check every record before generating, so a bad one fails in seconds, not hours.
-        for record in records:
-            blind_request(record, mode, root, file=file)
+    file = str(data) if isinstance(data, str | Path) else source
+    check_records(records, mode, file=file)
     responses_path = responses_path_for(out_path)
     config = {"command": "blind", "mode": mode, "data": file or f"<{len(records)} records in memory>", "image_root": None if root is None else str(root), "limit": limit, "output": str(out_path), "release_rows": None if write_release_rows is None else str(write_release_rows)}
     run = run_requests(

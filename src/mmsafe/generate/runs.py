@@ -274,6 +274,7 @@ def generate_responses(
     variant: str = "default",
     limit: int | None = None,
     format_name: str | None = None,
+    source: str | None = None,
 ) -> RunSummary:
     """Answer the prompt of every preference record; resumable (see the module docstring).
 
@@ -287,11 +288,13 @@ def generate_responses(
         batch_size: records per written batch (a crash loses at most one batch).
         variant: the variant written into each response record.
         limit: only the first ``limit`` records.
+        format_name: the data file's format (default: detected).
+        source: where records passed in came from (a file name), for the config and errors.
     """
     params = params or DecodingParams()
     records = load_records(data_path_or_records, limit=limit, format_name=format_name)
     root = default_image_root(data_path_or_records, image_root)
-    file = str(data_path_or_records) if isinstance(data_path_or_records, str | Path) else None
+    file = str(data_path_or_records) if isinstance(data_path_or_records, str | Path) else source
 
     def build(record: PreferenceRecord) -> GenerationRequest:
         try:
