@@ -113,6 +113,7 @@ class FakeWikipedia:
         self.hits: Counter[str] = Counter()
         self.user_agents: set[str] = set()
         self.rate_limited_once: set[str] = set()
+        self.broken = True
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -137,14 +138,14 @@ class FakeWikipedia:
                     return
                 title = parse_qs(url.query)["titles"][0]
                 outer.hits[title] += 1
-                if title == "Broken":
+                if title == "Broken" and outer.broken:
                     self.send(200, b"{not json")
                 elif title == "Always Down":
                     self.send(503, b"busy")
                 elif title == "Paris" and title not in outer.rate_limited_once:
                     outer.rate_limited_once.add(title)
                     self.send(429, b"slow down", headers={"Retry-After": "0"})
-                elif title in ("Barack Obama", "Paris"):
+                elif title in ("Barack Obama", "Paris", "Broken"):
                     file = title.replace(" ", "_")
                     page = {"title": title, "thumbnail": {"source": f"{outer.base}/thumb/500px-{file}.png", "width": 500, "height": 500}}
                     self.send(200, json.dumps({"query": {"pages": [page]}}).encode())
@@ -249,3 +250,32 @@ def test_build_data_with_wikipedia_fallback(wikipedia, tmp_path):
     assert summary.entities_without_image == 1  # Rome: the fake API has no such page
     assert wikipedia.hits["Paris"] == 0  # found locally first
     assert (tmp_path / "out" / "cache" / "wikipedia" / "pages").is_dir()
+
+
+def test_build_data_retries_dialogues_whose_image_lookup_failed(wikipedia, tmp_path):
+    from build_fixtures import hh_line
+
+    from mmsafe.build import BuildConfig, Stages, build_data
+    from mmsafe.build.entities import LLMRecognizer
+    from mmsafe.build.pipeline import IMAGE_SOURCES
+    from mmsafe.build.rewrite import TemplateRewriter
+    from mmsafe.config import from_dict
+
+    source_file = tmp_path / "in.jsonl"
+    source_file.write_text(hh_line(["Is Broken worse than Barack Obama?"], "No.", "Yes.") + "\n", encoding="utf-8")
+    wikipedia_options = {"api_url": f"{wikipedia.base}/w/api.php", "min_interval_s": 0.0, "backoff_s": 0.01, "max_retries": 0}
+    config = from_dict(BuildConfig, {"input": str(source_file), "out": str(tmp_path / "out"), "images": {"sources": ["wikipedia"], "wikipedia": wikipedia_options}})
+
+    def run():
+        recognizer = LLMRecognizer(lambda prompt: '[{"text": "Broken", "type": "MISC"}, {"text": "Barack Obama", "type": "PER"}]')
+        images = ImageChain([IMAGE_SOURCES["wikipedia"](config, None, tmp_path / "out")])
+        return build_data(config, stages=Stages(recognizer, images, TemplateRewriter()))
+
+    first = run()  # "Broken" gets a malformed answer: the dialogue stays open
+    assert (first.records, first.dialogues_done, first.dialogues_left_to_retry) == (1, 0, 1)
+    assert first.image_source_errors == {"wikipedia": 1}
+    wikipedia.broken = False
+    second = run()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert sorted(row["meta"]["entity"] for row in rows) == ["Barack Obama", "Broken"]
+    assert (second.records_written, second.dialogues_done, second.dialogues_left_to_retry, second.duplicates) == (1, 1, 0, 0)

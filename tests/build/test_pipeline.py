@@ -198,13 +198,14 @@ def test_rerun_after_truncated_output_loses_and_duplicates_nothing(hh_file, imag
     summary = build_data(config_for(hh_file, image_index, out, batch_size=1))
     assert summary.dialogues_resumed == 1 and summary.records_written == 3
     assert read_rows(out / RECORDS_FILE) == expected
+    assert summary.duplicates == 1  # line 6 only: records already written are not duplicates
 
     # Records written but the dialogue not yet marked done: the rerun writes nothing twice.
     (out / STATE_FILE).write_text(state_text[0], encoding="utf-8")
     summary = build_data(config_for(hh_file, image_index, out, batch_size=1))
     assert summary.records_written == 0
     assert read_rows(out / RECORDS_FILE) == expected
-    assert summary.dialogues_done == 5 and summary.records == 4
+    assert summary.dialogues_done == 5 and summary.records == 4 and summary.duplicates == 1
 
 
 CRASH_SCRIPT = """

@@ -369,24 +369,31 @@ class ImageChain:
 
     A source that fails (network, malformed answer, unreadable file) is logged and
     counted in ``errors`` and the next one is tried, so one flaky service never stops
-    a long build; the entity counts as without image only when every source fails.
+    a long build; :meth:`lookup` also says whether a source failed, so the builder can
+    leave the dialogue for a rerun to retry.
     """
 
     def __init__(self, sources: Sequence[ImageSource]) -> None:
         self.sources = list(sources)
         self.errors: Counter[str] = Counter()
 
-    def find(self, name: str, entity_type: str) -> FoundImage | None:
+    def lookup(self, name: str, entity_type: str) -> tuple[FoundImage | None, bool]:
+        """``(image or None, whether a source failed on the way)``."""
+        failed = False
         for source in self.sources:
             try:
                 found = source.find(name, entity_type)
             except MmsafeError as error:
                 self.errors[source.name] += 1
+                failed = True
                 logger.warning("image source %s failed for %r: %s", source.name, name, error)
                 continue
             if found is not None:
-                return found
-        return None
+                return found, failed
+        return None, failed
+
+    def find(self, name: str, entity_type: str) -> FoundImage | None:
+        return self.lookup(name, entity_type)[0]
 
 
 class ImageStore:

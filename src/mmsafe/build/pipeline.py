@@ -264,6 +264,7 @@ class BuildSummary:
     dialogues_resumed: int = 0
     dialogues_processed: int = 0
     records_written: int = 0
+    dialogues_left_to_retry: int = 0
     image_source_errors: dict[str, int] = field(default_factory=dict)
     bad_lines: list[str] = field(default_factory=list)
 
@@ -290,6 +291,8 @@ class BuildSummary:
             lines.append("rewrite fallbacks     " + ", ".join(f"{name} {count}" for name, count in self.rewrite_fallbacks.items()))
         if self.image_source_errors:
             lines.append("image source errors   " + ", ".join(f"{name} {count}" for name, count in self.image_source_errors.items()))
+        if self.dialogues_left_to_retry:
+            lines.append(f"left for a rerun       {self.dialogues_left_to_retry:>7}   (an image source failed; rerun to retry them)")
         return "\n".join(lines)
 
 
@@ -349,12 +352,13 @@ class Builder:
         self.images: dict[tuple[str, str], tuple[str, str] | None] = {}
         self.image_errors: Counter[str] = Counter()
         self.records_written = 0
+        self.left_to_retry = 0
 
-    def image_for(self, group: EntityGroup) -> tuple[str, str] | None:
-        """``(name under the image root, source)`` of the entity's image, or None; once per entity."""
+    def image_for(self, group: EntityGroup) -> tuple[tuple[str, str] | None, bool]:
+        """``((name under the image root, source) or None, lookup failed)``; once per entity and run."""
         key = (group.name, group.type)
         if key not in self.images:
-            found = self.stages.images.find(group.name, group.type)
+            found, failed = self.stages.images.lookup(group.name, group.type)
             stored = None
             if found is not None:
                 try:
@@ -362,27 +366,38 @@ class Builder:
                 except ImageError as error:
                     self.image_errors[f"{found.source} (unreadable image)"] += 1
                     logger.warning("dropping the image of %r: %s", group.name, error)
-            self.images[key] = stored
+            self.images[key] = (stored, failed and stored is None)
         return self.images[key]
 
     def dialogue_records(self, dialogue: Dialogue, mentions: list[Mention]) -> tuple[list[PreferenceRecord], dict[str, Any]]:
-        """The records of one dialogue and its state line (counts of what was dropped)."""
+        """The records of one dialogue and its state line (counts of what was dropped).
+
+        ``state["retry"]`` is True when an image source failed for one of its entities:
+        the dialogue is then not marked done, so a rerun tries again (records already
+        written are recognised by id and neither counted as duplicates nor written twice).
+        """
         state: dict[str, Any] = {"dialogue": dialogue.id, "line": dialogue.line, "entities": 0, "no_image": 0, "duplicates": 0, "capped": 0, "records": 0, "entity_error": None, "fallbacks": {}}
         groups = group_mentions(mentions, self.config.entities.types)
         state["entities"] = len(groups)
+        record_ids: list[str] = []
+        for group in groups:
+            record_id = f"{dialogue.id}-{slug(group.name)}"
+            record_ids.append(record_id if record_id not in record_ids else f"{record_id}-{group.spans[0].start}")
         candidates = []
         keys_here: set[str] = set()
-        for group in groups:
-            image = self.image_for(group)
+        for group, record_id in zip(groups, record_ids, strict=True):
+            image, failed = self.image_for(group)
             if image is None:
                 state["no_image"] += 1
+                state["retry"] = state.get("retry", False) or failed
                 continue
             key = content_key(dialogue.history, dialogue.instruction, group.name, image[0], dialogue.chosen, [dialogue.rejected])
-            if key in self.seen_content or key in keys_here:
+            written_before = record_id in self.records
+            if key in keys_here or (key in self.seen_content and not written_before):
                 state["duplicates"] += 1
                 continue
             keys_here.add(key)
-            candidates.append((group, image, key))
+            candidates.append((group, record_id, image, key))
         cap = self.config.max_records_per_dialogue
         if cap and len(candidates) > cap:
             # Seeded by the dialogue id too, so the choice does not depend on batch order.
@@ -391,13 +406,8 @@ class Builder:
             state["capped"] = len(candidates) - cap
             candidates = [candidates[index] for index in keep]
         records = []
-        used_ids: set[str] = set()
         fallbacks: Counter[str] = Counter()
-        for group, (image, source), key in candidates:
-            record_id = f"{dialogue.id}-{slug(group.name)}"
-            if record_id in used_ids:
-                record_id = f"{record_id}-{group.spans[0].start}"
-            used_ids.add(record_id)
+        for group, record_id, (image, source), key in candidates:
             rewrite = self.stages.rewriter.rewrite(dialogue.instruction, group.name, group.type, group.spans)
             if rewrite.fallback_reason is not None:
                 fallbacks[rewrite.fallback_reason] += 1
@@ -422,6 +432,9 @@ class Builder:
                 continue
             records, state = self.dialogue_records(dialogue, result)
             rows.extend(record.to_dict() for record in records)
+            if state.pop("retry", False):
+                self.left_to_retry += 1
+                continue
             states.append(state)
         self.records_written += self.records.write_batch(rows)
         self.state.write_batch(states)
@@ -507,6 +520,7 @@ def build_data(config: BuildConfig, *, stages: Stages | None = None) -> BuildSum
     with progress(total=total, desc="build-data", unit="dialogue") as bar:
         builder.run(read_dialogues(config.input, config.format), summary, on_progress=lambda: bar.update(1))
     summary.records_written = builder.records_written
+    summary.dialogues_left_to_retry = builder.left_to_retry
     summary.image_source_errors = dict(stages.images.errors + builder.image_errors)
     summarize_outputs(summary, builder.records.path, builder.state.path)
     (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
