@@ -16,7 +16,10 @@ Output folder::
 Resuming: records are appended and flushed one batch of dialogues at a time, then the
 dialogues are marked done. A rerun after a crash skips the dialogues marked done and
 redoes the rest; records it had already written are recognised by their id (the source
-dialogue id and the entity) and not written twice.
+dialogue id and the entity) and not written twice. A dialogue for which an image source
+failed is not marked done, so the next run tries it again; a recognizer or rewriting
+model that cannot be reached stops the build (rerun to go on), while an answer it cannot
+parse is counted and the dialogue marked done.
 """
 
 from __future__ import annotations
@@ -349,7 +352,7 @@ class Builder:
                     self.seen_content.add(record_content_key(row))
                 except (KeyError, TypeError, IndexError):
                     raise DataError("existing record lacks meta.text_prompt / meta.entity; is this a build-data output folder?", file=str(self.records.path), record=f"line {line_number}") from None
-        self.images: dict[tuple[str, str], tuple[str, str] | None] = {}
+        self.images: dict[tuple[str, str], tuple[tuple[str, str] | None, bool]] = {}
         self.image_errors: Counter[str] = Counter()
         self.records_written = 0
         self.left_to_retry = 0
