@@ -177,3 +177,31 @@ def test_llm_recognizer_reports_answers_that_are_not_json():
 
 def test_mention_is_a_plain_value():
     assert Mention("Paris", "LOC", 0, 5, "Paris") == Mention("Paris", "LOC", 0, 5, "Paris")
+
+
+def test_hf_ner_stage_loads_a_saved_model_by_path(tiny_ner, tmp_path, image_index):
+    import json
+
+    from build_fixtures import hh_line
+
+    from mmsafe.build import BuildConfig, build_data
+    from mmsafe.config import from_dict
+
+    model, tokenizer = tiny_ner
+    model.save_pretrained(tmp_path / "ner")
+    tokenizer.save_pretrained(tmp_path / "ner")
+    assert (tmp_path / "ner" / "model.safetensors").is_file()
+    source = tmp_path / "in.jsonl"
+    source.write_text(hh_line(["Barack Obama visited Paris and Berlin."], "Nice.", "Boo.") + "\n", encoding="utf-8")
+    config = from_dict(
+        BuildConfig,
+        {"input": str(source), "out": str(tmp_path / "out"), "entities": {"method": "hf-ner", "hf_ner": {"model": str(tmp_path / "ner")}}, "images": {"index": str(image_index)}},
+    )
+    summary = build_data(config)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    # Berlin has no image in the index: dropped and counted.
+    assert [row["messages"][-1]["content"] for row in rows] == [
+        "<image>\nThe person featured in the image visited Paris and Berlin.",
+        "<image>\nBarack Obama visited the site visible in the image and Berlin.",
+    ]
+    assert summary.entities_without_image == 1
