@@ -148,14 +148,16 @@ class PreferenceTrainer(Trainer):
 
     @torch.no_grad()
     def _record_metrics(self, policy: ResponseLogProbs, result: PreferenceLoss, source_ids: torch.Tensor) -> None:
-        values: dict[str, tuple[float, float]] = {}
-        mask = policy.rejected_mask if result.rejected_rewards.dim() == 2 else policy.rejected_mask[:, 0]
-        margins = result.margins if result.margins.dim() == 2 else result.margins.unsqueeze(1)
-        rejected_rewards = result.rejected_rewards if result.rejected_rewards.dim() == 2 else result.rejected_rewards.unsqueeze(1)
-        mask = mask if mask.dim() == 2 else mask.unsqueeze(1)
-        width = margins.shape[1]
+        """Running sums for the logs: overall and per rejected source (human, blind, ...)."""
+
+        def columns(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if tensor.dim() == 2 else tensor.unsqueeze(1)  # DPO gives [B], BPO [B, K]
+
+        margins, rejected_rewards, mask = columns(result.margins), columns(result.rejected_rewards), columns(result.rejected_mask)
+        width = margins.shape[1]  # DPO uses only the first rejected slot
         source_ids = source_ids[:, :width]
         rejected_logps = policy.rejected[:, :width]
+        values: dict[str, tuple[float, float]] = {}
         values["logps/chosen"] = (policy.chosen.sum().item(), policy.chosen.numel())
         values["rewards/chosen"] = (result.chosen_rewards.sum().item(), result.chosen_rewards.numel())
         values["rewards/accuracy"] = ((margins > 0)[mask].float().sum().item(), mask.sum().item())
