@@ -248,3 +248,16 @@ def test_sft_warm_up_raises_the_likelihood_of_its_target(tmp_path, tiny_model_di
     def imitated(score):
         return score.chosen if target == "chosen" else score.rejected[0]
     assert all(imitated(new) > imitated(old) for new, old in zip(after, before, strict=True))
+
+
+def test_separate_mode_trains_the_same_as_shared_prefix(tmp_path, tiny_model_dir, small_records):
+    runs = {}
+    for mode in ("shared-prefix", "separate"):
+        train(TrainConfig(**options(tmp_path / mode, tiny_model_dir, small_records, forward_mode=mode, max_steps=2, reference_cache_dir=str(tmp_path / "cache"))))
+        runs[mode] = [entry for entry in map(json.loads, (tmp_path / mode / "out" / LOG_FILE).read_text().splitlines()) if "loss" in entry]
+    shared, separate = runs["shared-prefix"], runs["separate"]
+    # Step 1 starts at policy = reference (loss 2 log 2 for K = 2); its gradient norm and
+    # the loss after one update depend on every log-prob and gradient of both modes.
+    assert shared[0]["grad_norm"] == pytest.approx(separate[0]["grad_norm"], rel=1e-4)
+    assert shared[1]["loss"] == pytest.approx(separate[1]["loss"], abs=1e-5)
+    assert shared[1]["rewards/margin_blind"] == pytest.approx(separate[1]["rewards/margin_blind"], abs=1e-5)
