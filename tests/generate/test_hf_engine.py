@@ -39,12 +39,12 @@ def test_plan_batches_groups_by_image_and_length():
 
 
 def test_greedy_outputs_identical_with_batch_size_1_and_16(tiny_engine):
-    requests = _requests(40)
-    params = DecodingParams(max_new_tokens=24)
+    requests = _requests(32)  # two full batches of 16, mixed images, lengths and histories
+    params = DecodingParams(max_new_tokens=16)
     batched = HFEngine(tiny_engine.loaded, batch_size=16).generate(requests, params)
     single = HFEngine(tiny_engine.loaded, batch_size=1).generate(requests, params)
     assert batched == single
-    assert len(set(batched)) > 20  # different prompts really got different answers
+    assert len(set(batched)) > 16  # different prompts really got different answers
     assert all(isinstance(text, str) for text in batched)
 
 

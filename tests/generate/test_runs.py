@@ -52,7 +52,7 @@ def test_requests_from_records_loads_images(dataset):
 
 
 def test_rerun_skips_done_and_matches_uninterrupted_run(dataset, tiny_engine, tmp_path):
-    params = DecodingParams(max_new_tokens=6)
+    params = DecodingParams(max_new_tokens=4)
     resumed = tmp_path / "resumed.jsonl"
     first = generate_responses(tiny_engine, dataset, resumed, params=params, batch_size=4, limit=10)
     assert (first.generated, first.already_done, first.total) == (10, 0, 10)
