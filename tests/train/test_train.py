@@ -254,3 +254,40 @@ def test_separate_mode_trains_the_same_as_shared_prefix(tmp_path, tiny_model_dir
     assert shared[0]["grad_norm"] == pytest.approx(separate[0]["grad_norm"], rel=1e-4)
     assert shared[1]["loss"] == pytest.approx(separate[1]["loss"], abs=1e-5)
     assert shared[1]["rewards/margin_blind"] == pytest.approx(separate[1]["rewards/margin_blind"], abs=1e-5)
+
+
+def test_logged_metrics_per_rejected_source(tmp_path, tiny_model_dir, small_records):
+    from mmsafe.train.forward import ResponseLogProbs
+    from mmsafe.train.losses import bpo_loss
+    from mmsafe.train.trainer import PreferenceTrainer
+
+    config = TrainConfig(**options(tmp_path, tiny_model_dir, small_records))
+    trainer = PreferenceTrainer(model=load_model(tiny_model_dir, dtype="float32").model, args=config.training_arguments(), config=config, sources=["human", "blind"])
+    # Reference 0 and beta 1, so rewards = policy log-probs. Example 0: chosen -1 against
+    # human -3 (margin 2, a win) and blind -1 (margin 0, a tie); example 1: chosen -2
+    # against human -2 (margin 0), no blind response.
+    mask = torch.tensor([[True, True], [True, False]])
+    policy = ResponseLogProbs(torch.tensor([-1.0, -2.0]), torch.tensor([[-3.0, -1.0], [-2.0, 0.0]]), mask)
+    result = bpo_loss(policy.chosen, policy.rejected, torch.zeros(2), torch.zeros(2, 2), beta=1.0, rejected_mask=mask)
+    trainer._record_metrics(policy, result, torch.tensor([[0, 1], [0, -1]]))
+    logs = {"loss": result.loss.item()}
+    trainer.log(logs)
+    assert logs["logps/chosen"] == pytest.approx(-1.5)
+    assert logs["rewards/accuracy"] == pytest.approx(1 / 3)  # one win in three pairs
+    assert logs["rewards/accuracy_human"] == pytest.approx(0.5)
+    assert logs["rewards/margin_human"] == pytest.approx(1.0)  # (2 + 0) / 2
+    assert logs["logps/rejected_human"] == pytest.approx(-2.5)
+    assert logs["rewards/accuracy_blind"] == pytest.approx(0.0)
+    assert logs["logps/rejected_blind"] == pytest.approx(-1.0)
+
+
+@pytest.mark.gpu
+def test_bf16_and_qlora_training_on_a_gpu(tmp_path, tiny_model_dir, small_records):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    result = train(TrainConfig(**options(tmp_path / "bf16", tiny_model_dir, small_records, dtype="bfloat16", bf16=True, gradient_checkpointing=True, max_steps=2)))
+    assert result.global_step == 2
+    pytest.importorskip("bitsandbytes")  # the gpu extra
+    result = train(TrainConfig(**options(tmp_path / "qlora", tiny_model_dir, small_records, finetune="lora", quantization="4bit", reference="adapters-disabled", bf16=True, max_steps=2)))
+    assert result.global_step == 2
+    assert (tmp_path / "qlora" / "out" / "adapter_model.safetensors").is_file()

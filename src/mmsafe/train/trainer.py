@@ -266,10 +266,15 @@ def load_policy(config: TrainConfig) -> tuple[Any, Any]:
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
+    # Only the language model is quantized: the frozen vision tower is small next to it,
+    # and the projector trains in full precision beside the adapters.
+    keep = [*VISION_TOWER_NAMES, *PROJECTOR_NAMES, "lm_head"]
     if config.quantization == "4bit":
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True, llm_int8_skip_modules=keep
+        )
     else:
-        quantization = BitsAndBytesConfig(load_in_8bit=True)
+        quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             config.model, quantization_config=quantization, use_safetensors=True, trust_remote_code=config.trust_remote_code, device_map={"": torch.cuda.current_device()}
