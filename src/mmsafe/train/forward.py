@@ -18,6 +18,7 @@ image pass.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,24 +89,39 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def score_shared_prefix(model: Any, batch: dict[str, torch.Tensor], *, average: bool = False) -> ResponseLogProbs:
     """Log-probs of all responses from one block-masked forward per batch."""
     segment_ids = batch["segment_ids"]
+    labels = batch["labels"]
     implementation = attention_implementation(model)
     if implementation.startswith("flash"):
         raise ValueError(f"shared-prefix scoring needs sdpa or eager attention, the model uses {implementation}")
     dtype = unwrap(model).get_input_embeddings().weight.dtype
     inputs = _model_inputs(batch)
     inputs["attention_mask"] = block_attention_mask(segment_ids, dtype, as_bool=implementation == "sdpa")
-    logits = model(**inputs, use_cache=False).logits  # [B, T, V]
-    labels = batch["labels"]
-    # Bring each label's predicting logits to its position; only response positions matter.
-    index = batch["logit_index"].unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    per_token = token_logprobs(logits.gather(1, index), labels)  # [B, T]
-    max_rejected = batch["rejected_mask"].shape[1]
-    slots = torch.arange(1, max_rejected + 2, device=segment_ids.device)  # segment ids 1 .. 1 + K
-    in_slot = (segment_ids.unsqueeze(1) == slots.view(1, -1, 1)) & (labels != -100).unsqueeze(1)  # [B, 1 + K, T]
-    sums = (per_token.unsqueeze(1) * in_slot).sum(-1)
+    rows, columns = (labels != -100).nonzero(as_tuple=True)  # every response token
+    predictors = batch["logit_index"][rows, columns]  # the position whose logits predict it
+    # The output layer runs only where its logits are read: the prompt's last position and
+    # the response positions (about half of a LLaVA row is image and prompt tokens).
+    keep = torch.unique(predictors)
+    if _accepts(model, "logits_to_keep"):
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # [B, len(keep), V]
+        predictors = torch.searchsorted(keep, predictors)
+    else:
+        logits = model(**inputs, use_cache=False).logits  # [B, T, V]
+    per_token = token_logprobs(logits[rows, predictors].unsqueeze(0), labels[rows, columns].unsqueeze(0))[0]  # [N]
+    slots = segment_ids[rows, columns] - 1  # 0: chosen, k: rejected k
+    size = (segment_ids.shape[0], batch["rejected_mask"].shape[1] + 1)
+    sums = torch.zeros(size, dtype=per_token.dtype, device=per_token.device).index_put((rows, slots), per_token, accumulate=True)
     if average:
-        sums = sums / in_slot.sum(-1).clamp(min=1)
+        counts = torch.zeros(size, dtype=per_token.dtype, device=per_token.device).index_put((rows, slots), torch.ones_like(per_token), accumulate=True)
+        sums = sums / counts.clamp(min=1)
     return ResponseLogProbs(chosen=sums[:, 0], rejected=sums[:, 1:], rejected_mask=batch["rejected_mask"])
+
+
+def _accepts(model: Any, argument: str) -> bool:
+    """Does the model's forward take ``argument``? (PEFT passes keyword arguments to its base.)"""
+    model = unwrap(model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return argument in inspect.signature(model.forward).parameters
 
 
 def score_separate(model: Any, batch: dict[str, torch.Tensor], *, average: bool = False) -> ResponseLogProbs:
