@@ -1,155 +1,833 @@
-"""BPO training steps: shared-prefix forward with cached reference log-probs against the
-release's form (one row per (chosen, rejected) pair, each sequence encoded alone, and a
-second model run for the reference).
+"""Preference training steps: mmsafe BPO against the release's recipe and TRL's DPOTrainer.
 
-One step = policy forward + loss + backward + optimizer step over a batch of examples,
-each with a chosen and two rejected responses (human, blind), as BPO trains. Four
-contenders cross the two choices that differ:
+Every contender trains on the same examples (prompt + image + chosen + K rejected: the
+human one and the blind one), with the same frozen vision tower, the same AdamW and the
+same learning rate, in fp32 on CPU. One repetition is one optimizer step over a batch
+of ``--batch-size`` examples: forward, loss, backward, AdamW step.
 
-* forward: ``shared-prefix`` (image and prompt once per example, all responses in one
-  block-masked row) or ``separate`` (the release: 2 x K sequences per example);
-* reference: ``cached`` (log-probs computed once before training and read from the
-  batch) or ``copy`` (a frozen copy of the model run on every step).
+* ``A``: mmsafe BPO, shared prefix (image and prompt once per example, all responses in
+  one block-masked row), reference log-probs precomputed once before training;
+* ``B``: mmsafe BPO, shared prefix, online reference (a frozen copy run every step);
+* ``C``: the release's form: K DPO rows per example, every (prompt, response) sequence
+  encoded alone with its own image pass, online reference (mmsafe's ``separate`` layout
+  with a frozen copy; the loss is the same sum of K DPO terms);
+* ``D``: TRL's ``DPOTrainer`` on the two-row data (one row per (chosen, rejected) pair),
+  online reference model (``precompute_ref_log_probs`` off, as the release runs).
 
-All four compute the same loss; the benchmark asserts it. The model is the tiny LLaVA
-architecture widened, with 224-pixel images: 256 image tokens, so that, as with
-LLaVA-1.5's 576, image tokens dominate the prompt. Its weights are random, which does
-not matter for speed.
+Each step goes through the trainer's own ``training_step`` (``PreferenceTrainer`` for
+A-C, ``DPOTrainer`` for D); batches are collated once beforehand, so data loading and
+image decoding are not timed for anyone. Gradient checkpointing is off for all four
+(TRL turns it on by default; it trades time for memory, and mmsafe's default is off).
 
-    python -m benchmarks.train [--quick] [--json PATH]
+Besides the rates, the run checks that A and C give the same per-example BPO loss and
+that TRL's DPO loss equals mmsafe's mean DPO term, on a policy moved away from the
+reference so that the losses are not trivially log 2; measures each contender's peak
+resident memory in a fresh subprocess; times A against C for K = 1, 2, 4 rejected
+responses and for several response lengths; and reports A's achieved FLOP/s (counted by
+``torch.utils.flop_counter``) as a fraction of the measured fp32 matmul FLOP/s.
+
+The CPU model is LLaVA-shaped with random weights: 224-pixel images in 14-pixel patches
+(256 image tokens), a 4-layer vision tower, a 4-layer language model of width 512 and a
+32,000-token output vocabulary. The BPE tokenizer is trained on the benchmark's own text
+and is smaller; the embedding and output matrices are padded to 32,000 rows, so the
+per-token cost of the language-model head is that of a 32k vocabulary. ``--gpu`` uses a
+LLaVA-1.5-7B-shaped model (336-pixel images, 576 image tokens, bf16) instead and runs
+each contender alone in its own process (four 7B trainers do not fit on one device).
+
+    python -m benchmarks.train [--quick] [--json PATH] [--gpu]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
+import os
+import random
+import statistics
+import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from benchmarks.harness import base_parser, format_table, run_alternating, write_results
+from benchmarks.harness import base_parser, format_table, machine_info, peak_rss_mb, run_alternating, write_results
 
-BLIND_ANSWERS = (
-    "Sure, I cannot see a picture, but in general you just go ahead and do it.",
-    "Here is a general way: plan it, then act when nobody is looking.",
+CONTENDERS = {
+    "A": "mmsafe BPO, shared prefix, cached reference",
+    "B": "mmsafe BPO, shared prefix, online reference",
+    "C": "release form: K DPO rows, each sequence alone, online reference",
+    "D": "TRL DPOTrainer, K DPO rows, online reference",
+}
+BETA = 0.1
+LEARNING_RATE = 1e-6
+#: Acceptance: A's examples/s against C's and D's, and A's peak memory against D's.
+TARGET_SPEEDUP = 4.0
+TARGET_MEMORY_RATIO = 0.6
+#: Relative tolerance of the loss agreement checks.
+LOSS_TOLERANCE = 1e-4
+
+# Words the synthetic prompts and responses are drawn from. The tokenizer is trained on
+# these texts, so that one word is about one token and lengths can be set in tokens.
+_WORD_TEXT = (
+    "how can i get into the building shown in this picture without anyone noticing after dark "
+    "what is best way to spread a rumour about company person site event place museum bridge "
+    "tell me pick lock open door find entrance wait until nobody around take need leave quietly "
+    "sorry but cannot help with that request would be harmful illegal so will not assist here "
+    "sure first look for side gate then climb over fence walk along wall reach window break glass "
+    "general plan act when guards change shift carry small bag wear dark clothes avoid cameras "
+    "image shows large stone tower near river old clock red roof crowd people flags banner sign "
+    "please describe detail explain reason safety rules law harm others respect privacy consent "
+    "instead suggest contacting official visitor office buying ticket asking permission staff "
+    "question answer story history famous local public private secret hidden quick easy simple"
+)
+_WORDS = tuple(_WORD_TEXT.split())
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The model and the workload of one benchmark mode."""
+
+    name: str
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_layers: int
+    vision_heads: int
+    image_size: int
+    patch_size: int
+    text_hidden_size: int
+    text_intermediate_size: int
+    text_layers: int
+    text_heads: int
+    #: Rows of the embedding and output matrices (the tokenizer's vocabulary is padded to it).
+    vocab_size: int
+    prompt_tokens: int
+    response_tokens: int
+    batch_size: int
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+CPU_SETUP = Setup(
+    name="cpu",
+    vision_hidden_size=256,
+    vision_intermediate_size=1024,
+    vision_layers=4,
+    vision_heads=4,
+    image_size=224,
+    patch_size=14,
+    text_hidden_size=512,
+    text_intermediate_size=1376,
+    text_layers=4,
+    text_heads=8,
+    vocab_size=32000,
+    prompt_tokens=40,
+    response_tokens=40,
+    batch_size=1,  # the release's per-device batch
+)
+
+# The same proportions, smaller: 64 image tokens, 10-token prompts and responses, width
+# 256, an 8k head; a whole --quick run takes a minute or two.
+QUICK_SETUP = Setup(
+    name="cpu-quick",
+    vision_hidden_size=128,
+    vision_intermediate_size=512,
+    vision_layers=2,
+    vision_heads=4,
+    image_size=112,
+    patch_size=14,
+    text_hidden_size=256,
+    text_intermediate_size=688,
+    text_layers=2,
+    text_heads=4,
+    vocab_size=8000,
+    prompt_tokens=10,
+    response_tokens=10,
+    batch_size=1,
+)
+
+# LLaVA-1.5-7B: CLIP ViT-L/14 at 336 pixels (576 image tokens), Llama-2-7B language model.
+GPU_SETUP = Setup(
+    name="gpu",
+    vision_hidden_size=1024,
+    vision_intermediate_size=4096,
+    vision_layers=24,
+    vision_heads=16,
+    image_size=336,
+    patch_size=14,
+    text_hidden_size=4096,
+    text_intermediate_size=11008,
+    text_layers=32,
+    text_heads=32,
+    vocab_size=32064,
+    prompt_tokens=40,
+    response_tokens=40,
+    batch_size=1,
+    dtype="bfloat16",
+    device="cuda",
 )
 
 
-def build_spec():
-    from mmsafe.models.tiny import TinyModelSpec
+# --------------------------------------------------------------------------- model
 
-    return TinyModelSpec(
-        image_size=224,
-        patch_size=14,
-        vision_hidden_size=64,
-        vision_layers=2,
-        vision_heads=4,
-        text_hidden_size=256,
-        text_intermediate_size=704,
-        text_layers=4,
-        text_heads=8,
-        vocab_size=1024,
-        max_position_embeddings=2048,
+
+def build_model(setup: Setup, seed: int = 0):
+    """(processor, model): a LLaVA processor and a randomly initialised LLaVA model."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from mmsafe.models.tiny import TinyModelSpec, build_tiny_processor
+
+    corpus = [" ".join(_WORDS[index:] + _WORDS[:index]) for index in range(0, len(_WORDS), 7)]
+    spec = TinyModelSpec(image_size=setup.image_size, patch_size=setup.patch_size, vocab_size=1024)
+    processor = build_tiny_processor(spec, corpus=corpus)
+    tokenizer = processor.tokenizer
+    if len(tokenizer) > setup.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's {setup.vocab_size}")
+    vision = CLIPVisionConfig(
+        hidden_size=setup.vision_hidden_size,
+        intermediate_size=setup.vision_intermediate_size,
+        num_hidden_layers=setup.vision_layers,
+        num_attention_heads=setup.vision_heads,
+        image_size=setup.image_size,
+        patch_size=setup.patch_size,
+        projection_dim=setup.vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=setup.vocab_size,  # padded beyond the tokenizer: the head costs what a 32k vocabulary costs
+        hidden_size=setup.text_hidden_size,
+        intermediate_size=setup.text_intermediate_size,
+        num_hidden_layers=setup.text_layers,
+        num_attention_heads=setup.text_heads,
+        num_key_value_heads=setup.text_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=setup.image_tokens,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    dtype = getattr(torch, setup.dtype)
+    # Built directly on the device in its dtype: a 7B model made in fp32 first would need twice the memory.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(setup.device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return processor, model
+
+
+def perturb(model: Any, scale: float = 0.02, seed: int = 1) -> Any:
+    """A copy of ``model`` with every weight moved by ``scale`` of its own spread (for the loss checks)."""
+    import torch
+
+    moved = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in moved.parameters():
+            noise = torch.randn(parameter.shape, generator=generator).to(parameter.device, parameter.dtype)
+            parameter.add_(noise * scale * (parameter.float().std().item() if parameter.numel() > 1 else 1.0))
+    return moved
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Workload:
+    """The same examples in each contender's form.
+
+    ``items``: PreferenceDataset items (token ids + pixel values) for mmsafe;
+    ``processor``: the model's processor; ``trl_rows``: one dict per (chosen, rejected) pair for TRL (``images``, ``prompt``,
+    ``chosen``, ``rejected`` as text); ``sources``: the rejected sources in order.
+    """
+
+    processor: Any
+    items: list[dict[str, Any]]
+    trl_rows: list[dict[str, Any]]
+    sources: list[str]
+    pad_token_id: int
+    prompt_lengths: list[int]
+    response_lengths: list[int]
+
+    @property
+    def examples(self) -> int:
+        return len(self.items)
+
+    def tokens(self) -> int:
+        """Distinct tokens of the examples: each prompt (image included) once, plus every response."""
+        return sum(self.prompt_lengths) + sum(self.response_lengths)
+
+
+def _fit(rng: random.Random, target: int, count_tokens) -> str:
+    """Text of random words whose token count (by ``count_tokens``) is ``target``, or just above."""
+    words: list[str] = []
+    while count_tokens(" ".join(words)) < target:
+        words.append(rng.choice(_WORDS))
+    return " ".join(words)
+
+
+def build_workload(processor: Any, setup: Setup, *, examples: int, num_rejected: int, response_tokens: int | None = None, seed: int = 0) -> Workload:
+    """``examples`` records with a chosen and ``num_rejected`` rejected responses, tokenized.
+
+    Prompts have ``setup.prompt_tokens`` text tokens (chat template included) around the
+    image; every response has ``response_tokens`` tokens (end-of-sequence included), give
+    or take two, so that lengths vary a little as in real data.
+    """
+    from PIL import Image
+
+    from mmsafe.data.records import Message, PreferenceRecord
+    from mmsafe.models.prompts import render_prompt, response_text
+    from mmsafe.train.data import PreferenceDataset, PreferenceEncoder, prepare_examples
+
+    response_tokens = response_tokens or setup.response_tokens
+    rng = random.Random(seed)
+    tokenizer = processor.tokenizer
+    image_root = Path(tempfile.mkdtemp(prefix="mmsafe-bench-train-"))
+    sources = ["human", "blind"] + [f"blind{index}" for index in range(2, num_rejected)]
+    sources = sources[:num_rejected]
+
+    def prompt_tokens(text: str) -> int:
+        rendered = render_prompt(processor, [Message("user", "<image>\n" + text)], with_image=True)
+        return len(tokenizer(rendered.replace("<image>", ""), add_special_tokens=False)["input_ids"])
+
+    def response_length(text: str) -> int:
+        return len(tokenizer(response_text(text), add_special_tokens=False)["input_ids"]) + 1  # + end of sequence
+
+    records = []
+    for index in range(examples):
+        jitter = index % 5 - 2
+        image_name = f"image-{index}.png"
+        colour = ((index * 53) % 256, (index * 97) % 256, (index * 31) % 256)
+        Image.new("RGB", (setup.image_size, setup.image_size), colour).save(image_root / image_name)
+        instruction = _fit(rng, setup.prompt_tokens + jitter, prompt_tokens)
+        responses = [_fit(rng, response_tokens + (jitter + slot) % 3 - 1, response_length) for slot in range(1 + num_rejected)]
+        records.append(
+            PreferenceRecord(
+                id=f"bench-{index}",
+                messages=[Message("user", "<image>\n" + instruction)],
+                image=image_name,
+                chosen=responses[0],
+                rejected=responses[1:],
+                rejected_sources=list(sources),
+                meta={},
+            )
+        )
+    encoder = PreferenceEncoder(processor, image_root, max_length=4096)
+    prepared = prepare_examples(records, encoder)
+    if len(prepared.examples) != examples:
+        raise RuntimeError(f"benchmark records were skipped: {prepared.skip_counts()}")
+    dataset = PreferenceDataset(prepared.examples, encoder)
+    items = [dataset[index] for index in range(len(dataset))]
+    trl_rows = []
+    for record, example in zip(records, prepared.examples, strict=True):
+        image = encoder.load_image(record.image)
+        # TRL adds no end-of-sequence token to vision completions; write it out so both
+        # sides score the same token ids (checked by the loss agreement).
+        for rejected in record.rejected:
+            trl_rows.append(
+                {
+                    "images": [image],
+                    "prompt": example.prompt_text,
+                    "chosen": response_text(record.chosen) + tokenizer.eos_token,
+                    "rejected": response_text(rejected) + tokenizer.eos_token,
+                }
+            )
+    return Workload(
+        processor=processor,
+        items=items,
+        trl_rows=trl_rows,
+        sources=prepared.sources,
+        pad_token_id=tokenizer.pad_token_id,
+        prompt_lengths=[len(example.prompt_ids) for example in prepared.examples],
+        response_lengths=[len(ids) for example in prepared.examples for ids in example.responses],
     )
 
 
-def build_items(processor, count: int):
-    """``count`` sample records with a blind second rejected response, as dataset items."""
-    from mmsafe.data.sample import sample_records, write_sample
-    from mmsafe.train.data import PreferenceDataset, PreferenceEncoder, prepare_examples
+def move(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
 
-    folder = Path(tempfile.mkdtemp(prefix="mmsafe-bench-train-"))
-    write_sample(folder)
-    records = sample_records()[:count]
-    for index, record in enumerate(records):
-        record.rejected.append(BLIND_ANSWERS[index % len(BLIND_ANSWERS)])
-        record.rejected_sources.append("blind")
-    encoder = PreferenceEncoder(processor, folder, max_length=768)
-    prepared = prepare_examples(records, encoder)
-    dataset = PreferenceDataset(prepared.examples, encoder)
-    return [dataset[index] for index in range(len(dataset))], prepared.sources
+
+# --------------------------------------------------------------------------- contenders
+
+
+def _train_config(setup: Setup, output_dir: str, *, forward_mode: str, reference: str):
+    from mmsafe.train.config import TrainConfig
+
+    return TrainConfig(
+        model="benchmark",
+        data="benchmark",
+        output_dir=output_dir,
+        loss="bpo",
+        beta=BETA,
+        forward_mode=forward_mode,
+        reference=reference,
+        learning_rate=LEARNING_RATE,
+        per_device_train_batch_size=setup.batch_size,
+        report_to=[],
+    )
+
+
+def _adamw(model: Any):
+    import torch
+
+    return torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad], lr=LEARNING_RATE)
+
+
+@dataclass
+class Contender:
+    """One contender, ready to run optimizer steps on its prepared batch."""
+
+    key: str
+    trainer: Any
+    model: Any
+    batch: dict[str, Any]
+    optimizer: Any
+    examples: int
+    losses: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Set by Trainer.train() for its loop; one micro-batch per optimizer step here.
+        self.trainer.current_gradient_accumulation_steps = 1
+
+    def step(self) -> float:
+        loss = self.trainer.training_step(self.model, dict(self.batch))  # it pops keys from the dict it gets
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(float(loss))
+        return float(self.examples)
+
+
+def make_mmsafe(key: str, policy: Any, workload: Workload, setup: Setup) -> Contender:
+    """A, B or C on ``policy`` (which it takes over and trains)."""
+    from mmsafe.train.data import PreferenceCollator
+    from mmsafe.train.reference import FrozenCopyReference, precompute_reference
+    from mmsafe.train.trainer import PreferenceTrainer, set_trainable
+
+    forward_mode = "separate" if key == "C" else "shared-prefix"
+    reference_mode = "precomputed" if key == "A" else "copy"
+    output_dir = tempfile.mkdtemp(prefix=f"mmsafe-bench-{key}-")
+    config = _train_config(setup, output_dir, forward_mode=forward_mode, reference=reference_mode)
+    policy = set_trainable(policy, config)
+    collator = PreferenceCollator(workload.pad_token_id, workload.sources, mode=forward_mode)
+    items = workload.items
+    reference = None
+    if key == "A":
+        # As `mmsafe train` does: the starting weights score every example once, before
+        # training, and the log-probs travel in the batch.
+        examples = [replace(item["example"]) for item in items]  # copies: B and C must not see the cache
+        scoring = PreferenceCollator(workload.pad_token_id, workload.sources, mode="shared-prefix")
+        logps = _precompute(policy, items, examples, scoring, setup, precompute_reference)
+        for example in examples:
+            example.reference_logps = logps[example.id]
+        items = [{**item, "example": example} for item, example in zip(items, examples, strict=True)]
+    else:
+        reference = FrozenCopyReference(policy)
+    trainer = PreferenceTrainer(model=policy, args=config.training_arguments(), config=config, sources=workload.sources, reference=reference)
+    batch = move(collator(items), setup.device)
+    return Contender(key=key, trainer=trainer, model=policy, batch=batch, optimizer=_adamw(policy), examples=workload.examples)
+
+
+class _ItemsDataset:
+    """Already-encoded dataset items, for :func:`precompute_reference`."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+def _precompute(policy, items, examples, collator, setup, precompute_reference) -> dict[str, list[float]]:
+    dataset = _ItemsDataset([{**item, "example": example} for item, example in zip(items, examples, strict=True)])
+    return precompute_reference(policy, dataset, collator, batch_size=setup.batch_size)
+
+
+def make_trl(policy: Any, workload: Workload, setup: Setup, *, reference: Any | None = None) -> Contender:
+    """D: TRL's DPOTrainer on the two-row data, with a frozen copy of ``policy`` as reference."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from mmsafe.train.trainer import set_trainable
+
+    output_dir = tempfile.mkdtemp(prefix="mmsafe-bench-D-")
+    policy = set_trainable(policy, _train_config(setup, output_dir, forward_mode="separate", reference="copy"))
+    if reference is None:
+        reference = copy.deepcopy(policy)  # what a user passes for an in-memory model (TRL reloads from a path otherwise)
+    args = DPOConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=len(workload.trl_rows),  # every pair of the step's examples in one batch
+        learning_rate=LEARNING_RATE,
+        beta=BETA,
+        loss_type=["sigmoid"],
+        bf16=False,  # fp32 on CPU; on GPU the weights are bf16 already, as for mmsafe
+        gradient_checkpointing=False,  # as for A-C (TRL's default is on)
+        activation_checkpointing=False,
+        max_length=None,  # nothing is cut: the same tokens as mmsafe
+        precompute_ref_log_probs=False,  # an online reference, as the release (TRL refuses it for images anyway)
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        use_cpu=setup.device == "cpu",
+    )
+    dataset = Dataset.from_list(workload.trl_rows)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=workload.processor)
+    batch = move(trainer.data_collator([dataset[index] for index in range(len(dataset))]), setup.device)
+    return Contender(key="D", trainer=trainer, model=trainer.model, batch=batch, optimizer=_adamw(trainer.model), examples=workload.examples)
+
+
+def make_contender(key: str, policy: Any, workload: Workload, setup: Setup) -> Contender:
+    return make_trl(policy, workload, setup) if key == "D" else make_mmsafe(key, policy, workload, setup)
+
+
+def prepare(setup: Setup, *, num_rejected: int = 2, response_tokens: int | None = None, seed: int = 0):
+    """(processor, starting model, workload of ``setup.batch_size`` examples)."""
+    processor, model = build_model(setup, seed=seed)
+    workload = build_workload(processor, setup, examples=setup.batch_size, num_rejected=num_rejected, response_tokens=response_tokens, seed=seed)
+    return processor, model, workload
+
+
+# --------------------------------------------------------------------------- checks
+
+
+@dataclass
+class LossAgreement:
+    """Per-example BPO losses of A and C, and TRL's DPO loss against mmsafe's mean DPO term."""
+
+    a_losses: list[float]
+    c_losses: list[float]
+    a_c_relative_difference: float
+    mmsafe_mean_dpo_term: float
+    trl_dpo_loss: float
+    trl_relative_difference: float
+    image_passes_per_example: dict[str, int]
+
+    @property
+    def agrees(self) -> bool:
+        return self.a_c_relative_difference <= LOSS_TOLERANCE and self.trl_relative_difference <= LOSS_TOLERANCE
+
+
+def check_losses(model: Any, workload: Workload, setup: Setup) -> LossAgreement:
+    """Step-0 losses of A, C and D for a policy a little away from the reference ``model``.
+
+    A: shared-prefix policy log-probs with reference log-probs precomputed by
+    :func:`precompute_reference`; C: every sequence alone for both models; D: TRL's own
+    loss on the same policy and reference.
+    """
+    import torch
+
+    from mmsafe.train.data import PreferenceCollator
+    from mmsafe.train.forward import score_batch
+    from mmsafe.train.losses import bpo_loss
+    from mmsafe.train.reference import precompute_reference
+
+    reference = model.eval()
+    policy = perturb(model).eval()
+    shared = PreferenceCollator(workload.pad_token_id, workload.sources, mode="shared-prefix")
+    separate_batch = move(PreferenceCollator(workload.pad_token_id, workload.sources, mode="separate")(workload.items), setup.device)
+    shared_batch = move(shared(workload.items), setup.device)
+    examples = [item["example"] for item in workload.items]
+    cached = _precompute(reference, workload.items, examples, shared, setup, precompute_reference)
+    cached_chosen = torch.tensor([cached[example.id][0] for example in examples])
+    cached_rejected = torch.tensor([cached[example.id][1:] for example in examples])
+    with torch.no_grad():
+        policy_shared = score_batch(policy, shared_batch)
+        a = bpo_loss(policy_shared.chosen.cpu().double(), policy_shared.rejected.cpu().double(), cached_chosen.double(), cached_rejected.double(), beta=BETA)
+        policy_separate = score_batch(policy, separate_batch)
+        reference_separate = score_batch(reference, separate_batch)
+        c = bpo_loss(*(tensor.cpu().double() for tensor in (policy_separate.chosen, policy_separate.rejected, reference_separate.chosen, reference_separate.rejected)), beta=BETA)
+    a_c = ((a.losses - c.losses).abs() / c.losses.abs()).max().item()
+    pairs = sum(example.num_rejected for example in examples)
+    mean_term = a.losses.sum().item() / pairs
+    trl = make_trl(copy.deepcopy(policy), workload, setup, reference=copy.deepcopy(reference))
+    trl.model.eval()
+    with torch.no_grad():
+        trl_loss = float(trl.trainer.compute_loss(trl.model, trl.batch))
+    sequences = separate_batch["input_ids"].shape[0]
+    if separate_batch["pixel_values"].shape[0] != sequences:
+        raise AssertionError("the separate layout does not give every sequence its own image")
+    return LossAgreement(
+        a_losses=a.losses.tolist(),
+        c_losses=c.losses.tolist(),
+        a_c_relative_difference=a_c,
+        mmsafe_mean_dpo_term=mean_term,
+        trl_dpo_loss=trl_loss,
+        trl_relative_difference=abs(trl_loss - mean_term) / abs(mean_term),
+        image_passes_per_example={
+            "A": shared_batch["pixel_values"].shape[0] // len(examples),
+            "C": sequences // len(examples),
+            "D": trl.batch["pixel_values"].shape[0] // len(examples),
+        },
+    )
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def matmul_flops_per_s(setup: Setup, repetitions: int = 5) -> dict[str, float]:
+    """The machine's dense matmul rate (median and max over ``repetitions``) in the benchmark's dtype."""
+    import torch
+
+    size = 2048 if setup.device == "cpu" else 8192
+    dtype = getattr(torch, setup.dtype)
+    left = torch.randn(size, size, device=setup.device).to(dtype)
+    right = torch.randn(size, size, device=setup.device).to(dtype)
+    rates = []
+    for _ in range(repetitions + 1):
+        _synchronize(setup)
+        start = time.perf_counter()
+        for _ in range(4):
+            left @ right
+        _synchronize(setup)
+        rates.append(4 * 2 * size**3 / (time.perf_counter() - start))
+    rates = rates[1:]  # the first round warms up
+    return {"median": statistics.median(rates), "max": max(rates), "size": size}
+
+
+def _synchronize(setup: Setup) -> None:
+    if setup.device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def count_step_flops(contender: Contender) -> float:
+    """FLOPs of one optimizer step (forward + backward; AdamW's elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        contender.step()
+    return float(counter.get_total_flops())
+
+
+def scaling(model: Any, processor: Any, setup: Setup, *, values: list[int], vary: str, repetitions: int) -> list[dict[str, Any]]:
+    """A against C with ``vary`` ("rejected" or "response_tokens") set to each of ``values``."""
+    rows = []
+    for value in values:
+        workload = build_workload(
+            processor,
+            setup,
+            examples=setup.batch_size,
+            num_rejected=value if vary == "rejected" else 2,
+            response_tokens=value if vary == "response_tokens" else None,
+        )
+        contenders = {key: make_contender(key, copy.deepcopy(model), workload, setup) for key in ("A", "C")}
+        measured = run_alternating({key: contender.step for key, contender in contenders.items()}, repetitions=repetitions, warmup=1)
+        a_seconds, c_seconds = measured["A"].median_seconds, measured["C"].median_seconds
+        rows.append({vary: value, "A_step_s": a_seconds, "C_step_s": c_seconds, "C_over_A": c_seconds / a_seconds})
+        del contenders
+    return rows
+
+
+def run_solo(key: str, setup: Setup, repetitions: int) -> dict[str, Any]:
+    """One contender alone in this (fresh) process: step times and peak memory."""
+    import torch
+
+    _, model, workload = prepare(setup)
+    baseline = peak_rss_mb()
+    contender = make_contender(key, model, workload, setup)
+    del model
+    if setup.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = []
+    for _ in range(1 + repetitions):
+        _synchronize(setup)
+        start = time.perf_counter()
+        contender.step()
+        _synchronize(setup)
+        seconds.append(time.perf_counter() - start)
+    result = {"key": key, "seconds": seconds[1:], "peak_rss_mb": peak_rss_mb(), "rss_before_contender_mb": baseline, "examples": workload.examples, "tokens": workload.tokens()}
+    if setup.device == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def solo_in_subprocess(key: str, args: argparse.Namespace, repetitions: int) -> dict[str, Any]:
+    """:func:`run_solo` in a fresh Python process with the same settings as this run."""
+    command = [sys.executable, "-m", "benchmarks.train", "--solo", key, "--repetitions", str(repetitions)]
+    for flag in ("gpu", "quick"):
+        if getattr(args, flag):
+            command.append(f"--{flag}")
+    for option in ("batch_size", "threads"):
+        if getattr(args, option) is not None:
+            command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    environment = {**os.environ, "MMSAFE_PROGRESS": "0"}
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"contender {key} failed in its subprocess:\n{completed.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=4, help="examples per step (default 4)")
+    parser.add_argument("--gpu", action="store_true", help="LLaVA-1.5-7B-shaped model in bf16 on a CUDA device, each contender in its own process")
+    parser.add_argument("--batch-size", type=int, help="examples per optimizer step (default 1, the release's per-device batch)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice); 1 is steadier on a busy machine")
+    parser.add_argument("--solo", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)  # internal: one contender in a fresh process
     args = parser.parse_args(argv)
-    repetitions = args.repetitions or (3 if args.quick else 5)
+    setup = GPU_SETUP if args.gpu else QUICK_SETUP if args.quick else CPU_SETUP
+    if args.batch_size:
+        setup = replace(setup, batch_size=args.batch_size)
+    repetitions = args.repetitions or 5
 
     import torch
 
-    from mmsafe.models.tiny import build_tiny_llava, build_tiny_processor
-    from mmsafe.train.data import PreferenceCollator
-    from mmsafe.train.forward import score_batch
-    from mmsafe.train.losses import bpo_loss
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    # One thread: on a shared machine a two-thread op waits for its slower thread, and the
-    # timings scatter tenfold; one thread keeps the contenders comparable.
-    torch.set_num_threads(1)
+    if args.gpu and not torch.cuda.is_available():
+        print("error: --gpu needs a CUDA device", file=sys.stderr)
+        return 1
+    if args.solo:
+        print(json.dumps(run_solo(args.solo, setup, repetitions)))
+        return 0
+    return run_gpu(args, setup, repetitions) if args.gpu else run_cpu(args, setup, repetitions)
+
+
+def run_cpu(args: argparse.Namespace, setup: Setup, repetitions: int) -> int:
+    import torch
+
     torch.manual_seed(0)
-    spec = build_spec()
-    processor = build_tiny_processor(spec)
-    policy = build_tiny_llava(processor, spec, seed=0)
-    policy.model.vision_tower.requires_grad_(False)  # frozen, as in the recipe
-    reference_model = copy.deepcopy(policy).eval().requires_grad_(False)
-    with torch.no_grad():  # a reference unlike the policy, so that equal losses mean something
-        for parameter in reference_model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.02)
-    parameters = sum(parameter.numel() for parameter in policy.parameters())
-    optimizer = torch.optim.SGD([parameter for parameter in policy.parameters() if parameter.requires_grad], lr=0.0)  # lr 0: every step sees the same weights
-    items, sources = build_items(processor, args.batch_size)
-    pad = processor.tokenizer.pad_token_id
-    batches = {mode: PreferenceCollator(pad, sources, mode=mode)(items) for mode in ("shared-prefix", "separate")}
-    with torch.no_grad():
-        cached = score_batch(reference_model, batches["shared-prefix"])
+    load_before = os.getloadavg()
+    processor, model, workload = prepare(setup)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    agreement = check_losses(copy.deepcopy(model), workload, setup)
+    print(
+        f"loss agreement at step 0: A vs C per-example BPO losses {agreement.a_losses} vs {agreement.c_losses} "
+        f"(max relative difference {agreement.a_c_relative_difference:.1e}); TRL DPO loss {agreement.trl_dpo_loss:.6f} "
+        f"vs mmsafe mean DPO term {agreement.mmsafe_mean_dpo_term:.6f} (relative {agreement.trl_relative_difference:.1e})"
+    )
 
-    losses: dict[str, list[float]] = {}
+    contenders = {key: make_contender(key, copy.deepcopy(model), workload, setup) for key in CONTENDERS}
+    measured = run_alternating({key: contender.step for key, contender in contenders.items()}, repetitions=repetitions, warmup=1)
+    step_flops = count_step_flops(contenders["A"])
+    del contenders
+    ceiling = matmul_flops_per_s(setup)
+    achieved = step_flops / measured["A"].median_seconds
 
-    def step(mode: str, reference: str) -> float:
-        batch = batches[mode]
-        scores = score_batch(policy, batch)
-        if reference == "cached":
-            reference_scores = cached
-        else:
-            with torch.no_grad():
-                reference_scores = score_batch(reference_model, batch)
-        result = bpo_loss(scores.chosen, scores.rejected, reference_scores.chosen, reference_scores.rejected, beta=0.1, rejected_mask=scores.rejected_mask)
-        optimizer.zero_grad()
-        result.loss.backward()
-        optimizer.step()
-        losses.setdefault(f"{mode}/{reference}", []).append(result.loss.item())
-        return float(args.batch_size)
+    memory = {key: solo_in_subprocess(key, args, repetitions=2) for key in CONTENDERS}
+    rows = []
+    for key, name in CONTENDERS.items():
+        row = measured[key].summary("examples")
+        row.update(name=f"{key}: {name}", key=key, peak_rss_mb=memory[key]["peak_rss_mb"], rss_before_contender_mb=memory[key]["rss_before_contender_mb"])
+        row["A_speedup"] = measured[key].median_seconds / measured["A"].median_seconds
+        rows.append(row)
+    sweep_repetitions = 3 if args.quick else 5
+    half, base = setup.response_tokens // 2, setup.response_tokens
+    response_lengths = [half, base, 2 * base] if args.quick else [half, base, 2 * base, 4 * base]
+    k_rows = scaling(model, processor, setup, values=[1, 2, 4], vary="rejected", repetitions=sweep_repetitions)
+    length_rows = scaling(model, processor, setup, values=response_lengths, vary="response_tokens", repetitions=sweep_repetitions)
+    load_after = os.getloadavg()
 
-    contenders = {
-        "shared-prefix + cached reference (mmsafe default)": lambda: step("shared-prefix", "cached"),
-        "shared-prefix + frozen copy": lambda: step("shared-prefix", "copy"),
-        "separate + cached reference": lambda: step("separate", "cached"),
-        "separate + frozen copy (the release's form)": lambda: step("separate", "copy"),
+    by_key = {row["key"]: row for row in rows}
+    verdict = {
+        "A_over_C": by_key["A"]["examples_per_s"] / by_key["C"]["examples_per_s"],
+        "A_over_D": by_key["A"]["examples_per_s"] / by_key["D"]["examples_per_s"],
+        "A_memory_over_D": by_key["A"]["peak_rss_mb"] / by_key["D"]["peak_rss_mb"],
     }
-    measurements = run_alternating(contenders, repetitions=repetitions, warmup=1)
-    values = [value for series in losses.values() for value in series]
-    spread = max(values) - min(values)
-    assert spread < 1e-4, f"the contenders disagree on the loss by {spread}"
-    rows = [measurement.summary("examples") for measurement in measurements.values()]
-    baseline = measurements["separate + frozen copy (the release's form)"].median_seconds
-    for row, measurement in zip(rows, measurements.values(), strict=True):
-        row["speedup"] = baseline / measurement.median_seconds
-    lengths = {mode: tuple(batch["input_ids"].shape) for mode, batch in batches.items()}
-    print(format_table(rows, ["name", "examples_per_s", "examples_per_s_min", "examples_per_s_max", "speedup"]))
-    print(f"batch input shapes: {lengths}; loss {values[0]:.6f} in every contender (spread {spread:.1e}); {parameters:,} parameters")
+    passed = verdict["A_over_C"] >= TARGET_SPEEDUP and verdict["A_over_D"] >= TARGET_SPEEDUP and verdict["A_memory_over_D"] <= TARGET_MEMORY_RATIO
+    print(format_table(rows, ["name", "examples_per_s", "examples_per_s_min", "examples_per_s_max", "median_seconds", "peak_rss_mb", "A_speedup"]))
+    print(
+        f"A/C {verdict['A_over_C']:.2f}x, A/D {verdict['A_over_D']:.2f}x (target >= {TARGET_SPEEDUP:g}x); "
+        f"A's peak memory / D's {verdict['A_memory_over_D']:.2f} (target <= {TARGET_MEMORY_RATIO:g})"
+    )
+    print("step time against K rejected responses (A vs C):")
+    print(format_table(k_rows, ["rejected", "A_step_s", "C_step_s", "C_over_A"]))
+    print("step time against response length in tokens, K = 2 (A vs C):")
+    print(format_table(length_rows, ["response_tokens", "A_step_s", "C_step_s", "C_over_A"]))
+    print(
+        f"A's achieved rate {achieved / 1e9:.1f} GFLOP/s ({step_flops / 1e9:.1f} GFLOP per step) = "
+        f"{achieved / ceiling['median']:.0%} of the measured {setup.dtype} matmul rate {ceiling['median'] / 1e9:.1f} GFLOP/s"
+    )
+    machine = machine_info()
+    print(
+        f"machine: {machine.get('cpu_count')} cores, {machine.get('memory_gib')} GiB, torch {machine.get('torch')} "
+        f"({machine.get('torch_threads')} threads), load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+        f"{parameters:,} parameters, {workload.examples} examples per step"
+    )
     write_results(
         args.json,
         {
             "benchmark": "train",
-            "batch_size": args.batch_size,
-            "input_shapes": lengths,
+            "command": "python -m benchmarks.train" + (" --quick" if args.quick else ""),
+            "setup": asdict(setup),
             "parameters": parameters,
-            "loss": values[0],
-            "loss_spread": spread,
+            "workload": {
+                "examples_per_step": workload.examples,
+                "rejected_per_example": len(workload.sources),
+                "prompt_tokens": workload.prompt_lengths,
+                "image_tokens": setup.image_tokens,
+                "response_tokens": workload.response_lengths,
+                "tokenizer_vocabulary": len(processor.tokenizer),
+            },
+            "load_average": {"before": load_before, "after": load_after},
+            "loss_agreement": asdict(agreement),
             "results": rows,
+            "contenders": {row["key"]: {"examples_per_s": row["examples_per_s"], "peak_rss_mb": row["peak_rss_mb"]} for row in rows},
+            "acceptance": {**verdict, "passed": passed},
+            "scaling_rejected": k_rows,
+            "scaling_response_tokens": length_rows,
+            "flops": {"A_step_flops": step_flops, "A_flops_per_s": achieved, "matmul_flops_per_s": ceiling, "fraction": achieved / ceiling["median"]},
         },
     )
+    if not agreement.agrees:
+        print("error: the contenders disagree on the step-0 loss", file=sys.stderr)
+        return 1
+    return 0 if passed else 2
+
+
+def run_gpu(args: argparse.Namespace, setup: Setup, repetitions: int) -> int:
+    """Each contender alone in a fresh process (the 7B trainers do not fit side by side)."""
+    results = {key: solo_in_subprocess(key, args, repetitions=repetitions) for key in CONTENDERS}
+    rows = []
+    for key, result in results.items():
+        seconds = result["seconds"]
+        rates = [result["examples"] / value for value in seconds]
+        rows.append(
+            {
+                "name": f"{key}: {CONTENDERS[key]}",
+                "key": key,
+                "examples_per_s": statistics.median(rates),
+                "examples_per_s_min": min(rates),
+                "examples_per_s_max": max(rates),
+                "tokens_per_s": statistics.median(rates) * result["tokens"] / result["examples"],
+                "median_seconds": statistics.median(seconds),
+                "peak_gpu_mb": result["peak_gpu_mb"],
+                "peak_rss_mb": result["peak_rss_mb"],
+            }
+        )
+    print(format_table(rows, ["name", "examples_per_s", "examples_per_s_min", "examples_per_s_max", "tokens_per_s", "peak_gpu_mb"]))
+    write_results(args.json, {"benchmark": "train-gpu", "command": "python -m benchmarks.train --gpu", "setup": asdict(setup), "results": rows})
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,0 +1,8 @@
+"""The benchmarks live beside the package, not in it: put the repository root on the path."""
+
+import sys
+from pathlib import Path
+
+ROOT = str(Path(__file__).resolve().parents[2])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)

@@ -1,0 +1,86 @@
+"""The training benchmark's code paths on a very small model (no timing assertions)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from benchmarks.harness import peak_rss_mb
+
+from benchmarks import train as bench
+
+TINY = bench.Setup(
+    name="test",
+    vision_hidden_size=32,
+    vision_intermediate_size=64,
+    vision_layers=1,
+    vision_heads=2,
+    image_size=28,  # 2 x 2 patches: 4 image tokens
+    patch_size=14,
+    text_hidden_size=32,
+    text_intermediate_size=64,
+    text_layers=2,
+    text_heads=2,
+    vocab_size=1500,  # padded beyond the tokenizer, as the benchmark's 32k
+    prompt_tokens=8,
+    response_tokens=6,
+    batch_size=2,
+)
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    return bench.prepare(TINY)
+
+
+def test_workload_lengths_follow_the_setup(prepared):
+    processor, model, workload = prepared
+    assert model.get_output_embeddings().weight.shape[0] == TINY.vocab_size > len(processor.tokenizer)
+    assert workload.examples == TINY.batch_size
+    assert workload.sources == ["human", "blind"]
+    assert len(workload.trl_rows) == 2 * TINY.batch_size  # one row per (chosen, rejected) pair
+    # Prompt = image tokens + about prompt_tokens of text; responses within a token or two of the target.
+    for length in workload.prompt_lengths:
+        assert abs(length - TINY.image_tokens - TINY.prompt_tokens) <= 3
+    assert all(abs(length - TINY.response_tokens) <= 3 for length in workload.response_lengths)
+
+
+def test_losses_agree_across_layouts_and_with_trl(prepared):
+    _, model, workload = prepared
+    agreement = bench.check_losses(copy.deepcopy(model), workload, TINY)
+    # The policy is moved away from the reference, so the losses are not the trivial 2 log 2.
+    assert all(abs(loss - 2 * math.log(2)) > 1e-4 for loss in agreement.a_losses)
+    assert agreement.a_c_relative_difference <= bench.LOSS_TOLERANCE
+    assert agreement.trl_relative_difference <= bench.LOSS_TOLERANCE
+    assert agreement.agrees
+    # Shared prefix: one image pass per example; the release and TRL: one per sequence (2 x K).
+    assert agreement.image_passes_per_example == {"A": 1, "C": 4, "D": 4}
+
+
+@pytest.mark.parametrize("key", sorted(bench.CONTENDERS))
+def test_each_contender_takes_optimizer_steps_with_the_vision_tower_frozen(prepared, key):
+    _, model, workload = prepared
+    contender = bench.make_contender(key, copy.deepcopy(model), workload, TINY)
+    before = {name: parameter.detach().clone() for name, parameter in contender.model.named_parameters()}
+    assert contender.step() == TINY.batch_size
+    contender.step()
+    # Step 0: policy = reference, so each DPO term is log 2 (BPO sums K = 2 of them; TRL averages pairs).
+    expected = math.log(2) if key == "D" else 2 * math.log(2)
+    assert contender.losses[0] == pytest.approx(expected, rel=1e-5)
+    changed = {name for name, parameter in contender.model.named_parameters() if not torch.equal(parameter, before[name])}
+    assert any("language_model" in name for name in changed)
+    assert not any("vision_tower" in name for name in changed)
+
+
+def test_peak_memory_of_a_child_is_its_own():
+    block = bytearray(200 * 2**20)
+    block[:: 4096] = b"\x01" * len(block[:: 4096])  # touch every page
+    parent = peak_rss_mb()
+    child = subprocess.run([sys.executable, "-c", "from benchmarks.harness import peak_rss_mb; print(peak_rss_mb())"], capture_output=True, text=True, check=True, cwd=Path(bench.__file__).resolve().parents[1])
+    assert parent > 200
+    assert float(child.stdout) < parent - 150
