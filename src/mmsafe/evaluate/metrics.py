@@ -65,8 +65,10 @@ def wilson_interval(successes: int, total: int, *, z: float = Z_95) -> tuple[flo
     denominator = 1.0 + z2 / total
     centre = (p + z2 / (2 * total)) / denominator
     half = z / denominator * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total))
-    # Clamp the rounding dust at the ends (k = 0 gives low = 1e-17 otherwise).
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The bounds at k = 0 and k = n are exactly 0 and 1; rounding would leave dust (1e-17).
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == total else min(1.0, centre + half)
+    return low, high
 
 
 def rate(successes: int, total: int, *, z: float = Z_95) -> Rate:

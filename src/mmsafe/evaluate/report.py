@@ -259,8 +259,9 @@ def _plot_rates(summary: dict[str, Any], path: Path) -> None:
     rows = summary["results"]
     labels = [f"{row['model']}\n{row['judge']}" for row in rows]
     values = [row["summary"]["safe_rate"]["rate"] or 0.0 for row in rows]
-    lows = [value - row["summary"]["safe_rate"]["low"] for value, row in zip(values, rows, strict=True)]
-    highs = [row["summary"]["safe_rate"]["high"] - value for value, row in zip(values, rows, strict=True)]
+    # Error bars are distances from the bar's top; never negative (a NaN rate is drawn at 0).
+    lows = [max(0.0, value - row["summary"]["safe_rate"]["low"]) for value, row in zip(values, rows, strict=True)]
+    highs = [max(0.0, row["summary"]["safe_rate"]["high"] - value) for value, row in zip(values, rows, strict=True)]
     figure, axes = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 4))
     axes.bar(range(len(rows)), values, yerr=[lows, highs], capsize=4, color="#4c78a8")
     axes.set_xticks(range(len(rows)), labels, fontsize=8)
@@ -288,8 +289,8 @@ def _plot_breakdown(rows: list[dict[str, Any]], name: str, judge: str, path: Pat
         by_group = {row["group"]: row["summary"]["safe_rate"] for row in rows if row["model"] == model}
         values = [(by_group[group]["rate"] or 0.0) if group in by_group else 0.0 for group in groups]
         errors = [
-            [value - by_group[group]["low"] if group in by_group else 0.0 for value, group in zip(values, groups, strict=True)],
-            [by_group[group]["high"] - value if group in by_group else 0.0 for value, group in zip(values, groups, strict=True)],
+            [max(0.0, value - by_group[group]["low"]) if group in by_group else 0.0 for value, group in zip(values, groups, strict=True)],
+            [max(0.0, by_group[group]["high"] - value) if group in by_group else 0.0 for value, group in zip(values, groups, strict=True)],
         ]
         positions = [position + index * width - 0.4 + width / 2 for position in range(len(groups))]
         axes.bar(positions, values, width, yerr=errors, capsize=3, label=model)

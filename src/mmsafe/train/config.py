@@ -54,6 +54,9 @@ class TrainConfig:
     sft_target: Literal["chosen", "rejected"] = option(
         "chosen", help="loss sft only: imitate the chosen response, or the first rejected one (a deliberately unsafe starting model for demos)"
     )
+    sft_chosen_share: float = option(
+        0.0, help="loss sft with sft_target rejected only: this share of the records (picked by a hash of the id) imitate the chosen response instead, giving a partly safe starting model"
+    )
     rejected_sources: list[str] | None = option(None, help="rejected sources to use, e.g. [human] or [human, blind]; null: all")
     source_weights: dict[str, float] = option(default_factory=dict, help="BPO weight per rejected source (missing sources weigh 1.0), e.g. {blind: 0.5}")
     loss_type: Literal["sigmoid", "ipo"] = option("sigmoid", help="sigmoid (DPO) or ipo")
@@ -118,6 +121,8 @@ class TrainConfig:
             raise ConfigError(f"label_smoothing: expected a number in [0, 0.5), got {self.label_smoothing}")
         if self.loss_type == "ipo" and self.label_smoothing:
             raise ConfigError("label_smoothing: applies to loss_type sigmoid only")
+        if not 0.0 <= self.sft_chosen_share <= 1.0:
+            raise ConfigError(f"sft_chosen_share: expected a number in [0, 1], got {self.sft_chosen_share}")
         if self.max_length < 2:
             raise ConfigError(f"max_length: expected at least 2, got {self.max_length}")
         if self.reference == "adapters-disabled" and self.finetune != "lora":

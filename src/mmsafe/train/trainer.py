@@ -11,6 +11,7 @@ only thing :class:`PreferenceTrainer` changes is how the loss is computed and lo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -234,6 +235,12 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
     return None
 
 
+def keeps_chosen(record_id: str, share: float) -> bool:
+    """Whether a record is among the ``share`` that keep their chosen response (a fixed hash of the id)."""
+    digest = hashlib.sha256(record_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
 def load_training_records(config: TrainConfig) -> list[Any]:
     from mmsafe.data.records import read_preference_records
 
@@ -385,7 +392,7 @@ def train(config: TrainConfig) -> TrainResult:
     records = load_training_records(config)
     supervised = config.loss == "sft"
     if supervised and config.sft_target == "rejected":
-        records = [dataclasses.replace(record, chosen=record.rejected[0]) for record in records]
+        records = [record if keeps_chosen(record.id, config.sft_chosen_share) else dataclasses.replace(record, chosen=record.rejected[0]) for record in records]
     model, processor = load_policy(config)
     reference_model = FrozenCopyReference(model, average=config.average_logprobs) if config.reference == "copy" and not supervised else None
     model = set_trainable(model, config)
