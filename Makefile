@@ -4,23 +4,30 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile
 # Tests run on the CPU build of PyTorch; GPU users install the torch they need first
 # (an installed torch that satisfies the package's range is kept).
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.mmsafe-installed
+RUNTIME := $(VENV)/.mmsafe-runtime
+DEV := $(VENV)/.mmsafe-dev
 
 .PHONY: demo test install lint browser clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 
-install: $(STAMP)
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e .
+	touch $(RUNTIME)
 
-demo: $(STAMP)
+$(DEV): pyproject.toml $(RUNTIME)
+	$(PIP) -e ".[dev]"
+	touch $(DEV)
+
+install: $(DEV)
+
+demo: $(RUNTIME)
 	$(BIN)/mmsafe demo --out mmsafe-demo
 
 # Headless Chromium for the report-page tests (Debian's package; needs root and apt-get).
@@ -30,10 +37,10 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not found: browser tests will be skipped (install Debian's chromium to run them)"; fi; }
 
-test: $(STAMP) browser
+test: $(DEV) browser
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
