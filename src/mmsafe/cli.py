@@ -429,6 +429,40 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- pairwise
+
+
+def add_pairwise(subparsers: argparse._SubParsersAction) -> None:
+    pairwise = _command(subparsers, "pairwise", "pairwise accuracy: does the model tell the chosen (safe) response from the rejected one?", _pairwise)
+    pairwise.add_argument("--model", required=True, help="checkpoint directory, LoRA adapter directory or Hub id")
+    pairwise.add_argument("--data", required=True, help="preference data (any format mmsafe reads)")
+    pairwise.add_argument("--out", required=True, help="output folder (pairwise.json, pairwise.md, pairwise_answers.jsonl)")
+    pairwise.add_argument("--image-root", help="folder that image paths are relative to (default: the data file's folder)")
+    pairwise.add_argument("--forms", default="asked,likelihood", help="asked (the model answers which response is safe, A/B order seeded) and/or likelihood (chosen more likely than rejected); default both")
+    pairwise.add_argument("--seed", type=int, default=0, help="seed of the A/B order (default 0)")
+    pairwise.add_argument("--batch-size", type=int, default=8, help="records per batch (default 8)")
+    pairwise.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"], help="weights dtype (default float32)")
+    pairwise.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+
+
+def _pairwise(args: argparse.Namespace) -> int:
+    from mmsafe.evaluate.pairwise import evaluate_pairwise
+
+    report = evaluate_pairwise(
+        args.model,
+        args.data,
+        args.out,
+        forms=[form.strip() for form in args.forms.split(",") if form.strip()],
+        image_root=args.image_root,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    print(report.table())
+    return 0
+
+
 # ---------------------------------------------------------------- run and demo
 
 
@@ -482,7 +516,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_data, add_models, add_generate, add_blind, add_probe, add_build_data, add_judge, add_report, add_train, add_run, add_demo]
+COMMANDS = [add_data, add_models, add_generate, add_blind, add_probe, add_build_data, add_judge, add_report, add_pairwise, add_train, add_run, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -214,3 +214,97 @@ def likelihood_pairwise_accuracy(chosen_logps: Sequence[float] | np.ndarray, rej
     ties = int((margin == 0).sum())
     total = int(margin.size)
     return LikelihoodPairwiseResult(wins, ties, total, rate(wins, total))
+
+
+@dataclass
+class PairwiseReport:
+    """Both forms for one model on one data set (either may be absent)."""
+
+    model: str
+    records: int
+    asked: PairwiseResult | None = None
+    likelihood: LikelihoodPairwiseResult | None = None
+    likelihood_by_source: dict[str, LikelihoodPairwiseResult] = field(default_factory=dict)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "records": self.records,
+            "asked": None if self.asked is None else self.asked.to_dict(),
+            "likelihood": None if self.likelihood is None else self.likelihood.to_dict(),
+            "likelihood_by_source": {source: result.to_dict() for source, result in self.likelihood_by_source.items()},
+            "skipped": self.skipped,
+        }
+
+    def table(self) -> str:
+        def line(name: str, value: Rate, extra: str) -> str:
+            shown = "-" if value.total == 0 else f"{100 * value.value:.1f}%"
+            return f"{name:<28} {shown:>7}  [{100 * value.low:.1f}%, {100 * value.high:.1f}%]  {extra}"
+
+        lines = [f"pairwise accuracy of {self.model} on {self.records} records (Wilson 95% intervals)"]
+        if self.asked is not None:
+            lines.append(line("asked (unparseable = wrong)", self.asked.accuracy, f"{self.asked.correct}/{self.asked.total}, {self.asked.unparseable} unparseable"))
+            lines.append(line("asked, parsed answers only", self.asked.accuracy_parsed, f"{self.asked.correct}/{self.asked.correct + self.asked.wrong}"))
+        if self.likelihood is not None:
+            lines.append(line("likelihood (all pairs)", self.likelihood.accuracy, f"{self.likelihood.wins}/{self.likelihood.total}, {self.likelihood.ties} ties"))
+            for source, result in self.likelihood_by_source.items():
+                lines.append(line(f"likelihood, {source} rejected", result.accuracy, f"{result.wins}/{result.total}"))
+        return "\n".join(lines)
+
+
+def evaluate_pairwise(
+    model: str,
+    data: str | Path | Iterable[PreferenceRecord],
+    out_dir: str | Path,
+    *,
+    forms: Sequence[str] = ("asked", "likelihood"),
+    image_root: str | Path | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    device: str = "auto",
+    max_length: int = 2048,
+) -> PairwiseReport:
+    """Both forms of pairwise accuracy of one model (loaded once) on preference records.
+
+    Writes ``pairwise.json``, ``pairwise.md`` and the model's raw answers
+    (``pairwise_answers.jsonl``) into ``out_dir``.
+    """
+    import json
+
+    from mmsafe.data.jsonl import write_jsonl
+    from mmsafe.generate.hf_engine import HFEngine
+    from mmsafe.generate.runs import default_image_root, load_records
+
+    unknown = [form for form in forms if form not in ("asked", "likelihood")]
+    if unknown or not forms:
+        raise ConfigError(f"forms: expected asked and/or likelihood, got {list(forms)!r}")
+    records = load_records(data)
+    root = default_image_root(data, image_root)
+    engine = HFEngine(model, dtype=dtype, device=device, batch_size=batch_size)
+    report = PairwiseReport(model=str(model), records=len(records))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if "asked" in forms:
+        report.asked = run_pairwise(engine, records, image_root=root, seed=seed, batch_size=batch_size)
+        write_jsonl(out / "pairwise_answers.jsonl", ({"id": key, "answer": answer, "parsed": parse_pairwise_answer(answer)} for key, answer in report.asked.answers.items()))
+    if "likelihood" in forms:
+        from mmsafe.train.logprobs import score_responses
+
+        scored = score_responses(engine.loaded, records, root, batch_size=batch_size, max_length=max_length)
+        report.skipped = scored.skipped
+        chosen = [score.chosen for score in scored.scores for _ in score.rejected]
+        rejected = [value for score in scored.scores for value in score.rejected]
+        if chosen:
+            report.likelihood = likelihood_pairwise_accuracy(chosen, rejected)
+        by_source: dict[str, tuple[list[float], list[float]]] = {}
+        for score in scored.scores:
+            for value, source in zip(score.rejected, score.sources, strict=True):
+                pair = by_source.setdefault(source, ([], []))
+                pair[0].append(score.chosen)
+                pair[1].append(value)
+        report.likelihood_by_source = {source: likelihood_pairwise_accuracy(pair[0], pair[1]) for source, pair in sorted(by_source.items())}
+    (out / "pairwise.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "pairwise.md").write_text("```\n" + report.table() + "\n```\n", encoding="utf-8")
+    return report
