@@ -20,3 +20,15 @@ def tiny_engine(tiny_model_dir):
     from mmsafe.generate.hf_engine import HFEngine
 
     return HFEngine(tiny_model_dir, dtype="float32", device="cpu", batch_size=16)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine a parallel
+    region waits for a descheduled thread; one thread keeps these tests fast and steady."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

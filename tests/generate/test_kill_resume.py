@@ -30,7 +30,7 @@ def _complete_lines(path: Path) -> list[dict]:
 
 
 def _start(command: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "MMSAFE_PROGRESS": "0"}
+    env = {**os.environ, "MMSAFE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -60,7 +60,7 @@ def test_sigkill_three_times_then_finish(tiny_model_dir, tiny_engine, tmp_path):
         ids = [row["id"] for row in rows]
         assert before < len(rows) < RECORDS and len(ids) == len(set(ids))
 
-    finished = subprocess.run(command, env={**os.environ, "MMSAFE_PROGRESS": "0"}, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(command, env={**os.environ, "MMSAFE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     assert "already done" in finished.stdout
 
