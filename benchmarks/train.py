@@ -694,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice); 1 is steadier on a busy machine")
     parser.add_argument("--solo", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)  # internal: one contender in a fresh process
     args = parser.parse_args(argv)
+    args.command = " ".join(["python -m benchmarks.train", *(sys.argv[1:] if argv is None else argv)])
     setup = GPU_SETUP if args.gpu else QUICK_SETUP if args.quick else CPU_SETUP
     if args.batch_size:
         setup = replace(setup, batch_size=args.batch_size)
@@ -778,7 +779,7 @@ def run_cpu(args: argparse.Namespace, setup: Setup, repetitions: int) -> int:
         args.json,
         {
             "benchmark": "train",
-            "command": "python -m benchmarks.train" + (" --quick" if args.quick else ""),
+            "command": args.command,
             "setup": asdict(setup),
             "parameters": parameters,
             "workload": {
@@ -826,7 +827,7 @@ def run_gpu(args: argparse.Namespace, setup: Setup, repetitions: int) -> int:
             }
         )
     print(format_table(rows, ["name", "examples_per_s", "examples_per_s_min", "examples_per_s_max", "tokens_per_s", "peak_gpu_mb"]))
-    write_results(args.json, {"benchmark": "train-gpu", "command": "python -m benchmarks.train --gpu", "setup": asdict(setup), "results": rows})
+    write_results(args.json, {"benchmark": "train-gpu", "command": args.command, "setup": asdict(setup), "results": rows})
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import subprocess
 import sys
@@ -84,3 +85,27 @@ def test_peak_memory_of_a_child_is_its_own():
     child = subprocess.run([sys.executable, "-c", "from benchmarks.harness import peak_rss_mb; print(peak_rss_mb())"], capture_output=True, text=True, check=True, cwd=Path(bench.__file__).resolve().parents[1])
     assert parent > 200
     assert float(child.stdout) < parent - 150
+
+
+def test_flop_count_of_a_step_covers_the_output_layer(prepared):
+    _, model, workload = prepared
+    contender = bench.make_contender("A", copy.deepcopy(model), workload, TINY)
+    flops = bench.count_step_flops(contender)
+    # The output layer alone, forward (2 x width x vocab per scored position) and backward
+    # (twice that), at the positions that predict a response token: each response's first
+    # token is predicted by the prompt's last position, shared by all responses of an example.
+    positions = sum(length for length in workload.response_lengths) - workload.examples * len(workload.sources)
+    assert flops >= 3 * 2 * TINY.text_hidden_size * TINY.vocab_size * positions
+
+
+def test_solo_mode_prints_its_timings_and_peak_memory(capsys):
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--solo", "A", "--quick", "--repetitions", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads sets it for the whole process
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["key"] == "A"
+    assert len(result["seconds"]) == 1
+    assert result["peak_rss_mb"] >= result["rss_before_contender_mb"] > 0
+    assert result["examples"] == bench.QUICK_SETUP.batch_size
