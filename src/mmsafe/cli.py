@@ -186,6 +186,35 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
     generate = _command(subparsers, "generate", "answer every prompt of a data file; resumable JSONL of response records", _generate)
     _add_engine_arguments(generate)
     generate.add_argument("--variant", default="default", help="variant written into each response record (default 'default')")
+    generate.add_argument(
+        "--benchmark", help="read --data as a benchmark instead of preference data: mmsafe-po, mm-safetybench (its folder), spa-vl-harmeval (parquet or folder)"
+    )
+    generate.add_argument(
+        "--benchmark-option", action="append", default=[], metavar="KEY=VALUE", help="benchmark loader option (repeatable), e.g. settings=[TYPO,SD] scenarios=[01-Illegal_Activitiy]"
+    )
+
+
+def _benchmark_records(args: argparse.Namespace) -> tuple[list, Path | None]:
+    """Benchmark items (they carry their own image folder) and that folder."""
+    from mmsafe.config import parse_override
+    from mmsafe.errors import ConfigError
+    from mmsafe.evaluate.benchmarks import load_benchmark
+
+    options = {}
+    for text in args.benchmark_option:
+        key, value = parse_override(text)
+        options[".".join(key)] = value
+    try:
+        items = load_benchmark(args.benchmark, args.data, **options)
+    except TypeError as error:  # an option the loader does not take
+        raise ConfigError(f"--benchmark-option: {error}") from None
+    if args.limit is not None:
+        items = items[: args.limit]
+    roots = {item.image_root for item in items if item.image is not None}
+    if len(roots) > 1:
+        raise ConfigError(f"benchmark {args.benchmark}: items come from several image folders; pass --image-root")
+    image_root = Path(args.image_root) if args.image_root else (roots.pop() if roots else None)
+    return items, image_root
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -193,8 +222,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     params = _decoding_from_args(args)
     # The data is read (and checked) before the model is loaded, so bad input fails in seconds.
-    records = load_records(args.data, limit=args.limit, format_name=args.format_name)
-    image_root = default_image_root(args.data, args.image_root)
+    if args.benchmark:
+        records, image_root = _benchmark_records(args)
+        records = load_records(records)  # the same id checks as for preference data
+    else:
+        records = load_records(args.data, limit=args.limit, format_name=args.format_name)
+        image_root = default_image_root(args.data, args.image_root)
     engine = _engine_from_args(args)
     summary = generate_responses(
         engine, records, args.out, image_root=image_root, params=params, batch_size=args.batch_size, variant=args.variant, limit=args.limit, source=args.data
