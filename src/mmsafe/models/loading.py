@@ -119,7 +119,12 @@ def load_model(
         trust_remote_code: run model code shipped with the checkpoint. Off by default.
     """
     from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as transformers_logging
 
+    from mmsafe.progress import progress_enabled
+
+    if not progress_enabled():  # transformers' own bars follow mmsafe's setting
+        transformers_logging.disable_progress_bar()
     name = str(name_or_path)
     if adapter is None and Path(name).is_dir() and is_adapter_dir(name):
         adapter, name = name, adapter_base_model(name)
