@@ -23,6 +23,7 @@ from typing import Any
 
 from mmsafe.data.formats.base import first_object, iter_json_lines
 from mmsafe.data.formats.hh_rlhf import TextPreference, dataset_stem, iter_hh_rlhf
+from mmsafe.data.jsonl import iter_lines
 from mmsafe.data.records import Message
 from mmsafe.errors import ConfigError, DataError
 
@@ -146,6 +147,8 @@ def detect_source(path: Path) -> str:
     """The source format of ``path`` from the keys of its first JSON object."""
     first = first_object(path)
     if first is None:
+        for _ in iter_lines(path):  # an unreadable file says why (bad UTF-8, truncated gzip)
+            break
         raise DataError("cannot detect the input format: no JSON object among the first lines; set format explicitly", file=str(path))
     if "safer_response_id" in first:
         return "pku-saferlhf"

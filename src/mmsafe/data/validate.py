@@ -88,6 +88,8 @@ def validate_file(
         report.problems.extend(record_problems)
         if not record_problems:
             report.good += 1
+    if report.total == 0 and not report.problems:
+        report.problems.append(DataError("no records in the file (expected at least one)", file=file))
     return report
 
 

@@ -312,11 +312,10 @@ def plot_probe(result: ProbeResult, path: Path) -> None:
 
 
 def _load_records(data: str | Path | Iterable[PreferenceRecord]) -> list[PreferenceRecord]:
-    if isinstance(data, str | Path):
-        from mmsafe.data.formats import read_records
+    # Outputs are keyed by record id: the shared loader refuses repeated ids and empty files.
+    from mmsafe.generate.runs import load_records
 
-        return list(read_records(data))
-    return list(data)
+    return load_records(data)
 
 
 def run_probe(
@@ -382,11 +381,16 @@ def run_probe(
         blank_path.parent.mkdir(parents=True, exist_ok=True)
         blank_image().save(blank_path)
     for record in usable:  # copy each data image once, under its own (confined) relative path
+        try:
+            # Checked before the path is joined to the output folder: an absolute or '..'
+            # path would otherwise name a folder outside it.
+            source = resolve_image_path(root, record.image)
+        except DataError as error:
+            raise error.at(file=str(data) if isinstance(data, str | Path) else None, record=record.id) from None
         target = shown / "data" / record.image
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            source = resolve_image_path(root, record.image)
             load_image(root, record.image)  # a clear error for a missing or corrupt image
+            target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
 
     def shown_path(ref: ImageRef) -> str:

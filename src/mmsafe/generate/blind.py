@@ -161,6 +161,8 @@ def make_blind(
     root = default_image_root(data, image_root)
     file = str(data) if isinstance(data, str | Path) else source
     check_records(records, mode, file=file)
+    if not records:
+        raise DataError("no records to answer blind (expected at least one preference record)", file=file)
     responses_path = responses_path_for(out_path)
     config = {"command": "blind", "mode": mode, "data": file or f"<{len(records)} records in memory>", "image_root": None if root is None else str(root), "limit": limit, "output": str(out_path), "release_rows": None if write_release_rows is None else str(write_release_rows)}
     run = run_requests(

@@ -107,6 +107,8 @@ def load_records(data: str | Path | Iterable[PreferenceRecord], *, limit: int | 
             raise DataError("duplicate record id (outputs are keyed by id, so ids must be unique)", file=file, record=record.id, field="id")
         seen.add(record.id)
         records.append(record)
+    if file is not None and not records and limit != 0:
+        raise DataError("no records in the file (expected at least one preference record)", file=file)
     return records
 
 

@@ -248,6 +248,12 @@ def load_training_records(config: TrainConfig) -> list[Any]:
     if not path.is_file():
         raise DataError("data file not found (expected preference records as JSONL)", file=str(path))
     records = list(read_preference_records(path))
+    seen: set[str] = set()
+    for record in records:
+        # Reference log-probs are cached by id: two records under one id would share one.
+        if record.id in seen:
+            raise DataError("duplicate record id (ids must be unique)", file=str(path), record=record.id, field="id")
+        seen.add(record.id)
     if config.split is not None:
         records = [record for record in records if record.meta.get("split", config.split) == config.split]
     if not records:
