@@ -102,6 +102,31 @@ class PreferenceTrainer(Trainer):
         self._metric_sums = torch.zeros(len(self._metric_names), dtype=torch.float64)
         self._metric_counts = torch.zeros(len(self._metric_names), dtype=torch.float64)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Resume full weights through ``from_pretrained``, which maps saved key names back.
+
+        In transformers 5, ``save_pretrained`` writes some architectures (LLaVA among them)
+        under their legacy key names, and the Trainer's own loader reads the file with
+        ``load_state_dict(strict=False)``: every key was reported missing and a resumed run
+        silently went on from the base weights. Adapters, FSDP and DeepSpeed keep the
+        Trainer's own path.
+        """
+        from transformers import PreTrainedModel
+
+        target = self.model if model is None else model
+        folder = Path(resume_from_checkpoint)
+        has_weights = (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
+        if not has_weights or not isinstance(target, PreTrainedModel) or hasattr(target, "peft_config") or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        saved = type(target).from_pretrained(str(folder), dtype=next(target.parameters()).dtype, use_safetensors=True)
+        try:
+            target.load_state_dict(saved.state_dict(), strict=True)
+        except RuntimeError as error:
+            raise ModelError(f"{folder}: the checkpoint's weights do not fit the model being trained ({str(error).splitlines()[0]})") from None
+        finally:
+            del saved
+
     def _make_metric_names(self) -> list[str]:
         names = ["logps/chosen", "rewards/chosen", "rewards/accuracy", "rewards/margin"]
         for source in self.sources:
