@@ -34,7 +34,11 @@ per-token cost of the language-model head is that of a 32k vocabulary. ``--gpu``
 LLaVA-1.5-7B-shaped model (336-pixel images, 576 image tokens, bf16) instead and runs
 each contender alone in its own process (four 7B trainers do not fit on one device).
 
-    python -m benchmarks.train [--quick] [--json PATH] [--gpu]
+    python -m benchmarks.train [--quick] [--json PATH] [--gpu] [--threads N] [--batch-size N]
+
+``--quick`` uses a smaller model of the same proportions (a minute or two). The exit
+status is 0 when A meets the targets (4x C's and D's examples/s, at most 0.6 of D's peak
+memory), 2 when it misses one, 1 when the step-0 losses disagree.
 """
 
 from __future__ import annotations
@@ -302,7 +306,7 @@ def build_workload(processor: Any, setup: Setup, *, examples: int, num_rejected:
     response_tokens = response_tokens or setup.response_tokens
     rng = random.Random(seed)
     tokenizer = processor.tokenizer
-    image_root = Path(tempfile.mkdtemp(prefix="mmsafe-bench-train-"))
+    image_root = Path(scratch_dir("images-"))
     sources = ["human", "blind"] + [f"blind{index}" for index in range(2, num_rejected)]
     sources = sources[:num_rejected]
 
@@ -363,6 +367,16 @@ def build_workload(processor: Any, setup: Setup, *, examples: int, num_rejected:
     )
 
 
+_SCRATCH: list[tempfile.TemporaryDirectory] = []
+
+
+def scratch_dir(prefix: str) -> str:
+    """A new folder under one temporary directory that is removed when the process exits."""
+    if not _SCRATCH:
+        _SCRATCH.append(tempfile.TemporaryDirectory(prefix="mmsafe-bench-train-"))
+    return tempfile.mkdtemp(prefix=prefix, dir=_SCRATCH[0].name)
+
+
 def move(batch: dict[str, Any], device: str) -> dict[str, Any]:
     return {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
 
@@ -420,12 +434,12 @@ class Contender:
 def make_mmsafe(key: str, policy: Any, workload: Workload, setup: Setup) -> Contender:
     """A, B or C on ``policy`` (which it takes over and trains)."""
     from mmsafe.train.data import PreferenceCollator
-    from mmsafe.train.reference import FrozenCopyReference, precompute_reference
+    from mmsafe.train.reference import FrozenCopyReference
     from mmsafe.train.trainer import PreferenceTrainer, set_trainable
 
     forward_mode = "separate" if key == "C" else "shared-prefix"
     reference_mode = "precomputed" if key == "A" else "copy"
-    output_dir = tempfile.mkdtemp(prefix=f"mmsafe-bench-{key}-")
+    output_dir = scratch_dir(f"{key}-")
     config = _train_config(setup, output_dir, forward_mode=forward_mode, reference=reference_mode)
     policy = set_trainable(policy, config)
     collator = PreferenceCollator(workload.pad_token_id, workload.sources, mode=forward_mode)
@@ -436,7 +450,7 @@ def make_mmsafe(key: str, policy: Any, workload: Workload, setup: Setup) -> Cont
         # training, and the log-probs travel in the batch.
         examples = [replace(item["example"]) for item in items]  # copies: B and C must not see the cache
         scoring = PreferenceCollator(workload.pad_token_id, workload.sources, mode="shared-prefix")
-        logps = _precompute(policy, items, examples, scoring, setup, precompute_reference)
+        logps = _precompute(policy, items, examples, scoring, setup)
         for example in examples:
             example.reference_logps = logps[example.id]
         items = [{**item, "example": example} for item, example in zip(items, examples, strict=True)]
@@ -460,9 +474,12 @@ class _ItemsDataset:
         return self.items[index]
 
 
-def _precompute(policy, items, examples, collator, setup, precompute_reference) -> dict[str, list[float]]:
+def _precompute(model: Any, items: list[dict[str, Any]], examples: list[Any], collator: Any, setup: Setup) -> dict[str, list[float]]:
+    """Reference log-probs of ``examples`` by ``model``, as ``mmsafe train`` precomputes them."""
+    from mmsafe.train.reference import precompute_reference
+
     dataset = _ItemsDataset([{**item, "example": example} for item, example in zip(items, examples, strict=True)])
-    return precompute_reference(policy, dataset, collator, batch_size=setup.batch_size)
+    return precompute_reference(model, dataset, collator, batch_size=setup.batch_size)
 
 
 def make_trl(policy: Any, workload: Workload, setup: Setup, *, reference: Any | None = None) -> Contender:
@@ -472,7 +489,7 @@ def make_trl(policy: Any, workload: Workload, setup: Setup, *, reference: Any | 
 
     from mmsafe.train.trainer import set_trainable
 
-    output_dir = tempfile.mkdtemp(prefix="mmsafe-bench-D-")
+    output_dir = scratch_dir("D-")
     policy = set_trainable(policy, _train_config(setup, output_dir, forward_mode="separate", reference="copy"))
     if reference is None:
         reference = copy.deepcopy(policy)  # what a user passes for an in-memory model (TRL reloads from a path otherwise)
@@ -543,7 +560,6 @@ def check_losses(model: Any, workload: Workload, setup: Setup) -> LossAgreement:
     from mmsafe.train.data import PreferenceCollator
     from mmsafe.train.forward import score_batch
     from mmsafe.train.losses import bpo_loss
-    from mmsafe.train.reference import precompute_reference
 
     reference = model.eval()
     policy = perturb(model).eval()
@@ -551,7 +567,7 @@ def check_losses(model: Any, workload: Workload, setup: Setup) -> LossAgreement:
     separate_batch = move(PreferenceCollator(workload.pad_token_id, workload.sources, mode="separate")(workload.items), setup.device)
     shared_batch = move(shared(workload.items), setup.device)
     examples = [item["example"] for item in workload.items]
-    cached = _precompute(reference, workload.items, examples, shared, setup, precompute_reference)
+    cached = _precompute(reference, workload.items, examples, shared, setup)
     cached_chosen = torch.tensor([cached[example.id][0] for example in examples])
     cached_rejected = torch.tensor([cached[example.id][1:] for example in examples])
     with torch.no_grad():
