@@ -34,6 +34,15 @@ TINY = bench.Setup(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: a second thread only waits for the first, and longer on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def prepared():
     return bench.prepare(TINY)
@@ -99,11 +108,7 @@ def test_flop_count_of_a_step_covers_the_output_layer(prepared):
 
 
 def test_solo_mode_prints_its_timings_and_peak_memory(capsys):
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main(["--solo", "A", "--quick", "--repetitions", "1", "--threads", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)  # --threads sets it for the whole process
+    assert bench.main(["--solo", "A", "--quick", "--repetitions", "1", "--threads", "1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["key"] == "A"
     assert len(result["seconds"]) == 1
