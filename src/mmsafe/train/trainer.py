@@ -149,8 +149,8 @@ class PreferenceTrainer(Trainer):
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         # Under DeepSpeed the Trainer casts every float input to the model's dtype; bf16
         # would round a reference log-prob of -250.1 to -250, so these travel uncast.
-        exact = {key: inputs.pop(key) for key in REFERENCE_KEYS if key in inputs}
-        inputs = super()._prepare_inputs(inputs)
+        exact = {key: inputs[key] for key in REFERENCE_KEYS if key in inputs}
+        inputs = super()._prepare_inputs({key: value for key, value in inputs.items() if key not in exact})
         inputs.update({key: value.to(self.args.device) for key, value in exact.items()})
         return inputs
 
