@@ -574,6 +574,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MmsafeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # the file system said no (permissions, a full disk, a bad output path): name the file
+        print(f"error: {error.filename or '-'}: {error.strerror or error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ strings) is handled and exits 0; a bad HH-RLHF line in build-data is a counted s
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,27 @@ def test_corpus_is_large_and_covers_every_kind():
     assert {case.kind for case in CASES} == set(STAGES_BY_KIND)
     assert len({case.name for case in CASES}) == len(CASES)
     print(f"\ncorpus: {len(CASES)} cases, {len(matrix())} (case, stage) runs")
+
+
+@pytest.mark.parametrize("stage", ["convert", "generate", "judge"])
+def test_an_output_path_that_cannot_be_made_is_one_clear_line(stage, tmp_path, tiny_model_dir):
+    """The file system refusing an output (here: a folder under /proc) names the path, no traceback."""
+    data = CASES[0].write(tmp_path / "in")
+    data.write_text(data.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")  # one good record
+    bad = Path("/proc/mmsafe-no-such-folder/out.jsonl")
+    argv = {
+        "convert": ["data", "convert", data, bad],
+        "generate": ["generate", "--model", tiny_model_dir, "--data", data, "--out", bad, "--max-new-tokens", 2, "--device", "cpu"],
+        "judge": ["judge", "--responses", _one_response(tmp_path), "--out", bad, "--judge", "refusal"],
+    }[stage]
+    outcome = run_cli(argv)
+    assert outcome.code == 1 and "Traceback" not in outcome.stderr, outcome.describe()
+    assert any("/proc/mmsafe-no-such-folder" in line for line in outcome.error_lines), outcome.describe()
+
+
+def _one_response(folder: Path) -> Path:
+    from corpus import response_row
+
+    path = folder / "responses.jsonl"
+    path.write_text(json.dumps(response_row("r0")) + "\n", encoding="utf-8")
+    return path
