@@ -92,7 +92,19 @@ def test_an_output_path_that_cannot_be_made_is_one_clear_line(stage, tmp_path, t
     bad = Path("/proc/mmsafe-no-such-folder/out.jsonl")
     argv = {
         "convert": ["data", "convert", data, bad],
-        "generate": ["generate", "--model", tiny_model_dir, "--data", data, "--out", bad, "--max-new-tokens", 2, "--device", "cpu"],
+        "generate": [
+            "generate",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            data,
+            "--out",
+            bad,
+            "--max-new-tokens",
+            2,
+            "--device",
+            "cpu",
+        ],
         "judge": ["judge", "--responses", _one_response(tmp_path), "--out", bad, "--judge", "refusal"],
     }[stage]
     outcome = run_cli(argv)
@@ -106,3 +118,37 @@ def _one_response(folder: Path) -> Path:
     path = folder / "responses.jsonl"
     path.write_text(json.dumps(response_row("r0")) + "\n", encoding="utf-8")
     return path
+
+
+SUBPROCESS_CASES = [
+    ("malformed-json", "generate"),
+    ("image-dotdot-path", "validate"),
+    ("config-non-utf8", "build-data"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "stage"), SUBPROCESS_CASES, ids=[f"{name}-{stage}" for name, stage in SUBPROCESS_CASES]
+)
+def test_the_installed_command_prints_one_line_and_exits_1(name, stage, tmp_path, tiny_model_dir):
+    """The same through a real ``python -m mmsafe`` process: stderr is what a user sees."""
+    import os
+    import subprocess
+    import sys
+
+    case = next(case for case in CASES if case.name == name)
+    data = case.write(tmp_path / "in")
+    argv = (
+        config_argv(stage, data, tmp_path) if case.kind == CONFIG else stage_argv(stage, data, tmp_path, tiny_model_dir)
+    )
+    env = {**os.environ, "MMSAFE_PROGRESS": "0"}
+    finished = subprocess.run(
+        [sys.executable, "-m", "mmsafe", *map(str, argv)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert finished.returncode == 1, finished.stderr
+    assert "Traceback" not in finished.stderr
+    assert any(
+        case.expect in line
+        for line in finished.stderr.splitlines()
+        if line.startswith("error: ") or line.count(":") >= 3
+    ), finished.stderr
