@@ -327,6 +327,13 @@ CASES: list[Case] = [
     Case("duplicate-ids", RECORDS, _records(good_record("r0")), "error", "duplicate"),
     Case("empty-file", RECORDS, lambda folder: _records_file(folder, []), "error", "no record"),
     Case("huge-strings", RECORDS, _records(good_record("r1", chosen=HUGE, meta={"text_prompt": HUGE})), "ok"),
+    Case(
+        "huge-prompt",
+        RECORDS,
+        _records(good_record("r1", image=None, messages=[{"role": "user", "content": "why " * 500_000}])),
+        "error",
+        "positions",
+    ),
     Case("empty-chosen", RECORDS, _records(good_record("r1", chosen="")), "error", "chosen"),
     Case("wrong-type-image", RECORDS, _records(good_record("r1", image=["a.png"])), "error", "image"),
     # Images named by records.

@@ -19,9 +19,6 @@ import yaml
 
 from mmsafe.cli import main
 
-#: Stages that read preference data (any format) and, for most, the images it names.
-DATA_STAGES = ("validate", "convert", "stats", "generate", "blind", "probe", "train", "run")
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -117,6 +114,20 @@ def stage_argv(stage: str, data: Path, work: Path, model: Path) -> list:
         return ["blind", *engine, "--out", work / "blind.jsonl"]
     if stage == "probe":
         return ["probe", *engine, "--out", work / "probe", "--variants", "multimodal"]
+    if stage == "pairwise":
+        return [
+            "pairwise",
+            "--model",
+            model,
+            "--data",
+            data,
+            "--out",
+            work / "pairwise",
+            "--device",
+            "cpu",
+            "--batch-size",
+            4,
+        ]
     if stage == "train":
         return ["train", "--config", _write_yaml(work / "train.yaml", train_options(model, data, work / "train"))]
     if stage == "run":

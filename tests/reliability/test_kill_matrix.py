@@ -114,21 +114,6 @@ def kill_repeatedly(
     return kills
 
 
-def kill_on_timer(argv: list, rng: random.Random, log: Path, *, low: float, high: float, most: int) -> int:
-    """Kill ``argv`` after a random ``low..high`` seconds, again and again, until it finishes."""
-    kills = 0
-    for _ in range(most):
-        pid = _child(argv, log)
-        time.sleep(rng.uniform(low, high))
-        if os.waitpid(pid, os.WNOHANG)[0]:
-            break
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        kills += os.WIFSIGNALED(status)
-    run_to_end(argv, log)
-    return kills
-
-
 def complete_rows(path: Path) -> list[dict]:
     """The rows of a JSONL file as a reader sees it now (a last line cut short is not a row)."""
     if not path.exists():
@@ -425,6 +410,11 @@ def test_train_killed_five_times(tmp_path, tiny_model_dir, dataset, record_prope
     assert summary["global_step"] == steps
 
 
+def run_progress(out: Path) -> int:
+    lines = sum(line_count(path)() for path in out.rglob("*.jsonl") if path.is_file())
+    return lines + sum(1 for _ in out.rglob("checkpoint-*/trainer_state.json"))
+
+
 RUN = {
     "model": "tiny",
     "data": {"sample": True},
@@ -453,8 +443,17 @@ def test_run_killed_five_times(tmp_path, record_property):
         path.write_text(yaml.safe_dump({"out": str(tmp_path / name), **RUN}), encoding="utf-8")
         return path
 
-    kills = kill_on_timer(["run", config("killed")], rng, tmp_path / "killed.log", low=0.5, high=2.5, most=KILLS)
+    # Progress is every line written under the output folder plus every complete checkpoint,
+    # so the kills fall at seeded places across all stages of the uninterrupted run's work.
     run_to_end(["run", config("reference")], tmp_path / "reference.log")
+    total = run_progress(tmp_path / "reference")
+    kills = kill_repeatedly(
+        ["run", config("killed")],
+        lambda: run_progress(tmp_path / "killed"),
+        spread_targets(rng, total),
+        rng,
+        tmp_path / "killed.log",
+    )
     keys, expected = [], set()
     for name in ("base", "bpo"):
         for kind, path in (

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmsafe.errors import ConfigError
+from mmsafe.errors import ConfigError, DataError
 from mmsafe.generate.engine import DecodingParams, GenerationRequest, check_responses
 from mmsafe.models.loading import LoadedModel, load_model
 from mmsafe.models.prompts import PromptStyle, render_prompt
@@ -141,6 +141,12 @@ class HFEngine:
         image_processor = getattr(self.processor, "image_processor", None)
         return prepare_image(image, self.image_mode, image_mean=getattr(image_processor, "image_mean", None))
 
+    def context_limit(self) -> int | None:
+        """The model's position count (its language model's, for a vision-language model)."""
+        config = self.model.config
+        limit = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+        return limit if isinstance(limit, int) and limit > 0 else None
+
     def _generation_kwargs(self, params: DecodingParams) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
@@ -166,6 +172,12 @@ class HFEngine:
             request.check()
         prompts = [self.render(request) for request in requests]
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        limit = self.context_limit()
+        for request, length in zip(requests, lengths, strict=True):
+            # A prompt past the model's positions fails deep in the forward pass, or first
+            # tries to allocate an attention mask of length squared.
+            if limit is not None and length > limit:
+                raise DataError(f"the prompt is {length:,} tokens, more than the {limit:,} positions the model reads", record=request.id, field="messages")
         has_image = [request.has_image for request in requests]
         responses: list[str | None] = [None] * len(requests)
         kwargs = self._generation_kwargs(params)
