@@ -327,8 +327,9 @@ def test_build_data_killed_five_times(tmp_path, record_property):
     assert sorted(rows, key=lambda row: row["id"]) == sorted(expected, key=lambda row: row["id"])
 
 
-def _train_config(tmp_path: Path, name: str, model: Path, data: Path, steps: int) -> Path:
+def _train_config(tmp_path: Path, name: str, model: Path, data: Path, steps: int, finetune: str = "full") -> Path:
     options = {
+        "finetune": finetune,
         "model": str(model),
         "data": str(data),
         "output_dir": str(tmp_path / name),
@@ -376,7 +377,8 @@ def trained_lineage(output_dir: Path) -> dict[int, list[float]]:
     return lineage
 
 
-def test_train_killed_five_times(tmp_path, tiny_model_dir, dataset, record_property):
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_train_killed_five_times(finetune, tmp_path, tiny_model_dir, dataset, record_property):
     rng = random.Random(SEED + 4)
     steps = 14
 
@@ -389,19 +391,19 @@ def test_train_killed_five_times(tmp_path, tiny_model_dir, dataset, record_prope
 
     targets = sorted(rng.sample(range(2, steps, 2), KILLS))
     kills = kill_repeatedly(
-        ["train", "--config", _train_config(tmp_path, "killed", tiny_model_dir, dataset, steps)],
+        ["train", "--config", _train_config(tmp_path, "killed", tiny_model_dir, dataset, steps, finetune)],
         checkpoint_step,
         targets,
         rng,
         tmp_path / "killed.log",
     )
     run_to_end(
-        ["train", "--config", _train_config(tmp_path, "reference", tiny_model_dir, dataset, steps)],
+        ["train", "--config", _train_config(tmp_path, "reference", tiny_model_dir, dataset, steps, finetune)],
         tmp_path / "reference.log",
     )
     lineage, reference = trained_lineage(tmp_path / "killed"), trained_lineage(tmp_path / "reference")
     keys = [step for step, losses in lineage.items() for _ in losses]
-    figures = tally("train (steps)", kills, keys, set(range(1, steps + 1)), record_property)
+    figures = tally(f"train {finetune} (steps)", kills, keys, set(range(1, steps + 1)), record_property)
     assert (figures.kills, figures.lost, figures.duplicated) == (KILLS, 0, 0)
     assert {step: losses[0] for step, losses in lineage.items()} == pytest.approx(
         {step: losses[0] for step, losses in reference.items()}, abs=1e-5
