@@ -272,6 +272,7 @@ class ChatServer:
 
     def __init__(self) -> None:
         self.authorizations: list[str | None] = []
+        self.bodies: list[dict] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -281,6 +282,7 @@ class ChatServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.authorizations.append(self.headers.get("Authorization"))
+                outer.bodies.append(body)
                 content = body["messages"][-1]["content"]
                 text = content if isinstance(content, str) else " ".join(part.get("text", "") for part in content)
                 if text.startswith("Find the named entities"):
@@ -451,3 +453,76 @@ def test_http_clients_time_out_and_give_up_after_bounded_retries(tmp_path):
         if "httpx.Client(" in line
     ]
     assert clients and all("timeout=" in line for _, line in clients)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [case for case in CASES if case.name in ("image-absolute-path", "image-dotdot-path", "image-symlink-out")],
+    ids=lambda case: case.name,
+)
+def test_report_and_llm_judge_never_show_an_image_from_outside(case, tmp_path):
+    """Both read the benchmark data's images: a hostile path is refused or left out, never sent or embedded."""
+    data = case.write(tmp_path / "in")
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text(
+        "".join(
+            json.dumps({"id": f"r{index}", "variant": "default", "response": "Sure.", "model": "m", "params": {}})
+            + "\n"
+            for index in range(2)
+        ),
+        encoding="utf-8",
+    )
+    server = ChatServer()
+    try:
+        judged = run_cli(
+            [
+                "judge",
+                "--responses",
+                responses,
+                "--out",
+                tmp_path / "verdicts.jsonl",
+                "--judge",
+                "llm",
+                "--base-url",
+                server.base_url,
+                "--judge-model",
+                "m",
+                "--data",
+                data,
+            ]
+        )
+    finally:
+        server.close()
+    assert "Traceback" not in judged.stderr, judged.describe()
+    if judged.code == 0:
+        verdicts = [json.loads(line) for line in (tmp_path / "verdicts.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert {row["id"] for row in verdicts} == {"r0", "r1"} and len(server.bodies) == 2
+    else:
+        assert any(case.expect in line for line in judged.error_lines), judged.describe()
+    with_image = [body for body in server.bodies if "image_url" in json.dumps(body)]
+    assert len(with_image) <= 1  # at most r0's own image was sent
+
+    verdicts = tmp_path / "v.jsonl"
+    verdicts.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"r{index}",
+                    "variant": "default",
+                    "judge": "refusal",
+                    "verdict": "unsafe",
+                    "categories": [],
+                    "raw": "",
+                }
+            )
+            + "\n"
+            for index in range(2)
+        ),
+        encoding="utf-8",
+    )
+    reported = run_cli(
+        ["report", "--verdicts", verdicts, "--out", tmp_path / "report", "--data", data, "--resamples", 20]
+    )
+    assert reported.code == 0 and "Traceback" not in reported.stderr, reported.describe()
+    html = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
+    assert html.count("<img ") == 1  # r0's own image only
