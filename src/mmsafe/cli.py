@@ -524,7 +524,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
-    demo = _command(subparsers, "demo", "the whole loop on the tiny built-in model and bundled data (CPU, a few minutes)", _demo)
+    demo = _command(subparsers, "demo", "the whole loop on the tiny built-in model and bundled data (CPU, under a minute)", _demo)
     demo.add_argument("--out", default="mmsafe-demo", help="output folder (default mmsafe-demo); a rerun reuses what is done")
 
 
@@ -549,7 +549,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- main
 
-COMMANDS = [add_data, add_models, add_generate, add_blind, add_probe, add_build_data, add_judge, add_report, add_pairwise, add_train, add_run, add_demo]
+# In the order of the flow: the whole loop first, then each stage.
+COMMANDS = [add_demo, add_run, add_data, add_build_data, add_blind, add_train, add_generate, add_judge, add_report, add_pairwise, add_probe, add_models]
 
 
 def build_parser() -> argparse.ArgumentParser:
