@@ -185,19 +185,24 @@ def base_model_path(config: PipelineConfig, paths: Paths) -> str:
     return str(paths.tiny_model) if config.model == TINY_MODEL else config.model
 
 
-def train_data(config: PipelineConfig, paths: Paths) -> tuple[str, str | None]:
+def _with_root(data: str, image_root: str | None) -> tuple[str, str]:
+    """Image paths are relative to the data file's folder unless a root is given."""
+    return data, image_root if image_root is not None else str(Path(data).parent)
+
+
+def train_data(config: PipelineConfig, paths: Paths) -> tuple[str, str]:
     """(records file, image root) of the training data, before blind responses."""
     if config.data.sample:
         return str(paths.sample / "records.jsonl"), str(paths.sample)
     if config.build is not None:
         return str(paths.built / "records.jsonl"), str(paths.built)
     assert config.data.train is not None
-    return config.data.train, config.data.image_root
+    return _with_root(config.data.train, config.data.image_root)
 
 
-def eval_data(config: PipelineConfig, paths: Paths) -> tuple[str, str | None]:
+def eval_data(config: PipelineConfig, paths: Paths) -> tuple[str, str]:
     if config.data.eval is not None:
-        return config.data.eval, config.data.eval_image_root
+        return _with_root(config.data.eval, config.data.eval_image_root)
     return train_data(config, paths)
 
 
@@ -283,7 +288,7 @@ def stage_blind(config: PipelineConfig, paths: Paths) -> str:
         records,
         paths.blind,
         mode=config.blind.mode,
-        image_root=image_root if image_root is not None else str(Path(data).parent),
+        image_root=image_root,
         params=DecodingParams(max_new_tokens=config.blind.max_new_tokens),
         batch_size=config.blind.batch_size,
     )
@@ -294,8 +299,7 @@ def stage_train(config: PipelineConfig, paths: Paths) -> str:
     from mmsafe.train.trainer import train
 
     data, image_root = train_data(config, paths)
-    if config.blind.enabled:
-        image_root = image_root if image_root is not None else str(Path(data).parent)
+    if config.blind.enabled:  # the blind records keep the training data's image paths
         data = str(paths.blind)
     lines = []
     for method in config.train.methods:
@@ -316,11 +320,10 @@ def stage_generate(config: PipelineConfig, paths: Paths) -> str:
     from mmsafe.generate.hf_engine import HFEngine
     from mmsafe.generate.runs import generate_responses
 
-    data, image_root = eval_data(config, paths)
+    data, root = eval_data(config, paths)
     records = _records_of_split(data, config.data.eval_split)
     if not records:
         raise DataError(f"no evaluation records (split {config.data.eval_split!r})", file=data)
-    root = image_root if image_root is not None else str(Path(data).parent)
     lines = []
     for name, model in models_to_evaluate(config, paths).items():
         engine = HFEngine(model, dtype=config.generate.dtype, device=config.generate.device, batch_size=config.generate.batch_size)
@@ -334,9 +337,8 @@ def stage_judge(config: PipelineConfig, paths: Paths) -> str:
     from mmsafe.evaluate.judges import get_judge
     from mmsafe.evaluate.judging import judge_responses
 
-    data, image_root = eval_data(config, paths)
+    data, root = eval_data(config, paths)
     records = _records_of_split(data, config.data.eval_split)
-    root = image_root if image_root is not None else str(Path(data).parent)
     lines = []
     for judge_name in config.judge.judges:
         judge = get_judge(judge_name, **config.judge.options.get(judge_name, {}))
@@ -349,9 +351,8 @@ def stage_judge(config: PipelineConfig, paths: Paths) -> str:
 def stage_report(config: PipelineConfig, paths: Paths) -> str:
     from mmsafe.evaluate.report import build_report
 
-    data, image_root = eval_data(config, paths)
+    data, root = eval_data(config, paths)
     records = _records_of_split(data, config.data.eval_split)
-    root = image_root if image_root is not None else str(Path(data).parent)
     names = list(models_to_evaluate(config, paths))
     verdicts = [paths.verdicts(name, judge) for judge in config.judge.judges for name in names]
     build_report(verdicts, paths.report, responses=[paths.responses(name) for name in names], data=records, image_root=root, seed=config.seed)
