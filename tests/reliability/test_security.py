@@ -52,6 +52,18 @@ def _records(folder: Path) -> Path:
     return path
 
 
+
+def _hh_dialogue_and_image_index(folder):
+    """One HH-RLHF dialogue naming Paris, and an image index (LOC/Paris.png) beside it."""
+    hh = folder / "hh.jsonl"
+    hh.write_text(
+        json.dumps({"chosen": "\n\nHuman: Is Paris nice?\n\nAssistant: Yes.", "rejected": "\n\nHuman: Is Paris nice?\n\nAssistant: No."}) + "\n",
+        encoding="utf-8",
+    )
+    (folder / "index" / "LOC").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(folder / "index" / "LOC" / "Paris.png")
+    return hh
+
 def test_pickle_checkpoint_is_refused_by_every_stage_that_loads_a_model(pickle_model, tmp_path):
     data = _records(tmp_path / "data")
     train_yaml = tmp_path / "train.yaml"
@@ -61,19 +73,7 @@ def test_pickle_checkpoint_is_refused_by_every_stage_that_loads_a_model(pickle_m
         ),
         encoding="utf-8",
     )
-    hh = tmp_path / "hh.jsonl"
-    hh.write_text(
-        json.dumps(
-            {
-                "chosen": "\n\nHuman: Is Paris nice?\n\nAssistant: Yes.",
-                "rejected": "\n\nHuman: Is Paris nice?\n\nAssistant: No.",
-            }
-        )
-        + "\n",
-        encoding="utf-8",
-    )
-    (tmp_path / "index" / "LOC").mkdir(parents=True)
-    Image.new("RGB", (4, 4)).save(tmp_path / "index" / "LOC" / "Paris.png")
+    hh = _hh_dialogue_and_image_index(tmp_path)
     commands = {
         "generate": [
             "generate",
@@ -313,19 +313,7 @@ def test_planted_api_key_is_sent_but_never_written_or_logged(tmp_path, monkeypat
     monkeypatch.setenv("MMSAFE_PLANTED_KEY", PLANTED_KEY)
     caplog.set_level(logging.DEBUG)
     data = _records(tmp_path / "data")
-    hh = tmp_path / "hh.jsonl"
-    hh.write_text(
-        json.dumps(
-            {
-                "chosen": "\n\nHuman: Is Paris nice?\n\nAssistant: Yes.",
-                "rejected": "\n\nHuman: Is Paris nice?\n\nAssistant: No.",
-            }
-        )
-        + "\n",
-        encoding="utf-8",
-    )
-    (tmp_path / "index" / "LOC").mkdir(parents=True)
-    Image.new("RGB", (4, 4)).save(tmp_path / "index" / "LOC" / "Paris.png")
+    hh = _hh_dialogue_and_image_index(tmp_path)
     server = ChatServer()
     try:
         llm = {"engine": "openai", "base_url": server.base_url, "model": "served", "api_key_env": "MMSAFE_PLANTED_KEY"}
