@@ -266,13 +266,13 @@ class WikipediaImageSource:
         self._last_request = time.monotonic()
 
     def _retry_delay(self, attempt: int, retry_after: str | None) -> float:
-        """Retry-After (seconds) when the server gives it, else ``backoff_s * 2**attempt``; capped."""
-        if retry_after is not None:
-            try:
-                return min(max(float(retry_after), 0.0), self.max_backoff_s)
-            except ValueError:
-                pass  # an HTTP date: fall back to our own backoff
-        return min(self.backoff_s * 2**attempt, self.max_backoff_s)
+        """Retry-After (seconds or an HTTP date) when the server gives it, else ``backoff_s * 2**attempt``; capped."""
+        from mmsafe.generate.openai_engine import parse_retry_after
+
+        wait = parse_retry_after(retry_after)
+        if wait is None:
+            wait = self.backoff_s * 2**attempt
+        return min(wait, self.max_backoff_s)
 
     def _get(self, url: str, params: dict[str, Any] | None, what: str) -> Any:
         import httpx
