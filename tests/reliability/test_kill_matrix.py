@@ -132,8 +132,11 @@ def line_count(path: Path) -> Callable[[], int]:
 
 
 def spread_targets(rng: random.Random, total: int, count: int = KILLS) -> list[int]:
-    """``count`` increasing seeded progress targets spread over ``1..total - 1``."""
-    edges = [round(total * index / (count + 1)) for index in range(count + 2)]
+    """``count`` increasing seeded progress targets spread over the first three quarters of
+    ``1..total``: a quarter of the work is left after the last one, so the process is still
+    running when the kill (a fraction of a batch's time later) arrives, even on a fast machine."""
+    span = max(count + 1, (3 * total) // 4)
+    edges = [round(span * index / (count + 1)) for index in range(count + 2)]
     return [rng.randint(max(1, edges[index]), max(1, edges[index + 1] - 1)) for index in range(count)]
 
 
