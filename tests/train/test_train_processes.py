@@ -63,7 +63,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     # Two processes x 1 example = the single run's batch of 2 (the sampler deals the same order).
     ddp = write_config(tmp_path / "ddp.yaml", **base_options(tmp_path, tiny_model_dir, small_records, "ddp", per_device_train_batch_size=1))
     subprocess.run([sys.executable, "-m", "mmsafe", "train", "--config", str(single)], check=True, env=environment(), cwd=tmp_path, capture_output=True, timeout=300)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP_CONFIG), "-m", "mmsafe", "train", "--config", str(ddp)]
+    # Port 0: the launcher picks a free port, so a port still held by an earlier run cannot abort this one.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP_CONFIG), "--main_process_port", "0", "-m", "mmsafe", "train", "--config", str(ddp)]
     finished = subprocess.run(launch, env=environment(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     one, two = step_logs(tmp_path / "single"), step_logs(tmp_path / "ddp")
