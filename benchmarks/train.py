@@ -64,6 +64,7 @@ CONTENDERS = {
     "B": "mmsafe BPO, shared prefix, online reference",
     "C": "release form: K DPO rows, each sequence alone, online reference",
     "D": "TRL DPOTrainer, K DPO rows, online reference",
+    "G": "mmsafe BPO, general path (one row per response, model's own forward), cached reference",
 }
 BETA = 0.1
 LEARNING_RATE = 1e-6
@@ -266,6 +267,7 @@ class Workload:
     """
 
     processor: Any
+    encoder: Any
     items: list[dict[str, Any]]
     trl_rows: list[dict[str, Any]]
     sources: list[str]
@@ -358,6 +360,7 @@ def build_workload(processor: Any, setup: Setup, *, examples: int, num_rejected:
             )
     return Workload(
         processor=processor,
+        encoder=encoder,
         items=items,
         trl_rows=trl_rows,
         sources=prepared.sources,
@@ -437,19 +440,19 @@ def make_mmsafe(key: str, policy: Any, workload: Workload, setup: Setup) -> Cont
     from mmsafe.train.reference import FrozenCopyReference
     from mmsafe.train.trainer import PreferenceTrainer, set_trainable
 
-    forward_mode = "separate" if key == "C" else "shared-prefix"
-    reference_mode = "precomputed" if key == "A" else "copy"
+    forward_mode = {"C": "separate", "G": "per-response"}.get(key, "shared-prefix")
+    reference_mode = "precomputed" if key in ("A", "G") else "copy"
     output_dir = scratch_dir(f"{key}-")
     config = _train_config(setup, output_dir, forward_mode=forward_mode, reference=reference_mode)
     policy = set_trainable(policy, config)
-    collator = PreferenceCollator(workload.pad_token_id, workload.sources, mode=forward_mode)
+    collator = PreferenceCollator(workload.pad_token_id, workload.sources, mode=forward_mode, encoder=workload.encoder)
     items = workload.items
     reference = None
-    if key == "A":
+    if key in ("A", "G"):
         # As `mmsafe train` does: the starting weights score every example once, before
         # training, and the log-probs travel in the batch.
         examples = [replace(item["example"]) for item in items]  # copies: B and C must not see the cache
-        scoring = PreferenceCollator(workload.pad_token_id, workload.sources, mode="shared-prefix")
+        scoring = collator
         logps = _precompute(policy, items, examples, scoring, setup)
         for example in examples:
             example.reference_logps = logps[example.id]
@@ -563,8 +566,8 @@ def check_losses(model: Any, workload: Workload, setup: Setup) -> LossAgreement:
 
     reference = model.eval()
     policy = perturb(model).eval()
-    shared = PreferenceCollator(workload.pad_token_id, workload.sources, mode="shared-prefix")
-    separate_batch = move(PreferenceCollator(workload.pad_token_id, workload.sources, mode="separate")(workload.items), setup.device)
+    shared = PreferenceCollator(workload.pad_token_id, workload.sources, mode="shared-prefix", encoder=workload.encoder)
+    separate_batch = move(PreferenceCollator(workload.pad_token_id, workload.sources, mode="separate", encoder=workload.encoder)(workload.items), setup.device)
     shared_batch = move(shared(workload.items), setup.device)
     examples = [item["example"] for item in workload.items]
     cached = _precompute(reference, workload.items, examples, shared, setup)
@@ -768,6 +771,7 @@ def run_cpu(args: argparse.Namespace, setup: Setup, repetitions: int) -> int:
     by_key = {row["key"]: row for row in rows}
     verdict = {
         "A_over_C": by_key["A"]["examples_per_s"] / by_key["C"]["examples_per_s"],
+        "G_over_C": by_key["G"]["examples_per_s"] / by_key["C"]["examples_per_s"],
         "A_over_D": by_key["A"]["examples_per_s"] / by_key["D"]["examples_per_s"],
         "A_memory_over_D": by_key["A"]["peak_rss_mb"] / by_key["D"]["peak_rss_mb"],
     }

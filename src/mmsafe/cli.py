@@ -102,9 +102,16 @@ def add_models(subparsers: argparse._SubParsersAction) -> None:
     tiny = _command(commands, "tiny", "build the tiny offline LLaVA-architecture checkpoint", _models_tiny)
     tiny.add_argument("out_dir", help="folder to write the checkpoint to")
     tiny.add_argument("--seed", type=int, default=0, help="random seed for weights (default 0)")
+    tiny.add_argument("--arch", default=None, help="an architecture of the conformance matrix (llava-1.5, qwen2.5-vl, gemma-3, ...; default: the byte-level tiny LLaVA)")
 
 
 def _models_tiny(args: argparse.Namespace) -> int:
+    if args.arch is not None:
+        from mmsafe.models.zoo import build
+
+        path = build(args.arch, args.out_dir, seed=args.seed)
+        print(f"wrote the tiny {args.arch} model to {path}")
+        return 0
     from mmsafe.models.tiny import build_tiny_model
 
     path = build_tiny_model(args.out_dir, seed=args.seed)

@@ -28,10 +28,10 @@ def items(tiny, sample_dir, bpo_records):
     prepared = prepare_examples([*two, *one], encoder)
     assert [example.num_rejected for example in prepared.examples] == [2, 2, 1]
     dataset = PreferenceDataset(prepared.examples, encoder)
-    return [dataset[index] for index in range(len(dataset))], prepared.sources
+    return [dataset[index] for index in range(len(dataset))], prepared.sources, encoder
 
 
-def alone(model, items):
+def alone(model, items, encoder):
     """Every (prompt, response) as its own batch of one: no padding, no packing."""
     chosen, rejected = [], []
     for item in items:
@@ -39,7 +39,8 @@ def alone(model, items):
         scores = []
         for response in example.responses:
             ids = torch.tensor([example.prompt_ids + response])
-            logits = model(input_ids=ids, **item["image_inputs"]).logits[0]
+            image_inputs = {key: value for key, value in encoder.process_prompt(example.prompt_text, item["image"]).items() if key not in ("input_ids", "attention_mask")}
+            logits = model(input_ids=ids, **image_inputs).logits[0]
             start = len(example.prompt_ids)
             logps = torch.log_softmax(logits[start - 1 : -1], dim=-1)
             scores.append(logps.gather(-1, torch.tensor(response)[:, None]).sum())
@@ -93,18 +94,18 @@ def expected(tiny, items):
     """Scores and parameter gradients from scoring every sequence alone."""
     model = tiny.model
     model.zero_grad()
-    chosen, rejected = alone(model, items[0])
+    chosen, rejected = alone(model, items[0], items[2])
     total = sum(w * c for w, c in zip(WEIGHTS, chosen, strict=True)) + sum(r for row in rejected for r in row)
     total.backward()
     return [c.detach() for c in chosen], [[r.detach() for r in row] for row in rejected], gradients(model)
 
 
-@pytest.mark.parametrize("mode", ["shared-prefix", "separate"])
+@pytest.mark.parametrize("mode", ["shared-prefix", "per-response", "separate"])
 def test_log_probs_and_gradients_match_scoring_each_sequence_alone(tiny, items, expected, mode):
-    items, sources = items
+    items, sources, encoder = items
     chosen, rejected, expected_gradients = expected
     model = tiny.model
-    batch = PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode=mode)(items)
+    batch = PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode=mode, encoder=encoder)(items)
     weights = WEIGHTS
     model.zero_grad()
     scores = score_batch(model, batch)
@@ -119,10 +120,10 @@ def test_log_probs_and_gradients_match_scoring_each_sequence_alone(tiny, items, 
 
 
 def test_shared_prefix_and_separate_give_the_same_bpo_loss(tiny, items):
-    items, sources = items
+    items, sources, encoder = items
     with torch.no_grad():
-        shared = score_batch(tiny.model, PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="shared-prefix")(items))
-        separate = score_batch(tiny.model, PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="separate")(items))
+        shared = score_batch(tiny.model, PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="shared-prefix", encoder=encoder)(items))
+        separate = score_batch(tiny.model, PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="separate", encoder=encoder)(items))
     # A reference a little below the policy, so that the loss is not at its symmetric point.
     reference_chosen = shared.chosen - 0.5
     reference_rejected = shared.rejected + 0.25
@@ -134,11 +135,11 @@ def test_shared_prefix_and_separate_give_the_same_bpo_loss(tiny, items):
 
 
 def test_sdpa_bool_mask_and_eager_float_mask_agree(tiny_model_dir, items):
-    items, sources = items
+    items, sources, encoder = items
     results = []
     for implementation in ("sdpa", "eager"):
         loaded = load_model(tiny_model_dir, dtype="float32", device="cpu", attn_implementation=implementation)
-        batch = PreferenceCollator(loaded.tokenizer.pad_token_id, sources)(items)
+        batch = PreferenceCollator(loaded.tokenizer.pad_token_id, sources, encoder=encoder)(items)
         with torch.no_grad():
             results.append(score_batch(loaded.model, batch).chosen)
     torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,11 @@ from mmsafe.data.records import IMAGE_TOKEN, Message, PreferenceRecord, read_ver
 from mmsafe.errors import ConfigError, DataError
 from mmsafe.evaluate.metrics import paired_comparison, summarize_verdicts
 
+logger = logging.getLogger(__name__)
+
 VARIANTS = ("text", "multimodal", "blind", "blank", "swap", "mid")
+#: Variants asked without any image (a model whose processor needs an image cannot run them).
+TEXT_ONLY_VARIANTS = ("text", "blind")
 #: The paired differences reported, as (name, baseline variant, compared variant).
 COMPARISONS = (
     ("co-defense: multimodal vs text", "text", "multimodal"),
@@ -358,6 +363,13 @@ def run_probe(
     unknown = [variant for variant in variants if variant not in VARIANTS]
     if unknown or not variants:
         raise ConfigError(f"variants: expected a non-empty subset of {', '.join(VARIANTS)}, got {list(variants)!r}")
+    if not getattr(engine, "accepts_text_only", True):
+        dropped = [variant for variant in variants if variant in TEXT_ONLY_VARIANTS]
+        variants = [variant for variant in variants if variant not in TEXT_ONLY_VARIANTS]
+        if dropped:
+            logger.warning("%s takes no prompt without an image: the %s variant(s) are not run", getattr(engine, "name", "the model"), ", ".join(dropped))
+        if not variants:
+            raise ConfigError(f"variants: {getattr(engine, 'name', 'the model')} takes no prompt without an image, and only text-only variants were asked for")
     out = Path(out_dir)
     shown = out / "images"  # every image the model was shown, so judges and readers see it too
     records = _load_records(data)

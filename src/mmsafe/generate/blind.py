@@ -154,6 +154,8 @@ def make_blind(
     """
     if mode not in BLIND_MODES:
         raise ConfigError(f"mode: expected one of {', '.join(BLIND_MODES)}, got {mode!r}")
+    if mode in ("remove", "text") and not getattr(engine, "accepts_text_only", True):
+        raise ConfigError(f"mode {mode}: {getattr(engine, 'name', 'the model')} takes no prompt without an image; blind it with --mode blank")
     params = params or DecodingParams()
     started = time.perf_counter()
     out_path = Path(out_path)

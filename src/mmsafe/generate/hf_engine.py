@@ -17,7 +17,7 @@ from typing import Any
 from mmsafe.errors import ConfigError, DataError
 from mmsafe.generate.engine import DecodingParams, GenerationRequest, check_responses
 from mmsafe.models.loading import LoadedModel, load_model
-from mmsafe.models.prompts import PromptStyle, render_prompt
+from mmsafe.models.prompts import PromptStyle, accepts_text_only, render_prompt, tokenize_options
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,8 @@ class HFEngine:
         self.dtype = dtype
         self.adapter = None if adapter is None else str(adapter)
         self.name = name or (self.adapter if self.adapter else loaded.name)
+        #: Can it be asked without an image? (PaliGemma's processor refuses text-only prompts.)
+        self.accepts_text_only = accepts_text_only(self.processor)
 
     def __repr__(self) -> str:
         return f"HFEngine(name={self.name!r}, device={str(self.loaded.device)!r}, batch_size={self.batch_size})"
@@ -172,6 +174,7 @@ class HFEngine:
             request.check()
         prompts = [self.render(request) for request in requests]
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
         limit = self.context_limit()
         for request, length in zip(requests, lengths, strict=True):
             # A prompt past the model's positions fails deep in the forward pass, or first
@@ -179,6 +182,8 @@ class HFEngine:
             if limit is not None and length > limit:
                 raise DataError(f"the prompt is {length:,} tokens, more than the {limit:,} positions the model reads", record=request.id, field="messages")
         has_image = [request.has_image for request in requests]
+        if not all(has_image) and not self.accepts_text_only:
+            raise ConfigError(f"{self.loaded.name}: its processor ({type(self.processor).__name__}) takes no prompt without an image; use a blank image instead")
         responses: list[str | None] = [None] * len(requests)
         kwargs = self._generation_kwargs(params)
         if params.do_sample:
@@ -187,9 +192,12 @@ class HFEngine:
         model_dtype = next(self.model.parameters()).dtype
         for batch in plan_batches(lengths, has_image, self.batch_size):
             texts = [prompts[index] for index in batch.indices]
-            images = [self._prepare_image(requests[index].image) for index in batch.indices] if batch.with_images else None
-            inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
-            inputs = {key: value.to(device) for key, value in inputs.items()}
+            # One image list per prompt: the form every processor reads as "these images
+            # belong to this prompt" (a flat list is all images of one prompt to some).
+            images = [[self._prepare_image(requests[index].image)] for index in batch.indices] if batch.with_images else None
+            options = tokenize_options(self.tokenizer, texts[0])
+            inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True, **options)
+            inputs = {key: value.to(device) for key, value in inputs.items() if key != "labels"}
             if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
                 inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype)
             with torch.inference_mode():

@@ -8,6 +8,7 @@ base model.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -84,13 +85,116 @@ def adapter_base_model(path: str | Path) -> str:
     return base
 
 
+def torchvision_available() -> bool:
+    """Can torchvision be imported here? (Its wheels on PyPI do not load beside a CPU torch.)"""
+    from transformers.utils import is_torchvision_available
+
+    return is_torchvision_available()
+
+
+def image_only_processor_class(processor_class: type) -> type:
+    """``processor_class`` without its video processor (which needs torchvision).
+
+    mmsafe never sends videos. Processors of the Qwen-VL family (and others) construct a
+    video processor, whose classes exist only with torchvision; where torchvision cannot
+    be loaded, the same processor class is used with its image processor and tokenizer
+    alone, so these models still run (and save) on such a machine.
+    """
+
+    def get_attributes(cls: type) -> list[str]:
+        return [name for name in processor_class.get_attributes() if "video" not in name]
+
+    return type(processor_class.__name__, (processor_class,), {"get_attributes": classmethod(get_attributes), "__module__": processor_class.__module__})
+
+
+def pixtral_processor_class() -> type:
+    """The real ``PixtralProcessor`` class, also where torchvision cannot be imported.
+
+    ``transformers.PixtralProcessor`` is declared to need torchvision, and its module imports
+    one helper (``get_resize_output_image_size``, used only to count image tokens) from the
+    torchvision image processor's module, which imports torchvision at its top. Without
+    torchvision, that module is stood in for, during this one import, by one holding the PIL
+    image processor module's identical helper; the processor itself uses the image
+    processor it is given (``PixtralImageProcessorPil`` here) and nothing from torchvision.
+    """
+    import sys
+    import types
+
+    try:
+        from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+    except ImportError:
+        from transformers.models.pixtral import image_processing_pil_pixtral
+
+        name = "transformers.models.pixtral.image_processing_pixtral"
+        stand_in = types.ModuleType(name)
+        stand_in.get_resize_output_image_size = image_processing_pil_pixtral.get_resize_output_image_size
+        previous = sys.modules.get(name)
+        sys.modules[name] = stand_in
+        sys.modules.pop("transformers.models.pixtral.processing_pixtral", None)
+        try:
+            from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+        finally:
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+    return PixtralProcessor
+
+
+def _load_processor_without_video(name: str, *, trust_remote_code: bool, revision: str | None) -> Any:
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, processor_class_from_name
+
+    local = Path(name)
+    class_name = None
+    config_file = local / "processor_config.json"
+    if config_file.is_file():
+        class_name = json.loads(config_file.read_text(encoding="utf-8")).get("processor_class")
+    if class_name == "PixtralProcessor":
+        return pixtral_processor_class().from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
+    if class_name:
+        processor_class = processor_class_from_name(class_name)
+    else:
+        processor_class = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision))]
+    attributes = processor_class.get_attributes()
+    if not any("video" in attribute for attribute in attributes):
+        raise ModelError(f"{name}: the processor {processor_class.__name__} cannot be loaded")
+    kwargs: dict[str, Any] = {}
+    if config_file.is_file():
+        settings = json.loads(config_file.read_text(encoding="utf-8"))
+        init_arguments = set(inspect.signature(processor_class.__init__).parameters)
+        kwargs = {key: value for key, value in settings.items() if key in init_arguments and key not in attributes}
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
+    image_processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision, backend="pil")
+    if "chat_template" not in kwargs and getattr(tokenizer, "chat_template", None):
+        kwargs["chat_template"] = tokenizer.chat_template
+    template_file = local / "chat_template.jinja"
+    if template_file.is_file():
+        kwargs["chat_template"] = template_file.read_text(encoding="utf-8")
+    image_only = image_only_processor_class(processor_class)
+    logger.info("torchvision is not available: %s is built without its video processor (mmsafe sends no videos)", processor_class.__name__)
+    return image_only(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+
 def load_processor(name_or_path: str | Path, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
     from transformers import AutoProcessor
 
+    name = str(name_or_path)
     try:
-        return AutoProcessor.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, revision=revision)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load a processor from {name_or_path}: {error}") from None
+        return AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError, AttributeError, ImportError, TypeError) as error:
+        if not torchvision_available():
+            try:
+                return _load_processor_without_video(name, trust_remote_code=trust_remote_code, revision=revision)
+            except ModelError:
+                pass
+            except (OSError, ValueError, KeyError, TypeError) as second:
+                raise ModelError(
+                    f"cannot load a processor from {name}: {error}; without torchvision (not importable here) "
+                    f"building it without its video processor failed too: {second}. Install a torchvision that "
+                    "matches your torch build."
+                ) from None
+        raise ModelError(f"cannot load a processor from {name}: {error}") from None
 
 
 def load_model(

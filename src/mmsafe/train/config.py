@@ -64,8 +64,15 @@ class TrainConfig:
     label_smoothing: float = option(0.0, help="conservative DPO: assumed probability that a preference label is flipped (sigmoid only)")
     average_logprobs: bool = option(False, help="use the mean instead of the sum of token log-probs per response")
 
-    forward_mode: Literal["shared-prefix", "separate"] = option(
-        "shared-prefix", help="shared-prefix: image and prompt computed once per example; separate: the release's one-row-per-pair baseline"
+    forward_mode: Literal["auto", "shared-prefix", "per-response", "separate"] = option(
+        "auto",
+        help="auto: shared-prefix where the architecture allows it and it is exact on this model, else per-response; "
+        "shared-prefix: image and prompt computed once per example in one packed row (plain causal decoders only); "
+        "per-response: one row per response through the model's own forward (exact on every architecture); "
+        "separate: the release's one-row-per-pair baseline",
+    )
+    exactness_check_examples: int = option(
+        4, help="before training, score this many examples with the chosen path and one sequence at a time; a path that differs is refused (0: no check)"
     )
     reference: ReferenceMode = option(
         "precomputed",
@@ -131,7 +138,7 @@ class TrainConfig:
             raise ConfigError(f"quantization: {self.quantization} weights cannot be trained directly; use finetune: lora (QLoRA)")
         if self.merge_lora and self.finetune != "lora":
             raise ConfigError("merge_lora: only meaningful with finetune: lora")
-        if self.attn_implementation and self.attn_implementation.startswith("flash") and self.forward_mode == "shared-prefix":
+        if self.attn_implementation and "flash" in self.attn_implementation and self.forward_mode == "shared-prefix":
             raise ConfigError("attn_implementation: shared-prefix scoring needs a 4-D attention mask (sdpa or eager), not flash attention")
         for source, weight in self.source_weights.items():
             if weight < 0:

@@ -1,9 +1,10 @@
 """Preference records -> token ids -> padded batches.
 
-The prompt (chat template and image, through the model's processor) and each response
-are tokenized separately, so the boundary between them is exact and the same in every
-mode. Responses are the text of :func:`mmsafe.models.prompts.response_text` followed by
-the end-of-sequence token.
+The prompt is rendered with the model's chat template and tokenized (image tokens
+expanded) by its processor; each response is the token span the template gives the
+assistant turn (:func:`mmsafe.models.prompts.response_token_ids`), ending with the
+template's end-of-turn token, so training sees the exact ids the model produces at
+inference.
 
 Policy on bad input, decided once here:
 
@@ -20,17 +21,29 @@ Policy on bad input, decided once here:
 Skips are logged and reported in :class:`PreparedData` (and the run summary): nothing
 is dropped silently, and nothing crashes in the middle of an epoch.
 
-Two batch layouts (see :mod:`mmsafe.train.forward`):
+Batch layouts (see :mod:`mmsafe.train.forward`):
 
 * ``shared-prefix``: one row per example, ``[prompt | chosen | rejected_1 | ... ]``;
   segment ids let the forward build a block attention mask in which every response sees
-  the prompt and itself only, so the image and the prompt are computed once.
+  the prompt and itself only, so the image and the prompt are computed once. Exact only
+  for plain causal decoders with 1-D positions (:func:`packing_supported`).
+* ``per-response``: one row per response, ``[prompt | response | padding]``, right
+  padded, through the model's own forward: positions (M-RoPE included), token types,
+  image attention, cross-attention and recurrent state come from the model. Exact on
+  every architecture.
 * ``separate``: the public release's form, one DPO pair per (chosen, rejected): each
   sequence is prompt + one response, encoded alone with its own image.
+
+Processor outputs are handled by role: tensors shaped like ``input_ids`` (token types,
+cross-attention masks) are continued over the response tokens by a rule per kind
+(:func:`mmsafe.models.structure.response_token_fill`) and padded; image tensors come
+from one processor call per batch with one image list per row; the processor's own
+``labels`` never reach the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -42,12 +55,14 @@ import torch
 
 from mmsafe.data.records import PreferenceRecord
 from mmsafe.errors import DataError, ImageError
-from mmsafe.models.prompts import PromptStyle, render_prompt, response_text
+from mmsafe.models.prompts import PromptStyle, render_prompt, response_token_ids, tokenize_options
 
 logger = logging.getLogger(__name__)
 
-ForwardMode = Literal["shared-prefix", "separate"]
-FORWARD_MODES = ("shared-prefix", "separate")
+ForwardMode = Literal["shared-prefix", "per-response", "separate"]
+FORWARD_MODES = ("shared-prefix", "per-response", "separate")
+#: Processor outputs that are never model inputs.
+_DROPPED_PROCESSOR_KEYS = ("labels",)
 IGNORE_INDEX = -100
 #: Segment id of padding in shared-prefix rows; the prompt is 0, response k is k + 1.
 PAD_SEGMENT = -1
@@ -100,6 +115,11 @@ class PreferenceEncoder:
         image_mode: ``pad`` (square on the processor's mean colour, as the release),
             ``resize`` or ``none``; see :func:`mmsafe.data.images.prepare_image`.
         prompt_style: ``chat-template`` or ``llava-v1``.
+        stop_token_ids: ids that end an answer (default: the tokenizer's end of sequence;
+            pass :func:`mmsafe.models.prompts.stop_token_ids` of the model to add its
+            generation end tokens).
+        model_type: the model's ``config.model_type``; decides how per-token processor
+            outputs continue over response tokens.
     """
 
     def __init__(
@@ -110,6 +130,8 @@ class PreferenceEncoder:
         max_length: int = 768,
         image_mode: str = "pad",
         prompt_style: PromptStyle = "chat-template",
+        stop_token_ids: Sequence[int] | None = None,
+        model_type: str | None = None,
     ) -> None:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -117,12 +139,36 @@ class PreferenceEncoder:
         self.max_length = max_length
         self.image_mode = image_mode
         self.prompt_style = prompt_style
-        if self.tokenizer.eos_token_id is None:
+        self.model_type = model_type
+        if self.tokenizer.eos_token_id is None and not stop_token_ids:
             raise DataError("the tokenizer has no end-of-sequence token; responses cannot be terminated")
+        self.stop_token_ids = list(stop_token_ids) if stop_token_ids else [self.tokenizer.eos_token_id]
+
+    @classmethod
+    def for_model(cls, model: Any, processor: Any, image_root: str | Path | None, **settings: Any) -> PreferenceEncoder:
+        """An encoder whose responses end with ``model``'s own stop tokens and follow its per-token rules."""
+        from mmsafe.models.prompts import stop_token_ids
+
+        while hasattr(model, "module"):
+            model = model.module
+        tokenizer = getattr(processor, "tokenizer", processor)
+        return cls(
+            processor,
+            image_root,
+            stop_token_ids=stop_token_ids(tokenizer, getattr(model, "generation_config", None)),
+            model_type=getattr(model.config, "model_type", None),
+            **settings,
+        )
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes the token ids, for cache keys."""
-        return {"max_length": self.max_length, "image_mode": self.image_mode, "prompt_style": self.prompt_style}
+        return {
+            "max_length": self.max_length,
+            "image_mode": self.image_mode,
+            "prompt_style": self.prompt_style,
+            "stop_token_ids": self.stop_token_ids,
+            "response_tokens": "conversation-span",
+        }
 
     def load_image(self, relative: str) -> Any:
         from mmsafe.data.images import load_image, prepare_image
@@ -133,22 +179,30 @@ class PreferenceEncoder:
         image_mean = getattr(image_processor, "image_mean", None)
         return prepare_image(load_image(self.image_root, relative), mode=self.image_mode, image_mean=image_mean)
 
+    def process_prompts(self, prompt_texts: Sequence[str], images: Sequence[Any] | None) -> dict[str, torch.Tensor]:
+        """One processor call for a batch of prompts, right padded.
+
+        ``images`` is one image per prompt (or None for text-only prompts); the processor
+        gets one list per prompt, the form every processor reads as "these images belong to
+        this prompt". Its ``labels`` are dropped.
+        """
+        options = tokenize_options(self.tokenizer, prompt_texts[0])
+        kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True, **options}
+        if images is not None:
+            kwargs["images"] = [[image] for image in images]
+        padding_side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "right"
+        try:
+            output = dict(self.processor(text=list(prompt_texts), **kwargs))
+        finally:
+            self.tokenizer.padding_side = padding_side
+        for key in _DROPPED_PROCESSOR_KEYS:
+            output.pop(key, None)
+        return output
+
     def process_prompt(self, prompt_text: str, image: Any | None) -> dict[str, torch.Tensor]:
         """The processor's output for one prompt: input_ids [1, P] and the image inputs."""
-        if image is None:
-            return dict(self.processor(text=[prompt_text], return_tensors="pt"))
-        return dict(self.processor(text=[prompt_text], images=[image], return_tensors="pt"))
-
-    def image_inputs(self, example: TokenizedExample) -> dict[str, torch.Tensor]:
-        """pixel_values (and any other image tensors the processor makes) for one example."""
-        if example.image is None:
-            return {}
-        processed = self.process_prompt(example.prompt_text, self.load_image(example.image))
-        return {key: value for key, value in processed.items() if key not in ("input_ids", "attention_mask")}
-
-    def encode_response(self, text: str) -> list[int]:
-        ids = self.tokenizer(response_text(text), add_special_tokens=False)["input_ids"]
-        return [*ids, self.tokenizer.eos_token_id]
+        return self.process_prompts([prompt_text], None if image is None else [image])
 
     def encode(self, record: PreferenceRecord, rejected: Sequence[tuple[str, str]]) -> tuple[TokenizedExample | None, str | None]:
         """Tokenize one record with the given ``(text, source)`` rejected responses.
@@ -163,7 +217,13 @@ class PreferenceEncoder:
         room = self.max_length - len(prompt_ids)
         if room < 1:
             return None, f"prompt alone is {len(prompt_ids)} tokens, max_length is {self.max_length}"
-        responses = [self.encode_response(record.chosen)] + [self.encode_response(text) for text, _ in rejected]
+        texts = [record.chosen, *(text for text, _ in rejected)]
+        responses = [
+            response_token_ids(
+                self.processor, record.messages, prompt_text, text, with_image=with_image, style=self.prompt_style, stop_token_ids=self.stop_token_ids
+            )
+            for text in texts
+        ]
         truncated = any(len(ids) > room for ids in responses)
         responses = [ids[:room] for ids in responses]
         example = TokenizedExample(
@@ -242,31 +302,110 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.examples[index]
-        return {"example": example, "image_inputs": self.encoder.image_inputs(example)}
+        image = None if example.image is None else self.encoder.load_image(example.image)
+        return {"example": example, "image": image}
 
 
-def _cat_image_inputs(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    parts = [part for part in parts if part]
-    if not parts:
-        return {}
-    return {key: torch.cat([part[key] for part in parts], dim=0) for key in parts[0]}
+def _is_per_token(value: Any, prompt_width: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == prompt_width
+
+
+class _Rows:
+    """Rows of token ids (a prompt, then response ids) assembled into one right-padded batch.
+
+    Per-token processor outputs of each row's prompt are continued over its response
+    tokens by :func:`mmsafe.models.structure.response_token_fill` and padded with zeros.
+    """
+
+    def __init__(self, pad_token_id: int, model_type: str | None) -> None:
+        self.pad_token_id = pad_token_id
+        self.model_type = model_type
+
+    def prompt_inputs(self, items: list[dict[str, Any]], encoder: PreferenceEncoder | None) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """Per row: the prompt's per-token tensors [1, P, ...]; for the batch: the image tensors.
+
+        Rows with an image go through the processor in one call; text-only rows need no
+        processor (their ids are known), so a batch may mix both.
+        """
+        per_token: list[dict[str, torch.Tensor]] = [{} for _ in items]
+        image_inputs: dict[str, torch.Tensor] = {}
+        with_image = [row for row, item in enumerate(items) if item.get("image") is not None]
+        if with_image and encoder is None:
+            raise ValueError("a collator for examples with images needs the encoder (processor)")
+        if with_image:
+            output = encoder.process_prompts([items[row]["example"].prompt_text for row in with_image], [items[row]["image"] for row in with_image])
+            width = output["input_ids"].shape[1]
+            for position, row in enumerate(with_image):
+                example = items[row]["example"]
+                length = len(example.prompt_ids)
+                if output["input_ids"][position, :length].tolist() != example.prompt_ids:
+                    raise DataError("the processor tokenized the prompt differently when batched", record=example.id)
+                per_token[row] = {
+                    key: value[position : position + 1, :length]
+                    for key, value in output.items()
+                    if key not in ("input_ids", "attention_mask") and _is_per_token(value, width)
+                }
+            image_inputs = {key: value for key, value in output.items() if key not in ("input_ids", "attention_mask") and not _is_per_token(value, width)}
+        return per_token, image_inputs
+
+    def assemble(self, sequences: list[tuple[list[int], list[int]]], per_token: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``sequences``: (prompt ids, response ids) per row -> input_ids, attention_mask, labels, per-token keys."""
+        from mmsafe.models.structure import response_token_fill
+
+        width = max(len(prompt) + len(response) for prompt, response in sequences)
+        size = (len(sequences), width)
+        # Right padding: causal attention (and causal convolution) never lets a real token
+        # see the padding after it.
+        input_ids = torch.full(size, self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(size, dtype=torch.long)
+        labels = torch.full(size, IGNORE_INDEX, dtype=torch.long)
+        extra: dict[str, torch.Tensor] = {}
+        keys = sorted({key for row in per_token for key in row})
+        for row, (prompt, response) in enumerate(sequences):
+            length = len(prompt) + len(response)
+            input_ids[row, :length] = torch.tensor(prompt + response)
+            attention_mask[row, :length] = 1
+            labels[row, len(prompt) : length] = torch.tensor(response)
+            for key in keys:
+                prompt_part = per_token[row].get(key)
+                if prompt_part is None:
+                    continue
+                if key not in extra:
+                    extra[key] = torch.zeros((len(sequences), width, *prompt_part.shape[2:]), dtype=prompt_part.dtype)
+                extra[key][row, : len(prompt)] = prompt_part[0]
+                extra[key][row, len(prompt) : length] = response_token_fill(self.model_type, key, prompt_part[0])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra}
 
 
 @dataclass
 class PreferenceCollator:
-    """Pads a list of dataset items into one batch (a dict of tensors) for either mode.
+    """Pads a list of dataset items into one batch (a dict of tensors) for any mode.
 
     ``sources`` fixes the id of each rejected source (``rejected_source_ids`` in the
-    batch, -1 where an example has fewer than K rejected responses).
+    batch, -1 where an example has fewer than K rejected responses). ``encoder`` runs the
+    processor for the image tensors (needed when items carry images); ``model_type``
+    decides how per-token processor outputs continue over responses.
     """
 
     pad_token_id: int
     sources: list[str]
     mode: ForwardMode = "shared-prefix"
+    encoder: PreferenceEncoder | None = None
+    model_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in FORWARD_MODES:
+            raise ValueError(f"mode: expected one of {', '.join(FORWARD_MODES)}, got {self.mode!r}")
+        if self.model_type is None and self.encoder is not None:
+            self.model_type = self.encoder.model_type
+
+    def with_mode(self, mode: ForwardMode) -> PreferenceCollator:
+        return dataclasses.replace(self, mode=mode)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         examples: list[TokenizedExample] = [item["example"] for item in items]
-        batch = self._shared(items) if self.mode == "shared-prefix" else self._separate(items)
+        layout = {"shared-prefix": self._shared, "per-response": self._per_response, "separate": self._separate}[self.mode]
+        batch = layout(items)
         max_rejected = max(example.num_rejected for example in examples)
         source_ids = torch.full((len(examples), max_rejected), -1, dtype=torch.long)
         for row, example in enumerate(examples):
@@ -290,7 +429,10 @@ class PreferenceCollator:
         the token at t (the previous token of the same response, or the last prompt
         token for a response's first token).
         """
+        from mmsafe.models.structure import response_token_fill
+
         examples = [item["example"] for item in items]
+        per_token, image_inputs = _Rows(self.pad_token_id, self.model_type).prompt_inputs(items, self.encoder)
         lengths = [len(example.prompt_ids) + sum(len(ids) for ids in example.responses) for example in examples]
         width = max(lengths)
         size = (len(examples), width)
@@ -321,38 +463,44 @@ class PreferenceCollator:
             "labels": labels,
             "logit_index": logit_index,
         }
-        batch.update(_cat_image_inputs([item["image_inputs"] for item in items]))
+        # Per-token processor outputs ride along, continued over every response; packing
+        # is not exact for the models that have them (packing_supported says so, and the
+        # exactness check measures it when the mode is forced).
+        for key in sorted({key for row in per_token for key in row}):
+            rows = []
+            for row, example in enumerate(examples):
+                prompt_part = per_token[row][key][0]
+                values = torch.zeros((width, *prompt_part.shape[1:]), dtype=prompt_part.dtype)
+                values[: len(example.prompt_ids)] = prompt_part
+                values[len(example.prompt_ids) : lengths[row]] = torch.as_tensor(response_token_fill(self.model_type, key, prompt_part), dtype=prompt_part.dtype)
+                rows.append(values)
+            batch[key] = torch.stack(rows)
+        batch.update(image_inputs)
         return batch
+
+    def _sequence_rows(self, items: list[dict[str, Any]], rows: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """One right-padded row per (item index, response slot), each with its own image."""
+        assembler = _Rows(self.pad_token_id, self.model_type)
+        row_items = [items[index] for index, _ in rows]
+        per_token, image_inputs = assembler.prompt_inputs(row_items, self.encoder)
+        sequences = [(items[index]["example"].prompt_ids, items[index]["example"].responses[slot]) for index, slot in rows]
+        batch = assembler.assemble(sequences, per_token)
+        batch["sequence_example"] = torch.tensor([index for index, _ in rows])
+        batch["sequence_slot"] = torch.tensor([slot for _, slot in rows])
+        batch.update(image_inputs)
+        return batch
+
+    def _per_response(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """One row per response of every example: the chosen once, then each rejected."""
+        rows = [(index, slot) for index, item in enumerate(items) for slot in range(len(item["example"].responses))]
+        return self._sequence_rows(items, rows)
 
     def _separate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """One row per sequence: for each rejected k, (prompt + chosen) and (prompt + rejected_k)."""
         rows: list[tuple[int, int]] = []  # (item index, response slot)
-        image_parts = []
         for item_index, item in enumerate(items):
             responses = item["example"].responses
             pairs = [(0, slot) for slot in range(1, len(responses))] or [(0,)]  # no rejected: chosen alone
             for pair in pairs:
-                for response_slot in pair:
-                    rows.append((item_index, response_slot))
-                    image_parts.append(item["image_inputs"])
-        sequences = [(items[index]["example"].prompt_ids, items[index]["example"].responses[slot]) for index, slot in rows]
-        width = max(len(prompt) + len(response) for prompt, response in sequences)
-        size = (len(sequences), width)
-        # Right padding: causal attention never lets a real token see the padding after it.
-        input_ids = torch.full(size, self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(size, dtype=torch.long)
-        labels = torch.full(size, IGNORE_INDEX, dtype=torch.long)
-        for row, (prompt, response) in enumerate(sequences):
-            length = len(prompt) + len(response)
-            input_ids[row, :length] = torch.tensor(prompt + response)
-            attention_mask[row, :length] = 1
-            labels[row, len(prompt) : length] = torch.tensor(response)
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "sequence_example": torch.tensor([index for index, _ in rows]),
-            "sequence_slot": torch.tensor([slot for _, slot in rows]),
-        }
-        batch.update(_cat_image_inputs(image_parts))
-        return batch
+                rows.extend((item_index, response_slot) for response_slot in pair)
+        return self._sequence_rows(items, rows)

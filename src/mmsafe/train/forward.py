@@ -11,14 +11,29 @@ is one ordinary forward, so gradient checkpointing, DDP, DeepSpeed and FSDP see 
 unusual. It needs an attention implementation that takes a 4-D mask (``sdpa``,
 ``eager``), not ``flash_attention_2``.
 
+It is exact only for plain causal decoders with 1-D positions (LLaVA and kin): M-RoPE
+(Qwen-VL), bidirectional image attention (Gemma 3, PaliGemma), cross-attention (Mllama)
+and layers that ignore attention masks (LFM2-VL's convolutions) break it.
+
+``per-response`` is the general path: one right-padded row per response, through the
+model's own forward, so positions, token types, image masks, cross-attention and
+recurrent state are the model's. Exact on every architecture; the image is encoded once
+per response.
+
 ``separate`` is the public release's form, kept as the baseline: every (prompt,
 response) sequence of every (chosen, rejected) pair is a row of its own, with its own
 image pass.
+
+``auto`` (the default of training) takes ``shared-prefix`` where
+:func:`mmsafe.models.structure.packing_supported` allows it, else ``per-response``, and
+:func:`select_forward_mode` checks the choice on the user's own model and data against
+plain one-sequence-at-a-time scoring before it is trusted.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +41,8 @@ import torch
 
 from mmsafe.train.data import PAD_SEGMENT
 from mmsafe.train.losses import sequence_logprobs, token_logprobs
+
+logger = logging.getLogger(__name__)
 
 #: Batch keys that are not model inputs.
 _BOOKKEEPING = (
@@ -91,7 +108,7 @@ def score_shared_prefix(model: Any, batch: dict[str, torch.Tensor], *, average: 
     segment_ids = batch["segment_ids"]
     labels = batch["labels"]
     implementation = attention_implementation(model)
-    if implementation.startswith("flash"):
+    if "flash" in implementation:
         raise ValueError(f"shared-prefix scoring needs sdpa or eager attention, the model uses {implementation}")
     dtype = unwrap(model).get_input_embeddings().weight.dtype
     inputs = _model_inputs(batch)
@@ -145,7 +162,118 @@ def score_separate(model: Any, batch: dict[str, torch.Tensor], *, average: bool 
 
 
 def score_batch(model: Any, batch: dict[str, torch.Tensor], *, average: bool = False) -> ResponseLogProbs:
-    """Dispatch on the batch layout the collator produced."""
+    """Dispatch on the batch layout the collator produced (rows of sequences: per-response or separate)."""
     if "segment_ids" in batch:
         return score_shared_prefix(model, batch, average=average)
     return score_separate(model, batch, average=average)
+
+
+#: Largest mean per-token log-prob difference a scoring path may show against plain
+#: one-sequence-at-a-time scoring: float32, and bfloat16 / float16 weights.
+EXACTNESS_TOLERANCE = {"float32": 1e-4, "half": 1e-2}
+
+
+@dataclass
+class ExactnessCheck:
+    """A scoring path against one-at-a-time scoring on a few examples."""
+
+    mode: str
+    max_difference: float  # largest |difference of a response's log-prob| / its token count
+    tolerance: float
+    responses: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_difference <= self.tolerance
+
+
+def one_at_a_time(model: Any, collator: Any, item: dict[str, Any]) -> list[float]:
+    """Log-probs of the 1 + K responses of one item, each (prompt + response) scored alone, unpadded."""
+    values = []
+    for slot in range(len(item["example"].responses)):
+        batch = collator.with_mode("separate")._sequence_rows([item], [(0, slot)])
+        batch["rejected_mask"] = torch.zeros(1, 0, dtype=torch.bool)
+        batch = {key: value.to(_device(model)) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+        logits = model(**_model_inputs(batch), use_cache=False).logits
+        values.append(float(sequence_logprobs(logits[:, :-1], batch["labels"][:, 1:])[0]))
+    return values
+
+
+def _device(model: Any) -> torch.device:
+    return next(unwrap(model).parameters()).device
+
+
+def check_exactness(model: Any, collator: Any, items: list[dict[str, Any]], mode: str) -> ExactnessCheck:
+    """Score ``items`` as one batch in ``mode`` and each response alone; compare."""
+    dtype = unwrap(model).get_input_embeddings().weight.dtype
+    tolerance = EXACTNESS_TOLERANCE["float32" if dtype == torch.float32 else "half"]
+    was_training = unwrap(model).training
+    unwrap(model).eval()  # dropout off: both sides must see the same function
+    try:
+        with torch.no_grad():
+            batch = collator.with_mode(mode)(items)
+            batch = {key: value.to(_device(model)) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+            scores = score_batch(model, batch)
+            difference = 0.0
+            count = 0
+            for row, item in enumerate(items):
+                expected = one_at_a_time(model, collator, item)
+                got = [float(scores.chosen[row])] + [float(value) for value in scores.rejected[row, : len(expected) - 1]]
+                for value, reference, ids in zip(got, expected, item["example"].responses, strict=True):
+                    difference = max(difference, abs(value - reference) / max(1, len(ids)))
+                    count += 1
+    finally:
+        unwrap(model).train(was_training)
+    return ExactnessCheck(mode=mode, max_difference=difference, tolerance=tolerance, responses=count)
+
+
+def architecture_name(model: Any) -> str:
+    base = unwrap(model)
+    if hasattr(base, "get_base_model"):
+        base = base.get_base_model()
+    return f"{type(base).__name__} ({getattr(base.config, 'model_type', '?')})"
+
+
+def select_forward_mode(model: Any, collator: Any, items: list[dict[str, Any]], requested: str) -> tuple[str, ExactnessCheck]:
+    """The scoring path to use for ``model``, checked on ``items`` (a few of the user's examples).
+
+    ``auto``: the packed ``shared-prefix`` row where the architecture allows it and it is
+    exact here, else ``per-response``. An explicitly requested mode that is not exact on
+    this model is refused with a :class:`~mmsafe.errors.ConfigError` naming the
+    architecture and the difference.
+    """
+    from mmsafe.errors import ConfigError
+    from mmsafe.models.structure import packing_supported
+
+    per_token, _ = _per_token_keys(collator, items)
+    if requested == "auto":
+        supported, reason = packing_supported(model, per_token)
+        if supported and "flash" in attention_implementation(model):
+            supported, reason = False, f"{attention_implementation(model)} attention (no 4-D masks)"
+        if supported:
+            check = check_exactness(model, collator, items, "shared-prefix")
+            if check.passed:
+                logger.info("scoring path: shared-prefix (packed rows), exact here: %.2g <= %.2g per token", check.max_difference, check.tolerance)
+                return "shared-prefix", check
+            logger.warning(
+                "scoring path: shared-prefix is not exact on %s here (%.3g per token > %.2g); using per-response",
+                architecture_name(model), check.max_difference, check.tolerance,
+            )
+        else:
+            logger.info("scoring path: per-response (%s has %s, which packed rows cannot express)", architecture_name(model), reason)
+        requested = "per-response"
+    check = check_exactness(model, collator, items, requested)
+    if not check.passed:
+        raise ConfigError(
+            f"forward_mode {requested} is not exact on {architecture_name(model)}: its log-probs differ from one-at-a-time "
+            f"scoring by {check.max_difference:.3g} per token (tolerance {check.tolerance:.2g}); use forward_mode auto or per-response"
+        )
+    logger.info("scoring path: %s, exact here: %.2g <= %.2g per token", requested, check.max_difference, check.tolerance)
+    return requested, check
+
+
+def _per_token_keys(collator: Any, items: list[dict[str, Any]]) -> tuple[set[str], dict[str, torch.Tensor]]:
+    from mmsafe.train.data import _Rows
+
+    per_token, image_inputs = _Rows(collator.pad_token_id, collator.model_type).prompt_inputs(items, collator.encoder)
+    return {key for row in per_token for key in row}, image_inputs

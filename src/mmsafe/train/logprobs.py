@@ -2,7 +2,7 @@
 
 Used for the likelihood form of pairwise accuracy (does the model find the chosen
 response more likely than the rejected one?) and by benchmarks. Scoring uses the same
-tokenization and shared-prefix forward as training.
+tokenization and scoring path as training.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from mmsafe.data.records import PreferenceRecord
 from mmsafe.models.prompts import PromptStyle
 from mmsafe.train.data import PreferenceCollator, PreferenceDataset, PreferenceEncoder, prepare_examples
-from mmsafe.train.forward import score_batch
+from mmsafe.train.forward import score_batch, select_forward_mode
 
 
 @dataclass
@@ -56,6 +56,7 @@ def score_responses(
     prompt_style: PromptStyle = "chat-template",
     average: bool = False,
     skip_bad_images: bool = False,
+    forward_mode: str = "auto",
 ) -> ScoredRecords:
     """Score every record's chosen and rejected responses with ``loaded_model``.
 
@@ -65,12 +66,18 @@ def score_responses(
         max_length: prompt + response token limit; longer responses are cut (and
             flagged ``truncated``), records whose prompt alone is longer are skipped.
         average: mean instead of sum of token log-probs.
+        forward_mode: the scoring path (see :mod:`mmsafe.train.forward`); ``auto`` picks
+            by architecture and checks it on the first records against one-at-a-time scoring.
     """
-    encoder = PreferenceEncoder(loaded_model.processor, image_root, max_length=max_length, image_mode=image_mode, prompt_style=prompt_style)
+    model = loaded_model.model
+    encoder = PreferenceEncoder.for_model(model, loaded_model.processor, image_root, max_length=max_length, image_mode=image_mode, prompt_style=prompt_style)
     prepared = prepare_examples(records, encoder, skip_bad_images=skip_bad_images)
     dataset = PreferenceDataset(prepared.examples, encoder)
-    collator = PreferenceCollator(encoder.tokenizer.pad_token_id, prepared.sources, mode="shared-prefix")
-    model = loaded_model.model
+    collator = PreferenceCollator(encoder.tokenizer.pad_token_id, prepared.sources, mode="per-response", encoder=encoder)
+    if not dataset.examples:
+        return ScoredRecords(scores=[], skipped=prepared.skipped)
+    mode, _ = select_forward_mode(model, collator, [dataset[index] for index in range(min(4, len(dataset)))], forward_mode)
+    collator = collator.with_mode(mode)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -27,7 +27,7 @@ from mmsafe.config import save_config
 from mmsafe.errors import ConfigError, DataError, ModelError
 from mmsafe.train.config import TrainConfig
 from mmsafe.train.data import PreferenceCollator, PreferenceDataset, PreferenceEncoder, prepare_examples
-from mmsafe.train.forward import ResponseLogProbs, score_batch
+from mmsafe.train.forward import ResponseLogProbs, _per_token_keys, score_batch, select_forward_mode
 from mmsafe.train.losses import PreferenceLoss, bpo_loss, dpo_loss, sft_loss
 from mmsafe.train.reference import (
     DisabledAdapterReference,
@@ -41,9 +41,10 @@ from mmsafe.train.reference import (
 
 logger = logging.getLogger(__name__)
 
-#: Parameter-name fragments of the parts of a vision-language model (LLaVA and kin).
-VISION_TOWER_NAMES = ("vision_tower", "vision_model", "visual.blocks", "vision_encoder")
-PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "visual.merger")
+#: Parameter-name fragments of the parts of a vision-language model, for quantization:
+#: modules left in full precision.
+VISION_TOWER_NAMES = ("vision_tower", "vision_model", "visual", "vision_encoder")
+PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "connector", "merger")
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 CONFIG_FILE = "train_config.yaml"
 SUMMARY_FILE = "train_summary.json"
@@ -63,6 +64,7 @@ class TrainResult:
     reference_forwards: int
     reference_cache: str | None
     trainable_parameters: int
+    forward_mode: str = "shared-prefix"
     metrics: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,6 +78,7 @@ class TrainResult:
             "reference_forwards": self.reference_forwards,
             "reference_cache": self.reference_cache,
             "trainable_parameters": self.trainable_parameters,
+            "forward_mode": self.forward_mode,
             "metrics": self.metrics,
         }
 
@@ -323,44 +326,72 @@ def load_policy(config: TrainConfig) -> tuple[Any, Any]:
     return model, load_processor(config.model, trust_remote_code=config.trust_remote_code)
 
 
-def _matches(name: str, fragments: Sequence[str]) -> bool:
-    return any(fragment in name for fragment in fragments)
-
-
 def set_trainable(model: Any, config: TrainConfig) -> Any:
-    """Freeze the vision tower (by default), train the projector, full or LoRA language model."""
+    """Freeze the vision tower (by default), train the projector, full or LoRA language model.
+
+    The parts are found by structure (:func:`mmsafe.models.structure.model_parts`): the
+    vision tower is everything the model runs to make image features except the
+    projector, whatever its modules are called. LoRA adapters go on the language model's
+    layers only; a trainable projector (and a tower that is not frozen) is trained in
+    full beside them and saved with the adapter, so turning the adapters off still gives
+    the starting model.
+    """
+    import re
+
+    from mmsafe.models.structure import model_parts
+
+    parts = model_parts(model)
     if config.finetune == "lora":
         from peft import LoraConfig, get_peft_model
 
-        names = "|".join(config.lora_target_modules)
-        module_names = [name for name, _ in model.named_modules()]
-        projectors = [fragment for fragment in PROJECTOR_NAMES if any(name.endswith(fragment) for name in module_names)]
+        names = "|".join(re.escape(name) for name in config.lora_target_modules)
+        saved = [*(parts.projector if config.train_projector else ()), *(() if config.freeze_vision_tower else parts.vision_tower)]
+        modules = dict(model.named_modules())
+        # PEFT saves modules, not containers: a ModuleList (Qwen3-VL's DeepStack mergers) by its members.
+        saved = [
+            member
+            for name in saved
+            if name in modules
+            for member in ([f"{name}.{child}" for child, _ in modules[name].named_children()] if isinstance(modules[name], torch.nn.ModuleList | torch.nn.ModuleDict) else [name])
+        ]
         lora = LoraConfig(
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
             # A regex: adapters on the language model's layers only, not the vision tower's.
-            target_modules=rf".*language_model.*\.({names})",
-            # The projector trains fully beside the adapters and is saved with them.
-            modules_to_save=projectors if config.train_projector and projectors else None,
+            target_modules=rf"{re.escape(parts.language_model)}\..*\.({names})",
+            # Trained in full beside the adapters and saved with them (a bare parameter such
+            # as LLaVA-NeXT's image_newline is not a module: with LoRA it stays frozen).
+            modules_to_save=[name for name in saved if name in modules] or None,
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
         if config.gradient_checkpointing:
             model.enable_input_require_grads()
+        if not any("lora_" in name for name, _ in model.named_parameters()):
+            raise ConfigError(f"lora_target_modules: {', '.join(config.lora_target_modules)} match no linear layer of the language model {parts.language_model}")
     for name, parameter in model.named_parameters():
-        if _matches(name, VISION_TOWER_NAMES):
-            trainable = not config.freeze_vision_tower
-        elif _matches(name, PROJECTOR_NAMES):
+        plain = _plain_name(name)
+        if parts.is_vision_tower(plain):
+            trainable = not config.freeze_vision_tower and (config.finetune == "full" or "modules_to_save" in name)
+        elif parts.is_projector(plain):
             trainable = config.train_projector and (config.finetune == "full" or "modules_to_save" in name)
         elif config.finetune == "full":
             trainable = True
         else:
             continue  # LoRA: PEFT has decided (adapters train, base weights stay)
         parameter.requires_grad_(trainable)
-    if not any(_matches(name, VISION_TOWER_NAMES) for name, _ in model.named_parameters()):
-        logger.warning("found no vision tower parameters by name (%s); nothing frozen", ", ".join(VISION_TOWER_NAMES))
+    if not parts.vision_tower:
+        logger.warning("%s: found no vision tower; nothing frozen", type(model).__name__)
     return model
+
+
+def _plain_name(name: str) -> str:
+    """A parameter name without PEFT's wrapping (base_model.model., modules_to_save.default., original_module.)."""
+    name = name.removeprefix("base_model.model.")
+    for wrapper in (".modules_to_save.default", ".original_module"):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def count_trainable(model: Any) -> int:
@@ -395,9 +426,8 @@ def attach_reference(
             logger.info("computing reference log-probs for %d examples (cache %s)", len(dataset), cache.path)
             device = state.device
             model.to(device)
-            scoring_collator = PreferenceCollator(collator.pad_token_id, collator.sources, mode="shared-prefix")
             logps = precompute_reference(
-                model, dataset, scoring_collator, batch_size=max(1, config.per_device_train_batch_size), average=config.average_logprobs, stats=stats
+                model, dataset, collator.with_mode("per-response" if collator.mode == "separate" else collator.mode), batch_size=max(1, config.per_device_train_batch_size), average=config.average_logprobs, stats=stats
             )
             if state.is_main_process:
                 cache.save(logps)
@@ -406,6 +436,32 @@ def attach_reference(
     for example in dataset.examples:
         example.reference_logps = logps[example.id]
     return str(cache.path), stats.forwards
+
+
+def choose_forward_mode(config: TrainConfig, model: Any, dataset: PreferenceDataset, collator: PreferenceCollator) -> str:
+    """The scoring path for this run, checked on a few of its examples (see :func:`select_forward_mode`).
+
+    The examples checked are the first ones of different prompt lengths, so padding is
+    exercised; with ``exactness_check_examples: 0`` the mode is taken unchecked (``auto``
+    then picks by architecture alone).
+    """
+    from mmsafe.models.structure import packing_supported
+
+    count = min(config.exactness_check_examples, len(dataset))
+    if count == 0:
+        if config.forward_mode != "auto":
+            return config.forward_mode
+        supported, _ = packing_supported(model, _per_token_keys(collator, [dataset[0]])[0])
+        return "shared-prefix" if supported else "per-response"
+    by_length: dict[int, int] = {}
+    for index, example in enumerate(dataset.examples):
+        by_length.setdefault(len(example.prompt_ids), index)
+        if len(by_length) >= count:
+            break
+    chosen = list(by_length.values())
+    chosen += [index for index in range(len(dataset)) if index not in chosen][: count - len(chosen)]
+    mode, _ = select_forward_mode(model, collator, [dataset[index] for index in chosen], config.forward_mode)
+    return mode
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -432,7 +488,9 @@ def train(config: TrainConfig) -> TrainResult:
         raise ConfigError("nothing to train: every parameter is frozen (check finetune, train_projector)")
 
     image_root = config.image_root if config.image_root is not None else str(Path(config.data).parent)
-    encoder = PreferenceEncoder(processor, image_root, max_length=config.max_length, image_mode=config.image_mode, prompt_style=config.prompt_style)
+    encoder = PreferenceEncoder.for_model(
+        model, processor, image_root, max_length=config.max_length, image_mode=config.image_mode, prompt_style=config.prompt_style
+    )
     prepared = prepare_examples(
         records,
         encoder,
@@ -447,7 +505,9 @@ def train(config: TrainConfig) -> TrainResult:
     if unknown:
         raise ConfigError(f"source_weights: no rejected response comes from {', '.join(unknown)} (sources in the data: {', '.join(prepared.sources)})")
     dataset = PreferenceDataset(prepared.examples, encoder)
-    collator = PreferenceCollator(encoder.tokenizer.pad_token_id, prepared.sources, mode=config.forward_mode)
+    collator = PreferenceCollator(encoder.tokenizer.pad_token_id, prepared.sources, mode="per-response", encoder=encoder)
+    forward_mode = choose_forward_mode(config, model, dataset, collator)
+    collator = collator.with_mode(forward_mode)
 
     cache_path, reference_forwards = None, 0
     reference: Any = reference_model
@@ -494,6 +554,7 @@ def train(config: TrainConfig) -> TrainResult:
         reference_forwards=reference_forwards,
         reference_cache=cache_path,
         trainable_parameters=trainable,
+        forward_mode=forward_mode,
         metrics={key: value for key, value in outcome.metrics.items() if isinstance(value, int | float)},
     )
     # The last logged values of the preference metrics (rewards/accuracy, ...), for callers.
