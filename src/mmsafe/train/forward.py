@@ -243,13 +243,9 @@ def select_forward_mode(model: Any, collator: Any, items: list[dict[str, Any]], 
     architecture and the difference.
     """
     from mmsafe.errors import ConfigError
-    from mmsafe.models.structure import packing_supported
 
-    per_token, _ = _per_token_keys(collator, items)
     if requested == "auto":
-        supported, reason = packing_supported(model, per_token)
-        if supported and "flash" in attention_implementation(model):
-            supported, reason = False, f"{attention_implementation(model)} attention (no 4-D masks)"
+        supported, reason = packed_rows_allowed(model, collator, items)
         if supported:
             check = check_exactness(model, collator, items, "shared-prefix")
             if check.passed:
@@ -272,8 +268,17 @@ def select_forward_mode(model: Any, collator: Any, items: list[dict[str, Any]], 
     return requested, check
 
 
-def _per_token_keys(collator: Any, items: list[dict[str, Any]]) -> tuple[set[str], dict[str, torch.Tensor]]:
+def packed_rows_allowed(model: Any, collator: Any, items: list[dict[str, Any]]) -> tuple[bool, str]:
+    """May ``auto`` pack this model's responses in one row? (The architecture's rule, before any check.)
+
+    Returns (allowed, the reason when not): :func:`mmsafe.models.structure.packing_supported`
+    on the per-token processor outputs of ``items``, and an attention kernel that takes 4-D masks.
+    """
+    from mmsafe.models.structure import packing_supported
     from mmsafe.train.data import _Rows
 
-    per_token, image_inputs = _Rows(collator.pad_token_id, collator.model_type).prompt_inputs(items, collator.encoder)
-    return {key for row in per_token for key in row}, image_inputs
+    per_token, _ = _Rows(collator.pad_token_id, collator.model_type).prompt_inputs(items, collator.encoder)
+    supported, reason = packing_supported(model, {key for row in per_token for key in row})
+    if supported and "flash" in attention_implementation(model):
+        return False, f"{attention_implementation(model)} attention (no 4-D masks)"
+    return supported, reason

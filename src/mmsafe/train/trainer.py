@@ -27,7 +27,7 @@ from mmsafe.config import save_config
 from mmsafe.errors import ConfigError, DataError, ModelError
 from mmsafe.train.config import TrainConfig
 from mmsafe.train.data import PreferenceCollator, PreferenceDataset, PreferenceEncoder, prepare_examples
-from mmsafe.train.forward import ResponseLogProbs, _per_token_keys, score_batch, select_forward_mode
+from mmsafe.train.forward import ResponseLogProbs, packed_rows_allowed, score_batch, select_forward_mode
 from mmsafe.train.losses import PreferenceLoss, bpo_loss, dpo_loss, sft_loss
 from mmsafe.train.reference import (
     DisabledAdapterReference,
@@ -445,13 +445,11 @@ def choose_forward_mode(config: TrainConfig, model: Any, dataset: PreferenceData
     exercised; with ``exactness_check_examples: 0`` the mode is taken unchecked (``auto``
     then picks by architecture alone).
     """
-    from mmsafe.models.structure import packing_supported
-
     count = min(config.exactness_check_examples, len(dataset))
     if count == 0:
         if config.forward_mode != "auto":
             return config.forward_mode
-        supported, _ = packing_supported(model, _per_token_keys(collator, [dataset[0]])[0])
+        supported, _ = packed_rows_allowed(model, collator, [dataset[0]])
         return "shared-prefix" if supported else "per-response"
     by_length: dict[int, int] = {}
     for index, example in enumerate(dataset.examples):
