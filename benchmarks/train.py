@@ -64,12 +64,20 @@ CONTENDERS = {
     "B": "mmsafe BPO, shared prefix, online reference",
     "C": "release form: K DPO rows, each sequence alone, online reference",
     "D": "TRL DPOTrainer, K DPO rows, online reference",
-    "G": "mmsafe BPO, general path (one row per response, model's own forward), cached reference",
+    "G": "mmsafe BPO, general path (prompt once, responses against its key/value cache), cached reference",
+    "P": "mmsafe BPO, per-response rows (the fallback path), cached reference",
 }
+#: The contenders run on the Qwen2.5-VL-shaped model (packed rows are not exact for M-RoPE;
+#: TRL has no Qwen-VL-specific path to compare).
+QWEN_CONTENDERS = ("G", "P", "C")
+#: The scoring path of each mmsafe contender.
+FORWARD_MODES = {"A": "shared-prefix", "B": "shared-prefix", "C": "separate", "G": "prompt-cache", "P": "per-response"}
 BETA = 0.1
 LEARNING_RATE = 1e-6
-#: Acceptance: A's examples/s against C's and D's, and A's peak memory against D's.
+#: Acceptance: A's examples/s against C's and D's, and A's peak memory against D's;
+#: the general path G against C on the same work.
 TARGET_SPEEDUP = 4.0
+TARGET_GENERAL_SPEEDUP = 2.0
 TARGET_MEMORY_RATIO = 0.6
 #: Relative tolerance of the loss agreement checks.
 LOSS_TOLERANCE = 1e-4
@@ -113,10 +121,16 @@ class Setup:
     batch_size: int
     dtype: str = "float32"
     device: str = "cpu"
+    #: "llava" (CLIP tower + MLP projector + Llama) or "qwen2.5-vl" (windowed ViT + merger + Qwen2 with M-RoPE).
+    family: str = "llava"
+    #: Key/value heads of the language model (grouped-query attention); None: as many as query heads.
+    text_kv_heads: int | None = None
 
     @property
     def image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        # Qwen2.5-VL merges 2x2 patches into one token.
+        merge = 2 if self.family == "qwen2.5-vl" else 1
+        return (self.image_size // (self.patch_size * merge)) ** 2
 
 
 CPU_SETUP = Setup(
@@ -179,18 +193,187 @@ GPU_SETUP = Setup(
     device="cuda",
 )
 
+# Qwen2.5-VL-shaped, at the CPU setup's widths: 448-pixel images in 14-pixel patches merged
+# 2x2 (256 image tokens, as the LLaVA setup), a windowed vision tower with its last block
+# full, grouped-query attention, M-RoPE and the family's 151,936-row (untied) vocabulary.
+QWEN_CPU_SETUP = replace(
+    CPU_SETUP, name="cpu-qwen2.5-vl", family="qwen2.5-vl", image_size=448, vocab_size=151936, text_kv_heads=2, vision_intermediate_size=688
+)
+QWEN_QUICK_SETUP = replace(
+    QUICK_SETUP, name="cpu-quick-qwen2.5-vl", family="qwen2.5-vl", image_size=224, vocab_size=151936, text_kv_heads=2, vision_intermediate_size=344
+)
+# Qwen2.5-VL-7B: 32-block vision tower of width 1280 (full attention at every 8th block),
+# Qwen2-7B language model (28 layers, width 3584, 4 key/value heads), 152k vocabulary;
+# 672-pixel images give 576 image tokens, as LLaVA-1.5's.
+QWEN_GPU_SETUP = replace(
+    GPU_SETUP,
+    name="gpu-qwen2.5-vl",
+    family="qwen2.5-vl",
+    vision_hidden_size=1280,
+    vision_intermediate_size=3420,
+    vision_layers=32,
+    vision_heads=16,
+    image_size=672,
+    text_hidden_size=3584,
+    text_intermediate_size=18944,
+    text_layers=28,
+    text_heads=28,
+    text_kv_heads=4,
+    vocab_size=152064,
+)
+# The --gpu code path at a tiny shape, so it runs (on CPU in the tests) and cannot rot.
+TINY_SETUP = replace(
+    QUICK_SETUP,
+    name="tiny",
+    vision_hidden_size=32,
+    vision_intermediate_size=64,
+    vision_layers=1,
+    vision_heads=2,
+    image_size=56,
+    text_hidden_size=64,
+    text_intermediate_size=128,
+    text_layers=1,
+    text_heads=2,
+    vocab_size=2048,
+    prompt_tokens=6,
+    response_tokens=6,
+    batch_size=1,
+)
+QWEN_TINY_SETUP = replace(TINY_SETUP, name="tiny-qwen2.5-vl", family="qwen2.5-vl", image_size=112, vocab_size=151936, text_kv_heads=1)
+
+
+def setups_for(args: argparse.Namespace) -> tuple[Setup, Setup]:
+    """(the LLaVA-shaped setup, the Qwen2.5-VL-shaped setup) of this run's flags."""
+    if args.tiny:
+        llava, qwen = TINY_SETUP, QWEN_TINY_SETUP
+        if args.gpu:
+            device = "cuda" if _cuda_available() else "cpu"
+            llava, qwen = (replace(setup, device=device, dtype="bfloat16" if device == "cuda" else "float32") for setup in (llava, qwen))
+    elif args.gpu:
+        llava, qwen = GPU_SETUP, QWEN_GPU_SETUP
+    elif args.quick:
+        llava, qwen = QUICK_SETUP, QWEN_QUICK_SETUP
+    else:
+        llava, qwen = CPU_SETUP, QWEN_CPU_SETUP
+    if args.batch_size:
+        llava, qwen = replace(llava, batch_size=args.batch_size), replace(qwen, batch_size=args.batch_size)
+    return llava, qwen
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def attention_for(key: str, setup: Setup) -> str:
+    """The attention kernel of contender ``key``: on a GPU, flash attention wherever its path allows it.
+
+    Packed rows (A, B) need a 4-D mask, so SDPA (its memory-efficient kernel); the other
+    paths take flash-attention-2 where the package is installed, else SDPA (whose flash
+    kernel runs where no mask is given). On CPU, SDPA for everyone.
+    """
+    if setup.device != "cuda" or key in ("A", "B"):
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "flash_attention_2"
+
 
 # --------------------------------------------------------------------------- model
 
 
-def build_model(setup: Setup, seed: int = 0):
-    """(processor, model): a LLaVA processor and a randomly initialised LLaVA model."""
+def _corpus() -> list[str]:
+    return [" ".join(_WORDS[index:] + _WORDS[:index]) for index in range(0, len(_WORDS), 7)]
+
+
+def build_model(setup: Setup, seed: int = 0, attention: str = "sdpa"):
+    """(processor, model): the setup's processor and a randomly initialised model of its family."""
+    if setup.family == "qwen2.5-vl":
+        return _build_qwen(setup, seed, attention)
+    return _build_llava(setup, seed, attention)
+
+
+def _instantiate(model_class: Any, config: Any, setup: Setup, seed: int) -> Any:
     import torch
+
+    torch.manual_seed(seed)
+    dtype = getattr(torch, setup.dtype)
+    # Built directly on the device in its dtype: a 7B model made in fp32 first would need twice the memory.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(setup.device):
+            return model_class(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def _build_qwen(setup: Setup, seed: int, attention: str):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from mmsafe.models.zoo.qwen_vl import qwen2_5_vl_processor
+
+    processor, ids = qwen2_5_vl_processor(extra_corpus=tuple(_corpus()), max_image_tokens=setup.image_tokens)
+    head_dim = setup.text_hidden_size // setup.text_heads
+    # M-RoPE sections of the real model ([16, 24, 24] of a 128 head dim's 64 frequencies), scaled.
+    sections = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": setup.vocab_size,
+            "hidden_size": setup.text_hidden_size,
+            "intermediate_size": setup.text_intermediate_size,
+            "num_hidden_layers": setup.text_layers,
+            "num_attention_heads": setup.text_heads,
+            "num_key_value_heads": setup.text_kv_heads or setup.text_heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": 8192,
+            "rms_norm_eps": 1e-6,
+            "use_sliding_window": False,
+            "rope_parameters": {"rope_type": "default", "mrope_section": sections, "rope_theta": 1000000.0},
+            "bos_token_id": ids["bos_token_id"],
+            "eos_token_id": ids["eos_token_id"],
+            "pad_token_id": ids["pad_token_id"],
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "depth": setup.vision_layers,
+            "hidden_size": setup.vision_hidden_size,
+            "intermediate_size": setup.vision_intermediate_size,
+            "hidden_act": "silu",
+            "num_heads": setup.vision_heads,
+            "in_channels": 3,
+            "patch_size": setup.patch_size,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "tokens_per_second": 2,
+            "window_size": 112,
+            "out_hidden_size": setup.text_hidden_size,
+            "fullatt_block_indexes": list(range(7, setup.vision_layers, 8)) or [setup.vision_layers - 1],
+        },
+        tie_word_embeddings=False,  # as Qwen2.5-VL-7B-Instruct
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+    )
+    config._attn_implementation = attention
+    config.text_config._attn_implementation = attention
+    config.vision_config._attn_implementation = attention
+    model = _instantiate(Qwen2_5_VLForConditionalGeneration, config, setup, seed)
+    model.generation_config.pad_token_id = ids["pad_token_id"]
+    model.generation_config.eos_token_id = [ids["eos_token_id"], ids["pad_token_id"]]
+    return processor, model
+
+
+def _build_llava(setup: Setup, seed: int, attention: str):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from mmsafe.models.tiny import TinyModelSpec, build_tiny_processor
 
-    corpus = [" ".join(_WORDS[index:] + _WORDS[:index]) for index in range(0, len(_WORDS), 7)]
+    corpus = _corpus()
     spec = TinyModelSpec(image_size=setup.image_size, patch_size=setup.patch_size, vocab_size=1024)
     processor = build_tiny_processor(spec, corpus=corpus)
     tokenizer = processor.tokenizer
@@ -211,7 +394,7 @@ def build_model(setup: Setup, seed: int = 0):
         intermediate_size=setup.text_intermediate_size,
         num_hidden_layers=setup.text_layers,
         num_attention_heads=setup.text_heads,
-        num_key_value_heads=setup.text_heads,
+        num_key_value_heads=setup.text_kv_heads or setup.text_heads,
         max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -226,17 +409,8 @@ def build_model(setup: Setup, seed: int = 0):
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    dtype = getattr(torch, setup.dtype)
-    # Built directly on the device in its dtype: a 7B model made in fp32 first would need twice the memory.
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(setup.device):
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    config._attn_implementation = attention
+    model = _instantiate(LlavaForConditionalGeneration, config, setup, seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return processor, model
 
@@ -292,7 +466,9 @@ def _fit(rng: random.Random, target: int, count_tokens) -> str:
     return " ".join(words)
 
 
-def build_workload(processor: Any, setup: Setup, *, examples: int, num_rejected: int, response_tokens: int | None = None, seed: int = 0) -> Workload:
+def build_workload(
+    processor: Any, model: Any, setup: Setup, *, examples: int, num_rejected: int, response_tokens: int | None = None, seed: int = 0
+) -> Workload:
     """``examples`` records with a chosen and ``num_rejected`` rejected responses, tokenized.
 
     Prompts have ``setup.prompt_tokens`` text tokens (chat template included) around the
@@ -338,7 +514,7 @@ def build_workload(processor: Any, setup: Setup, *, examples: int, num_rejected:
                 meta={},
             )
         )
-    encoder = PreferenceEncoder(processor, image_root, max_length=4096)
+    encoder = PreferenceEncoder.for_model(model, processor, image_root, max_length=8192)
     prepared = prepare_examples(records, encoder)
     if len(prepared.examples) != examples:
         raise RuntimeError(f"benchmark records were skipped: {prepared.skip_counts()}")
@@ -440,15 +616,15 @@ def make_mmsafe(key: str, policy: Any, workload: Workload, setup: Setup) -> Cont
     from mmsafe.train.reference import FrozenCopyReference
     from mmsafe.train.trainer import PreferenceTrainer, set_trainable
 
-    forward_mode = {"C": "separate", "G": "per-response"}.get(key, "shared-prefix")
-    reference_mode = "precomputed" if key in ("A", "G") else "copy"
+    forward_mode = FORWARD_MODES[key]
+    reference_mode = "copy" if key in ("B", "C") else "precomputed"
     output_dir = scratch_dir(f"{key}-")
     config = _train_config(setup, output_dir, forward_mode=forward_mode, reference=reference_mode)
     policy = set_trainable(policy, config)
     collator = PreferenceCollator(workload.pad_token_id, workload.sources, mode=forward_mode, encoder=workload.encoder)
     items = workload.items
     reference = None
-    if key in ("A", "G"):
+    if reference_mode == "precomputed":
         # As `mmsafe train` does: the starting weights score every example once, before
         # training, and the log-probs travel in the batch.
         examples = [replace(item["example"]) for item in items]  # copies: B and C must not see the cache
@@ -524,10 +700,10 @@ def make_contender(key: str, policy: Any, workload: Workload, setup: Setup) -> C
     return make_trl(policy, workload, setup) if key == "D" else make_mmsafe(key, policy, workload, setup)
 
 
-def prepare(setup: Setup, *, num_rejected: int = 2, response_tokens: int | None = None, seed: int = 0):
+def prepare(setup: Setup, *, num_rejected: int = 2, response_tokens: int | None = None, seed: int = 0, attention: str = "sdpa"):
     """(processor, starting model, workload of ``setup.batch_size`` examples)."""
-    processor, model = build_model(setup, seed=seed)
-    workload = build_workload(processor, setup, examples=setup.batch_size, num_rejected=num_rejected, response_tokens=response_tokens, seed=seed)
+    processor, model = build_model(setup, seed=seed, attention=attention)
+    workload = build_workload(processor, model, setup, examples=setup.batch_size, num_rejected=num_rejected, response_tokens=response_tokens, seed=seed)
     return processor, model, workload
 
 
@@ -536,13 +712,14 @@ def prepare(setup: Setup, *, num_rejected: int = 2, response_tokens: int | None 
 
 @dataclass
 class LossAgreement:
-    """Per-example BPO losses of A and C, and TRL's DPO loss against mmsafe's mean DPO term."""
+    """Per-example BPO losses of a fast contender (A or G) and C, and TRL's DPO loss against mmsafe's mean DPO term."""
 
+    fast: str
     a_losses: list[float]
     c_losses: list[float]
     a_c_relative_difference: float
     mmsafe_mean_dpo_term: float
-    trl_dpo_loss: float
+    trl_dpo_loss: float | None
     trl_relative_difference: float
     image_passes_per_example: dict[str, int]
 
@@ -550,13 +727,22 @@ class LossAgreement:
     def agrees(self) -> bool:
         return self.a_c_relative_difference <= LOSS_TOLERANCE and self.trl_relative_difference <= LOSS_TOLERANCE
 
+    def describe(self) -> str:
+        text = (
+            f"{self.fast} vs C per-example BPO losses {self.a_losses} vs {self.c_losses} "
+            f"(max relative difference {self.a_c_relative_difference:.1e})"
+        )
+        if self.trl_dpo_loss is not None:
+            text += f"; TRL DPO loss {self.trl_dpo_loss:.6f} vs mmsafe mean DPO term {self.mmsafe_mean_dpo_term:.6f} (relative {self.trl_relative_difference:.1e})"
+        return text
 
-def check_losses(model: Any, workload: Workload, setup: Setup) -> LossAgreement:
-    """Step-0 losses of A, C and D for a policy a little away from the reference ``model``.
 
-    A: shared-prefix policy log-probs with reference log-probs precomputed by
-    :func:`precompute_reference`; C: every sequence alone for both models; D: TRL's own
-    loss on the same policy and reference.
+def check_losses(model: Any, workload: Workload, setup: Setup, *, fast: str = "A", with_trl: bool = True, perturbation: float = 0.02) -> LossAgreement:
+    """Step-0 losses of ``fast`` (A or G), C and D for a policy a little away from the reference ``model``.
+
+    ``fast``: its path's policy log-probs with reference log-probs precomputed by
+    :func:`precompute_reference`; C: every sequence alone for both models; D (``with_trl``):
+    TRL's own loss on the same policy and reference.
     """
     import torch
 
@@ -565,8 +751,8 @@ def check_losses(model: Any, workload: Workload, setup: Setup) -> LossAgreement:
     from mmsafe.train.losses import bpo_loss
 
     reference = model.eval()
-    policy = perturb(model).eval()
-    shared = PreferenceCollator(workload.pad_token_id, workload.sources, mode="shared-prefix", encoder=workload.encoder)
+    policy = perturb(model, scale=perturbation).eval()
+    shared = PreferenceCollator(workload.pad_token_id, workload.sources, mode=FORWARD_MODES[fast], encoder=workload.encoder)
     separate_batch = move(PreferenceCollator(workload.pad_token_id, workload.sources, mode="separate", encoder=workload.encoder)(workload.items), setup.device)
     shared_batch = move(shared(workload.items), setup.device)
     examples = [item["example"] for item in workload.items]
@@ -582,14 +768,20 @@ def check_losses(model: Any, workload: Workload, setup: Setup) -> LossAgreement:
     a_c = ((a.losses - c.losses).abs() / c.losses.abs()).max().item()
     pairs = sum(example.num_rejected for example in examples)
     mean_term = a.losses.sum().item() / pairs
+    sequences = separate_batch["input_ids"].shape[0]
+    if not with_trl:
+        return LossAgreement(
+            fast=fast, a_losses=a.losses.tolist(), c_losses=c.losses.tolist(), a_c_relative_difference=a_c, mmsafe_mean_dpo_term=mean_term,
+            trl_dpo_loss=None, trl_relative_difference=0.0, image_passes_per_example={fast: 1, "C": sequences // len(examples)},
+        )
     trl = make_trl(copy.deepcopy(policy), workload, setup, reference=copy.deepcopy(reference))
     trl.model.eval()
     with torch.no_grad():
         trl_loss = float(trl.trainer.compute_loss(trl.model, trl.batch))
-    sequences = separate_batch["input_ids"].shape[0]
     if separate_batch["pixel_values"].shape[0] != sequences:
         raise AssertionError("the separate layout does not give every sequence its own image")
     return LossAgreement(
+        fast=fast,
         a_losses=a.losses.tolist(),
         c_losses=c.losses.tolist(),
         a_c_relative_difference=a_c,
@@ -597,7 +789,7 @@ def check_losses(model: Any, workload: Workload, setup: Setup) -> LossAgreement:
         trl_dpo_loss=trl_loss,
         trl_relative_difference=abs(trl_loss - mean_term) / abs(mean_term),
         image_passes_per_example={
-            "A": shared_batch["pixel_values"].shape[0] // len(examples),
+            fast: shared_batch["pixel_values"].shape[0] // len(examples),
             "C": sequences // len(examples),
             "D": trl.batch["pixel_values"].shape[0] // len(examples),
         },
@@ -650,6 +842,7 @@ def scaling(model: Any, processor: Any, setup: Setup, *, values: list[int], vary
     for value in values:
         workload = build_workload(
             processor,
+            model,
             setup,
             examples=setup.batch_size,
             num_rejected=value if vary == "rejected" else 2,
@@ -663,11 +856,12 @@ def scaling(model: Any, processor: Any, setup: Setup, *, values: list[int], vary
     return rows
 
 
-def run_solo(key: str, setup: Setup, repetitions: int) -> dict[str, Any]:
-    """One contender alone in this (fresh) process: step times and peak memory."""
+def run_solo(key: str, setup: Setup, repetitions: int, *, flops: bool = False) -> dict[str, Any]:
+    """One contender alone in this (fresh) process: step times, peak memory, and (``flops``) its FLOP rate."""
     import torch
 
-    _, model, workload = prepare(setup)
+    attention = attention_for(key, setup)
+    _, model, workload = prepare(setup, attention=attention)
     baseline = peak_rss_mb()
     contender = make_contender(key, model, workload, setup)
     del model
@@ -680,16 +874,29 @@ def run_solo(key: str, setup: Setup, repetitions: int) -> dict[str, Any]:
         contender.step()
         _synchronize(setup)
         seconds.append(time.perf_counter() - start)
-    result = {"key": key, "seconds": seconds[1:], "peak_rss_mb": peak_rss_mb(), "rss_before_contender_mb": baseline, "examples": workload.examples, "tokens": workload.tokens()}
+    result = {
+        "key": key,
+        "setup": setup.name,
+        "attention": attention,
+        "seconds": seconds[1:],
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_contender_mb": baseline,
+        "examples": workload.examples,
+        "tokens": workload.tokens(),
+    }
     if setup.device == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if flops:
+        step_flops = count_step_flops(contender)
+        ceiling = matmul_flops_per_s(setup)
+        result.update(step_flops=step_flops, matmul_flops_per_s=ceiling["median"], flop_utilisation=step_flops / statistics.median(seconds[1:]) / ceiling["median"])
     return result
 
 
-def solo_in_subprocess(key: str, args: argparse.Namespace, repetitions: int) -> dict[str, Any]:
+def solo_in_subprocess(key: str, args: argparse.Namespace, repetitions: int, *, family: str = "llava") -> dict[str, Any]:
     """:func:`run_solo` in a fresh Python process with the same settings as this run."""
-    command = [sys.executable, "-m", "benchmarks.train", "--solo", key, "--repetitions", str(repetitions)]
-    for flag in ("gpu", "quick"):
+    command = [sys.executable, "-m", "benchmarks.train", "--solo", key, "--family", family, "--repetitions", str(repetitions)]
+    for flag in ("gpu", "quick", "tiny"):
         if getattr(args, flag):
             command.append(f"--{flag}")
     for option in ("batch_size", "threads"):
@@ -699,7 +906,7 @@ def solo_in_subprocess(key: str, args: argparse.Namespace, repetitions: int) -> 
     completed = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if completed.returncode != 0 or not lines:
-        raise RuntimeError(f"contender {key} failed in its subprocess:\n{completed.stderr[-3000:]}")
+        raise RuntimeError(f"contender {key} ({family}) failed in its subprocess:\n{completed.stderr[-3000:]}")
     return json.loads(lines[-1])
 
 
@@ -708,15 +915,16 @@ def solo_in_subprocess(key: str, args: argparse.Namespace, repetitions: int) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true", help="LLaVA-1.5-7B-shaped model in bf16 on a CUDA device, each contender in its own process")
+    parser.add_argument("--gpu", action="store_true", help="LLaVA-1.5-7B- and Qwen2.5-VL-7B-shaped models in bf16 on a CUDA device, each contender in its own process")
+    parser.add_argument("--tiny", action="store_true", help="with --gpu: the same code path at a tiny shape, on CPU when no GPU is present (a smoke test)")
     parser.add_argument("--batch-size", type=int, help="examples per optimizer step (default 1, the release's per-device batch; quick 2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice); 1 is steadier on a busy machine")
+    parser.add_argument("--skip-qwen", action="store_true", help="CPU runs: leave out the Qwen2.5-VL-shaped model")
     parser.add_argument("--solo", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)  # internal: one contender in a fresh process
+    parser.add_argument("--family", choices=["llava", "qwen2.5-vl"], default="llava", help=argparse.SUPPRESS)  # internal, with --solo
     args = parser.parse_args(argv)
     args.command = " ".join(["python -m benchmarks.train", *(sys.argv[1:] if argv is None else argv)])
-    setup = GPU_SETUP if args.gpu else QUICK_SETUP if args.quick else CPU_SETUP
-    if args.batch_size:
-        setup = replace(setup, batch_size=args.batch_size)
+    llava_setup, qwen_setup = setups_for(args)
     repetitions = args.repetitions or 5
 
     import torch
@@ -724,16 +932,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    if args.gpu and not torch.cuda.is_available():
-        print("error: --gpu needs a CUDA device", file=sys.stderr)
+    if args.gpu and not args.tiny and not torch.cuda.is_available():
+        print("error: --gpu needs a CUDA device (--gpu --tiny runs its code path on CPU)", file=sys.stderr)
         return 1
     if args.solo:
-        print(json.dumps(run_solo(args.solo, setup, repetitions)))
+        setup = qwen_setup if args.family == "qwen2.5-vl" else llava_setup
+        print(json.dumps(run_solo(args.solo, setup, repetitions, flops=args.gpu)))
         return 0
-    return run_gpu(args, setup, repetitions) if args.gpu else run_cpu(args, setup, repetitions)
+    if args.gpu:
+        return run_gpu(args, llava_setup, qwen_setup, repetitions)
+    return run_cpu(args, llava_setup, qwen_setup, repetitions)
 
 
-def run_cpu(args: argparse.Namespace, setup: Setup, repetitions: int) -> int:
+def run_cpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitions: int) -> int:
     import torch
 
     torch.manual_seed(0)
@@ -741,11 +952,8 @@ def run_cpu(args: argparse.Namespace, setup: Setup, repetitions: int) -> int:
     processor, model, workload = prepare(setup)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     agreement = check_losses(copy.deepcopy(model), workload, setup)
-    print(
-        f"loss agreement at step 0: A vs C per-example BPO losses {agreement.a_losses} vs {agreement.c_losses} "
-        f"(max relative difference {agreement.a_c_relative_difference:.1e}); TRL DPO loss {agreement.trl_dpo_loss:.6f} "
-        f"vs mmsafe mean DPO term {agreement.mmsafe_mean_dpo_term:.6f} (relative {agreement.trl_relative_difference:.1e})"
-    )
+    general_agreement = check_losses(copy.deepcopy(model), workload, setup, fast="G", with_trl=False)
+    print(f"loss agreement at step 0: {agreement.describe()}; {general_agreement.describe()}")
 
     contenders = {key: make_contender(key, copy.deepcopy(model), workload, setup) for key in CONTENDERS}
     measured = run_alternating({key: contender.step for key, contender in contenders.items()}, repetitions=repetitions, warmup=1)
@@ -766,6 +974,9 @@ def run_cpu(args: argparse.Namespace, setup: Setup, repetitions: int) -> int:
     response_lengths = [half, base, 2 * base] if args.quick else [half, base, 2 * base, 4 * base]
     k_rows = scaling(model, processor, setup, values=[1, 2, 4], vary="rejected", repetitions=sweep_repetitions)
     length_rows = scaling(model, processor, setup, values=response_lengths, vary="response_tokens", repetitions=sweep_repetitions)
+    del model
+
+    qwen = None if args.skip_qwen else run_qwen_cpu(qwen_setup, repetitions)
     load_after = os.getloadavg()
 
     by_key = {row["key"]: row for row in rows}
@@ -775,10 +986,18 @@ def run_cpu(args: argparse.Namespace, setup: Setup, repetitions: int) -> int:
         "A_over_D": by_key["A"]["examples_per_s"] / by_key["D"]["examples_per_s"],
         "A_memory_over_D": by_key["A"]["peak_rss_mb"] / by_key["D"]["peak_rss_mb"],
     }
-    passed = verdict["A_over_C"] >= TARGET_SPEEDUP and verdict["A_over_D"] >= TARGET_SPEEDUP and verdict["A_memory_over_D"] <= TARGET_MEMORY_RATIO
+    if qwen is not None:
+        verdict["qwen_G_over_C"] = qwen["G_over_C"]
+    passed = (
+        verdict["A_over_C"] >= TARGET_SPEEDUP
+        and verdict["A_over_D"] >= TARGET_SPEEDUP
+        and verdict["A_memory_over_D"] <= TARGET_MEMORY_RATIO
+        and verdict["G_over_C"] >= TARGET_GENERAL_SPEEDUP
+    )
     print(format_table(rows, ["name", "examples_per_s", "examples_per_s_min", "examples_per_s_max", "median_seconds", "peak_rss_mb", "A_speedup"]))
     print(
         f"A/C {verdict['A_over_C']:.2f}x, A/D {verdict['A_over_D']:.2f}x (target >= {TARGET_SPEEDUP:g}x); "
+        f"G/C {verdict['G_over_C']:.2f}x (target >= {TARGET_GENERAL_SPEEDUP:g}x); "
         f"A's peak memory / D's {verdict['A_memory_over_D']:.2f} (target <= {TARGET_MEMORY_RATIO:g})"
     )
     print("step time against K rejected responses (A vs C):")
@@ -789,6 +1008,10 @@ def run_cpu(args: argparse.Namespace, setup: Setup, repetitions: int) -> int:
         f"A's achieved rate {achieved / 1e9:.1f} GFLOP/s ({step_flops / 1e9:.1f} GFLOP per step) = "
         f"{achieved / ceiling['median']:.0%} of the measured {setup.dtype} matmul rate {ceiling['median'] / 1e9:.1f} GFLOP/s"
     )
+    if qwen is not None:
+        print(f"Qwen2.5-VL-shaped model ({qwen['parameters']:,} parameters, {qwen_setup.vocab_size:,}-token vocabulary): {qwen['agreement']}")
+        print(format_table(qwen["results"], ["name", "examples_per_s", "examples_per_s_min", "examples_per_s_max", "median_seconds", "G_speedup"]))
+        print(f"G/C {qwen['G_over_C']:.2f}x on the Qwen2.5-VL-shaped model")
     machine = machine_info()
     print(
         f"machine: {machine.get('cpu_count')} cores, {machine.get('memory_gib')} GiB, torch {machine.get('torch')} "
@@ -812,42 +1035,88 @@ def run_cpu(args: argparse.Namespace, setup: Setup, repetitions: int) -> int:
             },
             "load_average": {"before": load_before, "after": load_after},
             "loss_agreement": asdict(agreement),
+            "general_loss_agreement": asdict(general_agreement),
             "results": rows,
             "contenders": {row["key"]: {"examples_per_s": row["examples_per_s"], "peak_rss_mb": row["peak_rss_mb"]} for row in rows},
             "acceptance": {**verdict, "passed": passed},
             "scaling_rejected": k_rows,
             "scaling_response_tokens": length_rows,
             "flops": {"A_step_flops": step_flops, "A_flops_per_s": achieved, "matmul_flops_per_s": ceiling, "fraction": achieved / ceiling["median"]},
+            "qwen2.5-vl": qwen and {**qwen, "setup": asdict(qwen_setup)},
         },
     )
-    if not agreement.agrees:
+    if not agreement.agrees or not general_agreement.agrees or (qwen is not None and not qwen["agrees"]):
         print("error: the contenders disagree on the step-0 loss", file=sys.stderr)
         return 1
     return 0 if passed else 2
 
 
-def run_gpu(args: argparse.Namespace, setup: Setup, repetitions: int) -> int:
-    """Each contender alone in a fresh process (the 7B trainers do not fit side by side)."""
-    results = {key: solo_in_subprocess(key, args, repetitions=repetitions) for key in CONTENDERS}
+def run_qwen_cpu(setup: Setup, repetitions: int) -> dict[str, Any]:
+    """G, P and C on the Qwen2.5-VL-shaped model, alternating; G's loss checked against C's."""
+    _processor, model, workload = prepare(setup)
+    agreement = check_losses(copy.deepcopy(model), workload, setup, fast="G", with_trl=False)
+    contenders = {key: make_contender(key, copy.deepcopy(model), workload, setup) for key in QWEN_CONTENDERS}
+    measured = run_alternating({key: contender.step for key, contender in contenders.items()}, repetitions=repetitions, warmup=1)
     rows = []
-    for key, result in results.items():
-        seconds = result["seconds"]
-        rates = [result["examples"] / value for value in seconds]
-        rows.append(
-            {
-                "name": f"{key}: {CONTENDERS[key]}",
-                "key": key,
-                "examples_per_s": statistics.median(rates),
-                "examples_per_s_min": min(rates),
-                "examples_per_s_max": max(rates),
-                "tokens_per_s": statistics.median(rates) * result["tokens"] / result["examples"],
-                "median_seconds": statistics.median(seconds),
-                "peak_gpu_mb": result["peak_gpu_mb"],
-                "peak_rss_mb": result["peak_rss_mb"],
-            }
-        )
-    print(format_table(rows, ["name", "examples_per_s", "examples_per_s_min", "examples_per_s_max", "tokens_per_s", "peak_gpu_mb"]))
-    write_results(args.json, {"benchmark": "train-gpu", "command": args.command, "setup": asdict(setup), "results": rows})
+    for key in QWEN_CONTENDERS:
+        row = measured[key].summary("examples")
+        row.update(name=f"{key}: {CONTENDERS[key]}", key=key, G_speedup=measured[key].median_seconds / measured["G"].median_seconds)
+        rows.append(row)
+    by_key = {row["key"]: row for row in rows}
+    return {
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "prompt_tokens": workload.prompt_lengths,
+        "response_tokens": workload.response_lengths,
+        "agreement": agreement.describe(),
+        "agrees": agreement.agrees,
+        "results": rows,
+        "G_over_C": by_key["G"]["examples_per_s"] / by_key["C"]["examples_per_s"],
+    }
+
+
+#: The contenders of the --gpu run on each model (TRL on the LLaVA shape, as on CPU).
+GPU_CONTENDERS = {"llava": ("A", "G", "C", "D"), "qwen2.5-vl": ("G", "C")}
+
+
+def run_gpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitions: int) -> int:
+    """Each contender alone in a fresh process (the 7B trainers do not fit side by side)."""
+    rows = []
+    for family, keys in GPU_CONTENDERS.items():
+        shape = qwen_setup if family == "qwen2.5-vl" else setup
+        for key in keys:
+            if args.tiny:  # tiny models fit side by side: one process saves a library import per contender
+                result = run_solo(key, shape, repetitions, flops=True)
+            else:
+                result = solo_in_subprocess(key, args, repetitions=repetitions, family=family)
+            seconds = result["seconds"]
+            rates = [result["examples"] / value for value in seconds]
+            rows.append(
+                {
+                    "name": f"{shape.name} {key}: {CONTENDERS[key]}",
+                    "setup": shape.name,
+                    "key": key,
+                    "attention": result["attention"],
+                    "examples_per_s": statistics.median(rates),
+                    "examples_per_s_min": min(rates),
+                    "examples_per_s_max": max(rates),
+                    "tokens_per_s": statistics.median(rates) * result["tokens"] / result["examples"],
+                    "median_seconds": statistics.median(seconds),
+                    "flop_utilisation": result["flop_utilisation"],
+                    "peak_gpu_mb": result.get("peak_gpu_mb"),
+                    "peak_rss_mb": result["peak_rss_mb"],
+                }
+            )
+    columns = ["name", "attention", "examples_per_s", "examples_per_s_min", "examples_per_s_max", "tokens_per_s", "flop_utilisation", "peak_gpu_mb"]
+    print(format_table(rows, columns))
+    for family, keys in GPU_CONTENDERS.items():
+        shape = (qwen_setup if family == "qwen2.5-vl" else setup).name
+        rate = {row["key"]: row["examples_per_s"] for row in rows if row["setup"] == shape}
+        print(f"{shape}: " + ", ".join(f"{key}/C {rate[key] / rate['C']:.2f}x" for key in keys if key != "C"))
+    machine = machine_info()
+    write_results(
+        args.json,
+        {"benchmark": "train-gpu", "command": args.command, "setups": [asdict(setup), asdict(qwen_setup)], "machine": machine, "results": rows},
+    )
     return 0
 
 

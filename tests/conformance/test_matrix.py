@@ -16,7 +16,7 @@ import yaml
 
 from mmsafe.data.records import read_preference_records
 from mmsafe.models import load_model
-from mmsafe.models.structure import model_parts
+from mmsafe.models.structure import model_parts, prompt_cache_supported
 from mmsafe.models.zoo import ARCHITECTURES
 from mmsafe.train.data import PreferenceCollator, PreferenceDataset, PreferenceEncoder, prepare_examples
 from mmsafe.train.forward import score_batch, select_forward_mode
@@ -96,7 +96,8 @@ def test_scoring_paths_match_one_sequence_at_a_time(arch):
 
     mode, _ = select_forward_mode(model, arch["collator"], items, "auto")
     measured = {}
-    for path in dict.fromkeys([mode, "per-response", "separate"]):
+    cache_supported, _ = prompt_cache_supported(model)
+    for path in dict.fromkeys([mode, *(["prompt-cache"] if cache_supported else []), "per-response", "separate"]):
         scores = score_batch(model, arch["collator"].with_mode(path)(items))
         values = torch.stack([value for row, item in enumerate(items) for value in [scores.chosen[row], *scores.rejected[row, : item["example"].num_rejected]]])
         difference = ((values - expected_values.detach()).abs() / token_counts).max().item()
@@ -260,3 +261,31 @@ def test_forced_packed_path_is_refused_on_qwen2_vl(checkpoints, conformance_data
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if "not exact" in line]
     assert len(lines) == 1 and "Qwen2VLForConditionalGeneration" in lines[0], err
+
+
+def test_prompt_cache_is_refused_on_the_hybrid_and_with_gradient_checkpointing(checkpoints, conformance_data, tmp_path, capsys):
+    """The recurrent state of the hybrid cannot be shared; gradient checkpointing turns the cache off: one line each."""
+    from mmsafe.cli import main
+
+    for name, options, expected in (
+        ("lfm2-vl", {}, "recurrent layers"),
+        ("qwen2-vl", {"gradient_checkpointing": True}, "gradient checkpointing"),
+    ):
+        config = {
+            "model": str(checkpoints(name)),
+            "data": str(conformance_data),
+            "output_dir": str(tmp_path / name),
+            "forward_mode": "prompt-cache",
+            "max_steps": 1,
+            "dtype": "float32",
+            "reference_cache_dir": str(tmp_path / "cache"),
+            **options,
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        code = main(["train", "--config", str(path)])
+        err = capsys.readouterr().err
+        assert code != 0
+        assert "Traceback" not in err
+        lines = [line for line in err.splitlines() if "prompt-cache" in line]
+        assert len(lines) == 1 and expected in lines[0], err

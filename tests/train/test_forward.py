@@ -100,7 +100,7 @@ def expected(tiny, items):
     return [c.detach() for c in chosen], [[r.detach() for r in row] for row in rejected], gradients(model)
 
 
-@pytest.mark.parametrize("mode", ["shared-prefix", "per-response", "separate"])
+@pytest.mark.parametrize("mode", ["shared-prefix", "prompt-cache", "per-response", "separate"])
 def test_log_probs_and_gradients_match_scoring_each_sequence_alone(tiny, items, expected, mode):
     items, sources, encoder = items
     chosen, rejected, expected_gradients = expected
@@ -143,3 +143,42 @@ def test_sdpa_bool_mask_and_eager_float_mask_agree(tiny_model_dir, items):
         with torch.no_grad():
             results.append(score_batch(loaded.model, batch).chosen)
     torch.testing.assert_close(results[0], results[1], atol=1e-4, rtol=0)
+
+
+def test_auto_falls_back_past_an_inexact_path(tiny, items, monkeypatch):
+    """auto takes the first exact path: a broken shared-prefix gives prompt-cache, both broken give per-response."""
+    from mmsafe.train import forward
+
+    items, sources, encoder = items
+    collator = PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="per-response", encoder=encoder)
+    assert forward.select_forward_mode(tiny.model, collator, items, "auto")[0] == "shared-prefix"
+
+    def broken(score):
+        def scored(*args, **kwargs):
+            result = score(*args, **kwargs)
+            return forward.ResponseLogProbs(chosen=result.chosen + 0.5, rejected=result.rejected, rejected_mask=result.rejected_mask)
+
+        return scored
+
+    monkeypatch.setattr(forward, "score_shared_prefix", broken(forward.score_shared_prefix))
+    mode, check = forward.select_forward_mode(tiny.model, collator, items, "auto")
+    assert mode == "prompt-cache" and check.passed
+    monkeypatch.setattr(forward, "score_prompt_cache", broken(forward.score_prompt_cache))
+    assert forward.select_forward_mode(tiny.model, collator, items, "auto")[0] == "per-response"
+    assert forward.select_forward_mode(tiny.model, collator, items, "auto", gradient_checkpointing=True)[0] == "per-response"
+
+
+def test_prompt_cache_runs_the_output_layer_on_response_positions_only(tiny, items):
+    """The prompt's forward keeps only its last position's logits; the responses' forward, theirs."""
+    items, sources, encoder = items
+    batch = PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="prompt-cache", encoder=encoder)(items)
+    head = tiny.model.get_output_embeddings()
+    rows = []
+    handle = head.register_forward_hook(lambda module, inputs, output: rows.append(output.shape[0] * output.shape[1]))
+    try:
+        with torch.no_grad():
+            score_batch(tiny.model, batch)
+    finally:
+        handle.remove()
+    widths = [row["responses"]["input_ids"].numel() for row in batch["prompt_cache_rows"]]
+    assert rows == [value for width in widths for value in (1, width)]

@@ -58,10 +58,12 @@ def step_logs(output_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, small_records):
-    single = write_config(tmp_path / "single.yaml", **base_options(tmp_path, tiny_model_dir, small_records, "single"))
+@pytest.mark.parametrize("forward_mode", ["auto", "prompt-cache"])
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, small_records, forward_mode):
+    """prompt-cache runs two forwards per example before one backward: DDP must still average every gradient."""
+    single = write_config(tmp_path / "single.yaml", **base_options(tmp_path, tiny_model_dir, small_records, "single", forward_mode=forward_mode))
     # Two processes x 1 example = the single run's batch of 2 (the sampler deals the same order).
-    ddp = write_config(tmp_path / "ddp.yaml", **base_options(tmp_path, tiny_model_dir, small_records, "ddp", per_device_train_batch_size=1))
+    ddp = write_config(tmp_path / "ddp.yaml", **base_options(tmp_path, tiny_model_dir, small_records, "ddp", per_device_train_batch_size=1, forward_mode=forward_mode))
     subprocess.run([sys.executable, "-m", "mmsafe", "train", "--config", str(single)], check=True, env=environment(), cwd=tmp_path, capture_output=True, timeout=300)
     # Port 0: the launcher picks a free port, so a port still held by an earlier run cannot abort this one.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP_CONFIG), "--main_process_port", "0", "-m", "mmsafe", "train", "--config", str(ddp)]
@@ -76,6 +78,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert two[1]["loss"] == pytest.approx(one[1]["loss"], abs=1e-5)
     summary = json.loads((tmp_path / "ddp" / SUMMARY_FILE).read_text())
     assert summary["global_step"] == 2
+    if forward_mode != "auto":
+        assert summary["forward_mode"] == forward_mode
 
 
 @pytest.mark.slow

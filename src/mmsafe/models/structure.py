@@ -126,6 +126,23 @@ def packing_supported(model: Any, per_token_keys: set[str] | frozenset[str] = fr
     return True, ""
 
 
+def prompt_cache_supported(model: Any) -> tuple[bool, str]:
+    """Can responses be scored against the prompt's key/value cache, with gradients?
+
+    Attention caches (full, sliding window, Mllama's cross-attention states) are plain
+    tensors that can be repeated for the responses and carry gradients. The recurrent
+    state of convolution and linear-attention layers is written in place (and cannot be
+    repeated in this transformers), so hybrid models score per response. Gradient
+    checkpointing turns the cache off. Returns (supported, reason when not).
+    """
+    if is_hybrid(model):
+        return False, "recurrent layers whose cached state is written in place"
+    base = _base(model)
+    if getattr(base, "is_activation_checkpointing", None) or (not hasattr(base, "is_activation_checkpointing") and getattr(base, "is_gradient_checkpointing", False)):
+        return False, "gradient checkpointing (which turns the key/value cache off)"
+    return True, ""
+
+
 _BIDIRECTIONAL_IMAGE_MODELS = ("gemma3", "paligemma")
 
 #: How a per-token processor output continues over response tokens, by (model type, key).

@@ -64,10 +64,12 @@ class TrainConfig:
     label_smoothing: float = option(0.0, help="conservative DPO: assumed probability that a preference label is flipped (sigmoid only)")
     average_logprobs: bool = option(False, help="use the mean instead of the sum of token log-probs per response")
 
-    forward_mode: Literal["auto", "shared-prefix", "per-response", "separate"] = option(
+    forward_mode: Literal["auto", "shared-prefix", "prompt-cache", "per-response", "separate"] = option(
         "auto",
-        help="auto: shared-prefix where the architecture allows it and it is exact on this model, else per-response; "
+        help="auto: the first of shared-prefix, prompt-cache, per-response that this architecture allows and that is exact on this model; "
         "shared-prefix: image and prompt computed once per example in one packed row (plain causal decoders only); "
+        "prompt-cache: the prompt and image once per example, its responses scored against the prompt's key/value cache "
+        "(every attention architecture; not with gradient checkpointing); "
         "per-response: one row per response through the model's own forward (exact on every architecture); "
         "separate: the release's one-row-per-pair baseline",
     )
@@ -140,6 +142,8 @@ class TrainConfig:
             raise ConfigError("merge_lora: only meaningful with finetune: lora")
         if self.attn_implementation and "flash" in self.attn_implementation and self.forward_mode == "shared-prefix":
             raise ConfigError("attn_implementation: shared-prefix scoring needs a 4-D attention mask (sdpa or eager), not flash attention")
+        if self.forward_mode == "prompt-cache" and self.gradient_checkpointing:
+            raise ConfigError("forward_mode: prompt-cache scores against the prompt's key/value cache, which gradient checkpointing turns off; use auto or per-response")
         for source, weight in self.source_weights.items():
             if weight < 0:
                 raise ConfigError(f"source_weights.{source}: expected a weight >= 0, got {weight}")

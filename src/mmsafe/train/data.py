@@ -27,6 +27,10 @@ Batch layouts (see :mod:`mmsafe.train.forward`):
   segment ids let the forward build a block attention mask in which every response sees
   the prompt and itself only, so the image and the prompt are computed once. Exact only
   for plain causal decoders with 1-D positions (:func:`packing_supported`).
+* ``prompt-cache``: per example, the prompt alone (``prompt_cache_rows``: its ids,
+  per-token outputs and image tensors, unpadded) and its 1 + K responses as one
+  right-padded batch (``[response | padding]``, per-token outputs continued), which the
+  forward scores against the prompt's key/value cache.
 * ``per-response``: one row per response, ``[prompt | response | padding]``, right
   padded, through the model's own forward: positions (M-RoPE included), token types,
   image attention, cross-attention and recurrent state come from the model. Exact on
@@ -59,8 +63,8 @@ from mmsafe.models.prompts import PromptStyle, render_prompt, response_token_ids
 
 logger = logging.getLogger(__name__)
 
-ForwardMode = Literal["shared-prefix", "per-response", "separate"]
-FORWARD_MODES = ("shared-prefix", "per-response", "separate")
+ForwardMode = Literal["shared-prefix", "prompt-cache", "per-response", "separate"]
+FORWARD_MODES = ("shared-prefix", "prompt-cache", "per-response", "separate")
 #: Processor outputs that are never model inputs.
 _DROPPED_PROCESSOR_KEYS = ("labels",)
 IGNORE_INDEX = -100
@@ -377,6 +381,16 @@ class _Rows:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra}
 
 
+class ExampleRows(list):
+    """The per-example inputs of a ``prompt-cache`` batch: a list of {"prompt", "responses"} dicts.
+
+    ``.to(device)`` moves every tensor, so the batch moves like a dict of tensors.
+    """
+
+    def to(self, device: Any) -> ExampleRows:
+        return ExampleRows({part: {key: value.to(device) for key, value in inputs.items()} for part, inputs in row.items()} for row in self)
+
+
 @dataclass
 class PreferenceCollator:
     """Pads a list of dataset items into one batch (a dict of tensors) for any mode.
@@ -404,7 +418,7 @@ class PreferenceCollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         examples: list[TokenizedExample] = [item["example"] for item in items]
-        layout = {"shared-prefix": self._shared, "per-response": self._per_response, "separate": self._separate}[self.mode]
+        layout = {"shared-prefix": self._shared, "prompt-cache": self._prompt_cache, "per-response": self._per_response, "separate": self._separate}[self.mode]
         batch = layout(items)
         max_rejected = max(example.num_rejected for example in examples)
         source_ids = torch.full((len(examples), max_rejected), -1, dtype=torch.long)
@@ -477,6 +491,38 @@ class PreferenceCollator:
             batch[key] = torch.stack(rows)
         batch.update(image_inputs)
         return batch
+
+    def _prompt_cache(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Per example: the prompt alone, and its responses as one right-padded batch.
+
+        The processor runs once per example (each prompt is its own forward); a response
+        row holds only response tokens, so it needs no attention mask: its real tokens see
+        the whole (unpadded) prompt in the cache and the earlier tokens of their own row.
+        """
+        from mmsafe.models.structure import response_token_fill
+
+        assembler = _Rows(self.pad_token_id, self.model_type)
+        rows = ExampleRows()
+        for item in items:
+            example = item["example"]
+            per_token, image_inputs = assembler.prompt_inputs([item], self.encoder)
+            prompt_length = len(example.prompt_ids)
+            prompt = {"input_ids": torch.tensor([example.prompt_ids]), "attention_mask": torch.ones(1, prompt_length, dtype=torch.long)}
+            prompt.update(per_token[0])
+            prompt.update(image_inputs)
+            width = max(len(ids) for ids in example.responses)
+            size = (len(example.responses), width)
+            input_ids = torch.full(size, self.pad_token_id, dtype=torch.long)
+            labels = torch.full(size, IGNORE_INDEX, dtype=torch.long)
+            for slot, ids in enumerate(example.responses):
+                input_ids[slot, : len(ids)] = torch.tensor(ids)
+                labels[slot, : len(ids)] = torch.tensor(ids)
+            responses = {"input_ids": input_ids, "labels": labels}
+            for key, prompt_part in per_token[0].items():
+                fill = torch.as_tensor(response_token_fill(self.model_type, key, prompt_part[0]), dtype=prompt_part.dtype)
+                responses[key] = fill.expand(*size, *prompt_part.shape[2:]).clone()
+            rows.append({"prompt": prompt, "responses": responses})
+        return {"prompt_cache_rows": rows}
 
     def _sequence_rows(self, items: list[dict[str, Any]], rows: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         """One right-padded row per (item index, response slot), each with its own image."""

@@ -15,19 +15,29 @@ It is exact only for plain causal decoders with 1-D positions (LLaVA and kin): M
 (Qwen-VL), bidirectional image attention (Gemma 3, PaliGemma), cross-attention (Mllama)
 and layers that ignore attention masks (LFM2-VL's convolutions) break it.
 
-``per-response`` is the general path: one right-padded row per response, through the
-model's own forward, so positions, token types, image masks, cross-attention and
-recurrent state are the model's. Exact on every architecture; the image is encoded once
-per response.
+``prompt-cache`` is the general path: per example, the prompt (with its image) runs once
+through the model's own forward with ``use_cache=True``; its key/value cache is repeated
+for the 1 + K responses, which run as one right-padded batch continuing from it, as in
+generation, with gradients flowing back through the cache. Positions (M-RoPE deltas
+included), token types, bidirectional image attention and cross-attention states are the
+model's. It needs an attention cache that can be shared (not the in-place recurrent
+state of hybrid models) and no gradient checkpointing (which turns the cache off); it
+works with flash attention.
+
+``per-response`` is the fallback that runs everywhere: one right-padded row per
+response, through the model's own forward, so positions, token types, image masks,
+cross-attention and recurrent state are the model's. Exact on every architecture; the
+image and prompt are encoded once per response.
 
 ``separate`` is the public release's form, kept as the baseline: every (prompt,
 response) sequence of every (chosen, rejected) pair is a row of its own, with its own
 image pass.
 
 ``auto`` (the default of training) takes ``shared-prefix`` where
-:func:`mmsafe.models.structure.packing_supported` allows it, else ``per-response``, and
+:func:`mmsafe.models.structure.packing_supported` allows it, else ``prompt-cache`` where
+:func:`mmsafe.models.structure.prompt_cache_supported` does, else ``per-response``, and
 :func:`select_forward_mode` checks the choice on the user's own model and data against
-plain one-sequence-at-a-time scoring before it is trusted.
+plain one-sequence-at-a-time scoring before it is trusted (falling back to the next).
 """
 
 from __future__ import annotations
@@ -161,10 +171,52 @@ def score_separate(model: Any, batch: dict[str, torch.Tensor], *, average: bool 
     return ResponseLogProbs(chosen=chosen_sum / chosen_count.clamp(min=1), rejected=rejected, rejected_mask=rejected_mask)
 
 
-def score_batch(model: Any, batch: dict[str, torch.Tensor], *, average: bool = False) -> ResponseLogProbs:
-    """Dispatch on the batch layout the collator produced (rows of sequences: per-response or separate)."""
+def _cache_argument(model: Any) -> str:
+    """The keyword of the key/value cache in this transformers (``cache``, formerly ``past_key_values``)."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
+def score_prompt_cache(model: Any, batch: dict[str, Any], *, average: bool = False) -> ResponseLogProbs:
+    """Log-probs from one prompt forward per example and one forward of its 1 + K responses against its cache.
+
+    The prompt (with its image) runs once, with ``use_cache=True``, through the model's own
+    forward: positions, M-RoPE deltas, token types, bidirectional image attention and
+    cross-attention states are the model's. Its cache is repeated for the responses, which
+    run as one right-padded batch continuing from it, as in generation. Gradients flow
+    through the cached keys and values into the prompt and the vision tower. The last
+    prompt position's logits score each response's first token; the prompt's other
+    positions never reach the output layer.
+    """
+    cache_argument = _cache_argument(model)
+    keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    chosen, rejected = [], []
+    width = batch["rejected_mask"].shape[1]
+    for row in batch["prompt_cache_rows"]:
+        prompt_output = model(**row["prompt"], use_cache=True, **keep_last)
+        cache = getattr(prompt_output, "cache", None) or getattr(prompt_output, "past_key_values", None)
+        if cache is None:
+            raise ValueError(
+                f"{architecture_name(model)} returned no key/value cache for the prompt (gradient checkpointing turns it off); "
+                "prompt-cache scoring needs one: use forward_mode per-response"
+            )
+        responses = {key: value for key, value in row["responses"].items() if key != "labels"}
+        labels = row["responses"]["labels"]
+        count = labels.shape[0]
+        cache.batch_repeat_interleave(count)
+        logits = model(**responses, **{cache_argument: cache}, use_cache=True).logits  # [n, R, V]
+        first = prompt_output.logits[:, -1:].expand(count, 1, -1)
+        scores = sequence_logprobs(torch.cat([first, logits[:, :-1]], dim=1), labels, average=average)  # [n]
+        chosen.append(scores[0])
+        rejected.append(torch.cat([scores[1:], scores.new_zeros(width - (count - 1))]))
+    return ResponseLogProbs(chosen=torch.stack(chosen), rejected=torch.stack(rejected), rejected_mask=batch["rejected_mask"])
+
+
+def score_batch(model: Any, batch: dict[str, Any], *, average: bool = False) -> ResponseLogProbs:
+    """Dispatch on the batch layout the collator produced (packed rows, prompt-cache rows, or rows of sequences)."""
     if "segment_ids" in batch:
         return score_shared_prefix(model, batch, average=average)
+    if "prompt_cache_rows" in batch:
+        return score_prompt_cache(model, batch, average=average)
     return score_separate(model, batch, average=average)
 
 
@@ -193,10 +245,15 @@ def one_at_a_time(model: Any, collator: Any, item: dict[str, Any]) -> list[float
     for slot in range(len(item["example"].responses)):
         batch = collator.with_mode("separate")._sequence_rows([item], [(0, slot)])
         batch["rejected_mask"] = torch.zeros(1, 0, dtype=torch.bool)
-        batch = {key: value.to(_device(model)) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+        batch = to_device(batch, _device(model))
         logits = model(**_model_inputs(batch), use_cache=False).logits
         values.append(float(sequence_logprobs(logits[:, :-1], batch["labels"][:, 1:])[0]))
     return values
+
+
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """A collator batch on ``device`` (tensors, and the per-example rows of prompt-cache batches)."""
+    return {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
 
 
 def _device(model: Any) -> torch.device:
@@ -212,7 +269,7 @@ def check_exactness(model: Any, collator: Any, items: list[dict[str, Any]], mode
     try:
         with torch.no_grad():
             batch = collator.with_mode(mode)(items)
-            batch = {key: value.to(_device(model)) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+            batch = to_device(batch, _device(model))
             scores = score_batch(model, batch)
             difference = 0.0
             count = 0
@@ -234,30 +291,41 @@ def architecture_name(model: Any) -> str:
     return f"{type(base).__name__} ({getattr(base.config, 'model_type', '?')})"
 
 
-def select_forward_mode(model: Any, collator: Any, items: list[dict[str, Any]], requested: str) -> tuple[str, ExactnessCheck]:
+def select_forward_mode(
+    model: Any, collator: Any, items: list[dict[str, Any]], requested: str, *, gradient_checkpointing: bool = False
+) -> tuple[str, ExactnessCheck]:
     """The scoring path to use for ``model``, checked on ``items`` (a few of the user's examples).
 
     ``auto``: the packed ``shared-prefix`` row where the architecture allows it and it is
-    exact here, else ``per-response``. An explicitly requested mode that is not exact on
-    this model is refused with a :class:`~mmsafe.errors.ConfigError` naming the
-    architecture and the difference.
+    exact here; else ``prompt-cache`` where the cache can be shared (not with
+    ``gradient_checkpointing``, which turns it off) and it is exact here; else
+    ``per-response``. An explicitly requested mode that is not exact on this model
+    (or that the model cannot run) is refused with a :class:`~mmsafe.errors.ConfigError`
+    naming the architecture and the difference.
     """
     from mmsafe.errors import ConfigError
+    from mmsafe.models.structure import prompt_cache_supported
 
+    cache_allowed = (False, "gradient checkpointing (which turns the key/value cache off)") if gradient_checkpointing else prompt_cache_supported(model)
     if requested == "auto":
-        supported, reason = packed_rows_allowed(model, collator, items)
-        if supported:
-            check = check_exactness(model, collator, items, "shared-prefix")
+        candidates = [("shared-prefix", packed_rows_allowed(model, collator, items)), ("prompt-cache", cache_allowed)]
+        for mode, (supported, reason) in candidates:
+            if not supported:
+                logger.info("scoring path: not %s (%s has %s)", mode, architecture_name(model), reason)
+                continue
+            check = check_exactness(model, collator, items, mode)
             if check.passed:
-                logger.info("scoring path: shared-prefix (packed rows), exact here: %.2g <= %.2g per token", check.max_difference, check.tolerance)
-                return "shared-prefix", check
+                logger.info("scoring path: %s, exact here: %.2g <= %.2g per token", mode, check.max_difference, check.tolerance)
+                return mode, check
             logger.warning(
-                "scoring path: shared-prefix is not exact on %s here (%.3g per token > %.2g); using per-response",
-                architecture_name(model), check.max_difference, check.tolerance,
+                "scoring path: %s is not exact on %s here (%.3g per token > %.2g)",
+                mode, architecture_name(model), check.max_difference, check.tolerance,
             )
-        else:
-            logger.info("scoring path: per-response (%s has %s, which packed rows cannot express)", architecture_name(model), reason)
         requested = "per-response"
+    elif requested == "prompt-cache":
+        supported, reason = cache_allowed
+        if not supported:
+            raise ConfigError(f"forward_mode prompt-cache cannot run on {architecture_name(model)}: it has {reason}; use forward_mode auto or per-response")
     check = check_exactness(model, collator, items, requested)
     if not check.passed:
         raise ConfigError(

@@ -17,7 +17,7 @@ import torch
 from mmsafe.data.records import PreferenceRecord
 from mmsafe.models.prompts import PromptStyle
 from mmsafe.train.data import PreferenceCollator, PreferenceDataset, PreferenceEncoder, prepare_examples
-from mmsafe.train.forward import score_batch, select_forward_mode
+from mmsafe.train.forward import score_batch, select_forward_mode, to_device
 
 
 @dataclass
@@ -85,7 +85,7 @@ def score_responses(
     try:
         for start in range(0, len(dataset), batch_size):
             items = [dataset[index] for index in range(start, min(start + batch_size, len(dataset)))]
-            batch = {key: value.to(device) for key, value in collator(items).items()}
+            batch = to_device(collator(items), device)
             result = score_batch(model, batch, average=average)
             for row, item in enumerate(items):
                 example = item["example"]

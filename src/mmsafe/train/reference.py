@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mmsafe.train.data import PreferenceCollator, PreferenceDataset, TokenizedExample
-from mmsafe.train.forward import ResponseLogProbs, score_batch, unwrap
+from mmsafe.train.forward import ResponseLogProbs, score_batch, to_device, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def precompute_reference(
     try:
         for start in progress(range(0, len(indices), batch_size), desc="reference log-probs", total=(len(indices) + batch_size - 1) // batch_size):
             items = [dataset[index] for index in indices[start : start + batch_size]]
-            batch = {key: value.to(device) for key, value in collator(items).items()}
+            batch = to_device(collator(items), device)
             result = score_batch(model, batch, average=average)
             if stats is not None:
                 stats.forwards += 1

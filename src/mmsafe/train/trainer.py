@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback
 
 from mmsafe.config import save_config
 from mmsafe.errors import ConfigError, DataError, ModelError
+from mmsafe.models.structure import prompt_cache_supported
 from mmsafe.train.config import TrainConfig
 from mmsafe.train.data import PreferenceCollator, PreferenceDataset, PreferenceEncoder, prepare_examples
 from mmsafe.train.forward import ResponseLogProbs, packed_rows_allowed, score_batch, select_forward_mode
@@ -449,8 +450,10 @@ def choose_forward_mode(config: TrainConfig, model: Any, dataset: PreferenceData
     if count == 0:
         if config.forward_mode != "auto":
             return config.forward_mode
-        supported, _ = packed_rows_allowed(model, collator, [dataset[0]])
-        return "shared-prefix" if supported else "per-response"
+        if packed_rows_allowed(model, collator, [dataset[0]])[0]:
+            return "shared-prefix"
+        cache_allowed = prompt_cache_supported(model)[0] and not config.gradient_checkpointing
+        return "prompt-cache" if cache_allowed else "per-response"
     by_length: dict[int, int] = {}
     for index, example in enumerate(dataset.examples):
         by_length.setdefault(len(example.prompt_ids), index)
@@ -458,7 +461,7 @@ def choose_forward_mode(config: TrainConfig, model: Any, dataset: PreferenceData
             break
     chosen = list(by_length.values())
     chosen += [index for index in range(len(dataset)) if index not in chosen][: count - len(chosen)]
-    mode, _ = select_forward_mode(model, collator, [dataset[index] for index in chosen], config.forward_mode)
+    mode, _ = select_forward_mode(model, collator, [dataset[index] for index in chosen], config.forward_mode, gradient_checkpointing=config.gradient_checkpointing)
     return mode
 
 

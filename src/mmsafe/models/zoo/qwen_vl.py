@@ -110,7 +110,7 @@ QWEN3_VL_CHAT_TEMPLATE = (
 )
 
 
-def _tokenizer(chat_template: str):
+def _tokenizer(chat_template: str, extra_corpus: tuple[str, ...] = ()):
     from mmsafe.models.zoo._tokenizers import train_tokenizer
 
     return train_tokenizer(
@@ -121,7 +121,7 @@ def _tokenizer(chat_template: str):
         pad_token="<|endoftext|>",
         add_bos=False,
         chat_template=chat_template,
-        extra_corpus=["You are a helpful assistant.", "Describe the image.", "What is in this picture?"],
+        extra_corpus=["You are a helpful assistant.", "Describe the image.", "What is in this picture?", *extra_corpus],
     )
 
 
@@ -129,7 +129,7 @@ def _token_ids(tokenizer) -> dict[str, int]:
     return {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
 
 
-def _processor(processor_class, tokenizer, *, patch_size: int, image_mean, image_std, chat_template: str):
+def _processor(processor_class, tokenizer, *, patch_size: int, image_mean, image_std, chat_template: str, max_image_tokens: int = 64):
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
     from mmsafe.models.loading import image_only_processor_class, torchvision_available
@@ -137,7 +137,7 @@ def _processor(processor_class, tokenizer, *, patch_size: int, image_mean, image
     factor = patch_size * 2  # patch_size * merge_size: one image token per factor x factor pixels
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=2 * 2 * factor * factor,  # real: 56*56 (Qwen2/2.5-VL), 256*256 (Qwen3-VL)
-        max_pixels=8 * 8 * factor * factor,  # at most 64 image tokens
+        max_pixels=max_image_tokens * factor * factor,  # at most 64 image tokens by default
         patch_size=patch_size,
         temporal_patch_size=2,
         merge_size=2,
@@ -147,6 +147,24 @@ def _processor(processor_class, tokenizer, *, patch_size: int, image_mean, image
     )
     cls = processor_class if torchvision_available() else image_only_processor_class(processor_class)
     return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+
+def qwen2_5_vl_processor(*, extra_corpus: tuple[str, ...] = (), max_image_tokens: int = 64):
+    """A Qwen2.5-VL processor (tokenizer trained on ``extra_corpus`` too) and the special token ids for its config."""
+    from transformers import Qwen2_5_VLProcessor
+
+    tokenizer = _tokenizer(QWEN2_VL_CHAT_TEMPLATE, extra_corpus)
+    ids = _token_ids(tokenizer)
+    processor = _processor(
+        Qwen2_5_VLProcessor,
+        tokenizer,
+        patch_size=14,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+        max_image_tokens=max_image_tokens,
+    )
+    return processor, {**_special_ids(ids), "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
 
 
 def _generation_config(model, ids: dict[str, int]) -> None:
@@ -229,18 +247,11 @@ def build_qwen2_vl(out_dir: Path, seed: int) -> None:
 
 def build_qwen2_5_vl(out_dir: Path, seed: int) -> None:
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tokenizer = _tokenizer(QWEN2_VL_CHAT_TEMPLATE)
+    processor, _ = qwen2_5_vl_processor()
+    tokenizer = processor.tokenizer
     ids = _token_ids(tokenizer)
-    processor = _processor(
-        Qwen2_5_VLProcessor,
-        tokenizer,
-        patch_size=14,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
-    )
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
