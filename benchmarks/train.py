@@ -12,7 +12,13 @@ of ``--batch-size`` examples: forward, loss, backward, AdamW step.
   encoded alone with its own image pass, online reference (mmsafe's ``separate`` layout
   with a frozen copy; the loss is the same sum of K DPO terms);
 * ``D``: TRL's ``DPOTrainer`` on the two-row data (one row per (chosen, rejected) pair),
-  online reference model (``precompute_ref_log_probs`` off, as the release runs).
+  online reference model (``precompute_ref_log_probs`` off, as the release runs);
+* ``G``: mmsafe BPO, the general path (``prompt-cache``: the prompt and image once per
+  example, the responses as one batch against its key/value cache), cached reference;
+* ``P``: mmsafe BPO, one row per response (``per-response``, the fallback), cached reference.
+
+A second, Qwen2.5-VL-shaped model (M-RoPE, windowed vision tower, 152k vocabulary) runs
+G, P and C (``--skip-qwen`` leaves it out).
 
 Each step goes through the trainer's own ``training_step`` (``PreferenceTrainer`` for
 A-C, ``DPOTrainer`` for D); batches are collated once beforehand, so data loading and
@@ -34,11 +40,12 @@ per-token cost of the language-model head is that of a 32k vocabulary. ``--gpu``
 LLaVA-1.5-7B-shaped model (336-pixel images, 576 image tokens, bf16) instead and runs
 each contender alone in its own process (four 7B trainers do not fit on one device).
 
-    python -m benchmarks.train [--quick] [--json PATH] [--gpu] [--threads N] [--batch-size N]
+    python -m benchmarks.train [--quick] [--json PATH] [--gpu [--tiny]] [--threads N] [--batch-size N] [--skip-qwen]
 
-``--quick`` uses a smaller model of the same proportions (a minute or two). The exit
-status is 0 when A meets the targets (4x C's and D's examples/s, at most 0.6 of D's peak
-memory), 2 when it misses one, 1 when the step-0 losses disagree.
+``--quick`` uses a smaller model of the same proportions (a few minutes); ``--gpu --tiny``
+runs the ``--gpu`` code at a tiny shape (on the CPU without a GPU). The exit status is 0
+when the targets are met (A: 4x C's and D's examples/s, at most 0.6 of D's peak memory;
+G: 2x C's), 2 when one is missed, 1 when the step-0 losses disagree.
 """
 
 from __future__ import annotations
