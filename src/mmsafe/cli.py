@@ -16,8 +16,11 @@ from pathlib import Path
 
 from mmsafe import __version__
 from mmsafe.errors import MmsafeError
+from mmsafe.models.recipe import DEFAULTS, DTYPES, IMAGE_MODES, PROMPT_STYLES, RECIPE_FILE
 
 Handler = Callable[[argparse.Namespace], int]
+#: How the help names a default taken from the model's input recipe.
+RECIPE_DEFAULT = f"the model's training recipe ({RECIPE_FILE})"
 
 
 def _command(subparsers: argparse._SubParsersAction, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
@@ -139,11 +142,15 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     decoding.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     hf = parser.add_argument_group("hf engine")
-    hf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"], help="weights dtype (default float32)")
+    hf.add_argument("--dtype", choices=DTYPES, help=f"weights dtype (default: {RECIPE_DEFAULT}, else {DEFAULTS['dtype']})")
     hf.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     hf.add_argument("--adapter", help="a LoRA adapter directory to apply on top of --model")
-    hf.add_argument("--prompt-style", default="chat-template", choices=["chat-template", "llava-v1"], help="how prompts are rendered (default: the processor's chat template)")
-    hf.add_argument("--image-mode", default="pad", choices=["pad", "resize", "none"], help="pad images to a square of the mean colour first, like LLaVA-1.5 (default pad)")
+    hf.add_argument(
+        "--prompt-style", choices=PROMPT_STYLES, help=f"chat-template (the processor's) or llava-v1 (the raw USER: ... ASSISTANT: form) (default: {RECIPE_DEFAULT}, else {DEFAULTS['prompt_style']})"
+    )
+    hf.add_argument(
+        "--image-mode", choices=IMAGE_MODES, help=f"pad (to a square of the mean colour, like LLaVA-1.5), resize or none (default: {RECIPE_DEFAULT}, else {DEFAULTS['image_mode']})"
+    )
     hf.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint (off by default)")
     server = parser.add_argument_group("openai engine")
     server.add_argument("--base-url", help="server URL, e.g. http://localhost:8000/v1")
@@ -481,8 +488,11 @@ def add_pairwise(subparsers: argparse._SubParsersAction) -> None:
     pairwise.add_argument("--forms", default="asked,likelihood", help="asked (the model answers which response is safe, A/B order seeded) and/or likelihood (chosen more likely than rejected); default both")
     pairwise.add_argument("--seed", type=int, default=0, help="seed of the A/B order (default 0)")
     pairwise.add_argument("--batch-size", type=int, default=8, help="records per batch (default 8)")
-    pairwise.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"], help="weights dtype (default float32)")
+    pairwise.add_argument("--dtype", choices=DTYPES, help=f"weights dtype (default: {RECIPE_DEFAULT}, else {DEFAULTS['dtype']})")
     pairwise.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    pairwise.add_argument("--prompt-style", choices=PROMPT_STYLES, help=f"chat-template or llava-v1 (default: {RECIPE_DEFAULT}, else {DEFAULTS['prompt_style']})")
+    pairwise.add_argument("--image-mode", choices=IMAGE_MODES, help=f"pad, resize or none (default: {RECIPE_DEFAULT}, else {DEFAULTS['image_mode']})")
+    pairwise.add_argument("--max-length", type=int, help=f"likelihood: most tokens of prompt + one response (default: {RECIPE_DEFAULT}, else {DEFAULTS['max_length']})")
 
 
 def _pairwise(args: argparse.Namespace) -> int:
@@ -498,6 +508,9 @@ def _pairwise(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         dtype=args.dtype,
         device=args.device,
+        prompt_style=args.prompt_style,
+        image_mode=args.image_mode,
+        max_length=args.max_length,
     )
     print(report.table())
     return 0

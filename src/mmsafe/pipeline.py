@@ -81,7 +81,13 @@ class TrainSection:
 class GenerateSection:
     max_new_tokens: int = option(256, help="longest answer in tokens (greedy decoding, as in the paper)")
     batch_size: int = option(16, help="prompts per batch")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", help="weights dtype for generation")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = option(
+        None, help="weights dtype for generation and blind responses (null: each model's training recipe, mmsafe_recipe.json, else auto)"
+    )
+    prompt_style: Literal["chat-template", "llava-v1"] | None = option(
+        None, help="prompt form for generation and blind responses (null: each model's training recipe, else chat-template)"
+    )
+    image_mode: Literal["pad", "resize", "none"] | None = option(None, help="image preparation for generation and blind responses (null: each model's training recipe, else pad)")
     device: str = option("auto", help="auto, cpu, cuda, ...")
     base: bool = option(True, help="also evaluate the base model")
 
@@ -282,7 +288,10 @@ def stage_blind(config: PipelineConfig, paths: Paths) -> str:
 
     data, image_root = train_data(config, paths)
     records = _records_of_split(data, config.data.train_split)
-    engine = HFEngine(base_model_path(config, paths), dtype=config.generate.dtype, device=config.generate.device, batch_size=config.blind.batch_size)
+    engine = HFEngine(
+        base_model_path(config, paths), dtype=config.generate.dtype, device=config.generate.device, batch_size=config.blind.batch_size,
+        prompt_style=config.generate.prompt_style, image_mode=config.generate.image_mode,
+    )  # fmt: skip
     summary = make_blind(
         engine,
         records,
@@ -307,6 +316,11 @@ def stage_train(config: PipelineConfig, paths: Paths) -> str:
         options["loss"] = method
         if method == "dpo":
             options.setdefault("rejected_sources", ["human"])
+        if method == "bpo":
+            # Records whose blind answer came out empty keep their human response only (the
+            # blind stage counts them), and with blind disabled the config has warned that
+            # BPO trains on human responses alone: neither refuses the run here.
+            options.setdefault("allow_partial_sources", True)
         result = train(
             _train_config(config, paths, options, output_dir=paths.trained(method), model=base_model_path(config, paths), data=data, image_root=image_root, split=config.data.train_split)
         )
@@ -326,7 +340,10 @@ def stage_generate(config: PipelineConfig, paths: Paths) -> str:
         raise DataError(f"no evaluation records (split {config.data.eval_split!r})", file=data)
     lines = []
     for name, model in models_to_evaluate(config, paths).items():
-        engine = HFEngine(model, dtype=config.generate.dtype, device=config.generate.device, batch_size=config.generate.batch_size)
+        engine = HFEngine(
+            model, dtype=config.generate.dtype, device=config.generate.device, batch_size=config.generate.batch_size,
+            prompt_style=config.generate.prompt_style, image_mode=config.generate.image_mode,
+        )  # fmt: skip
         engine.name = name  # the report shows base / dpo / bpo
         summary = generate_responses(engine, records, paths.responses(name), image_root=root, params=DecodingParams(max_new_tokens=config.generate.max_new_tokens), batch_size=config.generate.batch_size)
         lines.append(f"{name}: {summary.total} responses")

@@ -63,11 +63,12 @@ def _write_yaml(path: Path, data: dict) -> Path:
 
 
 def train_options(model: Path, data: Path, out: Path) -> dict:
-    """A one-step training run of the tiny model."""
+    """A one-step training run of the tiny model (DPO: the records have one rejected response each)."""
     return {
         "model": str(model),
         "data": str(data),
         "output_dir": str(out),
+        "loss": "dpo",
         "max_steps": 1,
         "per_device_train_batch_size": 2,
         "save_steps": 1000,

@@ -336,7 +336,7 @@ def _train_config(tmp_path: Path, name: str, model: Path, data: Path, steps: int
         "model": str(model),
         "data": str(data),
         "output_dir": str(tmp_path / name),
-        "loss": "bpo",
+        "loss": "dpo",  # one rejected response per record: BPO would be refused as plain DPO
         "learning_rate": 1e-3,
         "warmup_steps": 0,
         "max_steps": steps,

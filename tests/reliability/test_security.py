@@ -69,7 +69,7 @@ def test_pickle_checkpoint_is_refused_by_every_stage_that_loads_a_model(pickle_m
     train_yaml = tmp_path / "train.yaml"
     train_yaml.write_text(
         json.dumps(
-            {"model": str(pickle_model), "data": str(data), "output_dir": str(tmp_path / "train"), "max_steps": 1}
+            {"model": str(pickle_model), "data": str(data), "output_dir": str(tmp_path / "train"), "loss": "dpo", "max_steps": 1}
         ),
         encoding="utf-8",
     )

@@ -80,6 +80,26 @@ def test_truncation_cuts_responses_never_the_prompt_or_its_image_tokens(processo
     assert skipped.examples == [] and skipped.skipped == {"prompt alone longer than max_length": [record.id]}
 
 
+def test_release_length_rule_drops_a_record_whose_chosen_does_not_fit_and_cuts_the_rejected(processor, sample_dir):
+    """length_rule: release, as the public release: prompt + chosen must fit; a rejected response is cut."""
+    record = next(iter(read_preference_records(sample_dir / "records.jsonl")))
+    full, _ = PreferenceEncoder(processor, sample_dir, max_length=4096).encode(record, [(record.rejected[0], "human")])
+    prompt_length, chosen_length, rejected_length = len(full.prompt_ids), len(full.responses[0]), len(full.responses[1])
+    assert chosen_length > 3 and rejected_length > 3
+    tight = PreferenceEncoder(processor, sample_dir, max_length=prompt_length + 3, length_rule="release")
+    prepared = prepare_examples([record], tight)
+    assert prepared.examples == [] and prepared.skipped == {"prompt + chosen longer than max_length (length_rule: release)": [record.id]}
+    # Room for the chosen response, not for a longer rejected one: kept, the rejected cut.
+    record.rejected[0] = record.rejected[0] + " and then some more words that make it longer"
+    full, _ = PreferenceEncoder(processor, sample_dir, max_length=4096).encode(record, [(record.rejected[0], "human")])
+    fits = PreferenceEncoder(processor, sample_dir, max_length=prompt_length + len(full.responses[0]), length_rule="release")
+    kept = prepare_examples([record], fits)
+    assert [example.responses for example in kept.examples] == [[full.responses[0], full.responses[1][: len(full.responses[0])]]]
+    assert kept.truncated == 1
+    with pytest.raises(ValueError, match="length_rule"):
+        PreferenceEncoder(processor, sample_dir, length_rule="drop-everything")
+
+
 def test_rejected_source_filter_and_dpo_keep_the_right_responses(processor, bpo_records):
     record = next(iter(read_preference_records(bpo_records)))
     encoder = PreferenceEncoder(processor, bpo_records.parent)

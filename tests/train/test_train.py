@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -169,7 +170,7 @@ def test_missing_image_is_an_error_or_a_counted_skip(tmp_path, tiny_model_dir, s
     records[2]["image"] = "images/not-there.png"
     path = sample_dir / "missing_image.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    config = write_config(tmp_path / "run.yaml", **options(tmp_path, tiny_model_dir, path, split=None, max_steps=1))
+    config = write_config(tmp_path / "run.yaml", **options(tmp_path, tiny_model_dir, path, split=None, max_steps=1, loss="dpo"))
     assert main(["train", "--config", str(config)]) == 1
     error = capsys.readouterr().err
     assert f"{path}:{records[2]['id']}:image: image not found" in error
@@ -184,7 +185,7 @@ def test_too_long_prompt_is_skipped_and_long_responses_cut(tmp_path, tiny_model_
     records[1]["messages"] = [{"role": "user", "content": "tell me a story " * 60}, {"role": "assistant", "content": "ok"}, *records[1]["messages"]]
     path = sample_dir / "long_prompt.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    result = train(TrainConfig(**options(tmp_path, tiny_model_dir, path, split=None, max_steps=1, max_length=170)))
+    result = train(TrainConfig(**options(tmp_path, tiny_model_dir, path, split=None, max_steps=1, max_length=170, loss="dpo")))
     assert result.skipped == {"prompt alone longer than max_length": 1}
     assert result.examples == 5
     assert result.truncated > 0  # sample-005 has a 162-token prompt: 8 tokens left for each response
@@ -221,8 +222,19 @@ def test_shipped_configs_load(name):
         # The release's recipe (METHOD.md section 3).
         assert config.model == "llava-hf/llava-1.5-7b-hf"
         assert (config.beta, config.learning_rate, config.lr_scheduler_type, config.warmup_steps) == (0.1, 1e-6, "cosine", 10)
-        assert (config.per_device_train_batch_size, config.gradient_accumulation_steps, config.bf16, config.max_length, config.seed) == (1, 2, True, 768, 42)
+        assert (config.per_device_train_batch_size, config.bf16, config.max_length, config.seed) == (1, True, 768, 42)
         assert config.finetune == "full" and config.freeze_vision_tower and config.train_projector and config.image_mode == "pad"
+        # Step for step with the release on 4 GPUs: its BPO is DPO on 2N rows (human and blind
+        # pairs), 8 rows per step; its DPO N rows. Same optimizer steps and pairs per step here.
+        gpus, release_rows_per_step = 4, 8
+        pairs = 2 if config.loss == "bpo" else 1
+        examples_per_step = config.per_device_train_batch_size * gpus * config.gradient_accumulation_steps
+        assert examples_per_step * pairs == release_rows_per_step
+        for records in (5392, 1000, 7):
+            assert math.ceil(records / examples_per_step) == math.ceil(pairs * records / release_rows_per_step)
+        text = (Path(__file__).resolve().parents[2] / "configs" / "train" / f"{name}.yaml").read_text(encoding="utf-8")
+        steps = f"{math.ceil(pairs * 5392 / release_rows_per_step):,}"
+        assert steps in text  # the comment gives the arithmetic for the released train split
     if config.bf16 and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="bf16"):  # a clear error on a machine without a GPU
             config.training_arguments()

@@ -115,3 +115,30 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, s
     assert len(begins) == 2 and entries[begins[1]]["step"] == last
     resumed_steps = [entry["step"] for entry in entries[begins[1] :] if "loss" in entry]
     assert resumed_steps == list(range(last + 1, total_steps + 1))  # nothing repeated, nothing missed
+
+
+@pytest.mark.slow
+def test_two_process_reference_precompute_is_sharded_and_equals_one_process(tmp_path, tiny_model_dir, small_records):
+    """Each rank scores half the examples; the merged cache equals the one-process cache."""
+    single = write_config(tmp_path / "single.yaml", **base_options(tmp_path, tiny_model_dir, small_records, "single", max_steps=1, reference_cache_dir=str(tmp_path / "cache-1")))
+    ddp = write_config(
+        tmp_path / "ddp.yaml",
+        **base_options(tmp_path, tiny_model_dir, small_records, "ddp", max_steps=1, per_device_train_batch_size=1, reference_cache_dir=str(tmp_path / "cache-2")),
+    )
+    subprocess.run([sys.executable, "-m", "mmsafe", "train", "--config", str(single)], check=True, env=environment(), cwd=tmp_path, capture_output=True, timeout=300)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP_CONFIG), "--main_process_port", "0", "-m", "mmsafe", "train", "--config", str(ddp)]
+    finished = subprocess.run(launch, env=environment(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    def cached(folder: Path) -> dict:
+        caches = [data for data in (json.loads(path.read_text()) for path in folder.rglob("*.json")) if isinstance(data, dict) and "logps" in data]
+        assert len(caches) == 1
+        return caches[0]["logps"]
+
+    one, two = cached(tmp_path / "cache-1"), cached(tmp_path / "cache-2")
+    assert one.keys() == two.keys() and len(one) == 12
+    for record_id, values in one.items():
+        assert two[record_id] == pytest.approx(values, abs=1e-4), record_id
+    # Rank 0 ran the reference over its half only: 6 examples at batch 1 (one process: 12 at batch 2).
+    assert json.loads((tmp_path / "ddp" / SUMMARY_FILE).read_text())["reference_forwards"] == 6
+    assert json.loads((tmp_path / "single" / SUMMARY_FILE).read_text())["reference_forwards"] == 6
+    assert "computing reference log-probs for 6 of 12 examples on this process" in finished.stderr

@@ -262,11 +262,17 @@ def evaluate_pairwise(
     image_root: str | Path | None = None,
     seed: int = 0,
     batch_size: int = 8,
-    dtype: str = "float32",
+    dtype: str | None = None,
     device: str = "auto",
-    max_length: int = 2048,
+    max_length: int | None = None,
+    prompt_style: str | None = None,
+    image_mode: str | None = None,
 ) -> PairwiseReport:
     """Both forms of pairwise accuracy of one model (loaded once) on preference records.
+
+    ``dtype``, ``max_length``, ``prompt_style`` and ``image_mode`` left at None come from
+    the model's input recipe (:mod:`mmsafe.models.recipe`), else the defaults: the model
+    is asked and scored in the form it was trained on.
 
     Writes ``pairwise.json``, ``pairwise.md`` and the model's raw answers
     (``pairwise_answers.jsonl``) into ``out_dir``.
@@ -282,7 +288,7 @@ def evaluate_pairwise(
         raise ConfigError(f"forms: expected asked and/or likelihood, got {list(forms)!r}")
     records = load_records(data)
     root = default_image_root(data, image_root)
-    engine = HFEngine(model, dtype=dtype, device=device, batch_size=batch_size)
+    engine = HFEngine(model, dtype=dtype, device=device, batch_size=batch_size, prompt_style=prompt_style, image_mode=image_mode)
     report = PairwiseReport(model=str(model), records=len(records))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,9 +296,13 @@ def evaluate_pairwise(
         report.asked = run_pairwise(engine, records, image_root=root, seed=seed, batch_size=batch_size)
         write_jsonl(out / "pairwise_answers.jsonl", ({"id": key, "answer": answer, "parsed": parse_pairwise_answer(answer)} for key, answer in report.asked.answers.items()))
     if "likelihood" in forms:
+        from mmsafe.models.recipe import resolve_inputs
         from mmsafe.train.logprobs import score_responses
 
-        scored = score_responses(engine.loaded, records, root, batch_size=batch_size, max_length=max_length)
+        length = resolve_inputs(model, recipe=engine.inputs.recipe, max_length=max_length, used=("max_length",)).max_length
+        scored = score_responses(
+            engine.loaded, records, root, batch_size=batch_size, max_length=length, image_mode=engine.image_mode, prompt_style=engine.prompt_style
+        )
         report.skipped = scored.skipped
         chosen = [score.chosen for score in scored.scores for _ in score.rejected]
         rejected = [value for score in scored.scores for value in score.rejected]

@@ -18,11 +18,9 @@ from mmsafe.errors import ConfigError, DataError
 from mmsafe.generate.engine import DecodingParams, GenerationRequest, check_responses
 from mmsafe.models.loading import LoadedModel, load_model
 from mmsafe.models.prompts import PromptStyle, accepts_text_only, render_prompt, tokenize_options
+from mmsafe.models.recipe import IMAGE_MODES, PROMPT_STYLES, check_template, model_dtype, resolve_inputs
 
 logger = logging.getLogger(__name__)
-
-PROMPT_STYLES = ("chat-template", "llava-v1")
-IMAGE_MODES = ("pad", "resize", "none")
 
 
 @dataclass(frozen=True)
@@ -55,11 +53,16 @@ def plan_batches(lengths: list[int], has_image: list[bool], batch_size: int) -> 
 class HFEngine:
     """Generate with a transformers image-text-to-text model in this process.
 
+    ``dtype``, ``prompt_style`` and ``image_mode`` left at None come from the model's
+    input recipe (``mmsafe_recipe.json``, written by training beside the weights; see
+    :mod:`mmsafe.models.recipe`), else from :data:`mmsafe.models.recipe.DEFAULTS`.
+
     Args:
         model_or_path: a checkpoint directory, a Hub id, or an already loaded
             :class:`~mmsafe.models.loading.LoadedModel` (then ``dtype``, ``device``,
             ``adapter`` and ``trust_remote_code`` are not used).
-        dtype: ``float32`` (default, exact), ``bfloat16``, ``float16`` or ``auto``.
+        dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (bf16 on a GPU that
+            supports it, else fp32).
         device: ``auto`` (this process's accelerator under a data-parallel launch, else
             CUDA if present, else CPU), ``cpu``, ``cuda:1``, ...
         adapter: a PEFT LoRA adapter directory applied on top of the model.
@@ -77,21 +80,28 @@ class HFEngine:
         self,
         model_or_path: str | Path | LoadedModel,
         *,
-        dtype: str = "float32",
+        dtype: str | None = None,
         device: str = "auto",
         adapter: str | Path | None = None,
         batch_size: int = 16,
         trust_remote_code: bool = False,
-        prompt_style: PromptStyle = "chat-template",
-        image_mode: str = "pad",
+        prompt_style: PromptStyle | None = None,
+        image_mode: str | None = None,
         name: str | None = None,
     ) -> None:
-        if prompt_style not in PROMPT_STYLES:
+        if prompt_style is not None and prompt_style not in PROMPT_STYLES:
             raise ConfigError(f"prompt_style: expected one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
-        if image_mode not in IMAGE_MODES:
+        if image_mode is not None and image_mode not in IMAGE_MODES:
             raise ConfigError(f"image_mode: expected one of {', '.join(IMAGE_MODES)}, got {image_mode!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        preloaded = isinstance(model_or_path, LoadedModel)
+        model_name = model_or_path.name if preloaded else model_or_path  # type: ignore[union-attr]
+        #: The settings used, each given, from the model's recipe or the default.
+        self.inputs = resolve_inputs(
+            model_name, adapter=None if preloaded else adapter, prompt_style=prompt_style, image_mode=image_mode, dtype=dtype,
+            used=("prompt_style", "image_mode") if preloaded else ("prompt_style", "image_mode", "dtype"),
+        )  # fmt: skip
         if isinstance(model_or_path, LoadedModel):
             loaded = model_or_path
         else:
@@ -99,7 +109,8 @@ class HFEngine:
                 from mmsafe.generate.distributed import process_info
 
                 device = process_info().device or "auto"
-            loaded = load_model(model_or_path, dtype=dtype, device=device, adapter=adapter, trust_remote_code=trust_remote_code)
+            loaded = load_model(model_or_path, dtype=self.inputs.dtype, device=device, adapter=adapter, trust_remote_code=trust_remote_code)
+        check_template(self.inputs.recipe, loaded.processor, loaded.name)
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
@@ -109,9 +120,9 @@ class HFEngine:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.batch_size = batch_size
-        self.prompt_style: PromptStyle = prompt_style
-        self.image_mode = image_mode
-        self.dtype = dtype
+        self.prompt_style: PromptStyle = self.inputs.prompt_style  # type: ignore[assignment]
+        self.image_mode = self.inputs.image_mode
+        self.dtype = model_dtype(self.model) if preloaded else self.inputs.dtype
         self.adapter = None if adapter is None else str(adapter)
         self.name = name or (self.adapter if self.adapter else loaded.name)
         #: Can it be asked without an image? (PaliGemma's processor refuses text-only prompts.)
@@ -131,6 +142,7 @@ class HFEngine:
             "batch_size": self.batch_size,
             "prompt_style": self.prompt_style,
             "image_mode": self.image_mode,
+            "recipe": None if self.inputs.recipe is None else self.inputs.recipe.path,
         }
 
     def render(self, request: GenerationRequest) -> str:

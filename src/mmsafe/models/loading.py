@@ -53,8 +53,10 @@ def resolve_dtype(dtype: str, device: str) -> Any:
 
     if dtype not in DTYPES:
         raise ModelError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype == "auto":  # bf16 on a GPU that supports it, fp16 on one that does not, fp32 on CPU
+        if not device.startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return getattr(torch, dtype)
 
 

@@ -6,12 +6,15 @@ config is written beside the checkpoint (``train_config.yaml``).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from mmsafe.config import option
 from mmsafe.errors import ConfigError
+from mmsafe.models.recipe import DEFAULT_DTYPE, DEFAULT_IMAGE_MODE, DEFAULT_MAX_LENGTH, DEFAULT_PROMPT_STYLE
 from mmsafe.progress import progress_enabled
 
 ReferenceMode = Literal["precomputed", "copy", "adapters-disabled"]
@@ -43,8 +46,11 @@ class TrainConfig:
     """Preference training of an image-text-to-text model with DPO or BPO."""
 
     model: str = option(help="base model: a local checkpoint directory or a Hub id (llava-hf/llava-1.5-7b-hf)")
-    data: str = option(help="preference records (JSONL, mmsafe record format)")
+    data: str = option(help="preference data in any format `mmsafe data convert` reads (records .jsonl, released .json, .parquet), detected from the file")
     output_dir: str = option(help="where checkpoints, the final model and train_config.yaml are written")
+    revision: str | None = option(
+        None, help="Hub id only: the branch, tag or commit to load (null: main); the reference cache is keyed by the commit it resolves to"
+    )
     image_root: str | None = option(None, help="folder image paths are relative to (default: the data file's folder)")
     split: str | None = option(None, help="train only on records whose meta.split equals this (records without one are kept); null: all")
 
@@ -59,6 +65,11 @@ class TrainConfig:
     )
     rejected_sources: list[str] | None = option(None, help="rejected sources to use, e.g. [human] or [human, blind]; null: all")
     source_weights: dict[str, float] = option(default_factory=dict, help="BPO weight per rejected source (missing sources weigh 1.0), e.g. {blind: 0.5}")
+    allow_partial_sources: bool = option(
+        False,
+        help="train even when a source named in rejected_sources is missing from some records (they train without it), or when loss bpo finds "
+        "no record with more than one rejected response (BPO is then plain DPO); false: such runs are refused before the model loads",
+    )
     loss_type: Literal["sigmoid", "ipo"] = option("sigmoid", help="sigmoid (DPO) or ipo")
     beta: float = option(0.1, help="strength of the KL penalty: reward = beta * log(pi / pi_ref)")
     label_smoothing: float = option(0.0, help="conservative DPO: assumed probability that a preference label is flipped (sigmoid only)")
@@ -82,9 +93,12 @@ class TrainConfig:
     )
     reference_cache_dir: str | None = option(None, help="folder of the reference log-prob cache (default: $MMSAFE_CACHE/reference or ~/.cache/mmsafe/reference)")
 
-    max_length: int = option(768, help="most tokens of prompt + one response (image tokens included); longer responses are cut, longer prompts skipped")
-    image_mode: Literal["pad", "resize", "none"] = option("pad", help="pad: square on the processor's mean colour (the release); resize; none")
-    prompt_style: Literal["chat-template", "llava-v1"] = option("chat-template", help="how prompts are rendered: the processor's chat template or the raw LLaVA-v1 form")
+    max_length: int = option(DEFAULT_MAX_LENGTH, help="most tokens of prompt + one response (image tokens included); longer responses are cut, longer prompts skipped")
+    length_rule: Literal["cut", "release"] = option(
+        "cut", help="cut: responses longer than max_length allows are cut; release: as the public release, a record whose prompt + chosen does not fit is skipped (and counted), a rejected one cut"
+    )
+    image_mode: Literal["pad", "resize", "none"] = option(DEFAULT_IMAGE_MODE, help="pad: square on the processor's mean colour (the release); resize; none")
+    prompt_style: Literal["chat-template", "llava-v1"] = option(DEFAULT_PROMPT_STYLE, help="how prompts are rendered: the processor's chat template or the raw LLaVA-v1 form")
     skip_bad_images: bool = option(False, help="skip (and count) records whose image is missing or unreadable instead of stopping with an error")
 
     finetune: Literal["full", "lora"] = option("full", help="full: every language-model weight trains; lora: PEFT adapters on target_modules")
@@ -100,7 +114,7 @@ class TrainConfig:
     quantization: Literal["none", "4bit", "8bit"] = option("none", help="QLoRA: load the base model quantized with bitsandbytes (GPU and the gpu extra needed)")
     merge_lora: bool = option(False, help="after LoRA training, also merge the adapters and save full weights in output_dir/merged")
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", help="weights dtype when loading (auto: bf16 on a supporting GPU, else fp32)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(DEFAULT_DTYPE, help="weights dtype (auto: bf16 on a GPU that supports it, fp16 on one that does not, fp32 on CPU; resolved for the device the model trains on)")
     attn_implementation: str | None = option(None, help="attention kernel (sdpa, eager); shared-prefix needs one that takes a 4-D mask")
     trust_remote_code: bool = option(False, help="run model code shipped with the checkpoint")
 
@@ -111,19 +125,30 @@ class TrainConfig:
     max_steps: int = option(-1, help="stop after this many optimizer steps (-1: use num_train_epochs)")
     per_device_train_batch_size: int = option(1, help="examples per device per micro-batch")
     gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
-    bf16: bool = option(False, help="bf16 mixed precision")
+    bf16: bool = option(False, help="bf16 mixed precision (autocast; the reference is scored under the same autocast)")
+    disable_dropout: bool = option(True, help="set every dropout of the model to 0, as TRL does for preference training (lora_dropout still applies)")
     gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass to save memory")
     logging_steps: int = option(1, help="log every N optimizer steps")
     save_steps: int = option(500, help="save a resumable checkpoint every N steps")
     save_total_limit: int | None = option(2, help="keep at most this many checkpoints")
     seed: int = option(42, help="random seed (data order, adapter initialisation)")
     report_to: list[str] = option(default_factory=list, help="logging integrations: tensorboard, wandb, ... (none by default)")
-    resume: bool = option(True, help="continue from the last checkpoint in output_dir when there is one")
+    resume: str | bool = option(
+        "auto",
+        help="auto (or true): continue the newest complete checkpoint in output_dir if the data and settings are those the run started with "
+        "(run_fingerprint.json), else refuse, listing what changed; force: continue even so (the changes are logged and kept beside "
+        "train_config.yaml); never (or false): start fresh, refused where output_dir already holds checkpoints (use a new output_dir)",
+    )
     trainer_args: dict[str, Any] = option(
         default_factory=dict, help="any other transformers.TrainingArguments, by name (deepspeed, fsdp, optim, weight_decay, ...)"
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.resume, bool):  # YAML true / false, as before resume took a mode
+            self.resume = "auto" if self.resume else "never"
+        if not isinstance(self.resume, str) or self.resume not in ("auto", "never", "force"):
+            raise ConfigError(f"resume: expected auto, never, force, true or false, got {self.resume!r}")
+        self.check_numbers()
         if self.beta <= 0:
             raise ConfigError(f"beta: expected a positive number, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -144,10 +169,32 @@ class TrainConfig:
             raise ConfigError("attn_implementation: shared-prefix scoring needs a 4-D attention mask (sdpa or eager), not flash attention")
         if self.forward_mode == "prompt-cache" and self.gradient_checkpointing:
             raise ConfigError("forward_mode: prompt-cache scores against the prompt's key/value cache, which gradient checkpointing turns off; use auto or per-response")
+        if self.source_weights and self.loss != "bpo":
+            raise ConfigError(f"source_weights: only loss bpo weighs rejected sources; loss {self.loss} would ignore them (remove source_weights or use loss: bpo)")
         for source, weight in self.source_weights.items():
             if weight < 0:
                 raise ConfigError(f"source_weights.{source}: expected a weight >= 0, got {weight}")
         self.check_trainer_args()
+
+    def check_numbers(self) -> None:
+        """Every float option finite, the step and size options in range: before any model loads."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{field.name}: expected a finite number, got {value}")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if isinstance(item, float) and not math.isfinite(item):
+                        raise ConfigError(f"{field.name}.{key}: expected a finite number, got {item}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate: expected a positive number, got {self.learning_rate}")
+        for name, least in (("per_device_train_batch_size", 1), ("gradient_accumulation_steps", 1), ("logging_steps", 1), ("save_steps", 1), ("warmup_steps", 0)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"{name}: expected an integer >= {least}, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps: expected a positive number of steps, or -1 to train num_train_epochs, got {self.max_steps}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError(f"num_train_epochs: expected a positive number (max_steps is -1), got {self.num_train_epochs}")
 
     def check_trainer_args(self) -> None:
         from transformers import TrainingArguments

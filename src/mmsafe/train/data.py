@@ -60,6 +60,7 @@ import torch
 from mmsafe.data.records import PreferenceRecord
 from mmsafe.errors import DataError, ImageError
 from mmsafe.models.prompts import PromptStyle, render_prompt, response_token_ids, tokenize_options
+from mmsafe.models.recipe import DEFAULT_IMAGE_MODE, DEFAULT_MAX_LENGTH, DEFAULT_PROMPT_STYLE
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ FORWARD_MODES = ("shared-prefix", "prompt-cache", "per-response", "separate")
 #: Processor outputs that are never model inputs.
 _DROPPED_PROCESSOR_KEYS = ("labels",)
 IGNORE_INDEX = -100
+#: What happens to a response longer than max_length allows (see PreferenceEncoder).
+LENGTH_RULES = ("cut", "release")
+SKIP_PROMPT_TOO_LONG = "prompt alone longer than max_length"
+SKIP_CHOSEN_TOO_LONG = "prompt + chosen longer than max_length (length_rule: release)"
 #: Segment id of padding in shared-prefix rows; the prompt is 0, response k is k + 1.
 PAD_SEGMENT = -1
 
@@ -124,6 +129,10 @@ class PreferenceEncoder:
             generation end tokens).
         model_type: the model's ``config.model_type``; decides how per-token processor
             outputs continue over response tokens.
+        length_rule: what happens to a response that does not fit: ``cut`` (the default:
+            every response is cut to fit) or ``release`` (the public release's rule: a
+            record whose prompt + chosen response does not fit is skipped and counted; a
+            rejected response is cut).
     """
 
     def __init__(
@@ -131,12 +140,16 @@ class PreferenceEncoder:
         processor: Any,
         image_root: str | Path | None,
         *,
-        max_length: int = 768,
-        image_mode: str = "pad",
-        prompt_style: PromptStyle = "chat-template",
+        max_length: int = DEFAULT_MAX_LENGTH,
+        image_mode: str = DEFAULT_IMAGE_MODE,
+        prompt_style: PromptStyle = DEFAULT_PROMPT_STYLE,
         stop_token_ids: Sequence[int] | None = None,
         model_type: str | None = None,
+        length_rule: str = "cut",
     ) -> None:
+        if length_rule not in LENGTH_RULES:
+            raise ValueError(f"length_rule: expected one of {', '.join(LENGTH_RULES)}, got {length_rule!r}")
+        self.length_rule = length_rule
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.image_root = None if image_root is None else Path(image_root)
@@ -172,6 +185,7 @@ class PreferenceEncoder:
             "prompt_style": self.prompt_style,
             "stop_token_ids": self.stop_token_ids,
             "response_tokens": "conversation-span",
+            "length_rule": self.length_rule,
         }
 
     def load_image(self, relative: str) -> Any:
@@ -211,8 +225,9 @@ class PreferenceEncoder:
     def encode(self, record: PreferenceRecord, rejected: Sequence[tuple[str, str]]) -> tuple[TokenizedExample | None, str | None]:
         """Tokenize one record with the given ``(text, source)`` rejected responses.
 
-        Returns ``(example, None)``, or ``(None, reason)`` when the prompt alone is too long.
-        Image errors propagate.
+        Returns ``(example, None)``, or ``(None, reason)`` when the prompt alone is too long
+        (or, under ``length_rule: release``, prompt + chosen); the reason starts with its
+        category (``SKIP_PROMPT_TOO_LONG``, ``SKIP_CHOSEN_TOO_LONG``). Image errors propagate.
         """
         with_image = record.image is not None
         prompt_text = render_prompt(self.processor, record.messages, with_image=with_image, style=self.prompt_style)
@@ -220,7 +235,7 @@ class PreferenceEncoder:
         prompt_ids = self.process_prompt(prompt_text, image)["input_ids"][0].tolist()
         room = self.max_length - len(prompt_ids)
         if room < 1:
-            return None, f"prompt alone is {len(prompt_ids)} tokens, max_length is {self.max_length}"
+            return None, f"{SKIP_PROMPT_TOO_LONG}: the prompt is {len(prompt_ids)} tokens, max_length is {self.max_length}"
         texts = [record.chosen, *(text for text, _ in rejected)]
         responses = [
             response_token_ids(
@@ -228,6 +243,8 @@ class PreferenceEncoder:
             )
             for text in texts
         ]
+        if self.length_rule == "release" and len(responses[0]) > room:
+            return None, f"{SKIP_CHOSEN_TOO_LONG}: {len(prompt_ids)} + {len(responses[0])} tokens, max_length is {self.max_length}"
         truncated = any(len(ids) > room for ids in responses)
         responses = [ids[:room] for ids in responses]
         example = TokenizedExample(
@@ -282,7 +299,7 @@ def prepare_examples(
             logger.warning("skipping %s", error.at(file=data_file, record=record.id))
             continue
         if example is None:
-            skip("prompt alone longer than max_length", record.id)
+            skip(next((category for category in (SKIP_PROMPT_TOO_LONG, SKIP_CHOSEN_TOO_LONG) if reason.startswith(category)), reason), record.id)
             logger.warning("skipping record %s: %s", record.id, reason)
             continue
         prepared.truncated += example.truncated

@@ -51,9 +51,9 @@ def score_responses(
     image_root: str | Path | None,
     *,
     batch_size: int = 4,
-    max_length: int = 2048,
-    image_mode: str = "pad",
-    prompt_style: PromptStyle = "chat-template",
+    max_length: int | None = None,
+    image_mode: str | None = None,
+    prompt_style: PromptStyle | None = None,
     average: bool = False,
     skip_bad_images: bool = False,
     forward_mode: str = "auto",
@@ -65,12 +65,21 @@ def score_responses(
         records: preference records; images are read from ``image_root``.
         max_length: prompt + response token limit; longer responses are cut (and
             flagged ``truncated``), records whose prompt alone is longer are skipped.
+        max_length, image_mode, prompt_style: None takes the model's input recipe
+            (:mod:`mmsafe.models.recipe`; the form it was trained on), else the defaults.
         average: mean instead of sum of token log-probs.
         forward_mode: the scoring path (see :mod:`mmsafe.train.forward`); ``auto`` picks
             by architecture and checks it on the first records against one-at-a-time scoring.
     """
+    from mmsafe.models.recipe import resolve_inputs
+
     model = loaded_model.model
-    encoder = PreferenceEncoder.for_model(model, loaded_model.processor, image_root, max_length=max_length, image_mode=image_mode, prompt_style=prompt_style)
+    inputs = resolve_inputs(
+        getattr(loaded_model, "name", None), max_length=max_length, image_mode=image_mode, prompt_style=prompt_style, used=("prompt_style", "image_mode", "max_length")
+    )
+    encoder = PreferenceEncoder.for_model(
+        model, loaded_model.processor, image_root, max_length=inputs.max_length, image_mode=inputs.image_mode, prompt_style=inputs.prompt_style
+    )
     prepared = prepare_examples(records, encoder, skip_bad_images=skip_bad_images)
     dataset = PreferenceDataset(prepared.examples, encoder)
     collator = PreferenceCollator(encoder.tokenizer.pad_token_id, prepared.sources, mode="per-response", encoder=encoder)

@@ -18,12 +18,14 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mmsafe.errors import DataError
 from mmsafe.train.data import PreferenceCollator, PreferenceDataset, TokenizedExample
 from mmsafe.train.forward import ResponseLogProbs, score_batch, to_device, unwrap
 
@@ -44,7 +46,7 @@ class FrozenCopyReference:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor]) -> ResponseLogProbs:
-        device = next(iter(batch.values())).device
+        device = batch["rejected_mask"].device  # every layout has it (prompt-cache rows are not a tensor)
         if next(self.model.parameters()).device != device:
             self.model.to(device)
         self.forwards += 1
@@ -65,22 +67,152 @@ class DisabledAdapterReference:
     def __call__(self, batch: dict[str, torch.Tensor]) -> ResponseLogProbs:
         model = unwrap(self.policy)
         self.forwards += 1
-        with model.disable_adapter():
-            return score_batch(model, batch, average=self.average)
+        was_training = model.training
+        model.eval()  # dropout off: the reference is one fixed function, as the precomputed and copy ones
+        try:
+            with model.disable_adapter():
+                return score_batch(model, batch, average=self.average)
+        finally:
+            model.train(was_training)
 
 
-def model_fingerprint(name_or_path: str, *, revision: str | None = None) -> dict[str, Any]:
-    """What identifies a model's weights without reading them all.
+#: Bytes read at a time when hashing a weight file (memory stays bounded for a 14 GB shard).
+HASH_CHUNK = 16 * 1024 * 1024
+#: The memo of file hashes, in the reference cache folder (see :func:`file_hash_memo`).
+HASH_MEMO_NAME = "file-hashes.json"
 
-    A local checkpoint: each weight file's name, size and modification time (a changed
-    or replaced file changes the key; a copy gets a new key and is recomputed once). A
-    Hub id: the id and revision.
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_hash_memo(directory: str | Path | None = None) -> Path:
+    """Where the file-hash memo of a reference cache folder (None: the default one) lives."""
+    return (Path(directory) if directory is not None else default_cache_dir()) / HASH_MEMO_NAME
+
+
+def _stat_key(stat: os.stat_result) -> list[int]:
+    # ctime is in the key because it cannot be set back: a rewrite in place keeps the inode
+    # and may restore size and mtime (os.utime), but both the write and the utime call
+    # move ctime to the present, so the file is hashed again. (POSIX: on Windows st_ctime
+    # is the creation time. A rewrite within the file system's timestamp tick of the
+    # hashing itself, a few milliseconds, would go unseen.)
+    return [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def _read_memo(memo: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(memo.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_memo(memo: Path, entries: dict[str, Any]) -> None:
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**_read_memo(memo), **entries}  # another run may have added files meanwhile
+        merged = {name: entry for name, entry in merged.items() if os.path.exists(name)}  # forget deleted files
+        temporary = memo.with_name(f"{memo.name}.tmp{os.getpid()}")
+        temporary.write_text(json.dumps(merged, indent=0, sort_keys=True), encoding="utf-8")
+        os.replace(temporary, memo)
+    except OSError as error:  # the memo only saves time: a read-only cache folder hashes every run
+        logger.warning("cannot write the file-hash memo %s (%s)", memo, error)
+
+
+def file_hashes(files: list[Path], memo: str | Path | None = None) -> dict[str, str]:
+    """sha256 of each file, by resolved path; each file is read once per change.
+
+    The hashes are remembered in ``memo`` (a JSON file) under (inode, size, mtime, ctime):
+    a file whose four are unchanged is not read again. A file rewritten in place with its
+    old size and mtime restored still changes ctime, which no user can set back (only a
+    changed system clock or a raw disk edit can), so it is hashed again.
+    """
+    memo = Path(memo) if memo is not None else file_hash_memo()
+    known = _read_memo(memo)
+    hashes: dict[str, str] = {}
+    updates: dict[str, Any] = {}
+    for file in files:
+        name = str(file.resolve())
+        before = file.stat()
+        entry = known.get(name)
+        if isinstance(entry, dict) and entry.get("stat") == _stat_key(before) and isinstance(entry.get("sha256"), str):
+            hashes[name] = entry["sha256"]
+            continue
+        digest = file_sha256(file)
+        hashes[name] = digest
+        if _stat_key(file.stat()) == _stat_key(before):  # not remembered if it changed while being read
+            updates[name] = {"stat": _stat_key(before), "sha256": digest}
+    if updates:
+        _write_memo(memo, updates)
+    return hashes
+
+
+def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit ``revision`` of Hub model ``repo_id`` resolves to in the local HF cache, or None.
+
+    Read offline from the cache's ``models--owner--name/refs/<revision>`` (written when the
+    model was downloaded); a revision that is already a commit hash is its own answer.
+    """
+    import re
+
+    revision = revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+    except ImportError:
+        return None
+    if ".." in revision.split("/"):
+        return None
+    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / revision
+    try:
+        commit = ref.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def model_fingerprint(name_or_path: str, *, revision: str | None = None, memo: str | Path | None = None) -> dict[str, Any]:
+    """What identifies a model's weights.
+
+    A local checkpoint: the name and sha256 of each weight and JSON (config, tokenizer,
+    processor) file, remembered in the ``memo`` file so that each is read once (see :func:`file_hashes`);
+    a PEFT adapter folder also holds its base model's fingerprint. A Hub id: the id, the
+    revision and the commit that revision resolves to in the local HF cache (``unresolved``
+    when the model is not there yet).
     """
     path = Path(name_or_path)
     if not path.is_dir():
-        return {"hub_id": name_or_path, "revision": revision or "main"}
+        commit = hub_commit(name_or_path, revision)
+        return {"hub_id": name_or_path, "revision": revision or "main", "commit": commit or "unresolved"}
     files = sorted([*path.glob("*.safetensors"), *path.glob("*.json")])
-    return {"path": str(path.resolve()), "files": [(file.name, file.stat().st_size, file.stat().st_mtime_ns) for file in files]}
+    hashes = file_hashes(files, memo)
+    # By content alone: a copy of the same checkpoint elsewhere shares its cache.
+    fingerprint: dict[str, Any] = {"files": [(file.name, hashes[str(file.resolve())]) for file in files]}
+    adapter_config = path / "adapter_config.json"
+    if adapter_config.is_file():
+        try:
+            base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            base = None
+        if isinstance(base, str) and base:
+            fingerprint["base"] = model_fingerprint(base, revision=revision, memo=memo)
+    return fingerprint
+
+
+def weights_dtype(model: Any) -> str:
+    """The dtype the model's floating-point weights were loaded in (``torch.bfloat16``, ...)."""
+    for parameter in unwrap(model).parameters():
+        if parameter.is_floating_point():
+            return str(parameter.dtype)
+    return "none"
 
 
 def examples_fingerprint(examples: list[TokenizedExample], image_root: str | Path | None) -> str:
@@ -112,21 +244,39 @@ class ReferenceCache:
         self.key_material = key_material
 
     def load(self) -> dict[str, list[float]] | None:
+        """The cached log-probs, or None (recompute) when missing, unreadable or not all finite numbers."""
         if not self.path.is_file():
             return None
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            return {str(key): [float(value) for value in values] for key, values in data["logps"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            logps = {}
+            for key, values in data["logps"].items():
+                if not isinstance(values, list) or not all(_finite_number(value) for value in values):
+                    raise ValueError(f"record {key}: not a list of finite numbers: {values!r}"[:300])
+                logps[str(key)] = [float(value) for value in values]
+            return logps
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             logger.warning("ignoring unreadable reference cache %s (%s); recomputing", self.path, error)
             return None
 
     def save(self, logps: dict[str, list[float]]) -> Path:
+        for key, values in logps.items():
+            bad = [value for value in values if not _finite_number(value)]
+            if bad:
+                raise DataError(
+                    f"reference log-prob {bad[0]} is not a finite number; not cached (a float16 overflow? try dtype: float32 or bfloat16)",
+                    record=key,
+                    field="reference_logps",
+                )
         self.directory.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix(f".tmp{os.getpid()}")
-        temporary.write_text(json.dumps({"key": self.key_material, "logps": logps}, default=str), encoding="utf-8")
+        temporary.write_text(json.dumps({"key": self.key_material, "logps": logps}, default=str, allow_nan=False), encoding="utf-8")
         os.replace(temporary, self.path)  # atomic: a killed run never leaves half a cache
         return self.path
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class PrecomputeStats:

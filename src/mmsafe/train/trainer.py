@@ -11,10 +11,12 @@ only thing :class:`PreferenceTrainer` changes is how the loss is computed and lo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +25,17 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from mmsafe.config import save_config
 from mmsafe.errors import ConfigError, DataError, ModelError
+from mmsafe.models.recipe import build_recipe, model_dtype, save_recipe
 from mmsafe.models.structure import prompt_cache_supported
 from mmsafe.train.config import TrainConfig
-from mmsafe.train.data import PreferenceCollator, PreferenceDataset, PreferenceEncoder, prepare_examples
+from mmsafe.train.data import (
+    PreferenceCollator,
+    PreferenceDataset,
+    PreferenceEncoder,
+    prepare_examples,
+    select_rejected,
+)
 from mmsafe.train.forward import ResponseLogProbs, packed_rows_allowed, score_batch, select_forward_mode
 from mmsafe.train.losses import PreferenceLoss, bpo_loss, dpo_loss, sft_loss
 from mmsafe.train.reference import (
@@ -36,9 +44,12 @@ from mmsafe.train.reference import (
     PrecomputeStats,
     ReferenceCache,
     examples_fingerprint,
+    file_hash_memo,
     model_fingerprint,
     precompute_reference,
+    weights_dtype,
 )
+from mmsafe.train.resume import last_complete_checkpoint, plan_resume, record_run_start, save_trainer_state  # noqa: F401 (last_complete_checkpoint: its home was here)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +61,8 @@ REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 CONFIG_FILE = "train_config.yaml"
 SUMMARY_FILE = "train_summary.json"
 LOG_FILE = "train_log.jsonl"
+#: Data formats whose images are inside the data file; they are written out under the image root.
+EMBEDDED_IMAGE_FORMATS = ("hf",)
 
 
 @dataclass
@@ -67,6 +80,7 @@ class TrainResult:
     trainable_parameters: int
     forward_mode: str = "shared-prefix"
     metrics: dict[str, float] = field(default_factory=dict)
+    resume_changes: list[str] = field(default_factory=list)  # settings changed at a resume: force
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +95,7 @@ class TrainResult:
             "trainable_parameters": self.trainable_parameters,
             "forward_mode": self.forward_mode,
             "metrics": self.metrics,
+            "resume_changes": self.resume_changes,
         }
 
 
@@ -106,6 +121,19 @@ class PreferenceTrainer(Trainer):
         self._metric_sums = torch.zeros(len(self._metric_names), dtype=torch.float64)
         self._metric_counts = torch.zeros(len(self._metric_names), dtype=torch.float64)
 
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """The Trainer's checkpoint, with ``trainer_state.json`` written atomically.
+
+        That file is written last and marks the checkpoint complete: written in place, a full
+        disk left it empty and every later resume failed on it.
+        """
+        state = self.state
+        state.save_to_json = functools.partial(save_trainer_state, state)  # an instance attribute, not a field: not saved
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            vars(state).pop("save_to_json", None)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         """Resume full weights through ``from_pretrained``, which maps saved key names back.
 
@@ -130,6 +158,19 @@ class PreferenceTrainer(Trainer):
             raise ModelError(f"{folder}: the checkpoint's weights do not fit the model being trained ({str(error).splitlines()[0]})") from None
         finally:
             del saved
+
+    #: The model's input recipe (:mod:`mmsafe.models.recipe`), written beside every save.
+    input_recipe: Any = None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save as the Trainer does, then the input recipe beside the weights.
+
+        Checkpoints are saved through here too (before ``trainer_state.json``, which marks
+        a checkpoint complete), so every complete ``checkpoint-N`` holds the recipe.
+        """
+        super().save_model(output_dir, _internal_call)
+        if self.input_recipe is not None and self.args.should_save:
+            save_recipe(self.input_recipe, output_dir if output_dir is not None else self.args.output_dir)
 
     def _make_metric_names(self) -> list[str]:
         names = ["logps/chosen", "rewards/chosen", "rewards/accuracy", "rewards/margin"]
@@ -169,7 +210,8 @@ class PreferenceTrainer(Trainer):
         if "reference_chosen_logps" in inputs:
             reference = ResponseLogProbs(inputs["reference_chosen_logps"], inputs["reference_rejected_logps"], inputs["rejected_mask"])
         elif self.reference is not None:
-            reference = self.reference(inputs)
+            with self.accelerator.autocast():  # the precision of the policy's own (prepared) forward
+                reference = self.reference(inputs)
         else:
             raise RuntimeError("no reference log-probs: the batch has none and no reference model is set")
         result = self.preference_loss(policy, reference, inputs["rejected_source_ids"])
@@ -210,7 +252,9 @@ class PreferenceTrainer(Trainer):
                 self._metric_counts[position] += count
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # the same on every process, so the reduction below is matched
+        # A step's log, or the end-of-training summary (which flushes the steps after the
+        # last logging step); both come on every process, so the reduction below is matched.
+        if "loss" in logs or "train_runtime" in logs:
             sums, counts = self._metric_sums, self._metric_counts
             if self.args.world_size > 1:
                 stacked = self.accelerator.reduce(torch.stack([sums, counts]).to(self.args.device), reduction="sum").cpu()
@@ -242,41 +286,43 @@ class JsonlLogCallback(TrainerCallback):
             self._write(state, logs)
 
 
-def last_complete_checkpoint(output_dir: Path) -> str | None:
-    """The newest ``checkpoint-N`` that was saved to the end.
-
-    The Trainer writes ``trainer_state.json`` last; a run killed while saving leaves a
-    folder without it, which is passed over (with a warning) instead of failing the resume.
-    """
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    if not output_dir.is_dir():
-        return None
-    found = []
-    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
-        if path.is_dir() and suffix.isdigit():
-            found.append((int(suffix), path))
-    for _, path in sorted(found, reverse=True):
-        if (path / "trainer_state.json").is_file():
-            return str(path)
-        logger.warning("ignoring %s: incomplete (the run stopped while saving it)", path)
-    return None
-
-
 def keeps_chosen(record_id: str, share: float) -> bool:
     """Whether a record is among the ``share`` that keep their chosen response (a fixed hash of the id)."""
     digest = hashlib.sha256(record_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
-def load_training_records(config: TrainConfig) -> list[Any]:
-    from mmsafe.data.records import read_preference_records
+def training_image_root(config: TrainConfig) -> str:
+    """The folder record image paths are relative to: ``image_root``, else the data file's folder.
+
+    Data whose images are embedded (``hf`` parquet) has them written once to ``images/``
+    beside the file (inside a folder of shards), as :func:`mmsafe.evaluate.benchmarks.load_mmsafe_po` does.
+    """
+    if config.image_root is not None:
+        return config.image_root
+    from mmsafe.data.formats import detect_format
+    from mmsafe.data.formats.hf import is_hub_id
 
     path = Path(config.data)
-    if not path.is_file():
-        raise DataError("data file not found (expected preference records as JSONL)", file=str(path))
-    records = list(read_preference_records(path))
+    if is_hub_id(config.data):
+        raise ConfigError(f"image_root: data {config.data} is a Hugging Face Hub id whose images are embedded; set image_root to the folder to write them to")
+    if path.exists() and detect_format(path) in EMBEDDED_IMAGE_FORMATS:
+        return str((path if path.is_dir() else path.parent) / "images")
+    return str(path.parent)
+
+
+def load_training_records(config: TrainConfig) -> list[Any]:
+    """The records of ``config.data`` in any format the registry reads (detected), filtered by split.
+
+    Ids must be unique (reference log-probs are cached by id). Every problem is a
+    DataError naming file, record and field.
+    """
+    from mmsafe.data.formats import detect_format, read_records
+
+    path = Path(config.data)
+    format_name = detect_format(config.data)  # a DataError for a missing file or an unknown format
+    image_dir = training_image_root(config) if format_name in EMBEDDED_IMAGE_FORMATS else None
+    records = list(read_records(config.data, format_name, image_dir=image_dir))
     seen: set[str] = set()
     for record in records:
         # Reference log-probs are cached by id: two records under one id would share one.
@@ -290,14 +336,87 @@ def load_training_records(config: TrainConfig) -> list[Any]:
     return records
 
 
-def load_policy(config: TrainConfig) -> tuple[Any, Any]:
-    """The model and processor, quantized for QLoRA when asked."""
+def _ordered_sources(sources: Any) -> list[str]:
+    return sorted(sources, key=lambda source: (source != "human", source))  # as PreparedData.sources
+
+
+def check_rejected_sources(config: TrainConfig, records: Sequence[Any]) -> None:
+    """Refuse, before any model loads, rejected responses that cannot train what ``config`` asks.
+
+    * a source in ``rejected_sources`` that no record has is refused; one that only some
+      records have is refused unless ``allow_partial_sources`` (those without it train
+      on the other sources, or are skipped);
+    * ``loss: bpo`` where no record keeps more than one rejected response would train
+      exactly as DPO: refused unless ``allow_partial_sources``;
+    * ``source_weights`` naming a source that no kept rejected response comes from (it
+      would weigh nothing) is refused.
+
+    Errors name the data file and give the number of records with each source.
+    """
+    if config.loss == "sft":
+        return  # supervised: no rejected response is trained against
+    file, total = config.data, len(records)
+    having = Counter(source for record in records for source in set(record.rejected_sources))
+    counts = ", ".join(f"{source} {having[source]}" for source in _ordered_sources(having))
+    summary = f"records with a rejected response from each source, of {total}: {counts}"
+    for source in config.rejected_sources or ():
+        if having[source] == 0:
+            hint = "generate them with `mmsafe blind`, or " if source == "blind" else ""
+            raise DataError(f"no record has a rejected response from {source!r} ({summary}); {hint}remove {source} from rejected_sources", file=file, field="rejected_sources")
+        if having[source] < total:
+            if not config.allow_partial_sources:
+                raise DataError(
+                    f"only {having[source]} of {total} records have a rejected response from {source!r} ({summary}); "
+                    "set allow_partial_sources: true to train anyway (the others train without it)",
+                    file=file,
+                    field="rejected_sources",
+                )
+            logger.warning("%s: only %d of %d records have a rejected response from %s; the others train without it", file, having[source], total, source)
+    max_rejected = {"dpo": 1}.get(config.loss)
+    kept = [select_rejected(record, config.rejected_sources, max_rejected) for record in records]
+    if config.loss == "bpo" and max(map(len, kept)) <= 1:
+        if not config.allow_partial_sources:
+            selected = f" from {', '.join(config.rejected_sources)}" if config.rejected_sources else ""
+            raise DataError(
+                f"loss: bpo, but no record has more than one rejected response{selected} ({summary}), so BPO would train exactly as DPO; "
+                "use loss: dpo, add blind rejected responses with `mmsafe blind`, or set allow_partial_sources: true to train anyway",
+                file=file,
+                field="rejected",
+            )
+        logger.warning("%s: no record has more than one rejected response: BPO trains exactly as DPO", file)
+    trained = _ordered_sources({source for pairs in kept for _, source in pairs})
+    unknown = sorted(set(config.source_weights) - set(trained))
+    if unknown:
+        raise ConfigError(f"source_weights: no rejected response comes from {', '.join(unknown)} (sources in the data: {', '.join(trained)})")
+
+
+def training_dtype(config: TrainConfig, device: Any) -> str:
+    """The weights dtype of the run: ``dtype: auto`` resolved against the device the model trains on."""
+    from mmsafe.models.loading import resolve_dtype
+
+    return str(resolve_dtype(config.dtype, str(device))).removeprefix("torch.")
+
+
+def load_policy(config: TrainConfig, device: Any = "cpu") -> tuple[Any, Any]:
+    """The model and processor, quantized for QLoRA when asked.
+
+    Weights are loaded in :func:`training_dtype` (bf16 on a bf16-capable GPU under
+    ``dtype: auto``) and on the training ``device``; under DeepSpeed or FSDP on the CPU,
+    which then shards them.
+    """
     from mmsafe.models.loading import load_model, load_processor
 
     if config.quantization == "none":
+        sharded = any(key in config.trainer_args for key in ("deepspeed", "fsdp"))
+        dtype = training_dtype(config, device)
         loaded = load_model(
-            config.model, dtype=config.dtype, device="cpu", trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation
+            config.model, dtype=dtype, device="cpu" if sharded else str(device), trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation, revision=config.revision
         )
+        if dtype != "float32" and config.finetune == "full" and not sharded:
+            logger.warning(
+                "full fine-tune with %s weights and no fp32 master copy: an update smaller than the weight's resolution (about 1/256 of it for "
+                "bf16) is lost, as at learning_rate %g; use DeepSpeed or FSDP mixed precision, LoRA, or dtype: float32", dtype, config.learning_rate,
+            )
         return loaded.model, loaded.processor
     try:
         import bitsandbytes  # noqa: F401
@@ -319,12 +438,45 @@ def load_policy(config: TrainConfig) -> tuple[Any, Any]:
         quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            config.model, quantization_config=quantization, use_safetensors=True, trust_remote_code=config.trust_remote_code, device_map={"": torch.cuda.current_device()}
+            config.model, quantization_config=quantization, use_safetensors=True, trust_remote_code=config.trust_remote_code, revision=config.revision, device_map={"": torch.cuda.current_device()}
         )
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load {config.model} quantized: {error}") from None
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-    return model, load_processor(config.model, trust_remote_code=config.trust_remote_code)
+    return model, load_processor(config.model, trust_remote_code=config.trust_remote_code, revision=config.revision)
+
+
+def disable_dropout(model: Any) -> int:
+    """Every dropout of the model set to 0 (modules and the attention's own rate), as TRL does for preference training.
+
+    With dropout, the policy at step 0 is not the reference, and two reference passes
+    over one batch differ. LoRA's own dropout (``lora_dropout``) is added afterwards and
+    kept. Returns the number of rates changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p:
+            module.p = 0.0
+            changed += 1
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            value = getattr(module, name, None)
+            if isinstance(value, float) and value:
+                setattr(module, name, 0.0)
+                changed += 1
+    if changed:
+        logger.info("dropout off: %d dropout rates of the model set to 0 (disable_dropout: false keeps them)", changed)
+    return changed
+
+
+def mixed_precision_context(config: TrainConfig, device: Any) -> Any:
+    """The autocast the Trainer's policy forward runs under (``bf16``/``fp16`` mixed precision), for reference scoring."""
+    import contextlib
+
+    if config.bf16:
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    if config.trainer_args.get("fp16"):
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 def set_trainable(model: Any, config: TrainConfig) -> Any:
@@ -404,39 +556,76 @@ def attach_reference(
 ) -> tuple[str | None, int]:
     """Precompute (or read from the cache) reference log-probs into the examples.
 
-    Returns the cache file and the number of reference forwards run. The main process
-    computes and writes; the others then read the same file.
+    Returns the cache file and the number of reference forwards this process ran.
+    Precompute is sharded: each process scores an equal share of the examples missing
+    from the cache and the shares are exchanged (an object all-gather, so nodes need no
+    shared file system); the local main process of each node writes the merged cache.
     """
     from accelerate import PartialState
 
-    key = {
-        "model": model_fingerprint(config.model),
-        "dtype": config.dtype,
-        "quantization": config.quantization,
-        "attn_implementation": config.attn_implementation,
-        "average_logprobs": config.average_logprobs,
-        "tokenization": encoder.settings(),
-        "examples": examples_fingerprint(dataset.examples, encoder.image_root),
-    }
-    cache = ReferenceCache(config.reference_cache_dir, key)
     stats = PrecomputeStats()
     state = PartialState()
-    with state.main_process_first():
-        logps = cache.load()
-        if logps is None or any(example.id not in logps for example in dataset.examples):
-            logger.info("computing reference log-probs for %d examples (cache %s)", len(dataset), cache.path)
-            device = state.device
-            model.to(device)
-            logps = precompute_reference(
-                model, dataset, collator.with_mode("per-response" if collator.mode == "separate" else collator.mode), batch_size=max(1, config.per_device_train_batch_size), average=config.average_logprobs, stats=stats
-            )
-            if state.is_main_process:
-                cache.save(logps)
-        else:
-            logger.info("reference log-probs read from %s", cache.path)
+    with state.main_process_first():  # the main process hashes the weights first; the others read its memo
+        key = {
+            "model": model_fingerprint(config.model, revision=config.revision, memo=file_hash_memo(config.reference_cache_dir)),
+            "dtype": weights_dtype(model),  # what the weights were loaded as, not the option (auto)
+            "quantization": config.quantization,
+            "attn_implementation": config.attn_implementation,
+            "average_logprobs": config.average_logprobs,
+            "tokenization": encoder.settings(),
+            "examples": examples_fingerprint(dataset.examples, encoder.image_root),
+        }
+        cache = ReferenceCache(config.reference_cache_dir, key)
+    logps = cache.load() or {}
+    missing = [index for index, example in enumerate(dataset.examples) if example.id not in logps]
+    if state.num_processes > 1:
+        # Every rank takes part: a rank whose node has the cache still scores its share of
+        # what another node lacks, so no rank waits for another to score everything.
+        missing = sorted(set().union(*_gather(missing)))
+    if missing:
+        share = missing[state.process_index :: state.num_processes]
+        logger.info(
+            "computing reference log-probs for %d of %d examples on this process (%d missing from cache %s, %d process(es))",
+            len(share), len(dataset), len(missing), cache.path, state.num_processes,
+        )  # fmt: skip
+        device = state.device
+        model.to(device)
+        with mixed_precision_context(config, device):  # as the policy's training forward
+            scored = precompute_reference(
+                model, _Subset(dataset, share), collator.with_mode("per-response" if collator.mode == "separate" else collator.mode),
+                batch_size=max(1, config.per_device_train_batch_size), average=config.average_logprobs, stats=stats,
+            )  # fmt: skip
+        for part in _gather(scored) if state.num_processes > 1 else [scored]:
+            logps.update(part)
+        if state.is_local_main_process:  # one writer per node: nodes without a shared file system each keep a copy
+            cache.save(logps)
+    else:
+        logger.info("reference log-probs read from %s", cache.path)
     for example in dataset.examples:
         example.reference_logps = logps[example.id]
     return str(cache.path), stats.forwards
+
+
+class _Subset:
+    """The items of ``dataset`` at ``indices``."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[self.indices[index]]
+
+
+def _gather(value: Any) -> list[Any]:
+    """``value`` of every process, in rank order (torch.distributed object all-gather)."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def choose_forward_mode(config: TrainConfig, model: Any, dataset: PreferenceDataset, collator: PreferenceCollator) -> str:
@@ -478,20 +667,29 @@ def train(config: TrainConfig) -> TrainResult:
         raise ConfigError(f"{launched} processes were launched but they did not form one training group (world size {arguments.world_size}); check the accelerate config")
 
     records = load_training_records(config)
+    check_rejected_sources(config, records)  # before the model loads: a refused run costs seconds, not a 7B load
+    # Resume or start fresh, also decided before the model loads (see mmsafe.train.resume).
+    plan = plan_resume(config, output_dir, image_root=training_image_root(config))
+    if arguments.should_save:
+        record_run_start(config, output_dir, plan)
     supervised = config.loss == "sft"
     if supervised and config.sft_target == "rejected":
         records = [record if keeps_chosen(record.id, config.sft_chosen_share) else dataclasses.replace(record, chosen=record.rejected[0]) for record in records]
-    model, processor = load_policy(config)
+    model, processor = load_policy(config, arguments.device)
+    if config.disable_dropout:
+        disable_dropout(model)
     reference_model = FrozenCopyReference(model, average=config.average_logprobs) if config.reference == "copy" and not supervised else None
     model = set_trainable(model, config)
     trainable = count_trainable(model)
     if trainable == 0:
         raise ConfigError("nothing to train: every parameter is frozen (check finetune, train_projector)")
 
-    image_root = config.image_root if config.image_root is not None else str(Path(config.data).parent)
+    image_root = training_image_root(config)
     encoder = PreferenceEncoder.for_model(
-        model, processor, image_root, max_length=config.max_length, image_mode=config.image_mode, prompt_style=config.prompt_style
+        model, processor, image_root, max_length=config.max_length, image_mode=config.image_mode, prompt_style=config.prompt_style,
+        length_rule=config.length_rule,
     )
+    recipe = build_recipe(processor, prompt_style=encoder.prompt_style, image_mode=encoder.image_mode, max_length=encoder.max_length, dtype=model_dtype(model))
     prepared = prepare_examples(
         records,
         encoder,
@@ -530,19 +728,20 @@ def train(config: TrainConfig) -> TrainResult:
         sources=prepared.sources,
         reference=reference,
     )
-    last_checkpoint = last_complete_checkpoint(output_dir) if config.resume else None
+    trainer.input_recipe = recipe
+    last_checkpoint = plan.checkpoint
     if last_checkpoint:
         logger.info("resuming from %s", last_checkpoint)
     outcome = trainer.train(resume_from_checkpoint=last_checkpoint)
 
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
-        processor.save_pretrained(str(output_dir))
-        save_config(config, output_dir / CONFIG_FILE)
+        processor.save_pretrained(str(output_dir))  # train_config.yaml was written when the run started
         if config.merge_lora:
             merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
             merged.save_pretrained(str(output_dir / "merged"), safe_serialization=True)
             processor.save_pretrained(str(output_dir / "merged"))
+            save_recipe(recipe, output_dir / "merged")
     if reference is not None:
         reference_forwards += reference.forwards
     result = TrainResult(
@@ -557,6 +756,7 @@ def train(config: TrainConfig) -> TrainResult:
         trainable_parameters=trainable,
         forward_mode=forward_mode,
         metrics={key: value for key, value in outcome.metrics.items() if isinstance(value, int | float)},
+        resume_changes=plan.changes,
     )
     # The last logged values of the preference metrics (rewards/accuracy, ...), for callers.
     for entry in trainer.state.log_history:
