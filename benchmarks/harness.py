@@ -71,6 +71,28 @@ def run_alternating(contenders: dict[str, Callable[[], float]], *, repetitions: 
     return results
 
 
+def current_rss_mb() -> float:
+    """Resident set size of this process now, in MiB (``VmRSS``; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current resident size (Linux: ``clear_refs`` 5); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB.
 

@@ -64,7 +64,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import base_parser, format_table, machine_info, peak_rss_mb, run_alternating, write_results
+from benchmarks.harness import (
+    base_parser,
+    current_rss_mb,
+    format_table,
+    machine_info,
+    peak_rss_mb,
+    reset_peak_rss,
+    run_alternating,
+    write_results,
+)
 
 CONTENDERS = {
     "A": "mmsafe BPO, shared prefix, cached reference",
@@ -900,6 +909,121 @@ def run_solo(key: str, setup: Setup, repetitions: int, *, flops: bool = False) -
     return result
 
 
+#: Response tokens of the scoring-memory measurement (about a long blind answer of a 7B model).
+SCORING_MEMORY_RESPONSE_TOKENS = 160
+
+
+def scoring_memory(setup: Setup, head: str) -> dict[str, Any]:
+    """Peak memory of one scoring forward + backward in this (fresh) process, output layer ``plain`` or ``chunked``.
+
+    The mmsafe path of the setup's family (shared prefix on LLaVA, prompt-cache on
+    Qwen2.5-VL), K = 2 responses of about 160 tokens: the memory above what the model, its
+    batch and the libraries hold before the forward.
+    """
+    import torch
+
+    from mmsafe.train import forward
+    from mmsafe.train.data import PreferenceCollator
+
+    _, model, workload = prepare(setup, response_tokens=SCORING_MEMORY_RESPONSE_TOKENS)
+    key = "G" if setup.family == "qwen2.5-vl" else "A"
+    collator = PreferenceCollator(workload.pad_token_id, workload.sources, mode=FORWARD_MODES[key], encoder=workload.encoder)
+    batch = move(collator(workload.items), setup.device)
+    if head == "plain":
+        forward.chunked_head = lambda model: None  # this process only
+    model.train()
+    model.requires_grad_(True)
+    if setup.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated() / 2**20
+    else:
+        if not reset_peak_rss():
+            raise RuntimeError("peak memory cannot be reset here (needs Linux /proc/self/clear_refs)")
+        start = current_rss_mb()
+    def peak_above(start: float) -> float:
+        return (torch.cuda.max_memory_allocated() / 2**20 if setup.device == "cuda" else peak_rss_mb()) - start
+
+    scores = forward.score_batch(model, batch)
+    (scores.chosen.sum() + scores.rejected[scores.rejected_mask].sum()).backward()
+    step = peak_above(start)
+    # The log-prob computation alone: the output layer on the response positions' hidden
+    # states (taken from the model once, without gradients), forward and backward to the
+    # hidden states, the layer frozen (as under LoRA; a trainable layer adds its weight's
+    # gradient, the same for both).
+    output_layer = model.get_output_embeddings()
+    with torch.no_grad(), forward.head_inputs(output_layer) as captured:
+        model(**{name: value for name, value in batch.items() if name in ("input_ids", "pixel_values", "attention_mask", "image_grid_thw", "mm_token_type_ids")} if key == "A" else batch["prompt_cache_rows"][0]["prompt"])
+    tokens = sum(workload.response_lengths)
+    hidden = captured[0].reshape(-1, captured[0].shape[-1])[:1].expand(tokens, -1).contiguous().requires_grad_()
+    labels = torch.randint(0, setup.vocab_size, (tokens,), device=hidden.device)
+    model.zero_grad(set_to_none=True)
+    output_layer.requires_grad_(False)
+    if setup.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated() / 2**20
+    else:
+        reset_peak_rss()
+        start = current_rss_mb()
+    if head == "plain":
+        from mmsafe.train.losses import token_logprobs
+
+        values = token_logprobs(output_layer(hidden).unsqueeze(0), labels.unsqueeze(0))[0]
+    else:
+        from mmsafe.train.losses import chunked_token_logprobs
+
+        values = chunked_token_logprobs(hidden, output_layer.weight, output_layer.bias, labels)
+    values.sum().backward()
+    return {
+        "setup": setup.name,
+        "head": head,
+        "path": FORWARD_MODES[key],
+        "vocabulary": setup.vocab_size,
+        "response_tokens": workload.response_lengths,
+        "scoring_peak_mb": step,
+        "logprob_peak_mb": peak_above(start),
+        "logprob_tokens": tokens,
+    }
+
+
+def scoring_memory_in_subprocess(args: argparse.Namespace, family: str, head: str) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.train", "--scoring-memory", head, "--family", family]
+    for flag in ("gpu", "quick", "tiny"):
+        if getattr(args, flag):
+            command.append(f"--{flag}")
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, "MMSAFE_PROGRESS": "0"})
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"scoring memory ({family}, {head}) failed in its subprocess:\n{completed.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def measure_scoring_memory(args: argparse.Namespace, families: list[str]) -> list[dict[str, Any]]:
+    """Plain against chunked output layer, each in a fresh process, per model family: peak scoring memory and the ratio."""
+    rows = []
+    for family in families:
+        plain = scoring_memory_in_subprocess(args, family, "plain")
+        chunked = scoring_memory_in_subprocess(args, family, "chunked")
+        rows.append(
+            {
+                "setup": plain["setup"],
+                "path": plain["path"],
+                "vocabulary": plain["vocabulary"],
+                "tokens": plain["logprob_tokens"],
+                "step_plain_mb": plain["scoring_peak_mb"],
+                "step_chunked_mb": chunked["scoring_peak_mb"],
+                "step_chunked_over_plain": chunked["scoring_peak_mb"] / plain["scoring_peak_mb"],
+                "logprobs_plain_mb": plain["logprob_peak_mb"],
+                "logprobs_chunked_mb": chunked["logprob_peak_mb"],
+                "logprobs_chunked_over_plain": chunked["logprob_peak_mb"] / plain["logprob_peak_mb"],
+            }
+        )
+    return rows
+
+
 def solo_in_subprocess(key: str, args: argparse.Namespace, repetitions: int, *, family: str = "llava") -> dict[str, Any]:
     """:func:`run_solo` in a fresh Python process with the same settings as this run."""
     command = [sys.executable, "-m", "benchmarks.train", "--solo", key, "--family", family, "--repetitions", str(repetitions)]
@@ -929,6 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-qwen", action="store_true", help="CPU runs: leave out the Qwen2.5-VL-shaped model")
     parser.add_argument("--solo", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)  # internal: one contender in a fresh process
     parser.add_argument("--family", choices=["llava", "qwen2.5-vl"], default="llava", help=argparse.SUPPRESS)  # internal, with --solo
+    parser.add_argument("--scoring-memory", choices=["plain", "chunked"], help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
     args = parser.parse_args(argv)
     args.command = " ".join(["python -m benchmarks.train", *(sys.argv[1:] if argv is None else argv)])
     llava_setup, qwen_setup = setups_for(args)
@@ -942,6 +1067,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu and not args.tiny and not torch.cuda.is_available():
         print("error: --gpu needs a CUDA device (--gpu --tiny runs its code path on CPU)", file=sys.stderr)
         return 1
+    if args.scoring_memory:
+        print(json.dumps(scoring_memory(qwen_setup if args.family == "qwen2.5-vl" else llava_setup, args.scoring_memory)))
+        return 0
     if args.solo:
         setup = qwen_setup if args.family == "qwen2.5-vl" else llava_setup
         print(json.dumps(run_solo(args.solo, setup, repetitions, flops=args.gpu)))
@@ -984,6 +1112,7 @@ def run_cpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitio
     del model
 
     qwen = None if args.skip_qwen else run_qwen_cpu(qwen_setup, repetitions)
+    memory_rows = measure_scoring_memory(args, ["llava"] if args.skip_qwen else ["llava", "qwen2.5-vl"])
     load_after = os.getloadavg()
 
     by_key = {row["key"]: row for row in rows}
@@ -1019,6 +1148,8 @@ def run_cpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitio
         print(f"Qwen2.5-VL-shaped model ({qwen['parameters']:,} parameters, {qwen_setup.vocab_size:,}-token vocabulary): {qwen['agreement']}")
         print(format_table(qwen["results"], ["name", "examples_per_s", "examples_per_s_min", "examples_per_s_max", "median_seconds", "G_speedup"]))
         print(f"G/C {qwen['G_over_C']:.2f}x on the Qwen2.5-VL-shaped model")
+    print(f"peak memory of one scoring forward + backward, K = 2 responses of about {SCORING_MEMORY_RESPONSE_TOKENS} tokens (plain vs chunked output layer):")
+    print(format_table(memory_rows, ["setup", "path", "vocabulary", "tokens", "step_plain_mb", "step_chunked_mb", "step_chunked_over_plain", "logprobs_plain_mb", "logprobs_chunked_mb", "logprobs_chunked_over_plain"]))
     machine = machine_info()
     print(
         f"machine: {machine.get('cpu_count')} cores, {machine.get('memory_gib')} GiB, torch {machine.get('torch')} "
@@ -1050,6 +1181,7 @@ def run_cpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitio
             "scaling_response_tokens": length_rows,
             "flops": {"A_step_flops": step_flops, "A_flops_per_s": achieved, "matmul_flops_per_s": ceiling, "fraction": achieved / ceiling["median"]},
             "qwen2.5-vl": qwen and {**qwen, "setup": asdict(qwen_setup)},
+            "scoring_memory": memory_rows,
         },
     )
     if not agreement.agrees or not general_agreement.agrees or (qwen is not None and not qwen["agrees"]):

@@ -168,17 +168,30 @@ def test_auto_falls_back_past_an_inexact_path(tiny, items, monkeypatch):
     assert forward.select_forward_mode(tiny.model, collator, items, "auto", gradient_checkpointing=True)[0] == "per-response"
 
 
-def test_prompt_cache_runs_the_output_layer_on_response_positions_only(tiny, items):
-    """The prompt's forward keeps only its last position's logits; the responses' forward, theirs."""
+def test_prompt_cache_runs_the_output_layer_on_response_positions_only(tiny, items, monkeypatch):
+    """Plain: the prompt's forward keeps only its last position's logits, the responses' forward theirs.
+    Chunked (the default): the layer itself runs on no position; its inputs are scored in chunks."""
+    from mmsafe.train import forward
+
     items, sources, encoder = items
     batch = PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="prompt-cache", encoder=encoder)(items)
     head = tiny.model.get_output_embeddings()
-    rows = []
-    handle = head.register_forward_hook(lambda module, inputs, output: rows.append(output.shape[0] * output.shape[1]))
-    try:
-        with torch.no_grad():
-            score_batch(tiny.model, batch)
-    finally:
-        handle.remove()
     widths = [row["responses"]["input_ids"].numel() for row in batch["prompt_cache_rows"]]
-    assert rows == [value for width in widths for value in (1, width)]
+
+    def rows_through_head():
+        rows = []
+        handle = head.register_forward_hook(lambda module, inputs, output: rows.append(output.shape[0] * output.shape[1]))
+        try:
+            with torch.no_grad():
+                scores = score_batch(tiny.model, batch)
+        finally:
+            handle.remove()
+        return rows, scores
+
+    chunked_rows, chunked = rows_through_head()
+    assert chunked_rows == [0] * (2 * len(widths))
+    monkeypatch.setattr(forward, "chunked_head", lambda model: None)
+    plain_rows, plain = rows_through_head()
+    assert plain_rows == [value for width in widths for value in (1, width)]
+    torch.testing.assert_close(chunked.chosen, plain.chosen, atol=1e-4, rtol=0)
+    torch.testing.assert_close(chunked.rejected, plain.rejected, atol=1e-4, rtol=0)

@@ -150,3 +150,26 @@ def test_sequence_logprobs_sum_and_mean():
 def test_sft_loss_is_the_mean_negative_log_likelihood():
     # per-token mean log-probs -1 and -3 -> (1 + 3) / 2 = 2
     close(sft_loss(torch.tensor([-1.0, -3.0])), 2.0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_log_probs_equal_the_plain_computation_forward_and_backward(chunk, with_bias):
+    """Against log_softmax over the full logits (an independent computation): values and all gradients to 1e-5."""
+    from mmsafe.train.losses import chunked_token_logprobs
+
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(29, 12, generator=generator, dtype=torch.float64).float().requires_grad_()
+    weight = torch.randn(97, 12, generator=generator).requires_grad_()
+    bias = torch.randn(97, generator=generator).requires_grad_() if with_bias else None
+    labels = torch.randint(0, 97, (29,), generator=generator)
+    upstream = torch.randn(29, generator=generator)
+    logits = hidden @ weight.T + (bias if bias is not None else 0)
+    plain = torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
+    leaves = [tensor for tensor in (hidden, weight, bias) if tensor is not None]
+    expected = torch.autograd.grad((plain * upstream).sum(), leaves)
+    chunked = chunked_token_logprobs(hidden, weight, bias, labels, chunk=chunk)
+    got = torch.autograd.grad((chunked * upstream).sum(), leaves)
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=0)
+    for value, reference in zip(got, expected, strict=True):
+        torch.testing.assert_close(value, reference, atol=1e-5, rtol=1e-5)

@@ -125,6 +125,9 @@ class TrainConfig:
     max_steps: int = option(-1, help="stop after this many optimizer steps (-1: use num_train_epochs)")
     per_device_train_batch_size: int = option(1, help="examples per device per micro-batch")
     gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
+    group_by_length: bool = option(
+        True, help="batch examples of similar length together (random groups, fixed per epoch by the seed), for little padding; the share of padding is logged as batch/padding_share"
+    )
     bf16: bool = option(False, help="bf16 mixed precision (autocast; the reference is scored under the same autocast)")
     disable_dropout: bool = option(True, help="set every dropout of the model to 0, as TRL does for preference training (lora_dropout still applies)")
     gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass to save memory")

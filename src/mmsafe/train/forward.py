@@ -42,6 +42,7 @@ plain one-sequence-at-a-time scoring before it is trusted (falling back to the n
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from typing import Any
 import torch
 
 from mmsafe.train.data import PAD_SEGMENT
-from mmsafe.train.losses import sequence_logprobs, token_logprobs
+from mmsafe.train.losses import chunked_token_logprobs, sequence_logprobs, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,51 @@ def block_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype, as_bool:
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def chunked_head(model: Any) -> Any | None:
+    """The output layer, when response log-probs can be taken from its inputs in chunks (else None).
+
+    Not for models that transform the logits after the layer (final logit soft-capping),
+    nor for weights that live outside the module's forward (DeepSpeed ZeRO-3, FSDP shards).
+    The exactness check compares the result with the model's own logits either way.
+    """
+    head = unwrap(model).get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        return None
+    config = unwrap(model).config
+    text_config = getattr(config, "text_config", None) or config
+    if getattr(text_config, "final_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None):
+        return None
+    if head.weight.numel() == 0 or hasattr(head.weight, "ds_id"):
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def head_inputs(head: Any):
+    """Collect the hidden states the output layer is called on, and let it run on none of them.
+
+    The model's forward then returns empty logits; the caller scores the collected
+    hidden states with :func:`chunked_token_logprobs` (gradients flow through them).
+    """
+    captured: list[torch.Tensor] = []
+
+    def take(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        captured.append(args[0])
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = head.register_forward_pre_hook(take)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _only(captured: list[torch.Tensor]) -> torch.Tensor:
+    if len(captured) != 1:
+        raise RuntimeError(f"the output layer ran {len(captured)} times in one forward; chunked log-probs need exactly one")
+    return captured[0]
+
+
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value for key, value in batch.items() if key not in _BOOKKEEPING}
 
@@ -128,12 +174,19 @@ def score_shared_prefix(model: Any, batch: dict[str, torch.Tensor], *, average: 
     # The output layer runs only where its logits are read: the prompt's last position and
     # the response positions (about half of a LLaVA row is image and prompt tokens).
     keep = torch.unique(predictors)
+    keep_kwargs = {}
     if _accepts(model, "logits_to_keep"):
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # [B, len(keep), V]
+        keep_kwargs = {"logits_to_keep": keep}
         predictors = torch.searchsorted(keep, predictors)
+    head = chunked_head(model)
+    if head is not None:  # the output layer in chunks: no [N, V] logits held, forward or backward
+        with head_inputs(head) as captured:
+            model(**inputs, use_cache=False, **keep_kwargs)
+        hidden = _only(captured)  # [B, len(keep) or T, H]
+        per_token = chunked_token_logprobs(hidden[rows, predictors], head.weight, head.bias, labels[rows, columns])  # [N]
     else:
-        logits = model(**inputs, use_cache=False).logits  # [B, T, V]
-    per_token = token_logprobs(logits[rows, predictors].unsqueeze(0), labels[rows, columns].unsqueeze(0))[0]  # [N]
+        logits = model(**inputs, use_cache=False, **keep_kwargs).logits  # [B, len(keep) or T, V]
+        per_token = token_logprobs(logits[rows, predictors].unsqueeze(0), labels[rows, columns].unsqueeze(0))[0]  # [N]
     slots = segment_ids[rows, columns] - 1  # 0: chosen, k: rejected k
     size = (segment_ids.shape[0], batch["rejected_mask"].shape[1] + 1)
     sums = torch.zeros(size, dtype=per_token.dtype, device=per_token.device).index_put((rows, slots), per_token, accumulate=True)
@@ -189,10 +242,12 @@ def score_prompt_cache(model: Any, batch: dict[str, Any], *, average: bool = Fal
     """
     cache_argument = _cache_argument(model)
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    head = chunked_head(model)
     chosen, rejected = [], []
     width = batch["rejected_mask"].shape[1]
     for row in batch["prompt_cache_rows"]:
-        prompt_output = model(**row["prompt"], use_cache=True, **keep_last)
+        with head_inputs(head) if head is not None else contextlib.nullcontext([]) as captured:
+            prompt_output = model(**row["prompt"], use_cache=True, **keep_last)
         cache = getattr(prompt_output, "cache", None) or getattr(prompt_output, "past_key_values", None)
         if cache is None:
             raise ValueError(
@@ -203,9 +258,19 @@ def score_prompt_cache(model: Any, batch: dict[str, Any], *, average: bool = Fal
         labels = row["responses"]["labels"]
         count = labels.shape[0]
         cache.batch_repeat_interleave(count)
-        logits = model(**responses, **{cache_argument: cache}, use_cache=True).logits  # [n, R, V]
-        first = prompt_output.logits[:, -1:].expand(count, 1, -1)
-        scores = sequence_logprobs(torch.cat([first, logits[:, :-1]], dim=1), labels, average=average)  # [n]
+        if head is not None:
+            prompt_hidden = _only(captured)[:, -1:]
+            with head_inputs(head) as captured:
+                model(**responses, **{cache_argument: cache}, use_cache=True)
+            hidden = torch.cat([prompt_hidden.expand(count, 1, -1), _only(captured)[:, :-1]], dim=1)  # [n, R, H]: predicts labels
+            scored = labels != -100
+            per_token = chunked_token_logprobs(hidden[scored], head.weight, head.bias, labels[scored])
+            sums = torch.zeros(count, dtype=per_token.dtype, device=per_token.device).index_add(0, scored.nonzero()[:, 0], per_token)
+            scores = sums / scored.sum(1).clamp(min=1) if average else sums
+        else:
+            logits = model(**responses, **{cache_argument: cache}, use_cache=True).logits  # [n, R, V]
+            first = prompt_output.logits[:, -1:].expand(count, 1, -1)
+            scores = sequence_logprobs(torch.cat([first, logits[:, :-1]], dim=1), labels, average=average)  # [n]
         chosen.append(scores[0])
         rejected.append(torch.cat([scores[1:], scores.new_zeros(width - (count - 1))]))
     return ResponseLogProbs(chosen=torch.stack(chosen), rejected=torch.stack(rejected), rejected_mask=batch["rejected_mask"])

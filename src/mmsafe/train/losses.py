@@ -191,3 +191,83 @@ def sequence_logprobs(
         return total
     count = (labels != ignore_index).sum(dim=-1).clamp(min=1)
     return total / count
+
+
+#: Memory of one chunk's float32 logits in :func:`chunked_token_logprobs`: 64 MiB is 110
+#: response tokens at a 152k vocabulary, 520 at 32k.
+LOGPROB_CHUNK_BYTES = 64 * 2**20
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log softmax(h W^T + b)[label] for N hidden states, ``chunk`` rows at a time, forward and backward.
+
+    The [N, V] logits are never held: the forward keeps each row's log-sum-exp, the
+    backward recomputes one chunk's logits at a time. Arithmetic in float32 (the weights
+    are cast per chunk), as :func:`token_logprobs` does after the output layer.
+    """
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def forward(ctx, hidden, weight, bias, labels, chunk):  # type: ignore[override]
+        # float32 under any autocast: the same numbers whether or not the caller runs in mixed precision
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = _chunk_logits(hidden[start : start + chunk], weight, bias)
+            lse[start : start + chunk] = torch.logsumexp(logits, dim=-1)
+            out[start : start + chunk] = logits.gather(1, labels[start : start + chunk, None]).squeeze(1) - lse[start : start + chunk]
+        ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), labels, lse)
+        ctx.has_bias, ctx.chunk = bias is not None, chunk
+        return out
+
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, grad_out):  # type: ignore[override]
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            h = hidden[rows]
+            # d logp / d logits = onehot(label) - softmax; scaled by the incoming gradient
+            grad_logits = -torch.exp(_chunk_logits(h, weight, bias) - lse[rows, None])
+            grad_logits.scatter_add_(1, labels[rows, None], torch.ones_like(labels[rows, None], dtype=grad_logits.dtype))
+            grad_logits *= grad_out[rows, None]
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits @ weight.float()).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, h.float())  # in place: no second [V, H] buffer
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+        )
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = hidden.float() @ weight.float().T
+    return logits if bias is None else logits + bias.float()
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """Log-prob of each label under the output layer (``weight`` [V, H], ``bias`` [V]) on ``hidden`` [N, H] -> [N].
+
+    Equal to ``token_logprobs(hidden @ weight.T + bias, labels)`` (to float32 rounding),
+    in memory proportional to ``chunk x V`` instead of ``N x V``, for the backward too.
+    ``chunk`` rows at a time (default: as many as fit in :data:`LOGPROB_CHUNK_BYTES`).
+    """
+    if chunk is None:
+        chunk = max(16, LOGPROB_CHUNK_BYTES // (4 * weight.shape[0]))
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + 0 * weight.sum()
+    return _ChunkedTokenLogprobs.apply(hidden, weight, bias, labels, chunk)

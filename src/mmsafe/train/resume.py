@@ -86,6 +86,7 @@ FINGERPRINT_FIELDS = (
     "max_steps",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
+    "group_by_length",
     "seed",
     "trainer_args",
 )

@@ -30,6 +30,7 @@ from mmsafe.models.recipe import build_recipe, model_dtype, save_recipe
 from mmsafe.models.structure import prompt_cache_supported
 from mmsafe.train.config import TrainConfig
 from mmsafe.train.data import (
+    PAD_SEGMENT,
     PreferenceCollator,
     PreferenceDataset,
     PreferenceEncoder,
@@ -172,8 +173,20 @@ class PreferenceTrainer(Trainer):
         if self.input_recipe is not None and self.args.should_save:
             save_recipe(self.input_recipe, output_dir if output_dir is not None else self.args.output_dir)
 
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """Examples of similar length batched together (``group_by_length``), in an order fixed per epoch by the seed."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.preference_config.group_by_length or not isinstance(dataset, PreferenceDataset):
+            return super()._get_train_sampler(train_dataset)
+        lengths = [len(example.prompt_ids) + sum(len(ids) for ids in example.responses) for example in dataset.examples]
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        # Grouped by the global batch (every process, every accumulation step), so the order does
+        # not depend on how a batch is split over processes: 2 processes x 1 = 1 process x 2.
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return EpochLengthGroupedSampler(global_batch, lengths, seed)
+
     def _make_metric_names(self) -> list[str]:
-        names = ["logps/chosen", "rewards/chosen", "rewards/accuracy", "rewards/margin"]
+        names = ["logps/chosen", "rewards/chosen", "rewards/accuracy", "rewards/margin", "batch/padding_share"]
         for source in self.sources:
             names += [f"logps/rejected_{source}", f"rewards/rejected_{source}", f"rewards/margin_{source}", f"rewards/accuracy_{source}"]
         return names
@@ -206,6 +219,8 @@ class PreferenceTrainer(Trainer):
             self._record({"logps/chosen": (policy.chosen.detach().sum().item(), policy.chosen.numel())})
             return (loss, {}) if return_outputs else loss
         average = self.preference_config.average_logprobs
+        if model.training:
+            self._record({"batch/padding_share": padding_share(inputs)})
         policy = score_batch(model, inputs, average=average)
         if "reference_chosen_logps" in inputs:
             reference = ResponseLogProbs(inputs["reference_chosen_logps"], inputs["reference_rejected_logps"], inputs["rejected_mask"])
@@ -265,6 +280,43 @@ class PreferenceTrainer(Trainer):
             self._metric_sums.zero_()
             self._metric_counts.zero_()
         super().log(logs, start_time)
+
+
+class EpochLengthGroupedSampler(torch.utils.data.Sampler):
+    """transformers' length-grouped order (random groups of similar length, the longest batch first), seeded per epoch.
+
+    The order of epoch ``e`` depends on ``seed`` and ``e`` only, so a resumed run (which
+    skips the batches already seen) gets the same order as the run it continues.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        self.batch_size, self.lengths, self.seed, self.epoch = batch_size, lengths, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Any:
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def padding_share(batch: dict[str, Any]) -> tuple[float, float]:
+    """(padding positions, all positions) of the rows a batch runs through the model."""
+    if "segment_ids" in batch:
+        segments = batch["segment_ids"]
+        return float((segments == PAD_SEGMENT).sum()), float(segments.numel())
+    if "prompt_cache_rows" in batch:  # the prompts are unpadded; the response batches are right padded
+        labels = [row["responses"]["labels"] for row in batch["prompt_cache_rows"]]
+        padded = sum(float((label == -100).sum()) for label in labels)
+        total = sum(float(label.numel()) + row["prompt"]["input_ids"].numel() for label, row in zip(labels, batch["prompt_cache_rows"], strict=True))
+        return padded, total
+    mask = batch["attention_mask"]
+    return float((mask == 0).sum()), float(mask.numel())
 
 
 class JsonlLogCallback(TrainerCallback):
