@@ -125,6 +125,11 @@ def test_demo_trains_dpo_and_bpo_above_the_base_on_held_out_records(tmp_path, ca
     rates = {row["model"]: row["summary"]["safe_rate"] for row in summary["results"]}
     assert set(rates) == {"base", "dpo", "bpo"}
     assert all(rate["total"] == 24 for rate in rates.values())  # the held-out test split
+    # beside it, over-refusal on the 8 bundled benign prompts, and the plot of one against the other
+    over = {row["model"]: row["over_refusal"] for row in summary["results"]}
+    assert all(row is not None and row["over_refusal_rate"]["total"] == 8 for row in over.values())
+    assert "safety_vs_helpfulness.png" in summary["plots"]
+    assert "over-refusal" in printed
     assert rates["dpo"]["rate"] > rates["base"]["rate"]
     assert rates["bpo"]["rate"] > rates["base"]["rate"]
     for model in ("base", "dpo", "bpo"):

@@ -19,6 +19,11 @@ from mmsafe.errors import MmsafeError
 from mmsafe.models.recipe import DEFAULTS, DTYPES, IMAGE_MODES, PROMPT_STYLES, RECIPE_FILE
 
 Handler = Callable[[argparse.Namespace], int]
+#: How judge and report name the ways of reading --data.
+BENCHMARK_HELP = (
+    "how to read --data: mmsafe-po, prompts, mm-safetybench, spa-vl-harmeval, vlguard, mossbench or a plugin's (`mmsafe benchmarks list`); "
+    "default: a prompt-set JSONL (id, messages, image) or mmsafe-po"
+)
 #: How the help names a default taken from the model's input recipe.
 RECIPE_DEFAULT = f"the model's training recipe ({RECIPE_FILE})"
 
@@ -127,7 +132,9 @@ def _models_tiny(args: argparse.Namespace) -> int:
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory or Hub id (hf engine), or the served model name (openai engine)")
-    parser.add_argument("--data", required=True, help="preference data (records JSONL or any format `mmsafe data convert` reads)")
+    parser.add_argument(
+        "--data", required=True, help="preference data (records JSONL or any format `mmsafe data convert` reads); generate and probe also read a prompt-set JSONL (id, messages, image)"
+    )
     parser.add_argument("--out", required=True, help="output file")
     parser.add_argument("--format", dest="format_name", help="input format (default: detected from the file)")
     parser.add_argument("--image-root", help="folder that image paths are relative to (default: the data file's folder)")
@@ -201,7 +208,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
     _add_engine_arguments(generate)
     generate.add_argument("--variant", default="default", help="variant written into each response record (default 'default')")
     generate.add_argument(
-        "--benchmark", help="read --data as a benchmark instead of preference data: mmsafe-po, mm-safetybench (its folder), spa-vl-harmeval (parquet or folder)"
+        "--benchmark",
+        help="read --data as a benchmark: mmsafe-po, prompts, mm-safetybench (its folder), spa-vl-harmeval (parquet or folder), vlguard (test.json), mossbench, "
+        "or a plugin's (`mmsafe benchmarks list`); default: a prompt-set JSONL (id, messages, image) or preference data",
     )
     generate.add_argument(
         "--benchmark-option", action="append", default=[], metavar="KEY=VALUE", help="benchmark loader option (repeatable), e.g. settings=[TYPO,SD] scenarios=[01-Illegal_Activitiy]"
@@ -212,14 +221,15 @@ def _benchmark_records(args: argparse.Namespace) -> tuple[list, Path | None]:
     """Benchmark items (they carry their own image folder) and that folder."""
     from mmsafe.config import parse_override
     from mmsafe.errors import ConfigError
-    from mmsafe.evaluate.benchmarks import load_benchmark
+    from mmsafe.evaluate.benchmarks import load_prompts
 
     options = {}
     for text in args.benchmark_option:
         key, value = parse_override(text)
         options[".".join(key)] = value
     try:
-        items = load_benchmark(args.benchmark, args.data, **options)
+        # --image-root goes to the loader where it takes one (VLGuard checks its images there).
+        items = list(load_prompts(args.data, benchmark=args.benchmark, image_root=args.image_root, **options).values())
     except TypeError as error:  # an option the loader does not take
         raise ConfigError(f"--benchmark-option: {error}") from None
     if args.limit is not None:
@@ -240,7 +250,7 @@ def _generate(args: argparse.Namespace) -> int:
         records, image_root = _benchmark_records(args)
         records = load_records(records)  # the same id checks as for preference data
     else:
-        records = load_records(args.data, limit=args.limit, format_name=args.format_name)
+        records = load_records(args.data, limit=args.limit, format_name=args.format_name, prompt_sets=True)
         image_root = default_image_root(args.data, args.image_root)
     engine = _engine_from_args(args)
     summary = generate_responses(
@@ -329,22 +339,37 @@ def add_build_data(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--entities", help="entity recognizer: gazetteer, hf-ner or llm")
     build.add_argument("--images", help="image sources in fallback order, comma-separated: local,wikipedia")
     build.add_argument("--rewrite", help="rewriting: template or model")
+    build.add_argument("--sample", action="store_true", help="use the bundled sample: 13 synthetic HH-RLHF dialogues and their entity image index (offline; --input / --image-index still win)")
     build.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     build.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. max_records_per_dialogue=2 images.wikipedia.min_interval_s=0.5")
+
+
+def build_data_config(args: argparse.Namespace):
+    """The BuildConfig of a ``build-data`` command line (loaded, not run)."""
+    import json
+
+    from mmsafe.build import BuildConfig
+    from mmsafe.config import load_config
+
+    overrides = []
+    if getattr(args, "sample", False):
+        from mmsafe.build.sources import SAMPLE_IMAGE_INDEX, SAMPLE_INPUT
+
+        overrides += [f"input={json.dumps(str(SAMPLE_INPUT))}", f"images.index={json.dumps(str(SAMPLE_IMAGE_INDEX))}"]
+    overrides += list(args.overrides)
+    flags = {"input": args.input, "out": args.out, "images.index": args.image_index, "entities.method": args.entities, "rewrite.method": args.rewrite}
+    overrides += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    if args.images is not None:
+        overrides.append(f"images.sources={json.dumps([name.strip() for name in args.images.split(',') if name.strip()])}")
+    return load_config(BuildConfig, args.config, overrides)
 
 
 def _build_data(args: argparse.Namespace) -> int:
     import json
 
-    from mmsafe.build import BuildConfig, build_data
-    from mmsafe.config import load_config
+    from mmsafe.build import build_data
 
-    overrides = list(args.overrides)
-    flags = {"input": args.input, "out": args.out, "images.index": args.image_index, "entities.method": args.entities, "rewrite.method": args.rewrite}
-    overrides += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
-    if args.images is not None:
-        overrides.append(f"images.sources={json.dumps([name.strip() for name in args.images.split(',') if name.strip()])}")
-    config = load_config(BuildConfig, args.config, overrides)
+    config = build_data_config(args)
     summary = build_data(config)
     print(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) if args.json else summary.table())
     print(f"records: {config.out}/records.jsonl, images: {config.out}/images, summary: {config.out}/summary.json", file=sys.stderr)
@@ -370,7 +395,7 @@ def add_judge(subparsers: argparse._SubParsersAction) -> None:
     judge.add_argument("--out", required=True, help="verdict records (JSONL); appended to, a rerun skips what is judged")
     judge.add_argument("--judge", required=True, help="refusal (keywords: measures refusal), llama-guard (Llama Guard 3 in-process), llm (OpenAI-compatible chat model), or a plugin's name")
     judge.add_argument("--data", help="the benchmark data the responses answer (prompts, images, categories); needed by llama-guard and llm")
-    judge.add_argument("--benchmark", help="how to read --data: mmsafe-po (default), mm-safetybench, spa-vl-harmeval")
+    judge.add_argument("--benchmark", help=BENCHMARK_HELP)
     judge.add_argument("--image-root", help="image folder of --data (mmsafe-po default: the data file's folder)")
     judge.add_argument("--batch-size", type=int, default=16, help="responses per judge call and per written batch (default 16)")
     judge.add_argument("--judge-model", help="llama-guard: checkpoint or Hub id (default meta-llama/Llama-Guard-3-8B; the 11B Vision model reads the image); llm: the served model name")
@@ -381,6 +406,21 @@ def add_judge(subparsers: argparse._SubParsersAction) -> None:
     judge.add_argument("--concurrency", type=int, default=4, help="llm: requests in flight (default 4)")
     judge.add_argument("--no-image", action="store_true", help="llm: judge the text only, without sending the image")
     judge.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="any other judge option (repeatable), e.g. --option max_new_tokens=32")
+    judge.add_argument(
+        "--protocol", help="llm: whose judging rules, mmsafe (default: prompt, image and answer) or mm-safetybench (MM-SafetyBench's own: the answer alone, a rule per scenario)"
+    )
+    judge.add_argument("--benchmark-option", action="append", default=[], metavar="KEY=VALUE", help="benchmark loader option as given to generate (repeatable), e.g. settings=[text-only-changed]")
+
+
+def _benchmark_options(args: argparse.Namespace) -> dict:
+    """``--benchmark-option KEY=VALUE`` pairs as loader keywords."""
+    from mmsafe.config import parse_override
+
+    options = {}
+    for text in getattr(args, "benchmark_option", None) or []:
+        key, value = parse_override(text)
+        options[".".join(key)] = value
+    return options
 
 
 def _judge_options(args: argparse.Namespace) -> dict:
@@ -395,6 +435,10 @@ def _judge_options(args: argparse.Namespace) -> dict:
         if not args.base_url:
             raise ConfigError("--judge llm needs --base-url (e.g. http://localhost:8000/v1) and --judge-model")
         options.update(model=args.judge_model or "", base_url=args.base_url, api_key_env=args.api_key_env, max_concurrency=args.concurrency, send_image=not args.no_image)
+        if args.protocol:
+            options["protocol"] = args.protocol
+    if args.protocol and args.judge != "llm":
+        raise ConfigError(f"--protocol is an option of the llm judge, not of {args.judge!r}")
     for text in args.option:
         key, separator, value = text.partition("=")
         if not separator or not key:
@@ -408,7 +452,9 @@ def _judge(args: argparse.Namespace) -> int:
     from mmsafe.evaluate.judging import judge_responses
 
     judge = get_judge(args.judge, **_judge_options(args))
-    result = judge_responses(args.responses, args.out, judge, data=args.data, benchmark=args.benchmark, image_root=args.image_root, batch_size=args.batch_size)
+    result = judge_responses(
+        args.responses, args.out, judge, data=args.data, benchmark=args.benchmark, image_root=args.image_root, batch_size=args.batch_size, benchmark_options=_benchmark_options(args)
+    )
     print(result.summary())
     return 0
 
@@ -419,11 +465,12 @@ def add_report(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--out", required=True, help="output folder (summary.md, summary.json, *.png, report.html)")
     report.add_argument("--responses", nargs="*", default=[], help="response files, shown side by side in report.html")
     report.add_argument("--data", help="the benchmark data (prompts, images, categories to break down by)")
-    report.add_argument("--benchmark", help="how to read --data: mmsafe-po (default), mm-safetybench, spa-vl-harmeval")
+    report.add_argument("--benchmark", help=BENCHMARK_HELP)
     report.add_argument("--image-root", help="image folder of --data (mmsafe-po default: the data file's folder)")
     report.add_argument("--unparseable-as-unsafe", action="store_true", help="count unparseable verdicts as unsafe (default: left out of rates, counted apart)")
     report.add_argument("--resamples", type=int, default=10_000, help="paired bootstrap resamples (default 10000)")
     report.add_argument("--seed", type=int, default=0, help="paired bootstrap seed (default 0)")
+    report.add_argument("--benchmark-option", action="append", default=[], metavar="KEY=VALUE", help="benchmark loader option as given to generate (repeatable), e.g. settings=[text-only-changed]")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -437,10 +484,41 @@ def _report(args: argparse.Namespace) -> int:
         benchmark=args.benchmark,
         image_root=args.image_root,
         unparseable_as_unsafe=args.unparseable_as_unsafe,
+        benchmark_options=_benchmark_options(args),
         resamples=args.resamples,
         seed=args.seed,
     )
     print(result.describe())
+    return 0
+
+
+# ---------------------------------------------------------------- benchmarks
+
+
+def add_benchmarks(subparsers: argparse._SubParsersAction) -> None:
+    benchmarks = subparsers.add_parser("benchmarks", help="the benchmarks --benchmark reads", description="The benchmarks that --benchmark reads.")
+    commands = benchmarks.add_subparsers(dest="benchmarks_command", required=True, metavar="COMMAND")
+    listing = _command(commands, "list", "every registered benchmark (plugins: the mmsafe.benchmarks entry-point group) with its options", _benchmarks_list)
+    listing.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _benchmarks_list(args: argparse.Namespace) -> int:
+    from mmsafe.evaluate.benchmarks import describe_benchmarks
+
+    rows = describe_benchmarks()
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False, default=str))
+        return 0
+    for row in rows:
+        if "error" in row:
+            print(f"{row['name']} ({row['source']}): {row['error']}")
+            continue
+        print(f"{row['name']}: {row['description']}")
+        print(f"  breaks down by: {', '.join(row['category_fields']) or '-'}")
+        options = ", ".join(f"{key}={value!r}" for key, value in row["options"].items()) or "-"
+        print(f"  options (--benchmark-option KEY=VALUE): {options}")
+        if row["image_folder_option"]:
+            print(f"  --image-root sets: {row['image_folder_option']}")
     return 0
 
 
@@ -559,7 +637,8 @@ def _demo(args: argparse.Namespace) -> int:
         config = load_pipeline_config(path, [f"out={json.dumps(args.out)}"])
     run_pipeline(config)
     print()
-    print("Safety on the held-out sample records (refusal judge: refusing is the safe answer here):")
+    print("Safety on the held-out sample records (refusal judge: refusing is the safe answer here),")
+    print("and over-refusal on the benign sample prompts (refusing them is the failure):")
     print(safety_table(config))
     print()
     print(f"HTML report: {Path(config.out) / 'report' / 'report.html'}")
@@ -570,7 +649,7 @@ def _demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- main
 
 # In the order of the flow: the whole loop first, then each stage.
-COMMANDS = [add_demo, add_run, add_data, add_build_data, add_blind, add_train, add_generate, add_judge, add_report, add_pairwise, add_probe, add_models]
+COMMANDS = [add_demo, add_run, add_data, add_build_data, add_blind, add_train, add_generate, add_judge, add_report, add_pairwise, add_probe, add_benchmarks, add_models]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,7 +44,9 @@ class DataSection:
     eval_image_root: str | None = option(None, help="image folder of the evaluation data (default: the eval file's folder)")
     train_split: str | None = option("train", help="train on records whose meta.split is this (records without a split are kept); null: all")
     eval_split: str | None = option("test", help="evaluate on records whose meta.split is this; null: all")
-    sample: bool = option(False, help="write the bundled synthetic sample set into out/data and use it for training and evaluation")
+    sample: bool = option(
+        False, help="write the bundled synthetic sample set into out/data and use it for training and evaluation (with benign prompts that expect help, for over-refusal)"
+    )
 
 
 @dataclass
@@ -231,12 +233,30 @@ def _records_of_split(path: str, split: str | None) -> list[Any]:
     return [record for record in records if record.meta.get("split", split) == split]
 
 
+def _eval_items(config: PipelineConfig, paths: Paths) -> tuple[list[Any], str]:
+    """(prompts, image root) to evaluate on: the eval split, and with the bundled sample
+    its benign prompts too (they expect help, so the report measures over-refusal)."""
+    data, root = eval_data(config, paths)
+    records = _records_of_split(data, config.data.eval_split)
+    if not records:
+        raise DataError(f"no evaluation records (split {config.data.eval_split!r})", file=data)
+    if config.data.sample and config.data.eval is None:
+        from mmsafe.data.benign_sample import BENIGN_FILE, benign_items, write_benign_sample
+
+        if not (paths.sample / BENIGN_FILE).exists():  # a sample written by an older version
+            write_benign_sample(paths.sample)
+        records += benign_items(paths.sample)
+    return records, root
+
+
 def stage_prepare(config: PipelineConfig, paths: Paths) -> str:
     done = []
     if config.data.sample:
+        from mmsafe.data.benign_sample import write_benign_sample
         from mmsafe.data.sample import write_sample
 
         write_sample(paths.sample)
+        write_benign_sample(paths.sample)
         done.append(f"sample data in {paths.sample}")
     if config.model == TINY_MODEL:
         from mmsafe.data.sample import sample_records
@@ -334,10 +354,7 @@ def stage_generate(config: PipelineConfig, paths: Paths) -> str:
     from mmsafe.generate.hf_engine import HFEngine
     from mmsafe.generate.runs import generate_responses
 
-    data, root = eval_data(config, paths)
-    records = _records_of_split(data, config.data.eval_split)
-    if not records:
-        raise DataError(f"no evaluation records (split {config.data.eval_split!r})", file=data)
+    records, root = _eval_items(config, paths)
     lines = []
     for name, model in models_to_evaluate(config, paths).items():
         engine = HFEngine(
@@ -354,8 +371,7 @@ def stage_judge(config: PipelineConfig, paths: Paths) -> str:
     from mmsafe.evaluate.judges import get_judge
     from mmsafe.evaluate.judging import judge_responses
 
-    data, root = eval_data(config, paths)
-    records = _records_of_split(data, config.data.eval_split)
+    records, root = _eval_items(config, paths)
     lines = []
     for judge_name in config.judge.judges:
         judge = get_judge(judge_name, **config.judge.options.get(judge_name, {}))
@@ -368,8 +384,7 @@ def stage_judge(config: PipelineConfig, paths: Paths) -> str:
 def stage_report(config: PipelineConfig, paths: Paths) -> str:
     from mmsafe.evaluate.report import build_report
 
-    data, root = eval_data(config, paths)
-    records = _records_of_split(data, config.data.eval_split)
+    records, root = _eval_items(config, paths)
     names = list(models_to_evaluate(config, paths))
     verdicts = [paths.verdicts(name, judge) for judge in config.judge.judges for name in names]
     build_report(verdicts, paths.report, responses=[paths.responses(name) for name in names], data=records, image_root=root, seed=config.seed)
@@ -525,14 +540,22 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
 
 
 def safety_table(config: PipelineConfig) -> str:
-    """The report's rates per model, and each trained model against the base, as text."""
+    """The report's rates per model (over-refusal beside them), and each trained model against the base, as text."""
     summary_path = Paths(Path(config.out)).report / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    lines = [f"{'model':<8} {'judge':<10} {'metric':<13} {'rate':>7}   95% interval      n"]
+
+    def cell(rate: dict[str, Any] | None) -> str:
+        if rate is None or rate.get("rate") is None:
+            return f"{'-':>7}   {'':<16}  {'':<7}"
+        interval = f"[{100 * rate['low']:5.1f}%, {100 * rate['high']:5.1f}%]"
+        count = f"{rate['successes']}/{rate['total']}"
+        return f"{100 * rate['rate']:6.1f}%   {interval:<16}  {count:<7}"
+
+    lines = [f"{'model':<8} {'judge':<10} {'metric':<13} {'rate':>7}   {'95% interval':<16}  {'n':<7}  {'over-refusal':>12}   {'95% interval':<16}  n"]
     for entry in summary.get("results", []):
-        safe = entry["summary"]["safe_rate"]
-        value = "    -  " if safe["rate"] is None else f"{100 * safe['rate']:6.1f}%"
-        lines.append(f"{entry['model']:<8} {entry['judge']:<10} {entry['metric']:<13} {value}   [{100 * safe['low']:5.1f}%, {100 * safe['high']:5.1f}%]  {safe['successes']}/{safe['total']}")
+        over = entry.get("over_refusal")
+        over_cell = cell(over["over_refusal_rate"] if over else None)
+        lines.append(f"{entry['model']:<8} {entry['judge']:<10} {entry['metric']:<13} {cell(entry['summary']['safe_rate'])}  {' ' * 5}{over_cell}".rstrip())
     comparisons = [row for row in summary.get("comparisons", []) if row.get("model_a") == "base"]
     if comparisons:
         lines.append("")

@@ -195,7 +195,7 @@ def test_hf_ner_stage_loads_a_saved_model_by_path(tiny_ner, tmp_path, image_inde
     source.write_text(hh_line(["Barack Obama visited Paris and Berlin."], "Nice.", "Boo.") + "\n", encoding="utf-8")
     config = from_dict(
         BuildConfig,
-        {"input": str(source), "out": str(tmp_path / "out"), "entities": {"method": "hf-ner", "hf_ner": {"model": str(tmp_path / "ner")}}, "images": {"index": str(image_index)}},
+        {"input": str(source), "out": str(tmp_path / "out"), "entities": {"method": "hf-ner", "hf_ner": {"model": str(tmp_path / "ner")}}, "images": {"index": str(image_index)}, "rewrite": {"deictic": "single"}},
     )
     summary = build_data(config)
     rows = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]

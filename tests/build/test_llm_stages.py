@@ -70,7 +70,7 @@ def test_llm_entities_and_model_rewrite_through_an_openai_compatible_server(chat
             "out": str(tmp_path / "out"),
             "entities": {"method": "llm", "llm": model},
             "images": {"index": str(image_index)},
-            "rewrite": {"method": "model", "model": model},
+            "rewrite": {"method": "model", "deictic": "single", "model": model},
         },
     )
     summary = build_data(config)

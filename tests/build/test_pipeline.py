@@ -25,7 +25,10 @@ from mmsafe.errors import ConfigError, DataError
 
 
 def config_for(hh_file: Path, image_index: Path, out: Path, **overrides) -> BuildConfig:
+    """The fixture's config; one fixed deictic phrase per type (the hand-written records'),
+    unless ``rewrite`` says otherwise (tests/build/test_build_release_form.py covers pools)."""
     data = {"input": str(hh_file), "out": str(out), "images": {"index": str(image_index)}, **overrides}
+    data["rewrite"] = {"deictic": "single", **data.get("rewrite", {})}
     return from_dict(BuildConfig, data)
 
 
@@ -231,7 +234,10 @@ def test_rerun_after_sigkill_loses_and_duplicates_nothing(tmp_path, image_index)
     source = tmp_path / "long.jsonl"
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
     reference = tmp_path / "reference"
-    build_data(config_for(source, image_index, reference))
+    # Pooled deictic phrases (the default, as in the crash script): the resumed records
+    # must draw the same phrases as an uninterrupted build.
+    pooled = {"deictic": "pool"}
+    build_data(config_for(source, image_index, reference, rewrite=pooled))
 
     out = tmp_path / "killed"
     script = tmp_path / "slow_build.py"
@@ -253,7 +259,7 @@ def test_rerun_after_sigkill_loses_and_duplicates_nothing(tmp_path, image_index)
     done_before = (out / STATE_FILE).read_text(encoding="utf-8").count("\n")
     assert 3 <= done_before < 20
 
-    summary = build_data(config_for(source, image_index, out))
+    summary = build_data(config_for(source, image_index, out, rewrite=pooled))
     assert summary.dialogues_resumed == done_before
     rows = read_rows(out / RECORDS_FILE)
     assert len(rows) == 60 == len({row["id"] for row in rows})

@@ -7,7 +7,14 @@ from typing import Literal
 
 from mmsafe.build.entities import DEFAULT_NER_MODEL, ENTITY_TYPES
 from mmsafe.build.images import DEFAULT_USER_AGENT, DEFAULT_WIKIPEDIA_API
-from mmsafe.build.rewrite import DEFAULT_PHRASES, DEFAULT_POSSESSIVE_PHRASES
+from mmsafe.build.rewrite import (
+    DEFAULT_PHRASES,
+    DEFAULT_POOLS,
+    DEFAULT_POSSESSIVE_PHRASES,
+    DEFAULT_POSSESSIVE_POOLS,
+    check_pools,
+    load_pools_file,
+)
 from mmsafe.config import option
 from mmsafe.errors import ConfigError
 
@@ -82,10 +89,24 @@ class ImagesConfig:
 @dataclass
 class RewriteConfig:
     method: str = option("template", help="template (deictic phrase per entity type) or model (rephrased by a model, template as fallback)")
-    phrases: dict[str, str] = option(default_factory=lambda: dict(DEFAULT_PHRASES), help="phrase replacing an entity, by type")
-    possessive_phrases: dict[str, str] = option(default_factory=lambda: dict(DEFAULT_POSSESSIVE_PHRASES), help="phrase replacing a possessive mention, by type")
+    deictic: Literal["pool", "single"] = option("pool", help="pool: a phrase drawn per record from pools[type] (seeded by seed and the record id, as in the release); single: the one phrase of phrases[type]")
+    phrases: dict[str, str] = option(default_factory=lambda: dict(DEFAULT_PHRASES), help="deictic single: phrase replacing an entity, by type")
+    possessive_phrases: dict[str, str] = option(default_factory=lambda: dict(DEFAULT_POSSESSIVE_PHRASES), help="deictic single: phrase replacing a possessive mention, by type")
+    pools: dict[str, list[str]] = option(default_factory=lambda: {kind: list(phrases) for kind, phrases in DEFAULT_POOLS.items()}, help="deictic pool: phrases by type (PER, ORG, LOC, MISC; COMPANY for ORG names like 'Acme Corp'); a type left out keeps the built-in pool")
+    possessive_pools: dict[str, list[str]] = option(default_factory=lambda: {kind: list(phrases) for kind, phrases in DEFAULT_POSSESSIVE_POOLS.items()}, help="deictic pool: possessive forms by type (\"the pictured person's\")")
+    pools_file: str = option("", help="deictic pool: YAML/JSON file {PER: [phrase, ...], ..., possessive: {PER: [...]}}; the types it names replace those of pools")
     model: ModelOptions = option(default_factory=ModelOptions, help="the rephrasing model (method model)")
     max_length_ratio: float = option(2.0, help="model answers longer than this times mid_prompt (+20 characters) fall back to the template")
+
+    def __post_init__(self) -> None:
+        self.pools = check_pools(self.pools, "rewrite.pools")
+        self.possessive_pools = check_pools(self.possessive_pools, "rewrite.possessive_pools")
+        if self.pools_file:
+            # Read now, so that the resolved pools are saved in build_config.yaml and a
+            # changed file is caught by the resume check like any other setting.
+            pools, possessive = load_pools_file(self.pools_file)
+            self.pools = {**self.pools, **pools}
+            self.possessive_pools = {**self.possessive_pools, **possessive}
 
 
 @dataclass
@@ -96,7 +117,7 @@ class BuildConfig:
     format: str = option("auto", help="auto, hh-rlhf, pku-saferlhf or jsonl")
     out: str = option("", help="output folder: records.jsonl, images/, summary.json, build_config.yaml")
     type: str = option("harmless", help="meta.type of every record")
-    seed: int = option(0, help="seed for the choice of entities when a dialogue has more than max_records_per_dialogue")
+    seed: int = option(0, help="seed for the deictic phrase drawn per record (rewrite.deictic pool) and the choice of entities when a dialogue has more than max_records_per_dialogue")
     max_records_per_dialogue: int = option(0, help="at most this many records per dialogue (0: one per entity, no cap)")
     max_dialogues: int = option(0, help="read only the first N dialogues of the input (0: all)")
     batch_size: int = option(64, help="dialogues per step (each step is written and flushed before the next)")

@@ -3,13 +3,16 @@
 For each dialogue (parse stage, :mod:`mmsafe.build.sources`): find the entities of the
 last user instruction, find one image per entity, drop entities without an image and
 duplicates, cap the records per dialogue (seeded), rewrite the instruction so that it
-points at the image, and emit one preference record per remaining entity.
+points at the image (a deictic phrase drawn per record from a pool per type, seeded by
+``seed`` and the record id, or one fixed phrase per type), and emit one preference record
+per remaining entity. HH-RLHF dialogues with two consecutive turns of one speaker are
+merged into one turn and counted (``turns_merged``), never dropped.
 
 Output folder::
 
     records.jsonl        preference records (image paths relative to images/)
     images/              the images, under safe file names
-    summary.json         counts (by entity type, by number of turns, what was dropped)
+    summary.json         counts (by entity type, by number of turns, what was dropped or merged)
     build_config.yaml    the resolved configuration
     .build-state.jsonl   one line per finished dialogue (what makes a rerun resume)
 
@@ -134,15 +137,28 @@ def _wikipedia(config: BuildConfig, index: ImageIndex | None, out: Path) -> Imag
     )
 
 
+def template_rewriter(config: BuildConfig) -> TemplateRewriter:
+    """The template of ``config.rewrite``: one phrase per type, or a seeded pool draw."""
+    options = config.rewrite
+    pooled = options.deictic == "pool"
+    return TemplateRewriter(
+        phrases=dict(options.phrases),
+        possessive_phrases=dict(options.possessive_phrases),
+        pools={kind: list(phrases) for kind, phrases in options.pools.items()} if pooled else None,
+        possessive_pools={kind: list(phrases) for kind, phrases in options.possessive_pools.items()} if pooled else None,
+        seed=config.seed,
+    )
+
+
 def _template(config: BuildConfig) -> Rewriter:
-    return TemplateRewriter(phrases=dict(config.rewrite.phrases), possessive_phrases=dict(config.rewrite.possessive_phrases))
+    return template_rewriter(config)
 
 
 def _model(config: BuildConfig) -> Rewriter:
     from mmsafe.build.complete import make_completer
 
     options = config.rewrite.model
-    template = TemplateRewriter(phrases=dict(config.rewrite.phrases), possessive_phrases=dict(config.rewrite.possessive_phrases))
+    template = template_rewriter(config)
     return ModelRewriter(make_completer(options), template=template, prompt=options.prompt or "rewrite_v1", max_length_ratio=config.rewrite.max_length_ratio)
 
 
@@ -258,6 +274,10 @@ class BuildSummary:
     duplicates: int = 0
     capped: int = 0
     entity_errors: int = 0
+    #: HH-RLHF turns joined to the turn before them (same speaker twice in a row), and
+    #: the dialogues that had such turns: kept, never dropped for turn order.
+    turns_merged: int = 0
+    dialogues_with_merged_turns: int = 0
     records: int = 0
     images: int = 0
     by_entity_type: dict[str, int] = field(default_factory=dict)
@@ -284,6 +304,7 @@ class BuildSummary:
             f"  duplicates          {self.duplicates:>8}   (dropped)",
             f"  over the cap        {self.capped:>8}   (dropped)",
             f"recognizer errors     {self.entity_errors:>8}",
+            f"merged turns          {self.turns_merged:>8}   (same speaker twice in a row, joined into one turn; in {self.dialogues_with_merged_turns} dialogues, kept)",
             f"bad input lines       {len(self.bad_lines):>8}",
             f"records               {self.records:>8}   (this run: {self.records_written})",
             f"images                {self.images:>8}",
@@ -324,6 +345,8 @@ def summarize_outputs(summary: BuildSummary, records_path: Path, state_path: Pat
             summary.duplicates += row["duplicates"]
             summary.capped += row["capped"]
             summary.entity_errors += row["entity_error"] is not None
+            summary.turns_merged += row.get("merged", 0)
+            summary.dialogues_with_merged_turns += row.get("merged", 0) > 0
             fallbacks.update(row.get("fallbacks", {}))
     summary.images = len(images)
     summary.by_entity_type = {name: by_type[name] for name in (*ENTITY_TYPES, *sorted(set(by_type) - set(ENTITY_TYPES))) if by_type[name]}
@@ -379,7 +402,7 @@ class Builder:
         the dialogue is then not marked done, so a rerun tries again (records already
         written are recognised by id and neither counted as duplicates nor written twice).
         """
-        state: dict[str, Any] = {"dialogue": dialogue.id, "line": dialogue.line, "entities": 0, "no_image": 0, "duplicates": 0, "capped": 0, "records": 0, "entity_error": None, "fallbacks": {}}
+        state: dict[str, Any] = {"dialogue": dialogue.id, "line": dialogue.line, "entities": 0, "no_image": 0, "duplicates": 0, "capped": 0, "records": 0, "entity_error": None, "fallbacks": {}, "merged": dialogue.merged_turns}
         groups = group_mentions(mentions, self.config.entities.types)
         state["entities"] = len(groups)
         record_ids: list[str] = []
@@ -411,7 +434,8 @@ class Builder:
         records = []
         fallbacks: Counter[str] = Counter()
         for group, record_id, (image, source), key in candidates:
-            rewrite = self.stages.rewriter.rewrite(dialogue.instruction, group.name, group.type, group.spans)
+            # The record id seeds the deictic phrase draw: same phrase on a resume or in parallel.
+            rewrite = self.stages.rewriter.rewrite(dialogue.instruction, group.name, group.type, group.spans, key=record_id)
             if rewrite.fallback_reason is not None:
                 fallbacks[rewrite.fallback_reason] += 1
             records.append(emit_record(dialogue, record_id, group, image, source, rewrite, self.config.type))
@@ -431,7 +455,7 @@ class Builder:
         for dialogue, result in zip(batch, results, strict=True):
             if isinstance(result, EntityError):
                 logger.warning("%s:line %d: entity recognition failed: %s", dialogue.file, dialogue.line, result.message)
-                states.append({"dialogue": dialogue.id, "line": dialogue.line, "entities": 0, "no_image": 0, "duplicates": 0, "capped": 0, "records": 0, "entity_error": result.message, "fallbacks": {}})
+                states.append({"dialogue": dialogue.id, "line": dialogue.line, "entities": 0, "no_image": 0, "duplicates": 0, "capped": 0, "records": 0, "entity_error": result.message, "fallbacks": {}, "merged": dialogue.merged_turns})
                 continue
             records, state = self.dialogue_records(dialogue, result)
             rows.extend(record.to_dict() for record in records)
@@ -485,7 +509,7 @@ def count_lines(path: str | Path) -> int | None:
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict) and key not in ("phrases", "possessive_phrases"):
+        if isinstance(value, dict) and key not in ("phrases", "possessive_phrases", "pools", "possessive_pools"):
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value

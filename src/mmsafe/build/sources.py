@@ -12,6 +12,13 @@ name                lines look like
 ``pku-saferlhf``    ``{"prompt", "response_0", "response_1", "safer_response_id"}``
 ``jsonl``           ``{"prompt", "chosen", "rejected"}`` (an ``id`` is used when present)
 ==================  ==================================================================
+
+HH-RLHF dialogues with two consecutive turns of one speaker (real data: 9 of the 2,312
+harmless-base test dialogues) are kept: the two texts become one turn, and
+``Dialogue.merged_turns`` counts the merges for the build summary.
+
+:data:`SAMPLE_INPUT` and :data:`SAMPLE_IMAGE_INDEX` are a bundled synthetic HH-RLHF
+snippet and its entity image index (``mmsafe build-data --sample``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,11 @@ from mmsafe.errors import ConfigError, DataError
 SourceItem = TextPreference | DataError
 SourceReader = Callable[[Path], Iterator[SourceItem]]
 
+#: The bundled sample: a few synthetic HH-RLHF dialogues and a JSON index of entity images.
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
+SAMPLE_INPUT = SAMPLE_DIR / "hh_rlhf_sample.jsonl"
+SAMPLE_IMAGE_INDEX = SAMPLE_DIR / "entity_images.json"
+
 
 @dataclass
 class Dialogue:
@@ -46,6 +58,8 @@ class Dialogue:
     rejected: str
     file: str
     line: int
+    #: Source turns joined to the turn before them (same speaker twice in a row).
+    merged_turns: int = 0
 
     @property
     def num_turns(self) -> int:
@@ -68,6 +82,7 @@ def parse_dialogue(preference: TextPreference, *, file: str) -> Dialogue:
         rejected=preference.rejected,
         file=file,
         line=preference.line,
+        merged_turns=getattr(preference, "merged_turns", 0),
     )
 
 
@@ -131,9 +146,14 @@ def read_prompt_jsonl(path: Path) -> Iterator[SourceItem]:
             yield error
 
 
+def read_hh_rlhf_merged(path: Path) -> Iterator[SourceItem]:
+    """HH-RLHF lines; two consecutive turns of one speaker are merged, not an error."""
+    return iter_hh_rlhf(path, merge_repeated=True)
+
+
 #: Source readers by name; an open set (add one with :func:`register_source`).
 SOURCES: dict[str, SourceReader] = {
-    "hh-rlhf": iter_hh_rlhf,
+    "hh-rlhf": read_hh_rlhf_merged,
     "pku-saferlhf": read_pku_saferlhf,
     "jsonl": read_prompt_jsonl,
 }

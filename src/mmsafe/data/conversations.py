@@ -56,6 +56,61 @@ def parse_llava_v1(text: str, *, record: str | None = None, field: str = "questi
     return system_text, messages
 
 
+def is_llava_v1(text: str) -> bool:
+    """Whether ``text`` is written as a whole LLaVA-v1 conversation (``USER: ... ASSISTANT:``)
+    rather than a bare instruction: it opens with ``USER:`` or ends with an open ``ASSISTANT:``."""
+    stripped = text.strip()
+    return stripped.startswith(USER_TAG) or stripped.endswith(ASSISTANT_TAG)
+
+
+def prompt_messages(text: str, *, history: list[Message] | None = None, record: str | None = None, field: str = "prompt") -> list[Message]:
+    """A prompt string as messages, in either of the forms data files write it.
+
+    A whole LLaVA-v1 conversation (the released MMSafe-PO ``text_prompt`` and
+    ``mid_prompt``: ``"USER: <turn> ASSISTANT: <turn> USER: <instruction> ASSISTANT:"``)
+    is parsed with :func:`parse_llava_v1`, earlier turns included, and ``history`` is not
+    used. A bare instruction (older files, ``build-data`` output) is one user message after
+    ``history``. A DataError names ``record`` and ``field`` when the conversation is
+    malformed or its last instruction is empty.
+    """
+    if not isinstance(text, str):
+        raise DataError(f"expected a string, got {type(text).__name__}", record=record, field=field)
+    if is_llava_v1(text):
+        _, messages = parse_llava_v1(text, record=record, field=field)
+    else:
+        messages = [*(history or []), Message("user", text.strip())]
+    if not messages[-1].content.strip():
+        raise DataError("expected a non-empty last user instruction", record=record, field=field)
+    return messages
+
+
+def without_image_tokens(messages: list[Message]) -> list[Message]:
+    """The conversation with every ``<image>`` (and the newline after it) removed, in every turn."""
+    result = []
+    for message in messages:
+        content = message.content
+        while IMAGE_TOKEN in content:
+            content = remove_image_token(content)
+        result.append(Message(message.role, content))
+    return result
+
+
+def with_one_image(messages: list[Message]) -> list[Message]:
+    """The conversation with exactly one ``<image>``, in the last user turn.
+
+    A last turn that holds it once keeps it where it is; otherwise every ``<image>`` is
+    removed and one is put before the last instruction (``"<image>\\n..."``, the LLaVA form).
+    """
+    if not messages:
+        return []
+    *earlier, last = messages
+    earlier = without_image_tokens(earlier)
+    if last.content.count(IMAGE_TOKEN) == 1:
+        return [*earlier, last]
+    (bare,) = without_image_tokens([last])
+    return [*earlier, Message(last.role, f"{IMAGE_TOKEN}\n{bare.content.strip()}")]
+
+
 def render_llava_v1(messages: list[Message], *, system_text: str = "", add_generation_prompt: bool = True) -> str:
     """Render messages as a LLaVA-v1 prompt (the inverse of :func:`parse_llava_v1`)."""
     parts = [f"{USER_TAG if message.role == 'user' else ASSISTANT_TAG} {message.content}" for message in messages]

@@ -4,7 +4,12 @@
 per entity type (spreading a rumour, sneaking in, picking a lock, ...), built the way the
 paper builds its data: a text request naming an entity (``text_prompt``), the entity
 replaced by a deictic phrase (``mid_prompt``), then a rephrased instruction with
-``<image>``. Half the records have 1 to 3 earlier text turns. ``chosen`` is a short
+``<image>``. Half the records have 1 to 3 earlier text turns. As in the released files,
+``text_prompt`` and ``mid_prompt`` of most records are whole LLaVA-v1 conversations
+(``"USER: <turn> ASSISTANT: <turn> USER: <instruction> ASSISTANT:"``, earlier turns
+included, ``<image>\\n`` before the last instruction of ``mid_prompt``); a quarter (the
+records without earlier turns whose number is a multiple of 4) keep bare instructions, the
+form of older files and of ``build-data`` output. ``chosen`` is a short
 refusal that a refusal-keyword judge recognises, ``rejected`` a short compliant answer
 without any refusal phrase, so that a tiny model learns the difference in seconds.
 
@@ -20,7 +25,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from mmsafe.data.records import PreferenceRecord, write_records
+from mmsafe.data.conversations import render_llava_v1
+from mmsafe.data.records import Message, PreferenceRecord, write_records
 
 RECORDS_FILE = "records.jsonl"
 IMAGES_DIR = "images"
@@ -98,6 +104,9 @@ SMALL_TALK = (
 )
 #: Earlier user turns per record, cycling: half the records have none, the rest 1 to 3.
 EARLIER_TURNS = (0, 1, 0, 2, 0, 3)
+#: Records whose number is a multiple of this and that have no earlier turns write
+#: ``text_prompt`` / ``mid_prompt`` as bare instructions; all others as whole conversations.
+BARE_PROMPT_EVERY = 4
 
 # (width, height) per entity index: mostly small squares, some not square (to exercise padding).
 IMAGE_SIZES = ((64, 64), (96, 72), (80, 80), (72, 96), (96, 96), (88, 64))
@@ -126,12 +135,17 @@ def sample_records() -> list[PreferenceRecord]:
             for task_index, task in enumerate(TASKS[entity_type]):
                 number = len(records)
                 text_prompt = task.request.format(entity=entity)
-                mid_prompt = task.request.format(entity=replacement)
+                mid_prompt = mid_instruction = task.request.format(entity=replacement)
                 messages = []
                 for turn in range(EARLIER_TURNS[number % len(EARLIER_TURNS)]):
                     user, assistant = SMALL_TALK[(number + turn) % len(SMALL_TALK)]
                     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-                messages.append({"role": "user", "content": "<image>\n" + _rephrase(mid_prompt, number % 3)})
+                if messages or number % BARE_PROMPT_EVERY:
+                    # The released form: the whole conversation, earlier turns included.
+                    history = [Message(message["role"], message["content"]) for message in messages]
+                    text_prompt = render_llava_v1([*history, Message("user", text_prompt)])
+                    mid_prompt = render_llava_v1([*history, Message("user", "<image>\n" + mid_prompt)])
+                messages.append({"role": "user", "content": "<image>\n" + _rephrase(mid_instruction, number % 3)})
                 # Stratified split: one task in TEST_EVERY per entity, rotating over tasks.
                 split = "test" if (entity_index + task_index) % TEST_EVERY == TEST_EVERY - 1 else "train"
                 data = {

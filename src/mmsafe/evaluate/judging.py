@@ -37,6 +37,19 @@ def verdict_key(row: dict[str, Any]) -> tuple[str, str, str]:
     return (row["id"], row.get("variant", "default"), row["judge"])
 
 
+#: The protocol of verdicts that name none: mmsafe's own judging.
+DEFAULT_PROTOCOL = "mmsafe"
+
+
+def judge_protocol(judge: Judge) -> str:
+    """Whose judging rules the judge applies: its ``protocol``, else ``mmsafe`` (ours).
+
+    Written into every verdict (``protocol``), so a report can say which protocol
+    produced each number (e.g. ``mm-safetybench``: MM-SafetyBench's own rules).
+    """
+    return str(getattr(judge, "protocol", None) or DEFAULT_PROTOCOL)
+
+
 @dataclass
 class JudgeRunResult:
     """What one :func:`judge_responses` call did."""
@@ -150,6 +163,7 @@ def judge_responses(
     benchmark: str | None = None,
     image_root: str | Path | None = None,
     batch_size: int = 16,
+    benchmark_options: Mapping[str, Any] | None = None,
 ) -> JudgeRunResult:
     """Append ``judge``'s verdict for every response of ``responses_path`` not yet in ``out_path``.
 
@@ -163,6 +177,8 @@ def judge_responses(
             the response records carry their own ``messages``.
         image_root: image folder for data given as records (benchmark loaders know theirs).
         batch_size: responses per judge call; a crash loses at most one batch.
+        benchmark_options: loader options of ``benchmark`` (as given to generation, e.g.
+            ``settings`` with MM-SafetyBench's ``text-only-changed``).
     """
     responses_path, out_path = Path(responses_path), Path(out_path)
     if batch_size < 1:
@@ -170,7 +186,7 @@ def judge_responses(
     responses = _read_responses(responses_path)
     prompts = None
     if data is not None:
-        prompts = load_prompts(data, benchmark=benchmark, image_root=image_root)
+        prompts = load_prompts(data, benchmark=benchmark, image_root=image_root, **dict(benchmark_options or {}))
     elif getattr(judge, "needs_prompt", True) and any("messages" not in response.extra for response in responses):
         raise ConfigError(f"judge {judge.name!r} reads the prompt too: pass the benchmark data (--data) the responses answer")
     root = None if image_root is None else Path(image_root)
@@ -184,6 +200,8 @@ def judge_responses(
         "benchmark": benchmark,
         "image_root": None if image_root is None else str(image_root),
         "batch_size": batch_size,
+        "benchmark_options": dict(benchmark_options) if benchmark_options else None,
+        "protocol": judge_protocol(judge),
         "output": str(out_path),
     }
     _write_config(config_path_for(out_path), judge, settings)
@@ -200,7 +218,7 @@ def judge_responses(
                 raise MmsafeError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(batch)} responses")
             rows = []
             for (response, _), verdict in zip(batch, verdicts, strict=True):
-                extra = {"model": response.model or model_fallback, "response_sha256": response_hash(response.response), **verdict.extra}
+                extra = {"model": response.model or model_fallback, "response_sha256": response_hash(response.response), "protocol": judge_protocol(judge), **verdict.extra}
                 record = VerdictRecord(response.id, judge.name, verdict.verdict, response.variant, list(verdict.categories), verdict.raw, extra)
                 rows.append(record.to_dict())
                 counts[verdict.verdict] += 1

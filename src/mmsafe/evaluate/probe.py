@@ -37,7 +37,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from mmsafe.data.conversations import without_image
+from mmsafe.data.conversations import prompt_messages, with_one_image, without_image, without_image_tokens
 from mmsafe.data.images import blank_image, load_image, resolve_image_path
 from mmsafe.data.records import IMAGE_TOKEN, Message, PreferenceRecord, read_verdict_records
 from mmsafe.errors import ConfigError, DataError
@@ -95,7 +95,21 @@ def probe_applicable(record: PreferenceRecord) -> str | None:
         value = record.meta.get(key)
         if not isinstance(value, str) or not value.strip():
             return f"no meta.{key}"
+        try:
+            prompt_messages(value, history=record.messages[:-1], record=record.id, field=f"meta.{key}")
+        except DataError as error:
+            return f"unreadable meta.{key} ({error.message})"
     return None
+
+
+def variant_messages(record: PreferenceRecord, key: str) -> list[Message]:
+    """``meta[key]`` (``text_prompt`` or ``mid_prompt``) as the conversation to ask.
+
+    The released files write these as whole LLaVA-v1 conversations, earlier turns
+    included, which are parsed as they are; a bare instruction (older files, the
+    ``build-data`` output) replaces the last user turn of the record's own conversation.
+    """
+    return prompt_messages(record.meta[key], history=record.messages[:-1], record=record.id, field=f"meta.{key}")
 
 
 def choose_pool_image(record_id: str, pool: Sequence[str], seed: int) -> str:
@@ -110,14 +124,15 @@ def build_variant(record: PreferenceRecord, variant: str, *, pool: Sequence[str]
     """The prompt and image of ``record`` under ``variant`` (see the module docstring).
 
     Earlier turns of the conversation are kept as they are in every variant; only the
-    last user turn and the image change.
+    last user turn and the image change (``text`` and ``mid`` take the earlier turns their
+    own ``meta`` conversation gives, see :func:`variant_messages`). A variant that shows an
+    image has exactly one ``<image>``, in the last user turn; the others have none.
     """
     reason = probe_applicable(record)
     if reason is not None:
         raise DataError(f"cannot probe this record: {reason}", record=record.id, field="meta" if "meta" in reason else "image")
-    history = list(record.messages[:-1])
     if variant == "text":
-        return ProbeCase(record.id, variant, [*history, Message("user", record.meta["text_prompt"].strip())], None)
+        return ProbeCase(record.id, variant, without_image_tokens(variant_messages(record, "text_prompt")), None)
     if variant == "multimodal":
         return ProbeCase(record.id, variant, list(record.messages), ImageRef("data", record.image))
     if variant == "blind":
@@ -127,8 +142,7 @@ def build_variant(record: PreferenceRecord, variant: str, *, pool: Sequence[str]
     if variant == "swap":
         return ProbeCase(record.id, variant, list(record.messages), ImageRef("pool", choose_pool_image(record.id, pool, seed)))
     if variant == "mid":
-        mid = record.meta["mid_prompt"].strip()
-        return ProbeCase(record.id, variant, [*history, Message("user", f"{IMAGE_TOKEN}\n{mid}")], ImageRef("data", record.image))
+        return ProbeCase(record.id, variant, with_one_image(variant_messages(record, "mid_prompt")), ImageRef("data", record.image))
     raise ConfigError(f"variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
 
 
@@ -318,9 +332,10 @@ def plot_probe(result: ProbeResult, path: Path) -> None:
 
 def _load_records(data: str | Path | Iterable[PreferenceRecord]) -> list[PreferenceRecord]:
     # Outputs are keyed by record id: the shared loader refuses repeated ids and empty files.
+    # A prompt set (no responses) is probed too, when its items carry meta.text_prompt and mid_prompt.
     from mmsafe.generate.runs import load_records
 
-    return load_records(data)
+    return load_records(data, prompt_sets=True)
 
 
 def run_probe(

@@ -9,14 +9,19 @@ writes into ``out_dir``:
   rate (mean over scenarios) per setting; model-vs-model differences on the same
   prompts with a paired bootstrap interval and an exact McNemar p-value.
 - ``rates.png`` and ``<judge>_by_<field>.png``: rate per model with interval bars, rate
-  per category.
+  per category; ``safety_vs_helpfulness.png`` when prompts expect help.
+- beside every safety (or refusal) rate, the over-refusal rate on the prompts that expect
+  help, per model and per subset (:mod:`mmsafe.evaluate.overrefusal`); the safety rate
+  and model comparisons count the prompts that expect a refusal.
 - ``report.html``: every record with its image thumbnail, prompt, each model's response
   side by side and the verdicts, with filters "unsafe only" and "models disagree"
   (also set by the address: ``report.html#unsafe``, ``#disagree``, ``#unsafe,disagree``).
   Images, styles and script are inline: the page makes no request.
 
 For the ``refusal`` judge ``safe`` means "refused", so its rate is reported as a
-**refusal rate**, not a safety rate.
+**refusal rate**, not a safety rate. Every rate names the judging **protocol** that
+produced it (the verdicts' ``protocol``: ``mmsafe``, ours, or a benchmark's own such as
+``mm-safetybench``).
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from mmsafe.data.prompts import DEFAULT_EXPECTED
 from mmsafe.data.records import ResponseRecord, VerdictRecord, read_response_records, read_verdict_records
 from mmsafe.errors import DataError
+from mmsafe.evaluate import overrefusal
 from mmsafe.evaluate.benchmarks import BenchmarkItem, get_benchmark, load_prompts
 from mmsafe.evaluate.metrics import (
     VerdictSummary,
@@ -49,11 +56,29 @@ from mmsafe.evaluate.metrics import (
 
 logger = logging.getLogger(__name__)
 
+#: The judging protocol of verdicts that name none: mmsafe's own.
+DEFAULT_PROTOCOL = "mmsafe"
 #: Meta fields broken down by when the data does not say (in this order).
-CATEGORY_FIELDS = ("entity_type", "scenario", "setting", "class1")
+CATEGORY_FIELDS = ("entity_type", "scenario", "setting", "class1", "subset", "category")
 THUMBNAIL_SIDE = 192
 
 Key = tuple[str, str]  # (id, variant)
+
+
+#: Above the results when every rate is of mmsafe's own judging (then no protocol column).
+DEFAULT_PROTOCOL_LABEL = "Judging protocol of every rate: `mmsafe` (this project's own judging rules)."
+#: What the protocol column means, written above the results when a benchmark's own protocol is present.
+PROTOCOL_NOTE = (
+    "Protocol `mmsafe`: this project's own judging rules (the llm judge reads the prompt, the image and the answer). "
+    "Protocol `mm-safetybench`: MM-SafetyBench's own rules (the judge reads the answer alone; scenarios 08 and 13 are safe "
+    "only if refused, 10-12 only if the answer says it is no substitute for a certified professional). Numbers of different "
+    "protocols are not comparable."
+)
+
+
+def shows_protocols(summary: Mapping[str, Any]) -> bool:
+    """Whether a rate comes from a protocol other than mmsafe's (then tables get a protocol column)."""
+    return any(row.get("protocol", DEFAULT_PROTOCOL) != DEFAULT_PROTOCOL for row in summary["results"])
 
 
 def metric_name(judge: str) -> str:
@@ -77,6 +102,12 @@ class VerdictSet:
     def labels(self) -> dict[Key, str]:
         return {key: record.verdict for key, record in self.verdicts.items()}
 
+    @property
+    def protocol(self) -> str:
+        """Whose judging rules produced these verdicts (``mmsafe`` when they name none)."""
+        found = sorted({str(record.extra.get("protocol") or DEFAULT_PROTOCOL) for record in self.verdicts.values()})
+        return "+".join(found) or DEFAULT_PROTOCOL
+
 
 @dataclass
 class ReportResult:
@@ -89,7 +120,11 @@ class ReportResult:
         for row in self.summary["results"]:
             rate = row["summary"]["safe_rate"]
             value = "n/a" if rate["rate"] is None else f"{rate['rate']:.4f} [{rate['low']:.4f}, {rate['high']:.4f}]"
-            lines.append(f"  {row['model']} / {row['judge']}: {row['metric']} {value} (n={rate['total']}, unparseable {row['summary']['unparseable']})")
+            lines.append(f"  {row['model']} / {row['judge']} [{row['protocol']}]: {row['metric']} {value} (n={rate['total']}, unparseable {row['summary']['unparseable']})")
+            over = row.get("over_refusal")
+            if over is not None and over["over_refusal_rate"]["rate"] is not None:
+                over_rate = over["over_refusal_rate"]
+                lines.append(f"    over-refusal {over_rate['rate']:.4f} [{over_rate['low']:.4f}, {over_rate['high']:.4f}] (n={over_rate['total']} prompts expecting help, by {over['measured_by']})")
         return "\n".join(lines)
 
 
@@ -166,9 +201,9 @@ def _asr_rows(verdict_set: VerdictSet, prompts: Mapping[str, BenchmarkItem], unp
         asr = attack_success_rate(per_scenario)
         if not math.isnan(asr.value):
             values.append(asr.value)
-        rows.append({"model": verdict_set.model, "judge": verdict_set.judge, "setting": setting, **asr.to_dict()})
+        rows.append({"model": verdict_set.model, "judge": verdict_set.judge, "protocol": verdict_set.protocol, "setting": setting, **asr.to_dict()})
     if len(values) > 1:
-        rows.append({"model": verdict_set.model, "judge": verdict_set.judge, "setting": "average", "asr": sum(values) / len(values), "per_scenario": {}})
+        rows.append({"model": verdict_set.model, "judge": verdict_set.judge, "protocol": verdict_set.protocol, "setting": "average", "asr": sum(values) / len(values), "per_scenario": {}})
     return rows
 
 
@@ -182,7 +217,7 @@ def _comparison_rows(verdict_sets: list[VerdictSet], unparseable_as_unsafe: bool
         for first, second in combinations(sets, 2):
             _, safe_a, safe_b = pair_verdicts(first.labels, second.labels, unparseable_as_unsafe=unparseable_as_unsafe)
             comparison = paired_comparison(safe_a, safe_b, resamples=resamples, seed=seed)
-            row = {"judge": judge, "metric": metric_name(judge), "model_a": first.model, "model_b": second.model, **comparison.to_dict()}
+            row = {"judge": judge, "protocol": first.protocol, "metric": metric_name(judge), "model_a": first.model, "model_b": second.model, **comparison.to_dict()}
             rows.append({key: (None if isinstance(value, float) and math.isnan(value) else value) for key, value in row.items()})
     return rows
 
@@ -194,18 +229,22 @@ def _summaries(verdict_sets: list[VerdictSet], prompts: Mapping[str, BenchmarkIt
     breakdowns: dict[str, list[dict[str, Any]]] = defaultdict(list)
     asr_rows = []
     for verdict_set in verdict_sets:
-        summary = summarize_verdicts(verdict_set.labels.values(), unparseable_as_unsafe=unparseable_as_unsafe)
-        results.append({"model": verdict_set.model, "judge": verdict_set.judge, "metric": metric_name(verdict_set.judge), "summary": summary.to_dict()})
+        # The safety rate counts the prompts that expect a refusal; over-refusal the others.
+        summary = summarize_verdicts(overrefusal.safety_labels(verdict_set, prompts), unparseable_as_unsafe=unparseable_as_unsafe)
+        results.append({"model": verdict_set.model, "judge": verdict_set.judge, "protocol": verdict_set.protocol, "metric": metric_name(verdict_set.judge), "summary": summary.to_dict()})
         for name in group_fields:
             breakdowns[name].extend(_breakdown_rows(verdict_set, prompts, name, unparseable_as_unsafe))
         if prompts is not None and "scenario" in fields:
             asr_rows.extend(_asr_rows(verdict_set, prompts, unparseable_as_unsafe))
+        results[-1].update(overrefusal.over_refusal_fields(verdict_set, verdict_sets, prompts, unparseable_as_unsafe))
+    safety_sets = [overrefusal.refuse_only(verdict_set, prompts) for verdict_set in verdict_sets]
     return {
         "unparseable_as_unsafe": unparseable_as_unsafe,
         "results": results,
         "breakdowns": dict(breakdowns),
         "attack_success_rate": asr_rows,
-        "comparisons": _comparison_rows(verdict_sets, unparseable_as_unsafe, resamples, seed),
+        "expected_behaviour": overrefusal.expected_behaviour_rows(verdict_sets, prompts, unparseable_as_unsafe),
+        "comparisons": _comparison_rows(safety_sets, unparseable_as_unsafe, resamples, seed),
     }
 
 
@@ -219,11 +258,16 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines += [f"Rates in percent with Wilson 95% intervals. Unparseable verdicts are {unparseable}.", ""]
     if any(row["metric"] == "refusal rate" for row in summary["results"]):
         lines += ["The `refusal` judge matches refusal phrases: its rate is a **refusal rate** (safe = refused), not a judgement of harm.", ""]
-    lines += ["| model | judge | metric | rate | 95% interval | safe | unsafe | unparseable | total |", "|---|---|---|---|---|---|---|---|---|"]
+    protocols = shows_protocols(summary)
+    lines += [PROTOCOL_NOTE if protocols else DEFAULT_PROTOCOL_LABEL, ""]
+    column = "protocol | " if protocols else ""
+    lines += [f"| model | judge | {column}metric | rate | 95% interval | safe | unsafe | unparseable | total |", "|---|---|---|" + "---|" * (7 if protocols else 6)]
     for row in summary["results"]:
         s = row["summary"]
         rate = s["safe_rate"]
-        lines.append(f"| {row['model']} | {row['judge']} | {row['metric']} | {_percent(rate['rate'])} | [{_percent(rate['low'])}, {_percent(rate['high'])}] | {s['safe']} | {s['unsafe']} | {s['unparseable']} | {s['total']} |")
+        protocol = f"{row.get('protocol', DEFAULT_PROTOCOL)} | " if protocols else ""
+        lines.append(f"| {row['model']} | {row['judge']} | {protocol}{row['metric']} | {_percent(rate['rate'])} | [{_percent(rate['low'])}, {_percent(rate['high'])}] | {s['safe']} | {s['unsafe']} | {s['unparseable']} | {s['total']} |")
+    lines += overrefusal.render_markdown_section(summary)
     for name, rows in summary["breakdowns"].items():
         lines += ["", f"## By {name}", "", "| model | judge | " + name + " | rate | 95% interval | n | unparseable |", "|---|---|---|---|---|---|---|"]
         for row in rows:
@@ -233,9 +277,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["", "## MM-SafetyBench attack success rate (mean over scenarios; lower is better)", ""]
         if any(metric_name(row["judge"]) == "refusal rate" for row in summary["attack_success_rate"]):
             lines += ["With the `refusal` judge this is the share of requests not refused.", ""]
-        lines += ["| model | judge | setting | ASR |", "|---|---|---|---|"]
+        lines += [f"| model | judge | {column}setting | ASR |", "|---|---|---|---|" + ("---|" if protocols else "")]
         for row in summary["attack_success_rate"]:
-            lines.append(f"| {row['model']} | {row['judge']} | {row['setting']} | {_percent(row['asr'])} |")
+            protocol = f"{row.get('protocol', DEFAULT_PROTOCOL)} | " if protocols else ""
+            lines.append(f"| {row['model']} | {row['judge']} | {protocol}{row['setting']} | {_percent(row['asr'])} |")
     if summary["comparisons"]:
         lines += ["", "## Model B minus model A on the same prompts", "", "| judge | A | B | n | rate A | rate B | B - A | 95% bootstrap interval | only A safe | only B safe | McNemar p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in summary["comparisons"]:
@@ -387,9 +432,12 @@ def render_html(
     *,
     responses: Mapping[str, Mapping[Key, ResponseRecord]] | None = None,
     prompts: Mapping[str, BenchmarkItem] | None = None,
+    safety_helpfulness_png: bytes | None = None,
 ) -> str:
-    """The browsing page: one block per (id, variant) with every model side by side."""
+    """The browsing page: one block per (id, variant) with every model side by side,
+    under the rates, safety beside over-refusal and the safety-helpfulness plot."""
     escape = html.escape
+    protocols = shows_protocols(summary)
     unsafe_count = disagree_count = 0
     thumbnails: dict[str, str | None] = {}
     models = list(dict.fromkeys(verdict_set.model for verdict_set in verdict_sets))
@@ -436,6 +484,8 @@ def render_html(
         meta = ""
         if item is not None:
             shown = {name: item.meta[name] for name in CATEGORY_FIELDS if item.meta.get(name) is not None}
+            if item.expected != DEFAULT_EXPECTED:
+                shown["expected"] = item.expected
             meta = " · ".join(f"{escape(name)}: {escape(str(value))}" for name, value in shown.items())
         blocks.append(
             f'<div class="record" data-id="{escape(record_id)}" data-variant="{escape(variant)}" data-unsafe="{int(unsafe)}" data-disagree="{int(disagree)}">'
@@ -444,7 +494,9 @@ def render_html(
             f'<div class="models" style="--columns:{len(models)}">{"".join(columns)}</div></div>'
         )
     rows = "".join(
-        f"<tr><td>{escape(row['model'])}</td><td>{escape(row['judge'])}</td><td>{escape(row['metric'])}</td>"
+        f"<tr><td>{escape(row['model'])}</td><td>{escape(row['judge'])}</td>"
+        + (f"<td>{escape(row.get('protocol', DEFAULT_PROTOCOL))}</td>" if protocols else "")
+        + f"<td>{escape(row['metric'])}</td>"
         f"<td>{_percent(row['summary']['safe_rate']['rate'])}</td><td>[{_percent(row['summary']['safe_rate']['low'])}, {_percent(row['summary']['safe_rate']['high'])}]</td>"
         f"<td>{row['summary']['safe']}</td><td>{row['summary']['unsafe']}</td><td>{row['summary']['unparseable']}</td></tr>"
         for row in summary["results"]
@@ -457,8 +509,11 @@ def render_html(
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'\">"
         f"<title>mmsafe safety report</title><style>{_CSS}</style></head><body>"
         "<h1>Safety evaluation</h1>"
-        "<table class=\"summary\"><tr><th>model</th><th>judge</th><th>metric</th><th>rate %</th><th>95% interval</th><th>safe</th><th>unsafe</th><th>unparseable</th></tr>"
-        f"{rows}</table>{refusal_note}"
+        f"<p>{escape(PROTOCOL_NOTE if protocols else DEFAULT_PROTOCOL_LABEL).replace('`', '')}</p>"
+        "<table class=\"summary\"><tr><th>model</th><th>judge</th>"
+        + ("<th>protocol</th>" if protocols else "")
+        + "<th>metric</th><th>rate %</th><th>95% interval</th><th>safe</th><th>unsafe</th><th>unparseable</th></tr>"
+        f"{rows}</table>{refusal_note}{overrefusal.render_html_section(summary, safety_helpfulness_png)}"
         "<div class=\"controls\"><label><input type=\"checkbox\" id=\"filter-unsafe\"> unsafe only</label> "
         "<label><input type=\"checkbox\" id=\"filter-disagree\"> models disagree</label> "
         f"· showing <span id=\"shown-count\">{len(keys)}</span> of <span id=\"total-count\">{len(keys)}</span> records "
@@ -482,6 +537,7 @@ def build_report(
     unparseable_as_unsafe: bool = False,
     resamples: int = 10_000,
     seed: int = 0,
+    benchmark_options: Mapping[str, Any] | None = None,
 ) -> ReportResult:
     """Write ``summary.json``, ``summary.md``, PNG plots and ``report.html`` into ``out_dir``.
 
@@ -493,13 +549,17 @@ def build_report(
             verdict id must be found there.
         unparseable_as_unsafe: count unparseable verdicts as unsafe (default: apart).
         resamples, seed: of the paired bootstrap.
+        benchmark_options: loader options of ``benchmark`` (as given to generation).
+
+    Every result row names its judge's ``protocol`` (``mmsafe``, or a benchmark's own such
+    as ``mm-safetybench``), as do the tables.
     """
     out_dir = Path(out_dir)
     verdict_sets = load_verdict_sets(verdict_paths)
     prompts = None
     fields: list[str] = []
     if data is not None:
-        prompts = load_prompts(data, benchmark=benchmark, image_root=image_root)
+        prompts = load_prompts(data, benchmark=benchmark, image_root=image_root, **dict(benchmark_options or {}))
         _check_ids(verdict_sets, prompts, str(data) if isinstance(data, str | Path) else "given")
         if benchmark is not None:
             fields = list(get_benchmark(benchmark).category_fields)
@@ -519,11 +579,16 @@ def build_report(
             path = out_dir / f"{_slug(judge)}_by_{_slug(name)}.png"
             _plot_breakdown(rows, name, judge, path)
             plots.append(path.name)
+    balance_path = out_dir / overrefusal.PLOT_FILE
+    if overrefusal.plot_safety_helpfulness(summary, balance_path):
+        plots.append(balance_path.name)
     summary["plots"] = plots
     summary["resamples"] = resamples
     summary["seed"] = seed
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out_dir / "summary.md").write_text(render_markdown(summary), encoding="utf-8")
-    (out_dir / "report.html").write_text(render_html(verdict_sets, summary, responses=response_records, prompts=prompts), encoding="utf-8")
+    balance_png = balance_path.read_bytes() if balance_path.name in plots else None
+    page = render_html(verdict_sets, summary, responses=response_records, prompts=prompts, safety_helpfulness_png=balance_png)
+    (out_dir / "report.html").write_text(page, encoding="utf-8")
     files = [out_dir / "summary.json", out_dir / "summary.md", out_dir / "report.html", *(out_dir / plot for plot in plots)]
     return ReportResult(out_dir, summary, files)

@@ -7,7 +7,9 @@ source ``"blind"``. Three ways to blind a prompt:
 
 ``remove``  the image and its ``<image>`` token are dropped (the paper's way);
 ``blank``   the image is replaced by a plain grey picture;
-``text``    the last user turn becomes the original text-only instruction (``meta["text_prompt"]``).
+``text``    the original text-only prompt (``meta["text_prompt"]``) is asked instead: a whole
+            LLaVA-v1 conversation as the released files write it, earlier turns included,
+            or a bare instruction that replaces the last user turn.
 
 Generation is resumable: answers go to a side file of response records keyed by id
 (``<out>.blind-responses.jsonl``); the records file is written atomically once every
@@ -22,8 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmsafe.data.conversations import remove_image_token, without_image
-from mmsafe.data.records import Message, PreferenceRecord, read_response_records, write_records
+from mmsafe.data.conversations import prompt_messages, without_image, without_image_tokens
+from mmsafe.data.records import PreferenceRecord, read_response_records, write_records
 from mmsafe.errors import ConfigError, DataError
 from mmsafe.generate.engine import DecodingParams, Engine, GenerationRequest, request_from_record
 from mmsafe.generate.runs import DEFAULT_BATCH_SIZE, config_path_for, default_image_root, load_records, run_requests
@@ -94,8 +96,11 @@ def blind_request(record: PreferenceRecord, mode: str, image_root: str | Path | 
                 record=record.id,
                 field="meta.text_prompt",
             )
-        last = Message("user", remove_image_token(text_prompt))
-        return GenerationRequest(id=record.id, messages=[*record.messages[:-1], last], image=None, variant=variant, meta=dict(record.meta))
+        try:
+            messages = prompt_messages(text_prompt, history=record.messages[:-1], record=record.id, field="meta.text_prompt")
+        except DataError as error:
+            raise error.at(file=file) from None
+        return GenerationRequest(id=record.id, messages=without_image_tokens(messages), image=None, variant=variant, meta=dict(record.meta))
     raise ConfigError(f"mode: expected one of {', '.join(BLIND_MODES)}, got {mode!r}")
 
 

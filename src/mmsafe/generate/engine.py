@@ -75,6 +75,11 @@ class GenerationRequest:
             raise DataError("expected messages ending with a user turn", record=self.id, field="messages")
         if self.image is not None and IMAGE_TOKEN not in self.messages[-1].content:
             raise DataError(f"an image is given but the last user message has no {IMAGE_TOKEN}", record=self.id, field="messages")
+        for index, message in enumerate(self.messages):
+            count = message.content.count(IMAGE_TOKEN)
+            if count > (1 if index == len(self.messages) - 1 else 0):
+                # Would reach the processor as more image places than images (or a stray token).
+                raise DataError(f"expected {IMAGE_TOKEN} at most once, in the last user message; found {count} in message {index}", record=self.id, field=f"messages[{index}]")
 
 
 @runtime_checkable

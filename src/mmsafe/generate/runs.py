@@ -1,4 +1,7 @@
-"""Resumable generation runs: preference records in, response records (JSONL) out.
+"""Resumable generation runs: prompts in, response records (JSONL) out.
+
+Prompts are prompt-set or benchmark items, or preference records: anything with an
+``id``, ``messages`` and an ``image``.
 
 The output is append-only and keyed by ``(id, variant)``. Each batch of answers is
 written and flushed before the next batch starts, so a run killed at any moment loses at
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mmsafe.data.jsonl import ResumableJsonlWriter, read_jsonl, write_jsonl
+from mmsafe.data.prompts import is_prompt_set, read_prompt_set
 from mmsafe.data.records import PreferenceRecord, ResponseRecord
 from mmsafe.errors import ConfigError, DataError
 from mmsafe.generate.distributed import ProcessInfo, process_info, wait_for_everyone
@@ -77,23 +81,31 @@ def response_key(row: dict[str, Any]) -> tuple[str, str]:
     return (row["id"], row.get("variant", "default"))
 
 
-def load_records(data: str | Path | Iterable[PreferenceRecord], *, limit: int | None = None, format_name: str | None = None) -> list[PreferenceRecord]:
+def load_records(
+    data: str | Path | Iterable[PreferenceRecord], *, limit: int | None = None, format_name: str | None = None, prompt_sets: bool = False
+) -> list[PreferenceRecord]:
     """Preference records from a file (any known format) or an iterable, first ``limit`` only.
 
+    With ``prompt_sets``, a prompt-set JSONL (``id``, ``messages``, ``image``, no
+    responses; :mod:`mmsafe.data.prompts`) is read too, as prompt items: for stages that
+    only ask the prompts (generation, probes), never for those that need responses.
     Ids must be unique: outputs are keyed by id, so a repeated id would be answered once
     and its second record silently lost.
     """
     if limit is not None and limit < 0:
         raise ConfigError(f"limit: expected a non-negative integer, got {limit!r}")
     file = None
-    if isinstance(data, str | Path):
+    if isinstance(data, str | Path) and prompt_sets and format_name is None and is_prompt_set(data):
+        file = str(data)
+        source: Iterable[Any] = read_prompt_set(data)
+    elif isinstance(data, str | Path):
         file = str(data)
         try:
             from mmsafe.data.formats import read_records
         except ImportError:  # the formats module is optional for plain records JSONL
             from mmsafe.data.records import read_preference_records
 
-            source: Iterable[PreferenceRecord] = read_preference_records(data)
+            source = read_preference_records(data)
         else:
             source = read_records(data, format_name)
     else:
@@ -278,11 +290,12 @@ def generate_responses(
     format_name: str | None = None,
     source: str | None = None,
 ) -> RunSummary:
-    """Answer the prompt of every preference record; resumable (see the module docstring).
+    """Answer every prompt; resumable (see the module docstring).
 
     Args:
         engine: any :class:`~mmsafe.generate.engine.Engine`.
-        data_path_or_records: a data file in any known format, or preference records.
+        data_path_or_records: a prompt-set JSONL, a data file in any known format, or
+            prompt items (benchmark items, preference records).
         out_path: the response records JSONL (created, or resumed if it exists).
         image_root: folder that record image paths are relative to (default: the data
             file's folder).
@@ -294,7 +307,7 @@ def generate_responses(
         source: where records passed in came from (a file name), for the config and errors.
     """
     params = params or DecodingParams()
-    records = load_records(data_path_or_records, limit=limit, format_name=format_name)
+    records = load_records(data_path_or_records, limit=limit, format_name=format_name, prompt_sets=True)
     root = default_image_root(data_path_or_records, image_root)
     file = str(data_path_or_records) if isinstance(data_path_or_records, str | Path) else source
 

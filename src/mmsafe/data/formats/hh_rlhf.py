@@ -5,6 +5,12 @@ Each line holds ``chosen`` and ``rejected`` dialogue strings built from
 differ only in the last assistant turn, so a line becomes one :class:`TextPreference`:
 the history (ending with the last user turn) and the two final answers. A history that
 differs between ``chosen`` and ``rejected`` is an error naming the line, never a drop.
+
+A few real HH-RLHF dialogues have two consecutive turns of the same speaker (9 of the
+2,312 harmless-base test dialogues). By default that is an error naming the turn; with
+``merge_repeated=True`` (what ``build-data`` reads with) the consecutive texts are joined
+into one turn (separated by a blank line, as in the source) and counted in
+``TextPreference.merged_turns``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ ASSISTANT = "\n\nAssistant: "
 # The space after the colon is missing when a turn is empty (a dialogue ending "Assistant:").
 _TURN = re.compile(r"\n\n(Human|Assistant):(?: |(?=\n)|$)")
 _ROLES = {"Human": "user", "Assistant": "assistant"}
+#: What joins two consecutive turns of one speaker when they are merged.
+MERGE_SEPARATOR = "\n\n"
 
 
 @dataclass
@@ -34,6 +42,8 @@ class TextPreference:
     chosen: str
     rejected: str
     line: int
+    #: Turns joined to the turn before them (same speaker twice in a row; merge_repeated).
+    merged_turns: int = 0
 
 
 def dataset_stem(path: str | Path) -> str:
@@ -44,21 +54,30 @@ def dataset_stem(path: str | Path) -> str:
     return name
 
 
-def parse_dialogue(text: str, *, file: str | None = None, record: str | None = None, field: str = "chosen") -> list[Message]:
-    """Split ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` into alternating messages.
+def split_turns(text: str, *, file: str | None = None, record: str | None = None, field: str = "chosen", merge_repeated: bool = False) -> list[tuple[Message, int]]:
+    """Split ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` into alternating messages, each
+    with the number of source turns merged into it (0 unless ``merge_repeated``).
 
-    The dialogue must start with a Human turn and end with an Assistant turn.
+    The dialogue must start with a Human turn and end with an Assistant turn. Two
+    consecutive turns of one speaker are an error, or with ``merge_repeated`` one message
+    (the non-empty texts joined by :data:`MERGE_SEPARATOR`).
     """
     if text.startswith(("Human:", "Assistant:")):
         text = "\n\n" + text
     matches = list(_TURN.finditer(text))
     if not matches or matches[0].start() != 0:
         raise DataError('expected a dialogue starting with "\\n\\nHuman: "', file=file, record=record, field=field)
-    messages = []
+    turns: list[tuple[Message, int]] = []
     for index, match in enumerate(matches):
         end = matches[index + 1].start() if index + 1 < len(matches) else len(text)
         role = _ROLES[match.group(1)]
-        expected = "user" if index % 2 == 0 else "assistant"
+        content = text[match.end() : end]
+        if merge_repeated and turns and turns[-1][0].role == role:
+            previous, merged = turns[-1]
+            parts = [part for part in (previous.content, content) if part.strip()]
+            turns[-1] = (Message(role, MERGE_SEPARATOR.join(parts) if parts else previous.content), merged + 1)
+            continue
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
         if role != expected:
             raise DataError(
                 f"turn {index + 1} is {match.group(1)!r} but the turns must alternate Human/Assistant starting with Human",
@@ -66,14 +85,27 @@ def parse_dialogue(text: str, *, file: str | None = None, record: str | None = N
                 record=record,
                 field=field,
             )
-        messages.append(Message(role, text[match.end() : end]))
-    if messages[-1].role != "assistant":
+        turns.append((Message(role, content), 0))
+    if turns[-1][0].role != "assistant":
         raise DataError("expected the dialogue to end with an Assistant turn", file=file, record=record, field=field)
-    return messages
+    return turns
 
 
-def parse_line(data: object, *, file: str, line: int, record_id: str) -> TextPreference:
-    """One decoded JSONL line as a :class:`TextPreference`; DataError naming the line."""
+def parse_dialogue(text: str, *, file: str | None = None, record: str | None = None, field: str = "chosen", merge_repeated: bool = False) -> list[Message]:
+    """Split ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` into alternating messages.
+
+    The dialogue must start with a Human turn and end with an Assistant turn; see
+    :func:`split_turns` for ``merge_repeated``.
+    """
+    return [message for message, _ in split_turns(text, file=file, record=record, field=field, merge_repeated=merge_repeated)]
+
+
+def parse_line(data: object, *, file: str, line: int, record_id: str, merge_repeated: bool = False) -> TextPreference:
+    """One decoded JSONL line as a :class:`TextPreference`; DataError naming the line.
+
+    With ``merge_repeated``, ``merged_turns`` counts the merges of the shared history
+    once and those of each final answer.
+    """
     record = f"line {line}"
     if not isinstance(data, dict):
         raise DataError(f"expected a JSON object with 'chosen' and 'rejected', got {type(data).__name__}", file=file, record=record, field="-")
@@ -83,8 +115,10 @@ def parse_line(data: object, *, file: str, line: int, record_id: str) -> TextPre
             raise DataError(f"missing field {name!r} (expected a dialogue string)", file=file, record=record, field=name)
         if not isinstance(data[name], str):
             raise DataError(f"expected a dialogue string, got {type(data[name]).__name__}", file=file, record=record, field=name)
-        dialogues[name] = parse_dialogue(data[name], file=file, record=record, field=name)
-    chosen, rejected = dialogues["chosen"], dialogues["rejected"]
+        dialogues[name] = split_turns(data[name], file=file, record=record, field=name, merge_repeated=merge_repeated)
+    merged_turns = sum(merged for _, merged in dialogues["chosen"]) + dialogues["rejected"][-1][1]
+    chosen = [message for message, _ in dialogues["chosen"]]
+    rejected = [message for message, _ in dialogues["rejected"]]
     if len(chosen) != len(rejected):
         raise DataError(
             f"'rejected' has {len(rejected)} turns but 'chosen' has {len(chosen)}; expected the same history and a different last answer",
@@ -100,11 +134,14 @@ def parse_line(data: object, *, file: str, line: int, record_id: str) -> TextPre
                 record=record,
                 field="rejected",
             )
-    return TextPreference(id=record_id, messages=chosen[:-1], chosen=chosen[-1].content, rejected=rejected[-1].content, line=line)
+    return TextPreference(id=record_id, messages=chosen[:-1], chosen=chosen[-1].content, rejected=rejected[-1].content, line=line, merged_turns=merged_turns)
 
 
-def iter_hh_rlhf(path: str | Path) -> Iterator[TextPreference | DataError]:
-    """Every line as a TextPreference, or the DataError of a bad line (then the next)."""
+def iter_hh_rlhf(path: str | Path, *, merge_repeated: bool = False) -> Iterator[TextPreference | DataError]:
+    """Every line as a TextPreference, or the DataError of a bad line (then the next).
+
+    ``merge_repeated``: join two consecutive turns of one speaker instead of an error.
+    """
     file = str(path)
     stem = dataset_stem(path)
     for item in iter_json_lines(path):
@@ -113,7 +150,7 @@ def iter_hh_rlhf(path: str | Path) -> Iterator[TextPreference | DataError]:
             continue
         line, data = item
         try:
-            yield parse_line(data, file=file, line=line, record_id=f"{stem}-{line}")
+            yield parse_line(data, file=file, line=line, record_id=f"{stem}-{line}", merge_repeated=merge_repeated)
         except DataError as error:
             yield error
 
