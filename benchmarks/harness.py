@@ -71,16 +71,21 @@ def run_alternating(contenders: dict[str, Callable[[], float]], *, repetitions: 
     return results
 
 
-def current_rss_mb() -> float:
-    """Resident set size of this process now, in MiB (``VmRSS``; 0 where /proc is missing)."""
+def _status_mb(field: str) -> float | None:
+    """A memory line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; None where /proc is missing."""
     try:
         with open("/proc/self/status", encoding="utf-8") as handle:
             for line in handle:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return None
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now, in MiB (``VmRSS``; 0 where /proc is missing)."""
+    return _status_mb("VmRSS") or 0.0
 
 
 def reset_peak_rss() -> bool:
@@ -100,13 +105,9 @@ def peak_rss_mb() -> float:
     survives ``fork`` + ``exec``, so a child started by a large parent would report the
     parent's peak.
     """
-    try:
-        with open("/proc/self/status", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
