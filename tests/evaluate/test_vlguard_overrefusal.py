@@ -323,3 +323,20 @@ def test_mossbench_alone_gives_over_refusal_and_no_safety_rate(tmp_path):
     by_type = {row["group"]: row["summary"]["safe_rate"]["rate"] for row in summary["breakdowns"]["over_type"]}
     assert by_type == {"exaggerated risk": 1.0, "negated harm": 0.0, "counterintuitive interpretation": 0.0}
     assert [row["subset"] for row in summary["expected_behaviour"]] == ["expected help"]
+
+
+def test_mossbench_generate_judge_report_through_the_cli(tmp_path, tiny_model_dir):
+    """The repository's layout end to end: every prompt expects help, so the report gives over-refusal, recounted by hand."""
+    path = write_mossbench_repository(tmp_path / "MOSSBench")
+    responses, verdicts, report = tmp_path / "responses.jsonl", tmp_path / "verdicts.jsonl", tmp_path / "report"
+    common = ["--data", str(path), "--benchmark", "mossbench"]
+    assert main(["generate", "--model", str(tiny_model_dir), "--out", str(responses), "--max-new-tokens", "3", "--device", "cpu", *common]) == 0
+    assert len(responses.read_text().splitlines()) == 3
+    assert main(["judge", "--responses", str(responses), "--out", str(verdicts), "--judge", "refusal", *common]) == 0
+    assert main(["report", "--verdicts", str(verdicts), "--out", str(report), "--resamples", "10", *common]) == 0
+    summary = json.loads((report / "summary.json").read_text())
+    labels = [json.loads(line)["verdict"] for line in verdicts.read_text().splitlines()]
+    scored = [label for label in labels if label != "unparseable"]
+    (row,) = summary["expected_behaviour"]
+    assert (row["measure"], row["expected"], row["n"]) == ("over-refusal", "help", 3)
+    assert row["rate"]["successes"] == scored.count("safe") and row["rate"]["total"] == len(scored)  # a refusal of a benign prompt
