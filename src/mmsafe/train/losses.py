@@ -270,4 +270,8 @@ def chunked_token_logprobs(
         chunk = max(16, LOGPROB_CHUNK_BYTES // (4 * weight.shape[0]))
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32) + 0 * weight.sum()
+    if hidden.shape[0] <= chunk:  # one chunk: plain autograd, no recomputation in the backward
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = _chunk_logits(hidden, weight, bias)
+            return torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
     return _ChunkedTokenLogprobs.apply(hidden, weight, bias, labels, chunk)
