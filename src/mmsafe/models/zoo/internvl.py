@@ -55,23 +55,11 @@ def build_internvl3(out_dir: Path, seed: int) -> None:
 
     from mmsafe.models.loading import image_only_processor_class
     from mmsafe.models.zoo._tokenizers import train_tokenizer
+    from mmsafe.models.zoo.qwen_vl import QWEN_SPECIAL_TOKENS
 
     # Qwen2.5-VL's special tokens (the tokenizer InternVL3-hf is built from), then InternVL's.
     special_tokens = [
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<|object_ref_start|>",
-        "<|object_ref_end|>",
-        "<|box_start|>",
-        "<|box_end|>",
-        "<|quad_start|>",
-        "<|quad_end|>",
-        "<|vision_start|>",
-        "<|vision_end|>",
-        "<|vision_pad|>",
-        "<|image_pad|>",
-        "<|video_pad|>",
+        *QWEN_SPECIAL_TOKENS,
         "<img>",
         "</img>",
         "<IMG_CONTEXT>",

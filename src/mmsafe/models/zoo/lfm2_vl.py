@@ -66,22 +66,10 @@ def build_lfm2_vl(out_dir: Path, seed: int) -> None:
 
     from mmsafe.models.loading import image_only_processor_class
     from mmsafe.models.zoo._tokenizers import train_tokenizer
+    from mmsafe.models.zoo.qwen_vl import QWEN_SPECIAL_TOKENS
 
     special_tokens = [
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<|object_ref_start|>",
-        "<|object_ref_end|>",
-        "<|box_start|>",
-        "<|box_end|>",
-        "<|quad_start|>",
-        "<|quad_end|>",
-        "<|vision_start|>",
-        "<|vision_end|>",
-        "<|vision_pad|>",
-        "<|image_pad|>",
-        "<|video_pad|>",
+        *QWEN_SPECIAL_TOKENS,
         "<tool_call>",
         "</tool_call>",
         "<think>",
