@@ -988,17 +988,8 @@ def scoring_memory(setup: Setup, head: str) -> dict[str, Any]:
 
 
 def scoring_memory_in_subprocess(args: argparse.Namespace, family: str, head: str) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.train", "--scoring-memory", head, "--family", family]
-    for flag in ("gpu", "quick", "tiny"):
-        if getattr(args, flag):
-            command.append(f"--{flag}")
-    if args.threads is not None:
-        command += ["--threads", str(args.threads)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, "MMSAFE_PROGRESS": "0"})
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    if completed.returncode != 0 or not lines:
-        raise RuntimeError(f"scoring memory ({family}, {head}) failed in its subprocess:\n{completed.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    """:func:`scoring_memory` in a fresh Python process with the same settings as this run."""
+    return _in_subprocess(["--scoring-memory", head, "--family", family], args, f"scoring memory ({family}, {head})")
 
 
 def measure_scoring_memory(args: argparse.Namespace, families: list[str]) -> list[dict[str, Any]]:
@@ -1026,18 +1017,22 @@ def measure_scoring_memory(args: argparse.Namespace, families: list[str]) -> lis
 
 def solo_in_subprocess(key: str, args: argparse.Namespace, repetitions: int, *, family: str = "llava") -> dict[str, Any]:
     """:func:`run_solo` in a fresh Python process with the same settings as this run."""
-    command = [sys.executable, "-m", "benchmarks.train", "--solo", key, "--family", family, "--repetitions", str(repetitions)]
+    return _in_subprocess(["--solo", key, "--family", family, "--repetitions", str(repetitions)], args, f"contender {key} ({family})")
+
+
+def _in_subprocess(mode: list[str], args: argparse.Namespace, what: str) -> dict[str, Any]:
+    """``python -m benchmarks.train <mode>`` with this run's shape flags; the JSON line it prints."""
+    command = [sys.executable, "-m", "benchmarks.train", *mode]
     for flag in ("gpu", "quick", "tiny"):
         if getattr(args, flag):
             command.append(f"--{flag}")
     for option in ("batch_size", "threads"):
         if getattr(args, option) is not None:
             command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
-    environment = {**os.environ, "MMSAFE_PROGRESS": "0"}
-    completed = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, "MMSAFE_PROGRESS": "0"})
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if completed.returncode != 0 or not lines:
-        raise RuntimeError(f"contender {key} ({family}) failed in its subprocess:\n{completed.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed in its subprocess:\n{completed.stderr[-3000:]}")
     return json.loads(lines[-1])
 
 
