@@ -18,11 +18,11 @@ Complete = Callable[[str], str]
 
 def engine_completer(engine: Any, params: Any) -> Complete:
     """``complete`` through an :class:`~mmsafe.generate.engine.Engine` (one text-only request)."""
-    from mmsafe.generate.engine import GenerationRequest
+    from mmsafe.generate.engine import GenerationRequest, texts_or_raise
 
     def complete(prompt: str) -> str:
         request = GenerationRequest(id="build-data", messages=[Message("user", prompt)])
-        return engine.generate([request], params)[0]
+        return texts_or_raise(engine.generate([request], params), getattr(engine, "name", "engine"))[0]
 
     return complete
 

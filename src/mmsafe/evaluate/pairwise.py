@@ -153,7 +153,7 @@ def run_pairwise(
     Decoding defaults to greedy with a few new tokens (the answer is one letter).
     """
     from mmsafe.data.images import load_image
-    from mmsafe.generate.engine import DecodingParams, GenerationRequest
+    from mmsafe.generate.engine import DecodingParams, GenerationRequest, texts_or_raise
 
     params = params if params is not None else DecodingParams(max_new_tokens=8)
     questions = [build_pairwise_question(record, seed=seed) for record in records]
@@ -174,7 +174,7 @@ def run_pairwise(
         texts = engine.generate(requests, params)
         if len(texts) != len(requests):
             raise MmsafeError(f"engine returned {len(texts)} answers for {len(requests)} questions")
-        answers.extend(texts)
+        answers.extend(texts_or_raise(texts, getattr(engine, "name", "engine")))
     return score_pairwise(questions, answers)
 
 

@@ -82,14 +82,31 @@ class GenerationRequest:
                 raise DataError(f"expected {IMAGE_TOKEN} at most once, in the last user message; found {count} in message {index}", record=self.id, field=f"messages[{index}]")
 
 
+@dataclass(frozen=True)
+class FailedResponse:
+    """What an engine returns in place of a text when one request could not be answered.
+
+    For a per-record failure that retrying did not cure (a reply with no text, a reply
+    that cannot be read). The run writes no response for the record, lists it as failed,
+    and a rerun asks it again. A failure of the whole server still raises.
+    """
+
+    id: str
+    reason: str
+
+
 @runtime_checkable
 class Engine(Protocol):
-    """Anything that answers a list of requests, in order, one text per request."""
+    """Anything that answers a list of requests, in order, one text per request.
+
+    An engine may return a :class:`FailedResponse` in place of a text for a request it
+    could not answer; stages that take texts directly use :func:`texts_or_raise`.
+    """
 
     name: str
     """The model name written into response records."""
 
-    def generate(self, requests: list[GenerationRequest], params: DecodingParams) -> list[str]: ...
+    def generate(self, requests: list[GenerationRequest], params: DecodingParams) -> list[str | FailedResponse]: ...
 
 
 def describe_engine(engine: Engine) -> dict[str, Any]:
@@ -120,7 +137,18 @@ def requests_from_records(records: Iterable[PreferenceRecord], image_root: str |
     return [request_from_record(record, image_root, variant=variant) for record in records]
 
 
-def check_responses(requests: list[GenerationRequest], responses: list[str], engine_name: str) -> None:
-    """An engine must return exactly one string per request."""
+def check_responses(requests: list[GenerationRequest], responses: list[str | FailedResponse], engine_name: str) -> None:
+    """An engine must return exactly one string (or :class:`FailedResponse`) per request."""
     if len(responses) != len(requests):
         raise MmsafeError(f"engine {engine_name!r} returned {len(responses)} responses for {len(requests)} requests")
+    for request, response in zip(requests, responses, strict=True):
+        if not isinstance(response, str | FailedResponse):
+            raise MmsafeError(f"engine {engine_name!r} returned {type(response).__name__} for request {request.id!r}; expected a string")
+
+
+def texts_or_raise(responses: list[str | FailedResponse], engine_name: str) -> list[str]:
+    """The texts, for callers that cannot skip a record: the first failure raises, naming it."""
+    for response in responses:
+        if isinstance(response, FailedResponse):
+            raise MmsafeError(f"engine {engine_name!r}: request {response.id!r} failed: {response.reason}")
+    return [response for response in responses if isinstance(response, str)]
