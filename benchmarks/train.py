@@ -40,12 +40,22 @@ per-token cost of the language-model head is that of a 32k vocabulary. ``--gpu``
 LLaVA-1.5-7B-shaped model (336-pixel images, 576 image tokens, bf16) instead and runs
 each contender alone in its own process (four 7B trainers do not fit on one device).
 
-    python -m benchmarks.train [--quick] [--json PATH] [--gpu [--tiny]] [--threads N] [--batch-size N] [--skip-qwen]
+    python -m benchmarks.train [--quick] [--json PATH] [--gpu [--tiny]] [--threads N] [--batch-size N] [--skip-qwen] [--workload realistic|uniform]
 
-``--quick`` uses a smaller model of the same proportions (a few minutes); ``--gpu --tiny``
-runs the ``--gpu`` code at a tiny shape (on the CPU without a GPU). The exit status is 0
-when the targets are met (A: 4x C's and D's examples/s, at most 0.6 of D's peak memory;
-G: 2x C's), 2 when one is missed, 1 when the step-0 losses disagree.
+The main comparison runs on the realistic workload (``--workload realistic``, the
+default; see :class:`LengthProfile`): dialogues of up to four turns around the image,
+human responses of median 35 and 90th percentile 110 tokens, blind answers of 100 to 300
+tokens, K = 2. The K and response-length sweeps use uniform lengths. The padding share
+is measured over an epoch of realistic examples at batch sizes 1, 4 and 8, with the
+training's length grouping and in random order.
+
+``--quick`` uses a smaller model of the same proportions, and lengths a quarter as long
+(a few minutes); ``--gpu --tiny`` runs the ``--gpu`` code at a tiny shape (on the CPU
+without a GPU). The exit status is 0 when the targets are met (A: 4x C's and 6x D's
+examples/s at most 0.5 of D's peak memory, padding share at most 10%; G: 2x C's on the
+LLaVA shape, 3x on the Qwen2.5-VL shape; chunked log-probs at most a quarter of the plain
+computation's peak scoring memory at the 152k vocabulary), 2 when one is missed, 1 when
+the step-0 losses disagree.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import random
 import statistics
@@ -91,10 +102,12 @@ FORWARD_MODES = {"A": "shared-prefix", "B": "shared-prefix", "C": "separate", "G
 BETA = 0.1
 LEARNING_RATE = 1e-6
 #: Acceptance: A's examples/s against C's and D's, and A's peak memory against D's;
-#: the general path G against C on the same work.
+#: the general path G against C on the same work, on the LLaVA and the Qwen2.5-VL shape.
 TARGET_SPEEDUP = 4.0
+TARGET_TRL_SPEEDUP = 6.0
 TARGET_GENERAL_SPEEDUP = 2.0
-TARGET_MEMORY_RATIO = 0.6
+TARGET_QWEN_SPEEDUP = 3.0
+TARGET_MEMORY_RATIO = 0.5
 #: Relative tolerance of the loss agreement checks.
 LOSS_TOLERANCE = 1e-4
 
@@ -113,6 +126,66 @@ _WORD_TEXT = (
     "question answer story history famous local public private secret hidden quick easy simple"
 )
 _WORDS = tuple(_WORD_TEXT.split())
+
+
+@dataclass(frozen=True)
+class LengthProfile:
+    """Prompt and response lengths drawn as in real preference data (in tokens).
+
+    The defaults follow the released MMSafe-PO training data and a 7B model's blind
+    answers: human responses (chosen and the human rejected one) log-normal with a
+    median of about 35 tokens and a 90th percentile of about 110; blind answers 100 to
+    300 tokens; prompts of the image plus 40 to 640 text tokens, with up to three earlier
+    exchanges of the dialogue before the question. ``scale`` shrinks every length (the
+    ``--quick`` run).
+    """
+
+    earlier_exchanges: tuple[int, ...] = (0, 0, 0, 1, 1, 2, 3)
+    question_tokens: tuple[int, int] = (10, 60)
+    earlier_answer_tokens: tuple[int, int] = (20, 160)
+    prompt_text_tokens: tuple[int, int] = (40, 640)
+    human_median_tokens: float = 35.0
+    human_p90_tokens: float = 110.0
+    human_max_tokens: int = 400
+    blind_tokens: tuple[int, int] = (100, 300)
+    scale: float = 1.0
+
+    def tokens(self, value: float) -> int:
+        return max(2, round(value * self.scale))
+
+    def human_response(self, rng: random.Random) -> int:
+        sigma = math.log(self.human_p90_tokens / self.human_median_tokens) / 1.2816  # z of the 90th percentile
+        value = min(self.human_max_tokens, max(4.0, rng.lognormvariate(math.log(self.human_median_tokens), sigma)))
+        return self.tokens(value)
+
+    def blind_response(self, rng: random.Random) -> int:
+        return self.tokens(rng.uniform(*self.blind_tokens))
+
+    def dialogue(self, rng: random.Random) -> list[tuple[str, int]]:
+        """(role, text tokens) of the prompt's turns, the last one the question; within ``prompt_text_tokens``."""
+        low, high = self.prompt_text_tokens
+        while True:
+            turns: list[tuple[str, int]] = []
+            for _ in range(rng.choice(self.earlier_exchanges)):
+                turns += [("user", rng.randint(*self.question_tokens)), ("assistant", rng.randint(*self.earlier_answer_tokens))]
+            turns.append(("user", rng.randint(*self.question_tokens)))
+            total = sum(length for _, length in turns)
+            if total < low:  # a bare question is padded up to the shortest prompt
+                role, length = turns[-1]
+                turns[-1] = (role, length + low - total)
+                total = low
+            if total <= high:
+                return [(role, self.tokens(length)) for role, length in turns]
+
+
+REALISTIC = LengthProfile()
+QUICK_REALISTIC = replace(REALISTIC, scale=0.25)
+#: Examples whose grouped batches give the padding share.
+PADDING_EXAMPLES = 400
+PADDING_BATCH_SIZES = (1, 4, 8)
+TARGET_PADDING_SHARE = 0.10
+#: Chunked log-probs' peak scoring memory against the plain computation's, at the 152k vocabulary.
+TARGET_CHUNKED_MEMORY = 0.25
 
 
 @dataclass(frozen=True)
@@ -476,20 +549,32 @@ class Workload:
 
 def _fit(rng: random.Random, target: int, count_tokens) -> str:
     """Text of random words whose token count (by ``count_tokens``) is ``target``, or just above."""
-    words: list[str] = []
+    words = [rng.choice(_WORDS) for _ in range(max(0, target - 4))]  # about a token a word: few counts
+    while words and count_tokens(" ".join(words)) > target:
+        words.pop()
     while count_tokens(" ".join(words)) < target:
         words.append(rng.choice(_WORDS))
     return " ".join(words)
 
 
 def build_workload(
-    processor: Any, model: Any, setup: Setup, *, examples: int, num_rejected: int, response_tokens: int | None = None, seed: int = 0
+    processor: Any,
+    model: Any,
+    setup: Setup,
+    *,
+    examples: int,
+    num_rejected: int,
+    response_tokens: int | None = None,
+    seed: int = 0,
+    profile: LengthProfile | None = None,
 ) -> Workload:
     """``examples`` records with a chosen and ``num_rejected`` rejected responses, tokenized.
 
-    Prompts have ``setup.prompt_tokens`` text tokens (chat template included) around the
-    image; every response has ``response_tokens`` tokens (end-of-sequence included), give
-    or take two, so that lengths vary a little as in real data.
+    Without ``profile``: prompts have ``setup.prompt_tokens`` text tokens (chat template
+    included) around the image; every response has ``response_tokens`` tokens
+    (end-of-sequence included), give or take two. With a :class:`LengthProfile`: dialogues
+    of several turns and responses drawn from its distributions (the first rejected one
+    human, the others blind).
     """
     from PIL import Image
 
@@ -511,18 +596,27 @@ def build_workload(
     def response_length(text: str) -> int:
         return len(tokenizer(response_text(text), add_special_tokens=False)["input_ids"]) + 1  # + end of sequence
 
+    def text_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     records = []
     for index in range(examples):
         jitter = index % 5 - 2
         image_name = f"image-{index}.png"
         colour = ((index * 53) % 256, (index * 97) % 256, (index * 31) % 256)
         Image.new("RGB", (setup.image_size, setup.image_size), colour).save(image_root / image_name)
-        instruction = _fit(rng, setup.prompt_tokens + jitter, prompt_tokens)
-        responses = [_fit(rng, response_tokens + (jitter + slot) % 3 - 1, response_length) for slot in range(1 + num_rejected)]
+        if profile is None:
+            messages = [Message("user", "<image>\n" + _fit(rng, setup.prompt_tokens + jitter, prompt_tokens))]
+            responses = [_fit(rng, response_tokens + (jitter + slot) % 3 - 1, response_length) for slot in range(1 + num_rejected)]
+        else:
+            messages = [Message(role, _fit(rng, length, text_tokens)) for role, length in profile.dialogue(rng)]
+            messages[-1] = Message("user", "<image>\n" + messages[-1].content)
+            lengths = [profile.human_response(rng), profile.human_response(rng)] + [profile.blind_response(rng) for _ in range(num_rejected - 1)]
+            responses = [_fit(rng, length, response_length) for length in lengths[: 1 + num_rejected]]
         records.append(
             PreferenceRecord(
                 id=f"bench-{index}",
-                messages=[Message("user", "<image>\n" + instruction)],
+                messages=messages,
                 image=image_name,
                 chosen=responses[0],
                 rejected=responses[1:],
@@ -716,11 +810,47 @@ def make_contender(key: str, policy: Any, workload: Workload, setup: Setup) -> C
     return make_trl(policy, workload, setup) if key == "D" else make_mmsafe(key, policy, workload, setup)
 
 
-def prepare(setup: Setup, *, num_rejected: int = 2, response_tokens: int | None = None, seed: int = 0, attention: str = "sdpa"):
+def prepare(
+    setup: Setup, *, num_rejected: int = 2, response_tokens: int | None = None, seed: int = 0, attention: str = "sdpa", profile: LengthProfile | None = None
+):
     """(processor, starting model, workload of ``setup.batch_size`` examples)."""
     processor, model = build_model(setup, seed=seed, attention=attention)
-    workload = build_workload(processor, model, setup, examples=setup.batch_size, num_rejected=num_rejected, response_tokens=response_tokens, seed=seed)
+    workload = build_workload(
+        processor, model, setup, examples=setup.batch_size, num_rejected=num_rejected, response_tokens=response_tokens, seed=seed, profile=profile
+    )
     return processor, model, workload
+
+
+def padding_shares(processor: Any, model: Any, setup: Setup, profile: LengthProfile, *, examples: int = PADDING_EXAMPLES, seed: int = 1) -> list[dict[str, Any]]:
+    """Share of padding positions over one epoch of ``examples`` drawn from ``profile``.
+
+    For the default path (packed rows) and the general path (prompt-cache), at several
+    batch sizes, with the training's length grouping (``group_by_length``, on by default)
+    and without it (random order): what the ``batch/padding_share`` metric of
+    ``mmsafe train`` averages to over the epoch.
+    """
+    import torch
+
+    from mmsafe.train.data import PreferenceCollator
+    from mmsafe.train.trainer import EpochLengthGroupedSampler, example_length, padding_share
+
+    workload = build_workload(processor, model, setup, examples=examples, num_rejected=2, seed=seed, profile=profile)
+    lengths = [example_length(item["example"]) for item in workload.items]
+    rows = []
+    for key in ("A", "G"):
+        collator = PreferenceCollator(workload.pad_token_id, workload.sources, mode=FORWARD_MODES[key], encoder=workload.encoder)
+        for batch_size in PADDING_BATCH_SIZES:
+            orders = {
+                "grouped": list(EpochLengthGroupedSampler(batch_size, lengths, seed=0)),
+                "random": torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist(),
+            }
+            for grouping, order in orders.items():
+                padded = total = 0.0
+                for start in range(0, len(order), batch_size):
+                    batch_padded, batch_total = padding_share(collator([workload.items[index] for index in order[start : start + batch_size]]))
+                    padded, total = padded + batch_padded, total + batch_total
+                rows.append({"path": f"{key}: {CONTENDERS[key]}", "key": key, "batch_size": batch_size, "order": grouping, "padding_share": padded / total, "positions": int(total)})
+    return rows
 
 
 # --------------------------------------------------------------------------- checks
@@ -872,12 +1002,12 @@ def scaling(model: Any, processor: Any, setup: Setup, *, values: list[int], vary
     return rows
 
 
-def run_solo(key: str, setup: Setup, repetitions: int, *, flops: bool = False) -> dict[str, Any]:
+def run_solo(key: str, setup: Setup, repetitions: int, *, flops: bool = False, profile: LengthProfile | None = None) -> dict[str, Any]:
     """One contender alone in this (fresh) process: step times, peak memory, and (``flops``) its FLOP rate."""
     import torch
 
     attention = attention_for(key, setup)
-    _, model, workload = prepare(setup, attention=attention)
+    _, model, workload = prepare(setup, attention=attention, profile=profile)
     baseline = peak_rss_mb()
     contender = make_contender(key, model, workload, setup)
     del model
@@ -1026,7 +1156,7 @@ def _in_subprocess(mode: list[str], args: argparse.Namespace, what: str) -> dict
     for flag in ("gpu", "quick", "tiny"):
         if getattr(args, flag):
             command.append(f"--{flag}")
-    for option in ("batch_size", "threads"):
+    for option in ("batch_size", "threads", "workload"):
         if getattr(args, option) is not None:
             command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     completed = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, "MMSAFE_PROGRESS": "0"})
@@ -1046,6 +1176,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="examples per optimizer step (default 1, the release's per-device batch; quick 2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice); 1 is steadier on a busy machine")
     parser.add_argument("--skip-qwen", action="store_true", help="CPU runs: leave out the Qwen2.5-VL-shaped model")
+    parser.add_argument(
+        "--workload",
+        choices=["realistic", "uniform"],
+        default="realistic",
+        help="realistic (default): multi-turn prompts and response lengths drawn as in the released data, with long blind answers; "
+        "uniform: every prompt and response of the setup's length (the K and length sweeps always use uniform lengths)",
+    )
     parser.add_argument("--solo", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)  # internal: one contender in a fresh process
     parser.add_argument("--family", choices=["llava", "qwen2.5-vl"], default="llava", help=argparse.SUPPRESS)  # internal, with --solo
     parser.add_argument("--scoring-memory", choices=["plain", "chunked"], help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
@@ -1067,11 +1204,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.solo:
         setup = qwen_setup if args.family == "qwen2.5-vl" else llava_setup
-        print(json.dumps(run_solo(args.solo, setup, repetitions, flops=args.gpu)))
+        print(json.dumps(run_solo(args.solo, setup, repetitions, flops=args.gpu, profile=profile_for(args))))
         return 0
     if args.gpu:
         return run_gpu(args, llava_setup, qwen_setup, repetitions)
     return run_cpu(args, llava_setup, qwen_setup, repetitions)
+
+
+def profile_for(args: argparse.Namespace) -> LengthProfile | None:
+    """The length profile of the main comparison: None for uniform lengths; shorter for --quick and --tiny."""
+    if args.workload == "uniform":
+        return None
+    if args.tiny:
+        return replace(REALISTIC, scale=0.1)
+    return QUICK_REALISTIC if args.quick else REALISTIC
 
 
 def run_cpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitions: int) -> int:
@@ -1079,7 +1225,8 @@ def run_cpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitio
 
     torch.manual_seed(0)
     load_before = os.getloadavg()
-    processor, model, workload = prepare(setup)
+    profile = profile_for(args)
+    processor, model, workload = prepare(setup, profile=profile)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     agreement = check_losses(copy.deepcopy(model), workload, setup)
     general_agreement = check_losses(copy.deepcopy(model), workload, setup, fast="G", with_trl=False)
@@ -1104,9 +1251,11 @@ def run_cpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitio
     response_lengths = [half, base, 2 * base] if args.quick else [half, base, 2 * base, 4 * base]
     k_rows = scaling(model, processor, setup, values=[1, 2, 4], vary="rejected", repetitions=sweep_repetitions)
     length_rows = scaling(model, processor, setup, values=response_lengths, vary="response_tokens", repetitions=sweep_repetitions)
+    padding_examples = 100 if args.quick else PADDING_EXAMPLES
+    padding_rows = padding_shares(processor, model, setup, profile or REALISTIC, examples=padding_examples)
     del model
 
-    qwen = None if args.skip_qwen else run_qwen_cpu(qwen_setup, repetitions)
+    qwen = None if args.skip_qwen else run_qwen_cpu(qwen_setup, repetitions, profile)
     memory_rows = measure_scoring_memory(args, ["llava"] if args.skip_qwen else ["llava", "qwen2.5-vl"])
     load_after = os.getloadavg()
 
@@ -1116,21 +1265,30 @@ def run_cpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitio
         "G_over_C": by_key["G"]["examples_per_s"] / by_key["C"]["examples_per_s"],
         "A_over_D": by_key["A"]["examples_per_s"] / by_key["D"]["examples_per_s"],
         "A_memory_over_D": by_key["A"]["peak_rss_mb"] / by_key["D"]["peak_rss_mb"],
+        "A_padding_share": max(row["padding_share"] for row in padding_rows if row["key"] == "A" and row["order"] == "grouped"),
     }
     if qwen is not None:
         verdict["qwen_G_over_C"] = qwen["G_over_C"]
+    chunked = [row["logprobs_chunked_over_plain"] for row in memory_rows if row["setup"] == qwen_setup.name]
+    if chunked:
+        verdict["qwen_logprobs_chunked_over_plain"] = chunked[0]
     passed = (
         verdict["A_over_C"] >= TARGET_SPEEDUP
-        and verdict["A_over_D"] >= TARGET_SPEEDUP
+        and verdict["A_over_D"] >= TARGET_TRL_SPEEDUP
         and verdict["A_memory_over_D"] <= TARGET_MEMORY_RATIO
         and verdict["G_over_C"] >= TARGET_GENERAL_SPEEDUP
+        and verdict.get("qwen_G_over_C", TARGET_QWEN_SPEEDUP) >= TARGET_QWEN_SPEEDUP
+        and verdict.get("qwen_logprobs_chunked_over_plain", 0.0) <= TARGET_CHUNKED_MEMORY
+        and verdict["A_padding_share"] <= TARGET_PADDING_SHARE
     )
     print(format_table(rows, ["name", "examples_per_s", "examples_per_s_min", "examples_per_s_max", "median_seconds", "peak_rss_mb", "A_speedup"]))
     print(
-        f"A/C {verdict['A_over_C']:.2f}x, A/D {verdict['A_over_D']:.2f}x (target >= {TARGET_SPEEDUP:g}x); "
+        f"A/C {verdict['A_over_C']:.2f}x (target >= {TARGET_SPEEDUP:g}x), A/D {verdict['A_over_D']:.2f}x (target >= {TARGET_TRL_SPEEDUP:g}x); "
         f"G/C {verdict['G_over_C']:.2f}x (target >= {TARGET_GENERAL_SPEEDUP:g}x); "
         f"A's peak memory / D's {verdict['A_memory_over_D']:.2f} (target <= {TARGET_MEMORY_RATIO:g})"
     )
+    print(f"padding share over an epoch of {padding_examples} realistic examples (target for A, grouped: <= {TARGET_PADDING_SHARE:.0%}):")
+    print(format_table(padding_rows, ["path", "batch_size", "order", "padding_share", "positions"]))
     print("step time against K rejected responses (A vs C):")
     print(format_table(k_rows, ["rejected", "A_step_s", "C_step_s", "C_over_A"]))
     print("step time against response length in tokens, K = 2 (A vs C):")
@@ -1165,6 +1323,7 @@ def run_cpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitio
                 "image_tokens": setup.image_tokens,
                 "response_tokens": workload.response_lengths,
                 "tokenizer_vocabulary": len(processor.tokenizer),
+                "profile": profile and asdict(profile),
             },
             "load_average": {"before": load_before, "after": load_after},
             "loss_agreement": asdict(agreement),
@@ -1174,6 +1333,7 @@ def run_cpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitio
             "acceptance": {**verdict, "passed": passed},
             "scaling_rejected": k_rows,
             "scaling_response_tokens": length_rows,
+            "padding_share": padding_rows,
             "flops": {"A_step_flops": step_flops, "A_flops_per_s": achieved, "matmul_flops_per_s": ceiling, "fraction": achieved / ceiling["median"]},
             "qwen2.5-vl": qwen and {**qwen, "setup": asdict(qwen_setup)},
             "scoring_memory": memory_rows,
@@ -1185,9 +1345,9 @@ def run_cpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitio
     return 0 if passed else 2
 
 
-def run_qwen_cpu(setup: Setup, repetitions: int) -> dict[str, Any]:
+def run_qwen_cpu(setup: Setup, repetitions: int, profile: LengthProfile | None = None) -> dict[str, Any]:
     """G, P and C on the Qwen2.5-VL-shaped model, alternating; G's loss checked against C's."""
-    _processor, model, workload = prepare(setup)
+    _processor, model, workload = prepare(setup, profile=profile)
     agreement = check_losses(copy.deepcopy(model), workload, setup, fast="G", with_trl=False)
     contenders = {key: make_contender(key, copy.deepcopy(model), workload, setup) for key in QWEN_CONTENDERS}
     measured = run_alternating({key: contender.step for key, contender in contenders.items()}, repetitions=repetitions, warmup=1)
@@ -1219,7 +1379,7 @@ def run_gpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitio
         shape = qwen_setup if family == "qwen2.5-vl" else setup
         for key in keys:
             if args.tiny:  # tiny models fit side by side: one process saves a library import per contender
-                result = run_solo(key, shape, repetitions, flops=True)
+                result = run_solo(key, shape, repetitions, flops=True, profile=profile_for(args))
             else:
                 result = solo_in_subprocess(key, args, repetitions=repetitions, family=family)
             seconds = result["seconds"]

@@ -60,6 +60,56 @@ def test_workload_lengths_follow_the_setup(prepared):
     assert all(abs(length - TINY.response_tokens) <= 3 for length in workload.response_lengths)
 
 
+def test_realistic_profile_draws_the_stated_distributions():
+    """Medians and ranges of many draws against the numbers the profile states (independent of its code)."""
+    import random
+    import statistics
+
+    profile = bench.REALISTIC
+    rng = random.Random(0)
+    human = sorted(profile.human_response(rng) for _ in range(20000))
+    assert abs(statistics.median(human) - 35) <= 2
+    assert abs(human[int(0.9 * len(human))] - 110) <= 6  # the 90th percentile
+    assert 4 <= human[0] and human[-1] <= profile.human_max_tokens
+    blind = [profile.blind_response(rng) for _ in range(2000)]
+    assert 100 <= min(blind) and max(blind) <= 300 and abs(statistics.mean(blind) - 200) <= 5
+    dialogues = [profile.dialogue(rng) for _ in range(2000)]
+    assert all(40 <= sum(length for _, length in turns) <= 640 for turns in dialogues)
+    assert all([role for role, _ in turns] == ["user", "assistant"] * ((len(turns) - 1) // 2) + ["user"] for turns in dialogues)
+    assert {len(turns) for turns in dialogues} == {1, 3, 5, 7}  # zero to three earlier exchanges
+
+
+def test_realistic_workload_has_several_turns_and_long_blind_answers():
+    profile = bench.replace(bench.REALISTIC, scale=0.1)
+    processor, model, workload = bench.prepare(bench.replace(TINY, batch_size=6), profile=profile)
+    prompts = [item["example"] for item in workload.items]
+    assert max(workload.prompt_lengths) > min(workload.prompt_lengths)  # drawn, not fixed
+    responses = [workload.response_lengths[index : index + 3] for index in range(0, len(workload.response_lengths), 3)]
+    # The blind answer (last) is drawn from 100-300 tokens x 0.1: 10 to 30, end-of-sequence included.
+    assert all(10 <= blind <= 32 for _, _, blind in responses)
+    assert len(prompts) == 6
+
+
+def test_length_grouping_cuts_the_padding_of_packed_batches():
+    profile = bench.replace(bench.REALISTIC, scale=0.1)
+    processor, model = bench.build_model(TINY)
+    rows = bench.padding_shares(processor, model, TINY, profile, examples=64)
+    share = {(row["key"], row["batch_size"], row["order"]): row["padding_share"] for row in rows}
+    assert share["A", 1, "grouped"] == 0.0  # one packed row per batch: nothing to pad
+    assert share["A", 4, "grouped"] < share["A", 4, "random"]
+    assert share["A", 8, "grouped"] < share["A", 8, "random"]
+    assert all(0.0 <= value < 1.0 for value in share.values())
+    # By hand from the example lengths: packed rows of a batch are padded to its longest.
+    from mmsafe.train.trainer import EpochLengthGroupedSampler
+
+    workload = bench.build_workload(processor, model, TINY, examples=64, num_rejected=2, seed=1, profile=profile)
+    lengths = [len(item["example"].prompt_ids) + sum(len(ids) for ids in item["example"].responses) for item in workload.items]
+    order = list(EpochLengthGroupedSampler(4, lengths, seed=0))
+    batches = [[lengths[index] for index in order[start : start + 4]] for start in range(0, len(order), 4)]
+    expected = sum(len(batch) * max(batch) - sum(batch) for batch in batches) / sum(len(batch) * max(batch) for batch in batches)
+    assert share["A", 4, "grouped"] == pytest.approx(expected, abs=1e-12)
+
+
 def test_losses_agree_across_layouts_and_with_trl(prepared):
     _, model, workload = prepared
     agreement = bench.check_losses(copy.deepcopy(model), workload, TINY)

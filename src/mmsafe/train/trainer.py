@@ -178,7 +178,7 @@ class PreferenceTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.preference_config.group_by_length or not isinstance(dataset, PreferenceDataset):
             return super()._get_train_sampler(train_dataset)
-        lengths = [len(example.prompt_ids) + sum(len(ids) for ids in example.responses) for example in dataset.examples]
+        lengths = [example_length(example) for example in dataset.examples]
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         # Grouped by the global batch (every process, every accumulation step), so the order does
         # not depend on how a batch is split over processes: 2 processes x 1 = 1 process x 2.
@@ -280,6 +280,11 @@ class PreferenceTrainer(Trainer):
             self._metric_sums.zero_()
             self._metric_counts.zero_()
         super().log(logs, start_time)
+
+
+def example_length(example: Any) -> int:
+    """Tokens of an encoded example (prompt once, every response): what length grouping sorts by."""
+    return len(example.prompt_ids) + sum(len(ids) for ids in example.responses)
 
 
 class EpochLengthGroupedSampler(torch.utils.data.Sampler):
