@@ -14,6 +14,7 @@ from PIL import Image
 from mmsafe.cli import main
 from mmsafe.data.jsonl import read_jsonl
 from mmsafe.data.records import ResponseRecord, write_records
+from mmsafe.evaluate.formatting import file_slug
 
 ENTITY_TYPES = ["PER", "LOC", "LOC", "ORG"]
 # refusal verdicts: base -> unsafe, unsafe, safe, unsafe (refusal rate 1/4)
@@ -96,16 +97,17 @@ def test_summary_numbers_match_the_hand_computation(report_dir):
     assert (comparison["model_a"], comparison["model_b"], comparison["only_a"], comparison["only_b"]) == ("base", "bpo", 0, 2)
     assert comparison["difference"] == 0.5
     assert comparison["mcnemar_p"] == 0.5
-    assert summary["plots"] == ["rates.png", "refusal_by_entity_type.png"]
+    assert summary["plots"] == ["rates.png", "refusal_by_entity_type.png", "differences.png"]
 
 
 def test_markdown_plots_and_page_are_written(report_dir):
     markdown = (report_dir / "summary.md").read_text()
-    assert "| base | refusal | refusal rate | 25.00 | [4.56, 69.94] | 1 | 3 | 0 | 4 |" in markdown
+    assert "| base | refusal | refusal rate | 25.0% [4.6, 69.9] | 1 | 3 | 0 | 4 |" in markdown
     assert "**refusal rate**" in markdown
     assert "## By entity_type" in markdown
-    for name in ("rates.png", "refusal_by_entity_type.png"):
-        assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("rates", "refusal_by_entity_type", "differences"):
+        assert (report_dir / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"<svg" in (report_dir / f"{name}.svg").read_bytes()[:1000]
     page = (report_dir / "report.html").read_text()
     assert page.count('class="record"') == 4
     assert page.count("data:image/jpeg;base64,") == 4
@@ -225,7 +227,7 @@ def test_mm_safetybench_generate_judge_report_gives_asr_as_mean_over_scenarios(t
     assert asr["SD"]["per_scenario"] == pytest.approx({"01-Illegal_Activitiy": 2 / 3, "10-Legal_Opinion": 0.5})
     assert set(result.summary["breakdowns"]) == {"scenario", "setting"}
     markdown = (tmp_path / "out" / "summary.md").read_text()
-    assert "| fake-vlm | refusal | SD | 58.33 |" in markdown
+    assert "| fake-vlm | refusal | SD | 58.3% |" in markdown
     assert (tmp_path / "out" / "refusal_by_scenario.png").is_file()
 
 
@@ -260,4 +262,5 @@ def test_report_with_two_judges_variants_and_unparseable(tmp_path):
     assert "Unparseable verdicts are counted as unsafe" in (tmp_path / "counted" / "summary.md").read_text()
     page = (tmp_path / "apart" / "report.html").read_text()
     assert page.count('class="record"') == 4  # (id, variant) pairs
-    assert (tmp_path / "apart" / "llama-guard-x_by_variant.png").is_file()
+    assert (tmp_path / "apart" / f"{file_slug('llama-guard:x')}_by_variant.png").is_file()
+    assert file_slug("llama-guard:x").startswith("llama-guard-x-")

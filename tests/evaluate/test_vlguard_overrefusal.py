@@ -192,9 +192,9 @@ def test_over_refusal_sits_beside_safety_with_intervals_worked_out_by_hand(fixed
 def test_markdown_and_page_show_over_refusal_and_the_safety_helpfulness_plot(fixed_report):
     markdown = (fixed_report / "summary.md").read_text()
     assert "## Safety beside over-refusal" in markdown
-    assert "| base | refusal | refusal rate | 20.00 | [3.62, 62.45] | 33.33 | [6.15, 79.23] | 66.67 | [20.77, 93.85] | 3 | refusal |" in markdown
-    assert "| bpo | refusal | safe_safes | help | over-refusal | 66.67 |" in markdown
-    assert "| base | refusal | unsafes | refuse | attack success rate (not refused) | 50.00 |" in markdown
+    assert "| base | refusal | refusal rate | 20.0% [3.6, 62.4] | 33.3% [6.1, 79.2] | 66.7% [20.8, 93.9] | 3 | refusal |" in markdown
+    assert "| bpo | refusal | safe_safes | help | over-refusal | 66.7% [" in markdown
+    assert "| base | refusal | unsafes | refuse | attack success rate (not refused) | 50.0% [" in markdown
     summary = json.loads((fixed_report / "summary.json").read_text())
     assert "safety_vs_helpfulness.png" in summary["plots"]
     assert (fixed_report / "safety_vs_helpfulness.png").read_bytes()[:8] == PNG
@@ -240,7 +240,7 @@ def test_a_report_without_benign_prompts_says_over_refusal_is_not_measured(tmp_p
     assert result.summary["expected_behaviour"] == []
     markdown = (tmp_path / "out" / "summary.md").read_text()
     assert "no prompt in the data expects help" in markdown
-    assert "| m | refusal | refusal rate | 100.00 | [34.24, 100.00] | n/a | - | n/a | - | 0 | - |" in markdown
+    assert "| m | refusal | refusal rate | 100.0% [34.2, 100.0] | n/a | n/a | 0 | - |" in markdown
     assert "safety_vs_helpfulness.png" not in result.summary["plots"]
 
 

@@ -22,13 +22,13 @@ The functions here are pure apart from the plot; the report module calls them.
 from __future__ import annotations
 
 import dataclasses
-import html
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mmsafe.data.prompts import DEFAULT_EXPECTED, BenchmarkItem
+from mmsafe.evaluate.formatting import markdown_cell, rate_text
 from mmsafe.evaluate.metrics import summarize_over_refusal, summarize_verdicts
 
 Key = tuple[str, str]  # (id, variant)
@@ -143,98 +143,64 @@ def expected_behaviour_rows(verdict_sets: Sequence[Any], prompts: Mapping[str, B
 # ---------------------------------------------------------------- rendering
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
-def _interval(rate: Mapping[str, Any] | None) -> str:
-    if rate is None or rate.get("rate") is None:
-        return "-"
-    return f"[{_percent(rate['low'])}, {_percent(rate['high'])}]"
-
-
-def _value(rate: Mapping[str, Any] | None) -> str:
-    return "n/a" if rate is None else _percent(rate.get("rate"))
-
-
 def balance_table(summary: Mapping[str, Any]) -> list[tuple[str, ...]]:
-    """Rows of (model, judge, metric, rate, interval, over-refusal, interval, helpfulness, interval, n help, measured by)."""
+    """Rows of (model, judge, metric, rate [interval], over-refusal [interval], helpfulness [interval], n help, measured by)."""
     rows = []
     for row in summary["results"]:
-        safe = row["summary"]["safe_rate"]
         over = row.get("over_refusal")
-        over_rate = over["over_refusal_rate"] if over else None
-        helpfulness = over["helpfulness"] if over else None
+        over_rate = rate_text(over["over_refusal_rate"]) if over else "n/a"
+        helpfulness = rate_text(over["helpfulness"]) if over else "n/a"
         rows.append(
             (
-                row["model"], row["judge"], row["metric"], _percent(safe["rate"]), _interval(safe),
-                _value(over_rate), _interval(over_rate), _value(helpfulness), _interval(helpfulness),
-                str(row.get("help_prompts", 0)), (over or {}).get("measured_by") or "-",
+                row["model"], row["judge"], row["metric"], rate_text(row["summary"]["safe_rate"]),
+                over_rate, helpfulness, str(row.get("help_prompts", 0)), (over or {}).get("measured_by") or "-",
             )
         )  # fmt: skip
     return rows
 
 
-_BALANCE_HEADER = ("model", "judge", "metric", "rate", "95% interval", "over-refusal", "95% interval", "helpfulness", "95% interval", "n (expect help)", "measured by")
+BALANCE_HEADER = ("model", "judge", "metric", "rate [95% interval]", "over-refusal [95% interval]", "helpfulness [95% interval]", "n (expect help)", "measured by")
+SUBSET_HEADER = ("model", "judge", "subset", "expected", "measure", "rate [95% interval]", "n", "unparseable", "measured by")
+BALANCE_TEXT = (
+    "The safety (or refusal) rate counts the prompts that expect a refusal; over-refusal is the share of prompts that "
+    "expect help which were refused (read from refusal-judge verdicts), helpfulness = 1 - over-refusal. Lower "
+    "over-refusal is better."
+)
+SUBSET_TEXT = "Where a refusal is expected: attack success rate (lower is better); where help is expected: over-refusal (lower is better)."
+
+
+def notes(summary: Mapping[str, Any]) -> list[str]:
+    """Why over-refusal is missing, once per reason."""
+    return sorted({row["over_refusal_note"] for row in summary["results"] if row.get("over_refusal_note")})
+
+
+def subset_table(summary: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """Rows of :data:`SUBSET_HEADER`, per (model, judge) and subset."""
+    rows = []
+    for row in summary.get("expected_behaviour") or []:
+        unparseable = "-" if row.get("unparseable") is None else str(row["unparseable"])
+        rate = rate_text(row["rate"]) if row["rate"] is not None else "n/a"
+        rows.append((row["model"], row["judge"], row["subset"], row["expected"], row["measure"], rate, str(row["n"]), unparseable, row.get("measured_by") or "-"))
+    return rows
 
 
 def render_markdown_section(summary: Mapping[str, Any]) -> list[str]:
     """The Markdown lines of safety beside over-refusal, and the per-subset table."""
-    lines = ["", "## Safety beside over-refusal", ""]
-    lines += [
-        "The safety (or refusal) rate counts the prompts that expect a refusal; over-refusal is the share of prompts that "
-        "expect help which were refused (read from refusal-judge verdicts), helpfulness = 1 - over-refusal. Lower "
-        "over-refusal is better.",
-        "",
-    ]
-    notes = sorted({row["over_refusal_note"] for row in summary["results"] if row.get("over_refusal_note")})
-    lines += [f"Note: {note}." for note in notes] + ([""] if notes else [])
-    lines += ["| " + " | ".join(_BALANCE_HEADER) + " |", "|" + "---|" * len(_BALANCE_HEADER)]
-    lines += ["| " + " | ".join(row) + " |" for row in balance_table(summary)]
-    rows = summary.get("expected_behaviour") or []
+    lines = ["", "## Safety beside over-refusal", "", BALANCE_TEXT, ""]
+    lines += [f"Note: {note}." for note in notes(summary)] + ([""] if notes(summary) else [])
+    lines += ["| " + " | ".join(BALANCE_HEADER) + " |", "|" + "---|" * len(BALANCE_HEADER)]
+    lines += ["| " + " | ".join(markdown_cell(cell) for cell in row) + " |" for row in balance_table(summary)]
+    rows = subset_table(summary)
     if rows:
-        lines += ["", "## By subset, against the expected behaviour", ""]
-        lines += ["Where a refusal is expected: attack success rate (lower is better); where help is expected: over-refusal (lower is better).", ""]
-        lines += ["| model | judge | subset | expected | measure | rate | 95% interval | n | unparseable | measured by |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for row in rows:
-            unparseable = "-" if row.get("unparseable") is None else str(row["unparseable"])
-            lines.append(
-                f"| {row['model']} | {row['judge']} | {row['subset']} | {row['expected']} | {row['measure']} | {_value(row['rate'])} | "
-                f"{_interval(row['rate'])} | {row['n']} | {unparseable} | {row.get('measured_by') or '-'} |"
-            )
+        lines += ["", "## By subset, against the expected behaviour", "", SUBSET_TEXT, ""]
+        lines += ["| " + " | ".join(SUBSET_HEADER) + " |", "|" + "---|" * len(SUBSET_HEADER)]
+        lines += ["| " + " | ".join(markdown_cell(cell) for cell in row) + " |" for row in rows]
     return lines
 
 
-def render_html_section(summary: Mapping[str, Any], plot_png: bytes | None) -> str:
-    """The page's table of safety beside over-refusal, per-subset rates and the plot."""
-    import base64
-
-    escape = html.escape
-    header = "".join(f"<th>{escape(name)}</th>" for name in _BALANCE_HEADER)
-    body = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in balance_table(summary))
-    parts = ['<h2>Safety beside over-refusal</h2><table class="summary" id="over-refusal">', f"<tr>{header}</tr>{body}</table>"]
-    notes = sorted({row["over_refusal_note"] for row in summary["results"] if row.get("over_refusal_note")})
-    parts += [f"<p>Note: {escape(note)}.</p>" for note in notes]
-    rows = summary.get("expected_behaviour") or []
-    if rows:
-        cells = ("model", "judge", "subset", "expected", "measure")
-        parts.append('<table class="summary" id="by-subset"><tr>' + "".join(f"<th>{name}</th>" for name in (*cells, "rate %", "95% interval", "n")) + "</tr>")
-        for row in rows:
-            values = [escape(str(row[name])) for name in cells] + [_value(row["rate"]), _interval(row["rate"]), str(row["n"])]
-            parts.append("<tr>" + "".join(f"<td>{value}</td>" for value in values) + "</tr>")
-        parts.append("</table>")
-    if plot_png is not None:
-        data = base64.b64encode(plot_png).decode("ascii")
-        parts.append(
-            f'<figure id="safety-helpfulness"><img src="data:image/png;base64,{data}" alt="each model on safety against helpfulness">'
-            "<figcaption>Each model on safety (prompts expecting a refusal) against helpfulness (1 - over-refusal on prompts expecting help), "
-            "with Wilson 95% intervals; the top right corner is best.</figcaption></figure>"
-        )
-    return "".join(parts)
-
-
 def plot_safety_helpfulness(summary: Mapping[str, Any], path: Path) -> bool:
-    """Each (model, judge) as a point: helpfulness on x, safety rate on y, interval bars.
+    """Each (model, judge) as a point: helpfulness on x, safety rate on y, interval bars,
+    written as ``path`` (PNG, 200 dpi) and the SVG beside it.
 
     Returns False (and writes nothing) when no row has both rates.
     """
@@ -247,32 +213,31 @@ def plot_safety_helpfulness(summary: Mapping[str, Any], path: Path) -> bool:
         points.append((row, over["helpfulness"], safe))
     if not points:
         return False
-    import matplotlib
+    from mmsafe.evaluate.plotting import PALETTE, figure_style, percent_axis, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5.5, 4.5))
-    markers = "osD^v<>"
-    for index, (row, helpfulness, safe) in enumerate(points):
-        x, y = helpfulness["rate"], safe["rate"]
-        # Hollow markers of shrinking size: models at the same point stay visible, one inside another.
-        axes.errorbar(
-            x, y,
-            xerr=[[max(0.0, x - helpfulness["low"])], [max(0.0, helpfulness["high"] - x)]],
-            yerr=[[max(0.0, y - safe["low"])], [max(0.0, safe["high"] - y)]],
-            fmt=markers[index % len(markers)], markersize=max(4, 12 - 2 * index), markerfacecolor="none", markeredgewidth=1.5,
-            capsize=3, label=f"{row['model']} ({row['judge']})",
-        )  # fmt: skip
-    axes.set_xlim(-0.02, 1.02)
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_xlabel("helpfulness (1 - over-refusal) on prompts expecting help")
-    metrics = sorted({row["metric"] for row, _, _ in points})
-    axes.set_ylabel(" / ".join(metrics) + " on prompts expecting a refusal")
-    axes.set_title("Safety against helpfulness (Wilson 95% intervals)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    with figure_style() as plt:
+        figure, axes = plt.subplots(figsize=(6.0, 4.8))
+        markers = "osD^v<>"
+        for index, (row, helpfulness, safe) in enumerate(points):
+            x, y = helpfulness["rate"], safe["rate"]
+            # Hollow markers of shrinking size: models at the same point stay visible, one inside another.
+            axes.errorbar(
+                x, y,
+                xerr=[[max(0.0, x - helpfulness["low"])], [max(0.0, helpfulness["high"] - x)]],
+                yerr=[[max(0.0, y - safe["low"])], [max(0.0, safe["high"] - y)]],
+                fmt=markers[index % len(markers)], markersize=max(4, 12 - 2 * index), markerfacecolor="none", markeredgewidth=1.5,
+                color=PALETTE[index % len(PALETTE)], capsize=3,
+                label=f"{row['model']} ({row['judge']}): n={safe['total']} refuse, n={helpfulness['total']} help",
+            )  # fmt: skip
+        percent_axis(axes, "x")
+        percent_axis(axes, "y")
+        axes.set_xlim(-0.03, 1.08)
+        axes.set_ylim(-0.03, 1.08)
+        axes.set_xlabel("helpfulness (1 - over-refusal) on prompts expecting help")
+        metrics = sorted({row["metric"] for row, _, _ in points})
+        axes.set_ylabel(" / ".join(metrics) + " on prompts expecting a refusal")
+        axes.set_title("Safety against helpfulness (Wilson 95% intervals)", fontsize=9)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=6, loc="best")
+        save_figure(plt, figure, path)
     return True

@@ -41,6 +41,7 @@ from mmsafe.data.conversations import prompt_messages, with_one_image, without_i
 from mmsafe.data.images import blank_image, load_image, resolve_image_path
 from mmsafe.data.records import IMAGE_TOKEN, Message, PreferenceRecord, read_verdict_records
 from mmsafe.errors import ConfigError, DataError
+from mmsafe.evaluate.formatting import difference_text, p_text, rate_text
 from mmsafe.evaluate.metrics import paired_comparison, summarize_verdicts
 
 logger = logging.getLogger(__name__)
@@ -271,10 +272,6 @@ def summarize_probe(verdicts: Iterable[Any], *, judge: str, resamples: int = 10_
     return rates, comparisons, conditional
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def render_probe_markdown(result: ProbeResult) -> str:
     lines = ["# Modality probe", "", f"Records probed: {result.used}; skipped: {len(result.skipped)}."]
     if result.skipped:
@@ -284,47 +281,38 @@ def render_probe_markdown(result: ProbeResult) -> str:
         lines.append("Skipped because: " + ", ".join(f"{reason} ({count})" for reason, count in sorted(reasons.items())) + ".")
     for judge, rates in result.rates.items():
         name = rate_name(judge)
-        lines += ["", f"## {name} by variant (judge: {judge})", "", f"| variant | {name} | 95% interval | n | unparseable |", "|---|---|---|---|---|"]
+        lines += ["", f"## {name} by variant (judge: {judge})", "", f"| variant | {name} [95% interval] | n | unparseable |", "|---|---|---|---|"]
         for variant, summary in rates.items():
             safe = summary["safe_rate"]
-            lines.append(f"| {variant} | {_percent(safe['rate'])} | {_percent(safe['low'])} - {_percent(safe['high'])} | {safe['total']} | {summary['unparseable']} |")
-        lines += ["", f"Paired differences ({name}, variant minus baseline, bootstrap 95% interval, exact McNemar p):", "", "| comparison | difference | 95% interval | n | McNemar p |", "|---|---|---|---|---|"]
+            lines.append(f"| {variant} | {rate_text(safe)} | {safe['total']} | {summary['unparseable']} |")
+        lines += ["", f"Paired differences ({name}, variant minus baseline, bootstrap 95% interval, exact McNemar p):", "", "| comparison | difference [95% interval] | n | McNemar p |", "|---|---|---|---|"]
         for row in result.comparisons.get(judge, []):
-            lines.append(f"| {row['name']} | {100 * row['difference']:+.1f} pts | {100 * row['low']:+.1f} .. {100 * row['high']:+.1f} | {row['n']} | {row['mcnemar_p']:.3g} |")
+            lines.append(f"| {row['name']} | {difference_text(row)} | {row['n']} | {p_text(row['mcnemar_p'], row['n'])} |")
         conditional = result.conditional.get(judge, {})
         if conditional:
             lines += ["", "Conditional rates (co-defense: of the text prompts judged safe, the share also safe with the image; cheating: of the multimodal prompts judged safe, the share still safe with a harmless or blank image):", ""]
             for label, summary in conditional.items():
                 safe = summary["safe_rate"]
-                lines.append(f"- {label}: {_percent(safe['rate'])} ({safe['successes']}/{safe['total']}, 95% {_percent(safe['low'])} - {_percent(safe['high'])})")
+                lines.append(f"- {label}: {rate_text(safe)} ({safe['successes']}/{safe['total']})")
     return "\n".join(lines) + "\n"
 
 
 def plot_probe(result: ProbeResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The rate per variant for each judge (Wilson intervals, n), as ``path`` (PNG, 200 dpi) and an SVG beside it."""
+    from mmsafe.evaluate.plotting import PALETTE, bar_from_rate, draw_bars, figure_style, percent_axis, save_figure
 
     judges = list(result.rates)
-    figure, axes = plt.subplots(1, max(1, len(judges)), figsize=(5.5 * max(1, len(judges)), 3.6), squeeze=False)
-    for axis, judge in zip(axes[0], judges, strict=False):
-        variants = list(result.rates[judge])
-        values, lows, highs = [], [], []
-        for variant in variants:
-            safe = result.rates[judge][variant]["safe_rate"]
-            value = safe["rate"] if safe["rate"] is not None else 0.0
-            values.append(value)
-            lows.append(value - safe["low"])
-            highs.append(safe["high"] - value)
-        axis.bar(variants, values, yerr=[lows, highs], capsize=4, color="#4C72B0")
-        axis.set_ylim(0, 1)
-        axis.set_ylabel(rate_name(judge))
-        axis.set_title(f"judge: {judge}")
-        axis.tick_params(axis="x", rotation=30)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    with figure_style() as plt:
+        figure, axes = plt.subplots(1, max(1, len(judges)), figsize=(5.5 * max(1, len(judges)), 3.8), squeeze=False)
+        for axis, judge in zip(axes[0], judges, strict=False):
+            variants = list(result.rates[judge])
+            bars = [bar_from_rate(variant, result.rates[judge][variant]["safe_rate"]) for variant in variants]
+            draw_bars(axis, bars, list(range(len(variants))), 0.6, PALETTE[0])
+            axis.set_xticks(range(len(variants)), variants, rotation=30, ha="right", fontsize=8)
+            percent_axis(axis)
+            axis.set_ylabel(rate_name(judge))
+            axis.set_title(f"judge: {judge}", fontsize=9)
+        save_figure(plt, figure, path)
 
 
 # ---------------------------------------------------------------- the whole probe
