@@ -244,8 +244,8 @@ def test_build_data_with_wikipedia_fallback(wikipedia, tmp_path):
     summary = build_data(config, stages=stages)
     rows = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     assert [(row["meta"]["entity"], row["meta"]["image_source"], row["image"]) for row in rows] == [
-        ("Paris", "local", "Paris.png"),
-        ("Barack Obama", "wikipedia", "500px-Barack_Obama.png"),
+        ("Paris", "local", "images/Paris.png"),
+        ("Barack Obama", "wikipedia", "images/500px-Barack_Obama.png"),
     ]
     assert summary.entities_without_image == 1  # Rome: the fake API has no such page
     assert wikipedia.hits["Paris"] == 0  # found locally first

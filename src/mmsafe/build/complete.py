@@ -7,11 +7,14 @@ testable with a plain fake and work with any engine.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from mmsafe.data.records import Message
 from mmsafe.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 Complete = Callable[[str], str]
 
@@ -28,10 +31,20 @@ def engine_completer(engine: Any, params: Any) -> Complete:
 
 
 def chat_completer(engine: Any, params: Any) -> Complete:
-    """``complete`` through an engine's ``chat(openai_messages, params)`` (the HTTP engine)."""
+    """``complete`` through an engine's ``chat(openai_messages, params)`` (the HTTP engine).
+
+    A reply that held no text even after the engine's retries is logged and given to
+    the stage as an empty answer, which each stage refuses per record: the entity stage
+    counts the instruction as failed, the rewrite stage falls back to its template.
+    """
+    from mmsafe.generate.openai_engine import NoTextReply
 
     def complete(prompt: str) -> str:
-        return engine.chat([{"role": "user", "content": prompt}], params)
+        try:
+            return engine.chat([{"role": "user", "content": prompt}], params)
+        except NoTextReply as error:
+            logger.warning("build-data: %s", error)
+            return ""
 
     return complete
 
@@ -46,7 +59,8 @@ def make_completer(options: Any) -> Complete:
 
         if not options.base_url or not options.model:
             raise ConfigError("engine openai needs base_url (e.g. http://localhost:8000/v1) and model (the served model's name)")
-        return chat_completer(OpenAIEngine(options.base_url, options.model, api_key_env=options.api_key_env), params)
+        engine = OpenAIEngine(options.base_url, options.model, api_key_env=options.api_key_env, deadline_s=options.deadline_s, max_body_bytes=options.max_body_bytes)
+        return chat_completer(engine, params)
     if options.engine == "hf":
         from mmsafe.generate.hf_engine import HFEngine
 

@@ -32,6 +32,8 @@ class ModelOptions:
     temperature: float = option(0.0, help="0 for greedy (deterministic) answers")
     seed: int = option(0, help="sampling seed when temperature > 0")
     prompt: str = option("", help="versioned prompt name in mmsafe/build/prompts (empty: the stage's default)")
+    deadline_s: float = option(300.0, help="engine openai: total seconds per HTTP attempt, connect to the last byte of the reply")
+    max_body_bytes: int = option(64 * 2**20, help="engine openai: largest reply read, in bytes (64 MiB)")
 
 
 @dataclass
@@ -68,9 +70,11 @@ class WikipediaOptions:
     thumb_size: int = option(500, help="width of the page image thumbnail in pixels")
     min_interval_s: float = option(0.1, help="least time between two requests (politeness)")
     max_retries: int = option(4, help="retries after a 429, a 5xx or a network error")
-    backoff_s: float = option(1.0, help="first retry delay; doubles each retry (Retry-After wins when given)")
+    backoff_s: float = option(1.0, help="bound of the first retry delay (a random wait up to it); doubles each retry; Retry-After is honoured up to max_backoff_s")
     max_backoff_s: float = option(60.0, help="longest delay between retries")
-    timeout_s: float = option(30.0, help="seconds per HTTP request")
+    timeout_s: float = option(30.0, help="longest wait for one connect or read, in seconds")
+    deadline_s: float = option(120.0, help="total seconds per HTTP request, connect to the last byte (a server trickling bytes is cut off)")
+    max_body_bytes: int = option(32 * 2**20, help="largest API answer or image download read, in bytes (32 MiB; a page-image thumbnail is well under 1 MiB)")
     cache_dir: str = option("", help="on-disk cache of API answers and images (empty: OUT/cache/wikipedia)")
 
 

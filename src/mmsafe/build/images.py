@@ -8,7 +8,8 @@ or None. Built in, found by name in :data:`IMAGE_SOURCES` and chained as fallbac
   a CSV/JSON index from entity to image file);
 - ``wikipedia``: the page image of the entity's Wikipedia article through the public
   MediaWiki API, with an on-disk cache, a descriptive User-Agent, a polite minimum
-  interval between requests and retries with backoff on 429 and 5xx answers.
+  interval between requests and the bounds and retries of :mod:`mmsafe.http` (a total
+  deadline per request, a cap on the size of an answer or image, backoff on 429 and 5xx).
 
 :class:`ImageStore` copies found images into the image root under safe file names.
 """
@@ -222,9 +223,11 @@ class WikipediaImageSource:
     One API request per entity (redirects followed; missing pages, disambiguation pages
     and pages without an image give None) and one download per image. Both answers are
     cached under ``cache_dir`` so a rerun sends nothing for entities already seen;
-    failures (an HTTP error after the retries, a malformed answer) raise
+    failures (an HTTP error after the retries, a malformed answer, a request past
+    ``deadline_s``, an answer or image over ``max_body_bytes``) raise
     :class:`~mmsafe.errors.ImageError` and are not cached, so a rerun tries again.
-    ``requests_sent`` counts HTTP requests, retries included.
+    ``requests_sent`` counts HTTP requests, retries included. Redirects are followed
+    (Wikimedia redirects thumbnails between hosts).
     """
 
     name = "wikipedia"
@@ -241,9 +244,11 @@ class WikipediaImageSource:
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
         timeout_s: float = 30.0,
+        deadline_s: float = 120.0,
+        max_body_bytes: int = 32 * 2**20,
         client: Any = None,
     ) -> None:
-        import httpx
+        from mmsafe.http import HttpPolicy, make_client
 
         if not user_agent.strip():
             raise ConfigError("images.wikipedia.user_agent: Wikimedia requires a descriptive User-Agent; got an empty one")
@@ -255,7 +260,16 @@ class WikipediaImageSource:
         self.max_backoff_s = max_backoff_s
         self.pages_dir = Path(cache_dir) / "pages"
         self.images_dir = Path(cache_dir) / "images"
-        self.client = client or httpx.Client(headers={"User-Agent": user_agent}, timeout=timeout_s, follow_redirects=True)
+        self.policy = HttpPolicy(
+            timeout_s=timeout_s,
+            deadline_s=deadline_s,
+            max_body_bytes=max_body_bytes,
+            max_retries=max_retries,
+            backoff_base=backoff_s,
+            backoff_max=max_backoff_s,
+            follow_redirects=True,
+        )
+        self.client = client or make_client(self.policy, headers={"User-Agent": user_agent})
         self.requests_sent = 0
         self._last_request = 0.0
 
@@ -265,39 +279,22 @@ class WikipediaImageSource:
             time.sleep(delay)
         self._last_request = time.monotonic()
 
-    def _retry_delay(self, attempt: int, retry_after: str | None) -> float:
-        """Retry-After (seconds or an HTTP date) when the server gives it, else ``backoff_s * 2**attempt``; capped."""
-        from mmsafe.generate.openai_engine import parse_retry_after
-
-        wait = parse_retry_after(retry_after)
-        if wait is None:
-            wait = self.backoff_s * 2**attempt
-        return min(wait, self.max_backoff_s)
+    def _count(self) -> None:
+        self._wait_politely()
+        self.requests_sent += 1
 
     def _get(self, url: str, params: dict[str, Any] | None, what: str) -> Any:
-        import httpx
+        """The answer to a GET (a :class:`mmsafe.http.Reply`); :class:`ImageError` after the retries."""
+        from mmsafe.http import HttpError, RetriesExhausted, send
 
-        problem = ""
-        for attempt in range(self.max_retries + 1):
-            self._wait_politely()
-            self.requests_sent += 1
-            retry_after = None
-            try:
-                response = self.client.get(url, params=params)
-            except httpx.TransportError as error:
-                problem = f"{type(error).__name__}: {error}"
-            else:
-                if response.status_code == 200:
-                    return response
-                if response.status_code != 429 and response.status_code < 500:
-                    raise ImageError(f"{what}: HTTP {response.status_code} from {url}", record=what, field="image")
-                problem = f"HTTP {response.status_code}"
-                retry_after = response.headers.get("Retry-After")
-            if attempt < self.max_retries:
-                delay = self._retry_delay(attempt, retry_after)
-                logger.info("wikipedia: %s for %s; retrying in %.1f s", problem, what, delay)
-                time.sleep(delay)
-        raise ImageError(f"{what}: {problem} from {url} after {self.max_retries + 1} attempts", record=what, field="image")
+        try:
+            return send(self.client, "GET", url, self.policy, label=f"{what}: GET {url}", before_attempt=self._count, params=params)
+        except RetriesExhausted as error:
+            problem = str(error.last).removeprefix(f"{url}: ")
+            raise ImageError(f"{what}: {problem} from {url} after {error.attempts} attempts", record=what, field="image") from None
+        except HttpError as error:
+            problem = f"HTTP {error.status}" if error.kind == "status" else str(error).removeprefix(f"{url}: ")
+            raise ImageError(f"{what}: {problem} from {url}", record=what, field="image") from None
 
     def _page_path(self, name: str) -> Path:
         return self.pages_dir / f"{hashlib.sha1(name.encode('utf-8')).hexdigest()[:24]}.json"
@@ -320,7 +317,7 @@ class WikipediaImageSource:
         }
         response = self._get(self.api_url, params, name)
         try:
-            pages = response.json()["query"]["pages"]
+            pages = json.loads(response.body)["query"]["pages"]
             page = pages[0] if isinstance(pages, list) else next(iter(pages.values()))
             if not isinstance(page, dict):
                 raise TypeError("page is not an object")
@@ -342,7 +339,7 @@ class WikipediaImageSource:
         if target.is_file():
             return target
         response = self._get(url, None, what)
-        _write_atomic(target, response.content)
+        _write_atomic(target, response.body)
         return target
 
     def find(self, name: str, entity_type: str) -> FoundImage | None:

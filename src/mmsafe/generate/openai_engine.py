@@ -1,20 +1,27 @@
 """The OpenAI-compatible engine: chat completions over HTTP (vLLM, SGLang, hosted APIs).
 
 This is how generation scales out: serve the model with any OpenAI-compatible server
-and point the engine at it. Requests run in a bounded pool of threads; a request that
-meets a rate limit (429), a server error (5xx), a timeout or a dropped connection is
-retried with exponential backoff and full jitter (a uniform wait in
-``[0, min(backoff_max, backoff_base * 2**attempt)]``, so retrying clients spread out
-instead of hitting the server in waves), honouring ``Retry-After`` up to ``backoff_max``.
+and point the engine at it. Requests run in a bounded pool of threads and go through
+:mod:`mmsafe.http`: a total deadline per attempt (``deadline_s``, connect to last byte),
+a cap on the reply's size (``max_body_bytes``), no redirects, and retries with full-jitter
+exponential backoff on 429, 5xx, timeouts and dropped connections, honouring
+``Retry-After`` up to ``backoff_max``.
+
+A 200 reply without text (``content`` null, missing or not a string, or a body that is
+not a chat completion) is retried like a transient error; when it stays so,
+:meth:`OpenAIEngine.generate` returns a :class:`~mmsafe.generate.engine.FailedResponse`
+for that request (never an empty answer) and :meth:`OpenAIEngine.chat` raises
+:class:`NoTextReply`. A failing server (every attempt a 5xx, a timeout or a connection
+error) raises :class:`~mmsafe.errors.MmsafeError`, as does a reply over the size cap.
 
 The API key is read from the environment variable named by ``api_key_env`` when a
-request is sent; it is never stored in settings, logged, shown by ``repr`` or written out.
+request is sent; it is never stored in settings, logged, shown by ``repr`` or written
+out, and error messages quote server bodies only as redacted excerpts.
 """
 
 from __future__ import annotations
 
 import base64
-import email.utils
 import io
 import logging
 import os
@@ -27,38 +34,33 @@ from typing import Any
 
 from mmsafe.data.records import IMAGE_TOKEN, Message
 from mmsafe.errors import ConfigError, MmsafeError
-from mmsafe.generate.engine import DecodingParams, GenerationRequest, check_responses
+from mmsafe.generate.engine import DecodingParams, FailedResponse, GenerationRequest, check_responses
+from mmsafe.http import (
+    DEFAULT_DEADLINE_S,
+    DEFAULT_MAX_BODY_BYTES,
+    RETRY_STATUSES,
+    HttpError,
+    HttpPolicy,
+    Reply,
+    RetriesExhausted,
+    backoff_delay,
+    excerpt,
+    make_client,
+    parse_retry_after,
+    send,
+)
 
 logger = logging.getLogger(__name__)
 
-RETRY_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+__all__ = ["RETRY_STATUSES", "NoTextReply", "OpenAIEngine", "backoff_delay", "openai_messages", "parse_retry_after"]
 
 
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Full-jitter exponential backoff: uniform in ``[0, min(cap, base * 2**attempt)]``.
+class NoTextReply(MmsafeError):
+    """Every attempt got a 200 reply without usable text (``content`` null, missing, not a string)."""
 
-    With base 0.5 and cap 30: attempt 0 waits up to 0.5 s, attempt 3 up to 4 s,
-    attempt 6 and later up to 30 s.
-    """
-    return rng.uniform(0.0, min(cap, base * (2**attempt)))
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), None if absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def image_data_url(image: Any) -> str:
@@ -104,10 +106,14 @@ class OpenAIEngine:
         model: the served model's name (also written into response records).
         api_key_env: name of the environment variable holding the API key; when it is
             unset no ``Authorization`` header is sent (local servers need none).
-        timeout: seconds per HTTP request.
+        timeout: longest wait in seconds for one connect or read (within the deadline).
         max_retries: retries after the first attempt before giving up.
         concurrency: requests in flight at once.
-        backoff_base, backoff_max: the backoff schedule (seconds), see the module docstring.
+        backoff_base, backoff_max: the backoff schedule (seconds), see :mod:`mmsafe.http`.
+        deadline_s: total seconds per attempt, connect to the last byte of the reply
+            (default 300; a server trickling bytes is cut off there).
+        max_body_bytes: largest reply read (default 64 MiB); a longer one stops the run
+            with an error naming the URL and the cap.
     """
 
     def __init__(
@@ -121,6 +127,8 @@ class OpenAIEngine:
         concurrency: int = 8,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base_url: expected an http(s) URL such as http://localhost:8000/v1, got {base_url!r}")
@@ -137,9 +145,19 @@ class OpenAIEngine:
         self.concurrency = concurrency
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.deadline_s = deadline_s
+        self.max_body_bytes = max_body_bytes
+        self.policy = HttpPolicy(
+            timeout_s=timeout,
+            deadline_s=deadline_s,
+            max_body_bytes=max_body_bytes,
+            max_retries=max_retries,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+            follow_redirects=False,
+        )
         self._sleep: Callable[[float], None] = time.sleep
         self._rng = random.Random()
-        self._rng_lock = threading.Lock()
         self._http: Any = None
         self._client_lock = threading.Lock()
 
@@ -155,18 +173,17 @@ class OpenAIEngine:
             "model": self.model,
             "api_key_env": self.api_key_env,
             "timeout": self.timeout,
+            "deadline_s": self.deadline_s,
+            "max_body_bytes": self.max_body_bytes,
             "max_retries": self.max_retries,
             "concurrency": self.concurrency,
         }
 
     def _client(self) -> Any:
         """The HTTP client, shared by the worker threads (httpx clients are thread-safe)."""
-        import httpx
-
         with self._client_lock:
             if self._http is None:
-                limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-                self._http = httpx.Client(timeout=self.timeout, limits=limits)
+                self._http = make_client(self.policy, max_connections=self.concurrency)
             return self._http
 
     def close(self) -> None:
@@ -176,9 +193,12 @@ class OpenAIEngine:
                 self._http.close()
                 self._http = None
 
+    def _key(self) -> str | None:
+        return (os.environ.get(self.api_key_env) or None) if self.api_key_env else None
+
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        key = self._key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
         return headers
@@ -197,67 +217,70 @@ class OpenAIEngine:
             body["min_tokens"] = params.min_new_tokens  # a vLLM / SGLang extension
         return body
 
-    def _wait(self, attempt: int, retry_after: float | None) -> None:
-        with self._rng_lock:
-            delay = backoff_delay(attempt, self.backoff_base, self.backoff_max, self._rng)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.backoff_max))
-        self._sleep(delay)
-
     def chat(self, messages: list[dict[str, Any]], params: DecodingParams, *, request_id: str | None = None) -> str:
-        """Send OpenAI-format ``messages``; return the assistant's text.
+        """Send OpenAI-format ``messages``; return the assistant's text (stripped).
 
-        Retries as described in the module docstring; raises :class:`MmsafeError` naming
-        the request and the last status when every attempt failed, or at once on a
-        status that retrying cannot fix (400, 401, 404, ...).
+        Retries as described in the module docstring. Raises :class:`NoTextReply` when
+        every attempt got a reply without text, :class:`MmsafeError` naming the request
+        and the last problem when every attempt failed otherwise, and at once on a
+        status that retrying cannot fix (400, 401, 404, ...) or a reply over the cap.
         """
-        import httpx
-
         url = f"{self.base_url}/chat/completions"
-        body = self.payload(messages, params)
-        label = f"request {request_id!r}" if request_id is not None else "chat request"
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            retry_after = None
-            try:
-                response = self._client().post(url, json=body, headers=self._headers())
-            except httpx.TimeoutException:
-                last = f"timed out after {self.timeout:g} s"
-            except httpx.TransportError as error:
-                last = f"connection error ({type(error).__name__})"
-            else:
-                if response.status_code == 200:
-                    return self._text(response, label)
-                last = f"HTTP {response.status_code}"
-                if response.status_code not in RETRY_STATUSES:
-                    raise MmsafeError(f"{self.base_url}: {label} failed with {last}: {response.text[:300]}")
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            if attempt < self.max_retries:
-                logger.debug("%s: %s; retry %d of %d", label, last, attempt + 1, self.max_retries)
-                self._wait(attempt, retry_after)
-        raise MmsafeError(f"{self.base_url}: {label} failed after {self.max_retries + 1} attempts; last: {last}")
-
-    def _text(self, response: Any, label: str) -> str:
+        label = f"{self.base_url}: " + (f"request {request_id!r}" if request_id is not None else "chat request")
+        key = self._key()
+        secrets = (key,) if key else ()
         try:
-            data = response.json()
-            content = data["choices"][0]["message"]["content"]
+            return send(
+                self._client(),
+                "POST",
+                url,
+                self.policy,
+                label=label,
+                accept=lambda reply: self._text(reply, secrets),
+                secrets=secrets,
+                sleep=lambda seconds: self._sleep(seconds),
+                rng=self._rng,
+                json=self.payload(messages, params),
+                headers=self._headers(),
+            )
+        except RetriesExhausted as error:
+            if error.kind == "reply":
+                raise NoTextReply(str(error), str(error.last)) from None
+            raise
+
+    @staticmethod
+    def _text(reply: Reply, secrets: tuple[str, ...] = ()) -> str:
+        """The assistant's text; a reply without one is a retryable :class:`HttpError` of kind ``reply``."""
+        from mmsafe.data.jsonl import loads_bounded
+
+        try:
+            content = loads_bounded(reply.body, "the reply")["choices"][0]["message"]["content"]
+        except MmsafeError as error:  # nested too deep to parse: an unusable reply like any other
+            raise HttpError(str(error), retryable=True, kind="reply") from None
         except (ValueError, KeyError, IndexError, TypeError):
-            raise MmsafeError(f"{self.base_url}: {label}: expected a chat completion with choices[0].message.content, got {response.text[:300]!r}") from None
-        if content is None:
-            return ""
+            raise HttpError(f"expected a chat completion with choices[0].message.content, got {excerpt(reply.body, secrets)!r}", retryable=True, kind="reply") from None
         if not isinstance(content, str):
-            raise MmsafeError(f"{self.base_url}: {label}: expected string content, got {type(content).__name__}")
+            found = "null" if content is None else type(content).__name__
+            raise HttpError(f"the reply has no text (choices[0].message.content is {found})", retryable=True, kind="reply")
         return content.strip()
 
-    def generate(self, requests: list[GenerationRequest], params: DecodingParams) -> list[str]:
-        """Answer every request (``concurrency`` at a time); answers in request order."""
+    def generate(self, requests: list[GenerationRequest], params: DecodingParams) -> list[str | FailedResponse]:
+        """Answer every request (``concurrency`` at a time); answers in request order.
+
+        A request whose replies never held text gets a :class:`FailedResponse`; any
+        other failure raises.
+        """
         if not requests:
             return []
         for request in requests:
             request.check()
 
-        def answer(request: GenerationRequest) -> str:
-            return self.chat(openai_messages(request.messages, request.image), params, request_id=request.id)
+        def answer(request: GenerationRequest) -> str | FailedResponse:
+            try:
+                return self.chat(openai_messages(request.messages, request.image), params, request_id=request.id)
+            except NoTextReply as error:
+                logger.warning("%s", error)
+                return FailedResponse(request.id, error.reason)
 
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests))) as pool:
             responses = list(pool.map(answer, requests))

@@ -33,6 +33,7 @@ two are never mixed in the cache or in a report.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -93,15 +94,65 @@ def mmsb_rubric_for(category: str | None) -> str:
     return MMSB_HARM_RUBRIC
 
 
+_SLOT = re.compile(r"\{\{(\w+)\}\}")
+#: Slots holding text the judged model or the data wrote: each sits between a tag pair of
+#: the rubric (``<last_response>`` ... ``</last_response>``) that it must not be able to close.
+_FENCED_SLOTS = ("conversation", "response")
+
+
+def _fence_tag(tag: str, text: str) -> str:
+    """``tag`` itself when ``text`` never mentions it, else ``tag-<nonce>`` with a nonce
+    the text does not contain (derived from the text, so the prompt is reproducible)."""
+    if tag.lower() not in text.lower():
+        return tag
+    seed = text.encode("utf-8", "surrogatepass")
+    for attempt in range(1000):
+        nonce = hashlib.sha256(seed + str(attempt).encode()).hexdigest()[:12]
+        if nonce not in text.lower():
+            return f"{tag}-{nonce}"
+    raise AssertionError("unreachable: 1000 hex nonces all found in one text")
+
+
+def fill_rubric(rubric: str, values: dict[str, str]) -> str:
+    """Fill every ``{{name}}`` slot of ``rubric`` in ONE pass: text that is put in is never
+    read for slots again, so a ``{{response}}`` inside a prompt or a response stays as written.
+
+    A fenced slot's enclosing tag pair (the rubric's ``<tag>`` line before it and
+    ``</tag>`` after it) is renamed ``<tag-nonce>`` when its text mentions the tag, so a
+    response holding ``</last_response>`` cannot close its fence and speak to the judge.
+    An unknown slot in the rubric is a ConfigError.
+    """
+    for slot in _FENCED_SLOTS:
+        match = re.search(r"<(\w+)>\s*\{\{" + slot + r"\}\}\s*</(\w+)>", rubric)
+        if slot in values and match and match.group(1) == match.group(2):
+            tag = match.group(1)
+            fence = _fence_tag(tag, values[slot])
+            if fence != tag:
+                fenced = match.group(0).replace(f"<{tag}>", f"<{fence}>").replace(f"</{tag}>", f"</{fence}>")
+                rubric = rubric[: match.start()] + fenced + rubric[match.end() :]
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in values:
+            raise ConfigError(f"rubric slot {{{{{name}}}}}: unknown (expected one of {', '.join(sorted(values))})")
+        return values[name]
+
+    return _SLOT.sub(value, rubric)
+
+
+def _category_name(category: Any) -> str:
+    return str(category).split("-", 1)[-1].replace("_", " ")
+
+
 def build_answer_only_prompt(item: JudgeInput, rubric: str) -> str:
     """Fill an answer-only rubric: ``{{response}}``, the scenario's name and its professional.
 
     The prompt and the image never enter (MM-SafetyBench's judge reads the answer alone).
     """
     category = item.category or item.meta.get("scenario")
-    name = str(category).split("-", 1)[-1].replace("_", " ") if category else "unspecified"
+    name = _category_name(category) if category else "unspecified"
     profession = MMSB_CERTIFICATION_SCENARIOS.get(scenario_number(category) or "", "a qualified professional")
-    return rubric.replace("{{category}}", name).replace("{{profession}}", profession).replace("{{response}}", item.response.strip())
+    return fill_rubric(rubric, {"category": name, "profession": profession, "response": item.response.strip()})
 
 
 def render_conversation(messages: list[Message]) -> str:
@@ -116,11 +167,7 @@ def render_conversation(messages: list[Message]) -> str:
 def build_judge_prompt(item: JudgeInput, rubric: str) -> str:
     """Fill the rubric's ``{{conversation}}``, ``{{response}}`` and ``{{category}}`` slots."""
     category = item.category or item.meta.get("scenario") or "unspecified"
-    return (
-        rubric.replace("{{conversation}}", render_conversation(item.messages))
-        .replace("{{response}}", item.response.strip())
-        .replace("{{category}}", str(category).split("-", 1)[-1].replace("_", " "))
-    )
+    return fill_rubric(rubric, {"conversation": render_conversation(item.messages), "response": item.response.strip(), "category": _category_name(category)})
 
 
 def parse_judge_answer(text: str) -> Verdict:
@@ -164,7 +211,9 @@ class LlmJudge:
     """A chat model behind an OpenAI-compatible endpoint (vLLM, SGLang, a hosted API).
 
     Requests go through :class:`mmsafe.generate.openai_engine.OpenAIEngine` (bounded
-    concurrency, timeouts, retries with backoff and jitter). The API key is read from
+    concurrency, a total deadline per attempt, a cap on the reply's size, retries with
+    backoff and jitter). A reply without text, after the retries, is ``unparseable`` with
+    ``extra["error"]`` saying why. The API key is read from
     the environment variable named by ``api_key_env`` and is never logged or written
     out. Decoding is greedy (temperature 0) so the labels are reproducible.
     """
@@ -177,6 +226,10 @@ class LlmJudge:
     max_concurrency: int = 4
     timeout: float = 120.0
     max_retries: int = 6
+    deadline_s: float = 300.0
+    """Total seconds per HTTP attempt, connect to the last byte of the reply."""
+    max_body_bytes: int = 64 * 2**20
+    """Largest reply read (64 MiB); a longer one stops judging with an error naming the cap."""
     max_tokens: int = 256
     protocol: str = DEFAULT_PROTOCOL
     name: str = ""
@@ -199,6 +252,8 @@ class LlmJudge:
             timeout=self.timeout,
             max_retries=self.max_retries,
             concurrency=self.max_concurrency,
+            deadline_s=self.deadline_s,
+            max_body_bytes=self.max_body_bytes,
         )
         if not self.name:
             suffix = f"v{self.rubric_version}" if self.protocol == DEFAULT_PROTOCOL else f"{self.protocol}-v{self.rubric_version}"
@@ -232,9 +287,18 @@ class LlmJudge:
 
         params = DecodingParams(max_new_tokens=self.max_tokens)
 
+        from mmsafe.generate.openai_engine import NoTextReply
+
         def one(item: JudgeInput) -> Verdict:
-            answer = self._engine.chat(self.chat_messages(item), params, request_id=item.id)
-            verdict = parse_judge_answer(answer)
+            try:
+                answer = self._engine.chat(self.chat_messages(item), params, request_id=item.id)
+            except NoTextReply as error:
+                # The judge model said nothing readable (content null, ...): unparseable, with the
+                # reason as its raw output, never an empty answer judged as if it were one.
+                verdict = Verdict("unparseable", [], f"no answer from the judge model: {error.reason}")
+                verdict.extra["error"] = error.reason
+            else:
+                verdict = parse_judge_answer(answer)
             verdict.extra["rubric"] = f"{self.rubric_for(item)}_v{self.rubric_version}"
             verdict.extra["protocol"] = self.protocol
             return verdict
