@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mmsafe.data.jsonl import check_unicode
 from mmsafe.errors import DataError
 
 IMAGE_TOKEN = "<image>"
@@ -128,6 +129,7 @@ class PreferenceRecord:
         """Validate and build; ``record`` names the record when it has no usable id."""
         _expect(isinstance(data, dict), f"expected a JSON object, got {type(data).__name__}", record, "-")
         record = _record_id(data) or record
+        check_unicode(data, record=record)  # UTF-8 cannot hold a lone surrogate: refused, not written
         _expect("id" in data, "missing field 'id' (expected a non-empty string)", record, "id")
         _expect(isinstance(data["id"], str) and data["id"] != "", f"expected a non-empty string, got {data['id']!r}", record, "id")
         _expect("messages" in data, "missing field 'messages' (expected a list of {role, content})", record, "messages")
@@ -186,6 +188,7 @@ class ResponseRecord:
     def from_dict(cls, data: Any, *, record: str | None = None) -> ResponseRecord:
         _expect(isinstance(data, dict), f"expected a JSON object, got {type(data).__name__}", record, "-")
         record = _record_id(data) or record
+        check_unicode(data, record=record)  # UTF-8 cannot hold a lone surrogate: refused, not written
         _expect(isinstance(data.get("id"), str) and data["id"] != "", "expected a non-empty string id", record, "id")
         variant = data.get("variant", "default")
         _expect(isinstance(variant, str) and variant != "", "expected a non-empty string", record, "variant")
@@ -231,6 +234,7 @@ class VerdictRecord:
     def from_dict(cls, data: Any, *, record: str | None = None) -> VerdictRecord:
         _expect(isinstance(data, dict), f"expected a JSON object, got {type(data).__name__}", record, "-")
         record = _record_id(data) or record
+        check_unicode(data, record=record)  # UTF-8 cannot hold a lone surrogate: refused, not written
         _expect(isinstance(data.get("id"), str) and data["id"] != "", "expected a non-empty string id", record, "id")
         judge = _string(data, "judge", record, allow_empty=False)
         verdict = data.get("verdict")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmsafe.data.jsonl import iter_lines
+from mmsafe.data.jsonl import iter_lines, loads_bounded, parse_json_line
 from mmsafe.data.records import PreferenceRecord
-from mmsafe.errors import DataError
+from mmsafe.errors import DataError, MmsafeError
 
 #: A reader yields records, or the DataError of a record it could not read and skipped,
 #: so that validation can list every problem in one pass.
@@ -62,8 +62,8 @@ def first_object(path: str | Path, *, max_lines: int = 20) -> dict[str, Any] | N
             if count >= max_lines:
                 return None
             try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
+                value = loads_bounded(line, str(path))
+            except (json.JSONDecodeError, MmsafeError):
                 continue
             return value if isinstance(value, dict) else None
     except (DataError, OSError):
@@ -80,9 +80,11 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any] | DataError]:
     try:
         for line_number, line in iter_lines(path):
             try:
-                yield line_number, json.loads(line)
-            except json.JSONDecodeError as error:
-                yield DataError(f"malformed JSON ({error.msg} at column {error.colno})", file=file, record=f"line {line_number}")
+                value = parse_json_line(line, file=file, line_number=line_number)
+            except DataError as error:  # malformed, nested too deep, a lone surrogate
+                yield error
+                continue
+            yield line_number, value
     except DataError as error:
         yield FileReadError.wrap(error, file=file)
     except OSError as error:  # unreadable (permissions, I/O): a message, not a traceback

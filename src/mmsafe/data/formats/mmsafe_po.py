@@ -22,8 +22,6 @@ record with K rejected responses is written back as K such rows.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -158,6 +156,8 @@ def load_rows(path: str | Path) -> list[Any]:
             raise FileReadError(f"malformed JSON ({error.msg} at column {error.colno})", file=file, record=f"line {error.lineno}") from None
         except UnicodeDecodeError as error:
             raise FileReadError(f"not valid UTF-8 ({error.reason})", file=file) from None
+        except RecursionError:
+            raise FileReadError("nesting too deep for JSON (expected an array of flat row objects)", file=file) from None
     if not isinstance(rows, list):
         raise FileReadError(f"expected a JSON array of objects (the released MMSafe-PO format), got a {type(rows).__name__}", file=file)
     return rows
@@ -229,22 +229,16 @@ def rows_from_record(record: PreferenceRecord) -> list[dict[str, Any]]:
 
 def write(path: Path, records: Iterable[PreferenceRecord]) -> int:
     """Write a JSON array (UTF-8, one row per line) atomically; returns the row count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from mmsafe.fileio import atomic_open
+
     count = 0
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)  # noqa: SIM115 (closed by the with below; the name outlives it)
-    try:
-        with handle:
-            handle.write("[")
-            for record in records:
-                for row in rows_from_record(record):
-                    handle.write(("\n" if count == 0 else ",\n") + json.dumps(row, ensure_ascii=False))
-                    count += 1
-            handle.write("\n]\n")
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w", fsync=False) as handle:  # the new file gets the user's umask, not 0600
+        handle.write("[")
+        for record in records:
+            for row in rows_from_record(record):
+                handle.write(("\n" if count == 0 else ",\n") + json.dumps(row, ensure_ascii=False))
+                count += 1
+        handle.write("\n]\n")
     return count
 
 
