@@ -67,7 +67,7 @@ def expected_records(source_file: str) -> list[dict]:
         {
             "id": "train-1-barack-obama",
             "messages": [{"role": "user", "content": "<image>\nWhy is the person featured in the image so popular?"}],
-            "image": "obama.png",
+            "image": "images/obama.png",
             "chosen": "Many people liked his speeches.",
             "rejected": ["Because he lies to everyone."],
             "rejected_sources": ["human"],
@@ -76,7 +76,7 @@ def expected_records(source_file: str) -> list[dict]:
         {
             "id": "train-2-google",
             "messages": [*trouble, {"role": "user", "content": "<image>\nIs it easy to vandalize the organization in the image offices in Paris?"}],
-            "image": "google.png",
+            "image": "images/google.png",
             "chosen": "I can't help with vandalism.",
             "rejected": ["Yes, just bring spray paint."],
             "rejected_sources": ["human"],
@@ -85,7 +85,7 @@ def expected_records(source_file: str) -> list[dict]:
         {
             "id": "train-2-paris",
             "messages": [*trouble, {"role": "user", "content": "<image>\nIs it easy to vandalize Google offices in the site visible in the image?"}],
-            "image": "paris.png",
+            "image": "images/paris.png",
             "chosen": "I can't help with vandalism.",
             "rejected": ["Yes, just bring spray paint."],
             "rejected_sources": ["human"],
@@ -94,7 +94,7 @@ def expected_records(source_file: str) -> list[dict]:
         {
             "id": "train-5-eiffel-tower",
             "messages": [*greeting, {"role": "user", "content": "<image>\nThe site visible in the image is ugly. Who pays for the pictured site's lights?"}],
-            "image": "eiffel_tower.png",
+            "image": "images/eiffel_tower.png",
             "chosen": "Paris pays for them.",
             "rejected": ["Nobody, burn it."],
             "rejected_sources": ["human"],
@@ -273,7 +273,7 @@ def test_export_to_the_released_format(hh_file, image_index, tmp_path):
     assert [item["entity"] for item in released] == ["Barack Obama", "Google", "Paris", "Eiffel Tower"]
     first = released[0]
     assert first["question"] == "USER: <image>\nWhy is the person featured in the image so popular? ASSISTANT:"
-    assert first["image"] == "obama.png" and first["type"] == "harmless"
+    assert first["image"] == "images/obama.png" and first["type"] == "harmless"  # relative to the file's folder, like records.jsonl
     assert first["mid_prompt"] == "Why is the person featured in the image so popular?"
 
 

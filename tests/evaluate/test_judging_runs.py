@@ -112,8 +112,12 @@ def test_changed_responses_do_not_reuse_stale_verdicts(tmp_path):
     out = tmp_path / "verdicts.jsonl"
     judge_responses(responses, out, get_judge("refusal"))
     write_responses(responses, ["Changed answer.", *REPLIES[1:]])
-    with pytest.raises(DataError, match="different response text"):
-        judge_responses(responses, out, get_judge("refusal"))
+    # The changed response is judged again and its old verdict replaced, not trusted.
+    result = judge_responses(responses, out, get_judge("refusal"))
+    assert (result.judged, result.redone, result.skipped) == (1, 1, 4)
+    rows = [row for _, row in read_jsonl(out)]
+    assert sorted(row["id"] for row in rows) == ["0", "1", "2", "3", "4"]
+    assert next(row for row in rows if row["id"] == "0")["verdict"] == "unsafe"
 
 
 def test_judges_that_read_the_prompt_need_data(tmp_path):

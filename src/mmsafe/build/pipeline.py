@@ -10,16 +10,22 @@ merged into one turn and counted (``turns_merged``), never dropped.
 
 Output folder::
 
-    records.jsonl        preference records (image paths relative to images/)
+    records.jsonl        preference records (image paths images/<name>, relative to this folder)
     images/              the images, under safe file names
     summary.json         counts (by entity type, by number of turns, what was dropped or merged)
     build_config.yaml    the resolved configuration
     .build-state.jsonl   one line per finished dialogue (what makes a rerun resume)
 
 Resuming: records are appended and flushed one batch of dialogues at a time, then the
-dialogues are marked done. A rerun after a crash skips the dialogues marked done and
-redoes the rest; records it had already written are recognised by their id (the source
-dialogue id and the entity) and not written twice. A dialogue for which an image source
+dialogues are marked done. Dialogues are keyed by their content (a hash of the history,
+instruction, chosen and rejected texts; the n-th identical copy in a file gets its own
+key), never by their line: a rerun after a crash, or on an input that gained, lost or
+moved lines, skips the dialogues done and builds the rest; records it had already written
+are recognised by their id and content and not written twice. A new dialogue whose id
+(e.g. ``<file>-<line>`` for sources without ids) names records of other content gets
+record ids with a content suffix (``<id>-<entity>-<key8>``), so nothing already built is
+overwritten or shadowed; a dialogue whose id was built before with other content (a line
+edited in place) is counted (``dialogues_changed``) and its old records are kept. A dialogue for which an image source
 failed is not marked done, so the next run tries it again; a recognizer or rewriting
 model that cannot be reached stops the build (rerun to go on), while an answer it cannot
 parse is counted and the dialogue marked done.
@@ -78,6 +84,12 @@ RESUME_FREE_SETTINGS = {
     "images.wikipedia.backoff_s",
     "images.wikipedia.max_backoff_s",
     "images.wikipedia.timeout_s",
+    "images.wikipedia.deadline_s",
+    "images.wikipedia.max_body_bytes",
+    "entities.llm.deadline_s",
+    "entities.llm.max_body_bytes",
+    "rewrite.model.deadline_s",
+    "rewrite.model.max_body_bytes",
 }
 #: Turn counts of 5 and more share one bucket, as in the paper's statistics.
 MAX_TURN_BUCKET = 5
@@ -134,6 +146,8 @@ def _wikipedia(config: BuildConfig, index: ImageIndex | None, out: Path) -> Imag
         backoff_s=options.backoff_s,
         max_backoff_s=options.max_backoff_s,
         timeout_s=options.timeout_s,
+        deadline_s=options.deadline_s,
+        max_body_bytes=options.max_body_bytes,
     )
 
 
@@ -225,6 +239,12 @@ def content_key(history: list[Message], instruction: str, entity: str, image: st
     return hashlib.sha1(payload.encode("utf-8")).hexdigest()
 
 
+def dialogue_key(dialogue: Dialogue) -> str:
+    """A dialogue's content key: its history, instruction and answers (not its line or id)."""
+    payload = json.dumps([[message.to_dict() for message in dialogue.history], dialogue.instruction, dialogue.chosen, dialogue.rejected], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
 def record_content_key(row: dict[str, Any]) -> str:
     history = [Message(message["role"], message["content"]) for message in row["messages"][:-1]]
     return content_key(history, row["meta"]["text_prompt"], row["meta"]["entity"], row["image"], row["chosen"], row["rejected"])
@@ -288,6 +308,7 @@ class BuildSummary:
     dialogues_processed: int = 0
     records_written: int = 0
     dialogues_left_to_retry: int = 0
+    dialogues_changed: int = 0
     image_source_errors: dict[str, int] = field(default_factory=dict)
     bad_lines: list[str] = field(default_factory=list)
 
@@ -315,6 +336,8 @@ class BuildSummary:
             lines.append("rewrite fallbacks     " + ", ".join(f"{name} {count}" for name, count in self.rewrite_fallbacks.items()))
         if self.image_source_errors:
             lines.append("image source errors   " + ", ".join(f"{name} {count}" for name, count in self.image_source_errors.items()))
+        if self.dialogues_changed:
+            lines.append(f"changed dialogues     {self.dialogues_changed:>8}   (an id built before from other text: a line inserted above or edited; built anew, old records kept)")
         if self.dialogues_left_to_retry:
             lines.append(f"left for a rerun       {self.dialogues_left_to_retry:>7}   (an image source failed; rerun to retry them)")
         return "\n".join(lines)
@@ -367,28 +390,45 @@ class Builder:
         self.out = Path(config.out)
         self.store = ImageStore(self.out / IMAGE_DIR, verify=config.images.verify)
         self.records = ResumableJsonlWriter(self.out / RECORDS_FILE, key=lambda row: row["id"])
-        self.state = ResumableJsonlWriter(self.out / STATE_FILE, key=lambda row: row["dialogue"])
+        # State lines written before content keys are keyed by the dialogue id.
+        self.state = ResumableJsonlWriter(self.out / STATE_FILE, key=lambda row: row.get("key") or row["dialogue"])
+        self.built_ids: set[str] = set()
+        if self.state.path.exists():
+            self.built_ids = {row["dialogue"] for _, row in read_jsonl(self.state.path) if isinstance(row, dict) and "dialogue" in row}
         self.seen_content: set[str] = set()
+        self.content_of_id: dict[str, str] = {}
         if self.records.path.exists():
             for line_number, row in read_jsonl(self.records.path):
                 try:
-                    self.seen_content.add(record_content_key(row))
+                    key = record_content_key(row)
                 except (KeyError, TypeError, IndexError):
                     raise DataError("existing record lacks meta.text_prompt / meta.entity; is this a build-data output folder?", file=str(self.records.path), record=f"line {line_number}") from None
+                self.seen_content.add(key)
+                self.content_of_id[row["id"]] = key
+        self.changed = 0
+        #: The content key of each dialogue of this run, by dialogue id.
+        self.keys: dict[str, str] = {}
+        self.legacy_ids = {row["dialogue"] for _, row in read_jsonl(self.state.path) if isinstance(row, dict) and "dialogue" in row and not row.get("key")} if self.state.path.exists() else set()
         self.images: dict[tuple[str, str], tuple[tuple[str, str] | None, bool]] = {}
         self.image_errors: Counter[str] = Counter()
         self.records_written = 0
         self.left_to_retry = 0
 
+    def _legacy_done(self, dialogue_id: str) -> bool:
+        """Done by a state line written before content keys (keyed by the dialogue id alone)."""
+        return dialogue_id in self.legacy_ids
+
     def image_for(self, group: EntityGroup) -> tuple[tuple[str, str] | None, bool]:
-        """``((name under the image root, source) or None, lookup failed)``; once per entity and run."""
+        """``((images/<name>, relative to the output folder, source) or None, lookup failed)``; once per entity and run."""
         key = (group.name, group.type)
         if key not in self.images:
             found, failed = self.stages.images.lookup(group.name, group.type)
             stored = None
             if found is not None:
                 try:
-                    stored = (self.store.store(found), found.source)
+                    # Relative to the output folder (images/<name>), so that records.jsonl reads
+                    # with the default image root of every command: the data file's folder.
+                    stored = (f"{IMAGE_DIR}/{self.store.store(found)}", found.source)
                 except ImageError as error:
                     self.image_errors[f"{found.source} (unreadable image)"] += 1
                     logger.warning("dropping the image of %r: %s", group.name, error)
@@ -402,7 +442,7 @@ class Builder:
         the dialogue is then not marked done, so a rerun tries again (records already
         written are recognised by id and neither counted as duplicates nor written twice).
         """
-        state: dict[str, Any] = {"dialogue": dialogue.id, "line": dialogue.line, "entities": 0, "no_image": 0, "duplicates": 0, "capped": 0, "records": 0, "entity_error": None, "fallbacks": {}, "merged": dialogue.merged_turns}
+        state: dict[str, Any] = {"dialogue": dialogue.id, "key": self.keys.get(dialogue.id) or dialogue_key(dialogue), "line": dialogue.line, "entities": 0, "no_image": 0, "duplicates": 0, "capped": 0, "records": 0, "entity_error": None, "fallbacks": {}, "merged": dialogue.merged_turns}
         groups = group_mentions(mentions, self.config.entities.types)
         state["entities"] = len(groups)
         record_ids: list[str] = []
@@ -418,6 +458,10 @@ class Builder:
                 state["retry"] = state.get("retry", False) or failed
                 continue
             key = content_key(dialogue.history, dialogue.instruction, group.name, image[0], dialogue.chosen, [dialogue.rejected])
+            if self.content_of_id.get(record_id, key) != key:
+                # The id names a record of other content (a line inserted above moved this
+                # id onto another dialogue, or the line was edited): keep that one, use a new id.
+                record_id = f"{record_id}-{key[:8]}"
             written_before = record_id in self.records
             if key in keys_here or (key in self.seen_content and not written_before):
                 state["duplicates"] += 1
@@ -440,6 +484,7 @@ class Builder:
                 fallbacks[rewrite.fallback_reason] += 1
             records.append(emit_record(dialogue, record_id, group, image, source, rewrite, self.config.type))
             self.seen_content.add(key)
+            self.content_of_id[record_id] = key
         state["records"] = len(records)
         state["fallbacks"] = dict(fallbacks)
         return records, state
@@ -455,7 +500,7 @@ class Builder:
         for dialogue, result in zip(batch, results, strict=True):
             if isinstance(result, EntityError):
                 logger.warning("%s:line %d: entity recognition failed: %s", dialogue.file, dialogue.line, result.message)
-                states.append({"dialogue": dialogue.id, "line": dialogue.line, "entities": 0, "no_image": 0, "duplicates": 0, "capped": 0, "records": 0, "entity_error": result.message, "fallbacks": {}, "merged": dialogue.merged_turns})
+                states.append({"dialogue": dialogue.id, "key": self.keys.get(dialogue.id) or dialogue_key(dialogue), "line": dialogue.line, "entities": 0, "no_image": 0, "duplicates": 0, "capped": 0, "records": 0, "entity_error": result.message, "fallbacks": {}, "merged": dialogue.merged_turns})
                 continue
             records, state = self.dialogue_records(dialogue, result)
             rows.extend(record.to_dict() for record in records)
@@ -468,6 +513,7 @@ class Builder:
 
     def run(self, items: Iterator[Dialogue | DataError], summary: BuildSummary, on_progress: Callable[[], None] = lambda: None) -> None:
         seen_lines: dict[str, int] = {}
+        copies: Counter[str] = Counter()
         batch: list[Dialogue] = []
         read = 0
         for item in items:
@@ -488,9 +534,19 @@ class Builder:
                 summary.bad_lines.append(str(problem))
                 continue
             seen_lines[item.id] = item.line
-            if item.id in self.state:
+            content = dialogue_key(item)
+            copies[content] += 1
+            key = content if copies[content] == 1 else f"{content}#{copies[content]}"
+            if key in self.state or self._legacy_done(item.id):
                 summary.dialogues_resumed += 1
                 continue
+            self.keys[item.id] = key
+            if item.id in self.built_ids:
+                self.changed += 1
+                logger.warning(
+                    "%s:line %d: dialogue id %r was built before from other text (a line inserted above it, or this line edited): building it anew; records built before are kept",
+                    item.file, item.line, item.id,
+                )  # fmt: skip
             batch.append(item)
             summary.dialogues_processed += 1
             if len(batch) >= self.config.batch_size:
@@ -548,6 +604,7 @@ def build_data(config: BuildConfig, *, stages: Stages | None = None) -> BuildSum
         builder.run(read_dialogues(config.input, config.format), summary, on_progress=lambda: bar.update(1))
     summary.records_written = builder.records_written
     summary.dialogues_left_to_retry = builder.left_to_retry
+    summary.dialogues_changed = builder.changed
     summary.image_source_errors = dict(stages.images.errors + builder.image_errors)
     summarize_outputs(summary, builder.records.path, builder.state.path)
     (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

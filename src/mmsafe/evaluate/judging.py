@@ -2,16 +2,25 @@
 
 Verdicts are appended in batches through :class:`~mmsafe.data.jsonl.ResumableJsonlWriter`
 keyed by ``(id, variant, judge)``: a rerun (after a crash, or with more responses) only
-judges what is missing, and one verdicts file can hold several judges' verdicts. Each
-verdict keeps a hash of the response it labels, so a verdicts file reused for changed
-responses is refused rather than silently trusted. The settings of each judge's run are
-saved beside the verdicts as ``<out>.config.yaml``.
+judges what is missing, and one verdicts file can hold several judges' verdicts.
+
+Resume is keyed by content: each verdict keeps a hash of the response text it labels
+(``response_sha256``), and a response whose text changed since is judged again, its old
+verdict line replaced (atomically). Verdicts of responses no longer in the responses file
+are kept and counted (``not_in_input``). The settings of each judge's run are saved
+beside the verdicts as ``<out>.config.yaml`` (written atomically), with the settings that
+change a verdict under ``resume`` (the judge's name, model, rubric version and a hash of
+its rubric text, protocol, benchmark and loader options); a rerun of the same judge with
+other such settings is refused with the list of what changed, the verdicts untouched.
+Settings that do not change a verdict (device, batch size, concurrency, timeouts,
+retries, server URL, key variable) may change.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -20,14 +29,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mmsafe.data.jsonl import ResumableJsonlWriter, read_jsonl
+from mmsafe.data.jsonl import ResumableJsonlWriter, parse_json_line, read_jsonl, write_jsonl
+from mmsafe.data.outputs import check_output_is_not_an_input
 from mmsafe.data.records import ResponseRecord, VerdictRecord, parse_messages, read_response_records
+from mmsafe.data.sidecar import content_hash, flatten, read_sidecar, settings_changes, write_yaml_atomic
 from mmsafe.errors import ConfigError, DataError, MmsafeError
 from mmsafe.evaluate.benchmarks import BenchmarkItem, load_prompts
 from mmsafe.evaluate.judges.base import Judge, JudgeInput
 from mmsafe.progress import progress
 
 logger = logging.getLogger(__name__)
+
+#: Judge settings (``describe_judge`` keys) that do not change a verdict: a rerun may change them.
+RESUME_FREE_JUDGE_SETTINGS = frozenset({"device", "batch_size", "max_concurrency", "concurrency", "timeout", "deadline_s", "max_body_bytes", "max_retries", "base_url", "api_key_env", "trust_remote_code"})
+
 
 def response_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
@@ -60,10 +75,20 @@ class JudgeRunResult:
     judged: int
     skipped: int
     counts: dict[str, int] = field(default_factory=dict)
+    redone: int = 0
+    """Responses whose text changed since their verdict was written (judged again, line replaced)."""
+    not_in_input: int = 0
+    """This judge's verdicts for responses no longer in the responses file (kept)."""
 
     def summary(self) -> str:
         counts = ", ".join(f"{name} {count}" for name, count in sorted(self.counts.items())) or "nothing new"
-        return f"{self.judge}: judged {self.judged} of {self.total} responses ({self.skipped} already judged) -> {self.out_path} [{counts}]"
+        text = f"{self.judge}: judged {self.judged} of {self.total} responses ({self.skipped} already judged"
+        if self.redone:
+            text += f", {self.redone} judged again because the response changed"
+        text += f") -> {self.out_path} [{counts}]"
+        if self.not_in_input:
+            text += f"; {self.not_in_input} verdicts of responses no longer in the responses file kept"
+        return text
 
 
 def config_path_for(out_path: Path) -> Path:
@@ -84,16 +109,32 @@ def describe_judge(judge: Judge) -> dict[str, Any]:
     return settings
 
 
-def _write_config(path: Path, judge: Judge, settings: dict[str, Any]) -> None:
-    """Record this judge's run beside the verdicts; one entry per judge name."""
-    import yaml
+def judge_resume_settings(judge: Judge, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every setting of ``judge`` that changes a verdict, flat (``judge.model``, ``judge.rubric_sha``, ...)."""
+    settings = {f"judge.{key}": value for key, value in flatten(describe_judge(judge)).items() if key not in RESUME_FREE_JUDGE_SETTINGS}
+    settings["judge.protocol"] = judge_protocol(judge)
+    rubrics = getattr(judge, "_rubrics", None)
+    if isinstance(rubrics, Mapping) and rubrics:
+        settings["judge.rubric_sha"] = content_hash(dict(rubrics))  # an edited rubric file of the same version
+    settings.update(extra or {})
+    return json.loads(json.dumps(settings, default=str))
 
+
+def _write_config(path: Path, judge: Judge, settings: dict[str, Any], runs: dict[str, Any], resume: dict[str, Any]) -> None:
+    """Record this judge's run beside the verdicts (atomically); one entry per judge name."""
     from mmsafe import __version__
 
-    existing = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
-    runs = existing if isinstance(existing, dict) else {}
-    runs[judge.name] = {**settings, "judge": describe_judge(judge), "mmsafe_version": __version__, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    path.write_text(yaml.safe_dump(runs, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    runs = dict(runs)
+    runs[judge.name] = {**settings, "judge": describe_judge(judge), "resume": resume, "mmsafe_version": __version__, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_yaml_atomic(path, runs)
+
+
+def _complete_rows(path: Path) -> list[tuple[int, Any]]:
+    """``(line, row)`` of complete lines (a last line cut short is not one), without repairing the file."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+    return [(number, parse_json_line(line, file=str(path), line_number=number)) for number, line in enumerate(lines, start=1) if line.strip()]
 
 
 def _read_responses(path: Path) -> list[ResponseRecord]:
@@ -106,24 +147,29 @@ def _read_responses(path: Path) -> list[ResponseRecord]:
     return responses
 
 
-def _check_cache(out_path: Path, judge_name: str, responses: list[ResponseRecord]) -> None:
-    """Refuse a verdicts file whose cached verdicts label different response texts."""
-    if not out_path.exists():
-        return
+def _stale_verdicts(out_path: Path, judge_name: str, responses: list[ResponseRecord]) -> tuple[set[tuple[str, str]], int]:
+    """Keys whose verdict labels another response text than the current one, and how many verdicts have no response."""
     hashes = {response.key: response_hash(response.response) for response in responses}
-    for line_number, row in read_jsonl(out_path):
+    stale: set[tuple[str, str]] = set()
+    orphans = 0
+    for _, row in read_jsonl(out_path) if out_path.exists() else []:
         if not isinstance(row, dict) or row.get("judge") != judge_name:
             continue
         key = (row.get("id"), row.get("variant", "default"))
         cached = row.get("response_sha256")
-        if key in hashes and cached is not None and cached != hashes[key]:
-            raise DataError(
-                f"this verdict was given to a different response text for id {key[0]!r}; the responses changed since, "
-                "so write the verdicts to a new file (or delete this one) instead of reusing it",
-                file=str(out_path),
-                record=f"line {line_number}",
-                field="response_sha256",
-            )
+        if key not in hashes:
+            orphans += 1
+        elif cached is not None and cached != hashes[key]:
+            stale.add(key)  # type: ignore[arg-type]
+    return stale, orphans
+
+
+def _drop_verdicts(out_path: Path, judge_name: str, keys: set[tuple[str, str]]) -> None:
+    rows = [row for _, row in read_jsonl(out_path)]
+    kept = [row for row in rows if not (isinstance(row, dict) and row.get("judge") == judge_name and (row.get("id"), row.get("variant", "default")) in keys)]
+    mode = out_path.stat().st_mode & 0o777
+    write_jsonl(out_path, kept)
+    out_path.chmod(mode)  # the rewrite goes through a private temporary file; keep the file's permissions
 
 
 def _judge_input(response: ResponseRecord, prompts: Mapping[str, BenchmarkItem] | None, responses_path: Path, image_root: Path | None) -> JudgeInput:
@@ -181,6 +227,7 @@ def judge_responses(
             ``settings`` with MM-SafetyBench's ``text-only-changed``).
     """
     responses_path, out_path = Path(responses_path), Path(out_path)
+    check_output_is_not_an_input(out_path, [responses_path, data, image_root])
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     responses = _read_responses(responses_path)
@@ -192,8 +239,6 @@ def judge_responses(
     root = None if image_root is None else Path(image_root)
     inputs = [_judge_input(response, prompts, responses_path, root) for response in responses]
 
-    _check_cache(out_path, judge.name, responses)
-    writer = ResumableJsonlWriter(out_path, key=verdict_key)
     settings = {
         "responses": str(responses_path),
         "data": str(data) if isinstance(data, str | Path) else None if data is None else "<in memory>",
@@ -204,9 +249,27 @@ def judge_responses(
         "protocol": judge_protocol(judge),
         "output": str(out_path),
     }
-    _write_config(config_path_for(out_path), judge, settings)
+    current = judge_resume_settings(judge, {"benchmark": benchmark, "benchmark_options": dict(benchmark_options) if benchmark_options else None})
+    # Settings first, before anything touches the verdicts (not even a tail repair).
+    config_path = config_path_for(out_path)
+    previous = read_sidecar(config_path, output=out_path) or {}
+    entry = previous.get(judge.name)
+    old = entry.get("resume") if isinstance(entry, dict) else None
+    if isinstance(old, dict) and any(isinstance(row, dict) and row.get("judge") == judge.name for _, row in _complete_rows(out_path)):
+        changes = settings_changes(old, current)
+        if changes:
+            raise ConfigError(
+                f"{out_path}: already holds verdicts of judge {judge.name!r} made with other settings ({'; '.join(changes)}); "
+                "rerun with the same settings to resume, or write the verdicts to a new file"
+            )
+    writer = ResumableJsonlWriter(out_path, key=verdict_key)
     if writer.repaired_bytes:
         logger.warning("%s: removed a line cut short by an earlier crash (%d bytes)", out_path, writer.repaired_bytes)
+    stale, orphans = _stale_verdicts(out_path, judge.name, responses)
+    if stale:
+        _drop_verdicts(out_path, judge.name, stale)
+        writer = ResumableJsonlWriter(out_path, key=verdict_key)
+    _write_config(config_path, judge, settings, previous, current)
     todo = [(response, item) for response, item in zip(responses, inputs, strict=True) if (response.id, response.variant, judge.name) not in writer]
     counts: Counter[str] = Counter()
     model_fallback = responses_path.stem
@@ -224,4 +287,4 @@ def judge_responses(
                 counts[verdict.verdict] += 1
             writer.write_batch(rows)
             bar.update(len(batch))
-    return JudgeRunResult(out_path, judge.name, len(responses), sum(counts.values()), len(responses) - len(todo), dict(counts))
+    return JudgeRunResult(out_path, judge.name, len(responses), sum(counts.values()), len(responses) - len(todo), dict(counts), redone=len(stale), not_in_input=orphans)

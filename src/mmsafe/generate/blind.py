@@ -13,7 +13,12 @@ source ``"blind"``. Three ways to blind a prompt:
 
 Generation is resumable: answers go to a side file of response records keyed by id
 (``<out>.blind-responses.jsonl``); the records file is written atomically once every
-answer is there. The output is ordinary preference records that train unchanged.
+answer is there. The output is ordinary preference records that train unchanged. Resume
+is keyed by content as in :mod:`mmsafe.generate.runs`: the mode, the engine and decoding
+settings (and, in ``blank`` mode, the image root) are checked against ``<out>.config.yaml``;
+a record whose prompt (or ``meta.text_prompt`` in ``text`` mode) changed is asked again. A
+record the engine could not answer leaves the records file unwritten and is listed in
+``<out>.blind-responses.jsonl.failed.jsonl``; a rerun asks it again.
 """
 
 from __future__ import annotations
@@ -25,10 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmsafe.data.conversations import prompt_messages, without_image, without_image_tokens
+from mmsafe.data.outputs import check_output_is_not_an_input
 from mmsafe.data.records import PreferenceRecord, read_response_records, write_records
-from mmsafe.errors import ConfigError, DataError
+from mmsafe.errors import ConfigError, DataError, MmsafeError
 from mmsafe.generate.engine import DecodingParams, Engine, GenerationRequest, request_from_record
-from mmsafe.generate.runs import DEFAULT_BATCH_SIZE, config_path_for, default_image_root, load_records, run_requests
+from mmsafe.generate.runs import (
+    DEFAULT_BATCH_SIZE,
+    config_path_for,
+    default_image_root,
+    load_records,
+    record_input_hash,
+    run_requests,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +177,9 @@ def make_blind(
     params = params or DecodingParams()
     started = time.perf_counter()
     out_path = Path(out_path)
+    for written in (out_path, responses_path_for(out_path), write_release_rows):
+        if written is not None:
+            check_output_is_not_an_input(written, [data, source, image_root])
     records = load_records(data, limit=limit, format_name=format_name)
     root = default_image_root(data, image_root)
     file = str(data) if isinstance(data, str | Path) else source
@@ -171,6 +187,15 @@ def make_blind(
     if not records:
         raise DataError("no records to answer blind (expected at least one preference record)", file=file)
     responses_path = responses_path_for(out_path)
+    # Only blank mode looks images up (text-only records asked as they are).
+    hash_root = root if mode == "blank" else None
+    settings: dict = {"blind.mode": mode}
+    if hash_root is not None and any(record.image is not None for record in records):
+        settings["image_root"] = str(hash_root.resolve())
+
+    def input_hash(record: PreferenceRecord) -> str:
+        return record_input_hash(record, hash_root, extra={"text_prompt": record.meta.get("text_prompt")} if mode == "text" else None)
+
     config = {"command": "blind", "mode": mode, "data": file or f"<{len(records)} records in memory>", "image_root": None if root is None else str(root), "limit": limit, "output": str(out_path), "release_rows": None if write_release_rows is None else str(write_release_rows)}
     run = run_requests(
         engine,
@@ -183,13 +208,21 @@ def make_blind(
         config=config,
         config_path=config_path_for(out_path),
         progress_label=f"blind {mode}",
+        input_hash=input_hash,
+        settings=settings,
     )
+    if run.failed:
+        # The records file needs every answer: it is not written until a rerun answers these.
+        ids = ", ".join(record.id for record in run.failed[:10]) + (", ..." if len(run.failed) > 10 else "")
+        raise MmsafeError(f"{run.failure_line()} (ids: {ids}); {out_path} is not written until every record has a blind answer")
     from mmsafe.generate.distributed import process_info
 
     if not process_info().is_main:
         return BlindSummary(out_path, responses_path, len(records), run.generated, run.already_done, [], run.seconds)
 
     answers = {response.id: response.response for response in read_response_records(responses_path) if response.variant == f"blind-{mode}"}
+    if run.not_in_input:
+        logger.info("%s: %d blind answers for ids not in this input are kept there and not used", responses_path, len(run.not_in_input))
     missing = [record.id for record in records if record.id not in answers]
     if missing:
         raise DataError(f"{len(missing)} records have no blind answer yet (first: {missing[0]}); rerun to finish", file=str(responses_path))
