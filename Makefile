@@ -5,9 +5,21 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile
-# Tests run on the CPU build of PyTorch; GPU users install the torch they need first
-# (an installed torch that satisfies the package's range is kept).
-TORCH_SPEC ?= torch==2.13.0
+# torch is the one large download: shown with a progress bar, not --quiet.
+PIP_VISIBLE := $(BIN)/python -m pip install --progress-bar on --disable-pip-version-check --no-compile
+# Which torch: on a machine without nvidia-smi the CPU build (about 200 MB, from the
+# configured package sources; tried first as TORCH_VERSION+cpu), else the plain spec,
+# which on PyPI is the CUDA build (several GB with its NVIDIA packages).
+# An installed torch that satisfies the package's range is kept.
+#   TORCH_SPEC=torch==2.13.0+cu128   choose the build yourself
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu   install it from that index
+#                                    (none by default: only the configured sources are asked)
+TORCH_VERSION ?= 2.13.0
+HAS_NVIDIA_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH_SPEC ?= $(if $(HAS_NVIDIA_GPU),torch==$(TORCH_VERSION),torch==$(TORCH_VERSION)+cpu)
+TORCH_FALLBACK_SPEC ?= torch==$(TORCH_VERSION)
+TORCH_INDEX_URL ?=
+TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 RUNTIME := $(VENV)/.mmsafe-runtime
 DEV := $(VENV)/.mmsafe-dev
 
@@ -17,7 +29,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(RUNTIME): pyproject.toml | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
+	@$(BIN)/python -c "import torch" 2>/dev/null || { \
+	  echo "installing $(TORCH_SPEC)$(if $(TORCH_INDEX_URL), from $(TORCH_INDEX_URL)) (set TORCH_SPEC / TORCH_INDEX_URL to choose another build)"; \
+	  start=$$(date +%s); \
+	  $(PIP_VISIBLE) $(TORCH_INDEX) "$(TORCH_SPEC)" || { \
+	    [ "$(TORCH_SPEC)" != "$(TORCH_FALLBACK_SPEC)" ] && \
+	    echo "$(TORCH_SPEC) is not in the configured package sources; installing $(TORCH_FALLBACK_SPEC) instead" && \
+	    $(PIP_VISIBLE) $(TORCH_INDEX) "$(TORCH_FALLBACK_SPEC)"; } || exit 1; \
+	  echo "torch installed in $$(( $$(date +%s) - start ))s"; }
 	$(PIP) -e .
 	touch $(RUNTIME)
 

@@ -67,12 +67,80 @@ def _data_validate(args: argparse.Namespace) -> int:
     from mmsafe.data.validate import validate_file
 
     report = validate_file(args.path, image_root=args.image_root, format_name=args.format_name)
-    for problem in report.problems[: args.max_problems]:
-        print(problem, file=sys.stderr)
-    if len(report.problems) > args.max_problems:
-        print(f"... and {len(report.problems) - args.max_problems} more problems", file=sys.stderr)
+    lines = _group_missing_images(report.problems, report.image_root, args.path)
+    for line in lines[: args.max_problems]:
+        print(line, file=sys.stderr)
+    if len(lines) > args.max_problems:
+        print(f"... and {len(lines) - args.max_problems} more problems", file=sys.stderr)
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def _group_missing_images(problems: list, image_root: str | None, file: str) -> list[str]:
+    """Problem lines, with every "image not found" of one folder folded into one line with a count."""
+    import re
+
+    from mmsafe.errors import ImageError
+
+    missing = [problem for problem in problems if isinstance(problem, ImageError) and problem.message.startswith("image not found")]
+    if len(missing) < 2 or image_root is None:
+        return [str(problem) for problem in problems]
+    first = missing[0]
+    name = re.match(r"image not found: (.*?) \(", first.message)
+    where = f"{first.location.record} {name.group(1).strip(chr(39)) if name else ''}".strip()
+    folded = (
+        f"{file}:-:image: {len(missing)} records: image not found under {Path(image_root).absolute()} (first: {where}); "
+        "set --image-root to the folder that holds the images"
+    )
+    lines = [str(problem) for problem in problems if problem not in missing]
+    return [folded, *lines]
+
+
+def _check_images_exist(records: list, image_root: Path | None, file: str | None) -> None:
+    """Every record's image exists under ``image_root``: checked (one stat each) before a model loads.
+
+    All missing images are reported as one error with a count, not one per record.
+    """
+    import os
+
+    from mmsafe.data.images import resolve_image_path
+    from mmsafe.errors import DataError, ImageError
+
+    with_image = [record for record in records if isinstance(getattr(record, "image", None), str)]
+    if not with_image or image_root is None:
+        return
+    missing = []
+    for record in with_image:
+        try:
+            path = resolve_image_path(image_root, record.image)
+        except DataError as error:
+            raise error.at(file=file, record=record.id) from None
+        if not os.path.lexists(path) and not os.path.lexists(Path(image_root) / record.image):
+            missing.append(record)
+    if missing:
+        first = missing[0]
+        raise ImageError(
+            f"{len(missing)} of {len(with_image)} records: image not found under {Path(image_root).absolute()} (first: {first.id} {first.image}); "
+            "set --image-root to the folder that holds the images",
+            file=file,
+            field="image",
+        )
+
+
+def _check_model_arguments(args: argparse.Namespace) -> None:
+    """--model, --adapter and --judge-model name something that exists, before data or a model loads."""
+    from mmsafe.errors import ModelError
+    from mmsafe.models.loading import check_model_name
+
+    if getattr(args, "model", None) and getattr(args, "engine", "hf") == "hf":
+        check_model_name(args.model, what="--model")
+    adapter = getattr(args, "adapter", None)
+    if adapter and not Path(adapter).expanduser().is_dir():
+        raise ModelError(f"--adapter {adapter}: no such adapter folder ({Path(adapter).expanduser().absolute()})")
+    if getattr(args, "judge", None) == "llama-guard":
+        from mmsafe.evaluate.judges.llama_guard import DEFAULT_MODEL
+
+        check_model_name(args.judge_model or DEFAULT_MODEL, what="--judge-model")
 
 
 def _data_convert(args: argparse.Namespace) -> int:
@@ -138,8 +206,15 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output file")
     parser.add_argument("--format", dest="format_name", help="input format (default: detected from the file)")
     parser.add_argument("--image-root", help="folder that image paths are relative to (default: the data file's folder)")
-    parser.add_argument("--engine", choices=["hf", "openai"], default="hf", help="hf: in-process transformers (default); openai: an OpenAI-compatible server (vLLM, SGLang)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch; also how many answers are written at a time (default 16)")
+    parser.add_argument(
+        "--engine", choices=["hf", "vllm", "openai"], default="hf",
+        help='hf: in-process transformers (default); vllm: in-process vLLM (pip install "mmsafe[serve]"); openai: an OpenAI-compatible server (vLLM, SGLang)',
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch-size", type=_batch_size, default=16,
+        help="prompts per batch; also how many answers are written at a time (default 16); auto: hf starts at 64 on CUDA (16 on CPU), "
+        "halves on out-of-memory and grows back; vllm hands it 256 prompts at a time",
+    )  # fmt: skip
     parser.add_argument("--limit", type=int, help="only the first N records")
     decoding = parser.add_argument_group("decoding (default: greedy, as in the paper)")
     decoding.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer (default 256)")
@@ -148,7 +223,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     decoding.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     decoding.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    hf = parser.add_argument_group("hf engine")
+    hf = parser.add_argument_group("hf engine (--dtype, --prompt-style, --image-mode, --trust-remote-code also for vllm)")
     hf.add_argument("--dtype", choices=DTYPES, help=f"weights dtype (default: {RECIPE_DEFAULT}, else {DEFAULTS['dtype']})")
     hf.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     hf.add_argument("--adapter", help="a LoRA adapter directory to apply on top of --model")
@@ -159,15 +234,34 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--image-mode", choices=IMAGE_MODES, help=f"pad (to a square of the mean colour, like LLaVA-1.5), resize or none (default: {RECIPE_DEFAULT}, else {DEFAULTS['image_mode']})"
     )
     hf.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint (off by default)")
+    vllm = parser.add_argument_group("vllm engine")
+    vllm.add_argument("--max-model-len", type=int, help="context length vLLM reserves memory for (default: the model's)")
+    vllm.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to split the model over (default 1)")
+    vllm.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory vLLM may use (default 0.9)")
     server = parser.add_argument_group("openai engine")
     server.add_argument("--base-url", help="server URL, e.g. http://localhost:8000/v1")
     server.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (default OPENAI_API_KEY; unset: no key sent)")
     server.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
-    server.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request (default 60)")
+    server.add_argument("--timeout", type=float, default=60.0, help="longest wait for one connect or read, in seconds (default 60)")
+    server.add_argument("--deadline", type=float, default=300.0, help="total seconds per HTTP attempt, connect to the last byte of the reply (default 300)")
+    server.add_argument("--max-body-bytes", type=int, default=64 * 2**20, help="largest reply read, in bytes (default 67108864, 64 MiB)")
     server.add_argument("--max-retries", type=int, default=6, help="retries on 429, 5xx, timeouts and connection errors (default 6)")
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}")
+    return value
+
+
 def _engine_from_args(args: argparse.Namespace):
+    """The engine; ``args.batch_size`` ``auto`` is replaced by the engine's choice (the run's chunk size)."""
     from mmsafe.errors import ConfigError
 
     if args.engine == "openai":
@@ -175,10 +269,16 @@ def _engine_from_args(args: argparse.Namespace):
 
         if not args.base_url:
             raise ConfigError("--engine openai needs --base-url (e.g. http://localhost:8000/v1)")
-        return OpenAIEngine(args.base_url, args.model, api_key_env=args.api_key_env, timeout=args.timeout, max_retries=args.max_retries, concurrency=args.concurrency)
-    from mmsafe.generate.hf_engine import HFEngine
+        if args.batch_size == "auto":
+            raise ConfigError("--batch-size auto is for the hf and vllm engines; give the openai engine a number (its concurrency is --concurrency)")
+        return OpenAIEngine(args.base_url, args.model, api_key_env=args.api_key_env, timeout=args.timeout, max_retries=args.max_retries, concurrency=args.concurrency, deadline_s=args.deadline, max_body_bytes=args.max_body_bytes)
+    from mmsafe.generate import local_engine
 
-    return HFEngine(
+    vllm_options = None
+    if args.engine == "vllm":
+        vllm_options = {"max_model_len": args.max_model_len, "tensor_parallel_size": args.tensor_parallel_size, "gpu_memory_utilization": args.gpu_memory_utilization}
+    engine = local_engine(
+        args.engine,
         args.model,
         dtype=args.dtype,
         device=args.device,
@@ -187,7 +287,10 @@ def _engine_from_args(args: argparse.Namespace):
         trust_remote_code=args.trust_remote_code,
         prompt_style=args.prompt_style,
         image_mode=args.image_mode,
+        vllm_options=vllm_options,
     )
+    args.batch_size = engine.preferred_batch_size
+    return engine
 
 
 def _decoding_from_args(args: argparse.Namespace):
@@ -252,11 +355,16 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         records = load_records(args.data, limit=args.limit, format_name=args.format_name, prompt_sets=True)
         image_root = default_image_root(args.data, args.image_root)
+    _check_images_exist(records, image_root, args.data)
     engine = _engine_from_args(args)
     summary = generate_responses(
         engine, records, args.out, image_root=image_root, params=params, batch_size=args.batch_size, variant=args.variant, limit=args.limit, source=args.data
     )
     print(summary.summary())
+    failure = summary.failure_line()
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -274,6 +382,8 @@ def _blind(args: argparse.Namespace) -> int:
     params = _decoding_from_args(args)
     records = load_records(args.data, limit=args.limit, format_name=args.format_name)
     check_records(records, args.mode, file=args.data)
+    if args.mode == "blank":
+        _check_images_exist(records, default_image_root(args.data, args.image_root), args.data)
     engine = _engine_from_args(args)
     summary = make_blind(
         engine,
@@ -305,9 +415,17 @@ def add_probe(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from mmsafe.evaluate.probe import render_probe_markdown, run_probe
+    from mmsafe.errors import DataError
+    from mmsafe.evaluate.probe import probe_applicable, render_probe_markdown, run_probe
+    from mmsafe.generate.runs import default_image_root, load_records
 
     params = _decoding_from_args(args)
+    # The data is read (and its images checked) before the model is loaded, so bad input fails in seconds.
+    records = load_records(args.data, limit=args.limit, format_name=args.format_name, prompt_sets=True)
+    usable = [record for record in records if probe_applicable(record) is None]
+    if not usable:
+        raise DataError("no record can be probed: each needs an image, meta.text_prompt and meta.mid_prompt", file=args.data)
+    _check_images_exist(usable, default_image_root(args.data, args.image_root), args.data)
     engine = _engine_from_args(args)
     result = run_probe(
         engine,
@@ -471,6 +589,8 @@ def add_report(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--resamples", type=int, default=10_000, help="paired bootstrap resamples (default 10000)")
     report.add_argument("--seed", type=int, default=0, help="paired bootstrap seed (default 0)")
     report.add_argument("--benchmark-option", action="append", default=[], metavar="KEY=VALUE", help="benchmark loader option as given to generate (repeatable), e.g. settings=[text-only-changed]")
+    report.add_argument("--probe", help="a probe summary to show beside the rates: probe.json from mmsafe probe, or its folder")
+    report.add_argument("--run-name", help="the run's name in the page header (default: the output folder)")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -487,6 +607,8 @@ def _report(args: argparse.Namespace) -> int:
         benchmark_options=_benchmark_options(args),
         resamples=args.resamples,
         seed=args.seed,
+        probe=args.probe,
+        run=args.run_name,
     )
     print(result.describe())
     return 0
@@ -546,10 +668,13 @@ def _train(args: argparse.Namespace) -> int:
     import json
 
     from mmsafe.config import load_config
+    from mmsafe.models.loading import check_model_name
     from mmsafe.train.config import TrainConfig
     from mmsafe.train.trainer import train
 
-    result = train(load_config(TrainConfig, args.config, args.overrides))
+    config = load_config(TrainConfig, args.config, args.overrides)
+    check_model_name(config.model, revision=getattr(config, "revision", None), what="model")
+    result = train(config)
     print(json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step, "skipped": result.skipped}))
     return 0
 
@@ -608,9 +733,12 @@ def add_run(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mmsafe.pipeline import load_pipeline_config, run_pipeline, safety_table
+    from mmsafe.models.loading import check_model_name
+    from mmsafe.pipeline import TINY_MODEL, load_pipeline_config, run_pipeline, safety_table
 
     config = load_pipeline_config(args.config, args.overrides)
+    if config.model != TINY_MODEL:
+        check_model_name(config.model, what="model")
     result = run_pipeline(config, from_stage=args.from_stage, only=args.only)
     if not result.ran:
         print("nothing to do: every stage is up to date for this config")
@@ -618,6 +746,7 @@ def _run(args: argparse.Namespace) -> int:
     if report.exists() and args.only in (None, "report"):
         print(safety_table(config))
         print(f"HTML report: {report.parent / 'report.html'}")
+        print(f"summary: {report.parent / 'summary.md'}")
     return 0
 
 
@@ -642,14 +771,73 @@ def _demo(args: argparse.Namespace) -> int:
     print(safety_table(config))
     print()
     print(f"HTML report: {Path(config.out) / 'report' / 'report.html'}")
+    print(f"summary: {Path(config.out) / 'report' / 'summary.md'}")
     print(f"demo finished in {time.perf_counter() - started:.0f}s; everything it wrote is in {config.out}")
+    return 0
+
+
+# ---------------------------------------------------------------- env
+
+
+def add_env(subparsers: argparse._SubParsersAction) -> None:
+    env = _command(subparsers, "env", "versions, devices and installed extras, to paste into a bug report", _env)
+    env.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+#: The extras of the package and a module that tells whether each is installed.
+EXTRAS = {"gpu": ("deepspeed", "bitsandbytes"), "serve": ("vllm",), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "dev": ("pytest", "ruff")}
+
+
+def environment_report() -> dict:
+    """Python, package versions, devices and installed extras (what ``mmsafe env`` prints)."""
+    import importlib.metadata
+    import importlib.util
+    import platform
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    packages = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers", "huggingface_hub", "trl", "deepspeed", "bitsandbytes", "vllm")
+    report: dict = {"platform": platform.platform(), "python": platform.python_version(), "mmsafe": __version__}
+    report.update({name: version(name) for name in packages})
+    devices: dict = {"cuda": False, "cuda_devices": [], "mps": False}
+    try:
+        import torch
+
+        devices["cuda"] = torch.cuda.is_available()
+        devices["cuda_version"] = torch.version.cuda
+        devices["cuda_devices"] = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())] if devices["cuda"] else []
+        devices["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    except ImportError:
+        pass
+    report["devices"] = devices
+    report["extras"] = {extra: all(importlib.util.find_spec(module) is not None for module in modules) for extra, modules in EXTRAS.items()}
+    return report
+
+
+def _env(args: argparse.Namespace) -> int:
+    report = environment_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    devices = report.pop("devices")
+    extras = report.pop("extras")
+    for key, value in report.items():
+        print(f"- {key}: {value}")
+    cuda = f"{len(devices['cuda_devices'])} ({', '.join(devices['cuda_devices'])}; CUDA {devices.get('cuda_version')})" if devices["cuda"] else "none"
+    print(f"- CUDA GPUs: {cuda}")
+    print(f"- MPS (Apple GPU): {'yes' if devices['mps'] else 'no'}")
+    print(f"- extras: {', '.join(f'{name} ' + ('yes' if installed else 'no') for name, installed in extras.items())}")
     return 0
 
 
 # ---------------------------------------------------------------- main
 
 # In the order of the flow: the whole loop first, then each stage.
-COMMANDS = [add_demo, add_run, add_data, add_build_data, add_blind, add_train, add_generate, add_judge, add_report, add_pairwise, add_probe, add_benchmarks, add_models]
+COMMANDS = [add_demo, add_run, add_data, add_build_data, add_blind, add_train, add_generate, add_judge, add_report, add_pairwise, add_probe, add_benchmarks, add_models, add_env]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -665,21 +853,148 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Arguments that name what a command writes, to name the place of an OSError without a file name.
+_OUTPUT_ARGUMENTS = ("out", "output", "output_dir", "out_dir")
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse an argument holding a lone surrogate (how Python reads bytes that are not
+    UTF-8): a model or judge name with one could be neither sent nor written."""
+    from mmsafe.data.jsonl import find_lone_surrogate, surrogate_message
+    from mmsafe.errors import ConfigError
+
+    for name, value in vars(args).items():
+        found = find_lone_surrogate(value) if isinstance(value, str | list) else None
+        if found is not None:
+            raise ConfigError(f"argument {name.replace('_', '-')}: {surrogate_message(found[1])} (is the argument UTF-8?)")
+
+
+def _os_error_place(error: OSError, args: argparse.Namespace) -> str:
+    """The file an OSError names, else the command and the output it was writing."""
+    if error.filename:
+        return str(error.filename)
+    command = " ".join(str(part) for part in (args.command, getattr(args, "data_command", None)) if part)
+    outputs = [str(getattr(args, name)) for name in _OUTPUT_ARGUMENTS if getattr(args, name, None)]
+    return f"mmsafe {command}" + (f" (output {', '.join(outputs)})" if outputs else " (the system named no file)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's stop, ``kill``): unwound like Ctrl-C, so what is written is kept."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    import signal
+
+    # Once: a second SIGTERM (a scheduler signalling the whole process group, ``timeout``
+    # forwarding its own) must not cut short the unwinding that keeps what is written.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+#: Commands that pick up where an interrupted run stopped when rerun as they were.
+RESUMABLE = ("generate", "blind", "probe", "judge", "run", "demo", "build-data", "train")
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that reruns this one, shell-quoted."""
+    import os
+    import shlex
+
+    program = sys.argv[0] if sys.argv else "mmsafe"
+    prefix = [sys.executable, "-m", "mmsafe"] if os.path.basename(program) == "__main__.py" else ["mmsafe"]
+    return shlex.join([*prefix, *argv])
+
+
+def _count_rows(path: Path) -> int | None:
+    try:
+        with path.open("rb") as handle:
+            return sum(1 for line in handle if line.strip() and line.endswith(b"\n"))
+    except OSError:
+        return None
+
+
+def interrupt_message(args: argparse.Namespace, argv: Sequence[str], signal_name: str) -> str:
+    """What an interrupted command says: how far it got, what is saved where, how to go on."""
+    from mmsafe.progress import last_progress
+
+    state = last_progress()
+    out = Path(args.out) if isinstance(getattr(args, "out", None), str) else None
+    saved = _count_rows(out) if out is not None and out.is_file() else None
+    noun = "responses" if args.command in ("generate", "blind") else "verdicts" if args.command == "judge" else "rows"
+    if saved is not None and state is not None and not state.finished and state.total is not None:
+        # The last progress counted this run's work; the file also holds what earlier runs wrote.
+        what = f"{saved} of {saved - state.done + state.total} {noun} saved in {out}"
+    elif saved is not None:
+        what = f"{saved} {noun} saved in {out}"
+    elif state is not None and not state.finished:
+        what = f"stopped in {state.desc or 'a step'} at {state.done}{f' of {state.total}' if state.total is not None else ''}"
+        if out is not None:
+            what += f"; what finished is saved in {out}"
+    else:
+        what = f"what finished is saved in {out}" if out is not None else "stopped"
+    message = f"interrupted ({signal_name}): {what}"
+    if args.command in RESUMABLE:
+        message += f"; rerun the same command to resume:\n  {resume_command(argv)}"
+    return message
+
+
+#: Commands whose --model names a checkpoint (hf engine): checked before the parser is built.
+_MODEL_COMMANDS = ("generate", "blind", "probe", "pairwise")
+
+
+def _model_typo_check(argv: Sequence[str]) -> None:
+    """Check ``--model`` before anything slow (the full parser imports numpy): a typo fails at once."""
+    from mmsafe.models.loading import check_model_name
+
+    def values(flag: str) -> list[str]:
+        found = [argv[index + 1] for index, part in enumerate(argv[:-1]) if part == flag]
+        return found + [part.partition("=")[2] for part in argv if part.startswith(flag + "=")]
+
+    command = next((part for part in argv if not part.startswith("-")), None)
+    if command not in _MODEL_COMMANDS or "openai" in values("--engine"):
+        return
+    for value in values("--model"):
+        if value and not value.startswith("-"):
+            check_model_name(value, what="--model")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import contextlib
+    import signal
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" not in argv and "--help" not in argv:
+        try:
+            _model_typo_check(argv)
+        except MmsafeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    previous_handler = None
+    with contextlib.suppress(ValueError):  # not the main thread: SIGTERM is left alone
+        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        from mmsafe.progress import progress_every
+
+        progress_every()  # a bad MMSAFE_PROGRESS_EVERY fails now, not after the model loads
+        _check_arguments(args)
+        _check_model_arguments(args)
         return args.handler(args)
     except MmsafeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # the file system said no (permissions, a full disk, a bad output path): name the file
-        print(f"error: {error.filename or '-'}: {error.strerror or error}", file=sys.stderr)
+        print(f"error: {_os_error_place(error, args)}: {error.strerror or error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated)
+        print(interrupt_message(args, argv, "SIGTERM" if terminated else "Ctrl-C"), file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == "__main__":

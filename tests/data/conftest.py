@@ -1,4 +1,4 @@
-"""Fixtures for the data tests: small released-format rows, written here from METHOD.md."""
+"""Fixtures for the data tests: small released-format rows, written here in the released layout."""
 
 from __future__ import annotations
 

@@ -219,7 +219,7 @@ def test_shipped_configs_load(name):
     config = load_config(TrainConfig, Path(__file__).resolve().parents[2] / "configs" / "train" / f"{name}.yaml")
     assert config.loss == name.rsplit("_", 1)[1]
     if name.startswith("llava15"):
-        # The release's recipe (METHOD.md section 3).
+        # The released training recipe.
         assert config.model == "llava-hf/llava-1.5-7b-hf"
         assert (config.beta, config.learning_rate, config.lr_scheduler_type, config.warmup_steps) == (0.1, 1e-6, "cosine", 10)
         assert (config.per_device_train_batch_size, config.bf16, config.max_length, config.seed) == (1, True, 768, 42)

@@ -2,8 +2,8 @@
 
 ``template`` replaces every mention of the entity by a deictic phrase chosen by entity
 type and fixes the grammar around it, giving ``mid_prompt``. The phrase is either one
-fixed phrase per type (``deictic: single``; METHOD.md §1: "the person featured in the
-image", "the site visible in the image", ...) or, as in the release (METHOD.md §7),
+fixed phrase per type (``deictic: single``; the paper's examples: "the person featured in the
+image", "the site visible in the image", ...) or, as in the released data,
 drawn per record from a pool of about 20 phrases per type (``deictic: pool``: "the
 person shown", "the individual in the picture", "the locale represented", ...). The draw
 is a hash of the seed, the record id and the type: the same input and seed give the
@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import yaml
 
 from mmsafe.build.entities import ENTITY_TYPES, load_prompt
+from mmsafe.config import load_yaml
 from mmsafe.data.records import IMAGE_TOKEN
 from mmsafe.errors import ConfigError
 
@@ -51,7 +52,7 @@ COMPANY_POSSESSIVE_PHRASE = "the pictured company's"
 #: Pool keys: the entity types, and COMPANY for ORG names with a company suffix.
 POOL_KEYS = (*ENTITY_TYPES, "COMPANY")
 #: Deictic phrases drawn per record (``deictic: pool``), by type; written in the style of
-#: the release's about 20 phrases per type (METHOD.md §7), no phrase dominating.
+#: the released data's about 20 phrases per type, no phrase dominating.
 DEFAULT_POOLS: dict[str, list[str]] = {
     "PER": [
         "the person shown",
@@ -252,7 +253,7 @@ def load_pools_file(path: str | Path) -> tuple[dict[str, list[str]], dict[str, l
         raise ConfigError(f"rewrite.pools_file: {path}: file not found (expected YAML or JSON: {{PER: [phrase, ...], ...}})")
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else load_yaml(text, source=f"rewrite.pools_file: {path}")
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"rewrite.pools_file: {path}: not valid YAML/JSON ({error})") from None
     if not isinstance(data, dict):

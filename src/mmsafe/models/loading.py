@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,10 +61,28 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, dtype)
 
 
+def check_safetensors_file(path: Path) -> None:
+    """Refuse a ``.safetensors`` file whose header cannot be read (truncated, not
+    safetensors, bad JSON header, offsets past the end): one ModelError naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # safetensors raises its own SafetensorError, or OSError, ValueError
+        raise ModelError(
+            f"{path}: not a readable safetensors file ({str(error).strip() or type(error).__name__}); expected an 8-byte header length, "
+            "a JSON header and the tensors it lists (re-save the checkpoint with save_pretrained)"
+        ) from None
+
+
 def check_safetensors(directory: Path, *, weights_prefix: str = "model") -> None:
-    """Refuse a local checkpoint whose weights exist only in a pickle format."""
-    safetensors = list(directory.glob("*.safetensors"))
+    """Refuse a local checkpoint whose weights exist only in a pickle format, or whose
+    safetensors files have a header that cannot be read."""
+    safetensors = sorted(directory.glob("*.safetensors"))
     if safetensors:
+        for path in safetensors:
+            check_safetensors_file(path)
         return
     pickled = [path.name for path in directory.iterdir() if path.suffix in _PICKLE_SUFFIXES]
     if pickled:
@@ -79,9 +98,56 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+#: Fields of ``adapter_config.json`` checked before PEFT reads it: name, allowed types, what is expected.
+_ADAPTER_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
+    ("peft_type", (str,), "a string such as \"LORA\""),
+    ("base_model_name_or_path", (str, type(None)), "a model directory or Hub id"),
+    ("r", (int,), "a positive integer"),
+    ("lora_alpha", (int, float), "a number"),
+    ("lora_dropout", (int, float), "a number"),
+    ("target_modules", (str, list, type(None)), "a module name pattern or a list of module names"),
+    ("modules_to_save", (list, type(None)), "a list of module names or null"),
+)
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """The checked ``adapter_config.json`` of an adapter directory.
+
+    Invalid JSON, a value that is not an object, or a field of the wrong type is one
+    ModelError naming the file, the field and what was expected.
+    """
+    from mmsafe.data.jsonl import loads_bounded
+    from mmsafe.errors import MmsafeError
+
+    file = Path(path) / "adapter_config.json"
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ModelError(f"{file}: not valid UTF-8 ({error.reason}); expected a PEFT adapter config (JSON)") from None
+    try:
+        config = loads_bounded(text, str(file))
+    except MmsafeError as error:  # nested too deep
+        raise ModelError(f"{error}; expected a PEFT adapter config (a JSON object)") from None
+    except json.JSONDecodeError as error:
+        raise ModelError(f"{file}: malformed JSON ({error.msg} at line {error.lineno} column {error.colno}); expected a PEFT adapter config (a JSON object)") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{file}: expected a JSON object (a PEFT adapter config), got {type(config).__name__}")
+    for name, types, expected in _ADAPTER_FIELDS:
+        if name not in config:
+            continue
+        value = config[name]
+        wrong = not isinstance(value, types) or isinstance(value, bool)
+        if not wrong and name == "r":
+            wrong = value <= 0
+        if not wrong and isinstance(value, list):
+            wrong = not all(isinstance(item, str) for item in value)
+        if wrong:
+            raise ModelError(f"{file}: field {name!r}: expected {expected}, got {value!r:.80}")
+    return config
+
+
 def adapter_base_model(path: str | Path) -> str:
-    config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
-    base = config.get("base_model_name_or_path")
+    base = read_adapter_config(path).get("base_model_name_or_path")
     if not base:
         raise ModelError(f"{path}/adapter_config.json: no base_model_name_or_path; pass the base model explicitly")
     return base
@@ -199,6 +265,109 @@ def load_processor(name_or_path: str | Path, *, trust_remote_code: bool = False,
         raise ModelError(f"cannot load a processor from {name}: {error}") from None
 
 
+#: A Hub repository id: ``name`` or ``owner/name``, letters, digits, ``-``, ``_`` and ``.``.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+
+
+def looks_like_path(name: str) -> bool:
+    """Does ``name`` read as a local path rather than a Hub id?
+
+    It does when it starts with ``.``, ``/`` or ``~``, holds a backslash or more than one
+    ``/``, or its first part (``models`` of ``models/tiny``) is a local folder.
+    """
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
+
+
+def _missing_folder_message(name: str, what: str) -> str:
+    import difflib
+
+    path = Path(name).expanduser()
+    parent = path.parent if str(path.parent) else Path(".")
+    message = f"{what} {name}: no such model directory ({path.absolute()})"
+    if parent.is_dir():
+        near = difflib.get_close_matches(path.name, [child.name for child in parent.iterdir() if child.is_dir()], n=3)
+        if near:
+            message += f"; {parent} holds {', '.join(near)}"
+    else:
+        message += f"; the folder {parent.absolute()} does not exist either"
+    return message
+
+
+def check_model_name(name: str | Path, *, revision: str | None = None, what: str = "model") -> str:
+    """Check a model reference before anything heavy is imported or loaded; return its kind.
+
+    ``local``: an existing folder. ``hub``: a Hub id the Hub knows, or one in the local
+    cache (when ``HF_HUB_OFFLINE`` is set, or the Hub cannot be reached: the rest of the
+    load then stays offline rather than retrying each file). A path-like name that does
+    not exist, a name that is neither a path nor a Hub id, an unknown repository or an
+    unreachable Hub without a cached copy raise :class:`ModelError` (one line), in a second
+    or so, with no retries.
+    """
+    name = str(name)
+    if Path(name).expanduser().exists():
+        return "local"
+    if (name, revision) in _HUB_CHECKED:
+        return "hub"
+    if looks_like_path(name):
+        raise ModelError(_missing_folder_message(name, what))
+    if not _HUB_ID.fullmatch(name) or "--" in name or ".." in name or name.endswith(".git"):
+        raise ModelError(f"{what} {name!r}: neither a local folder nor a Hub id (owner/name, letters, digits, '-', '_' and '.')")
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+    if constants.is_offline_mode():
+        if cached:
+            _HUB_CHECKED.add((name, revision))
+            return "hub"
+        raise ModelError(f"{what} {name}: not a local folder, and not in the Hugging Face cache while HF_HUB_OFFLINE is set (download it first, or unset HF_HUB_OFFLINE)")
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(name, revision=revision, timeout=_HUB_CHECK_TIMEOUT_S)  # one request: no retries
+    except GatedRepoError:
+        raise ModelError(f"{what} {name}: a gated repository on the Hub; accept its terms on huggingface.co and log in (hf auth login, or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"{what} {name}: not a local folder, and no such model on the Hugging Face Hub (or it is private: log in with hf auth login, or HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"{what} {name}: the Hub has no revision {revision!r} of it") from None
+    except HfHubHTTPError as error:
+        if not cached:
+            raise ModelError(f"{what} {name}: the Hugging Face Hub answered {error.response.status_code if error.response is not None else 'an error'} and no copy is cached") from None
+        _go_offline(name)
+    except Exception as error:  # the network (DNS, refused, timeout): httpx and OS errors
+        if not cached:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ModelError(
+                f"{what} {name}: not a local folder, and the Hugging Face Hub cannot be reached ({reason}) with no cached copy; "
+                "check the network (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use cached models only"
+            ) from None
+        _go_offline(name)
+    _HUB_CHECKED.add((name, revision))
+    return "hub"
+
+
+#: Hub ids already checked in this process (the check is one request; it is not repeated).
+_HUB_CHECKED: set[tuple[str, str | None]] = set()
+
+
+#: Seconds the one Hub request of :func:`check_model_name` may take.
+_HUB_CHECK_TIMEOUT_S = 10.0
+
+
+def _go_offline(name: str) -> None:
+    """The Hub is unreachable but ``name`` is cached: load from the cache, without retrying each file."""
+    import os
+
+    from huggingface_hub import constants
+
+    logger.warning("the Hugging Face Hub cannot be reached: %s is loaded from the local cache (HF_HUB_OFFLINE=1 for the rest of this run)", name)
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 def load_model(
     name_or_path: str | Path,
     *,
@@ -224,6 +393,8 @@ def load_model(
         merge_adapter: merge the adapter into the weights (faster inference, no PEFT).
         trust_remote_code: run model code shipped with the checkpoint. Off by default.
     """
+    if not Path(str(name_or_path)).expanduser().exists():  # before transformers is imported: a typo fails at once
+        check_model_name(name_or_path, revision=revision)
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as transformers_logging
 
@@ -239,8 +410,8 @@ def load_model(
         if not local.is_dir():
             raise ModelError(f"{local}: expected a checkpoint directory")
         check_safetensors(local)
-    elif name.startswith((".", "/")) or name.count("/") > 1:
-        raise ModelError(f"{name}: no such model directory (and not a Hub id of the form owner/name)")
+    else:
+        check_model_name(name, revision=revision)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code, "revision": revision}
@@ -266,9 +437,12 @@ def apply_adapter(model: Any, adapter: str | Path, *, merge: bool = False, train
     adapter_dir = Path(adapter)
     if not is_adapter_dir(adapter_dir):
         raise ModelError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
-    if not (adapter_dir / "adapter_model.safetensors").exists():
-        check_safetensors(adapter_dir, weights_prefix="adapter")
-    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    read_adapter_config(adapter_dir)
+    check_safetensors(adapter_dir, weights_prefix="adapter")
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:  # a config or weights PEFT cannot use
+        raise ModelError(f"{adapter_dir}: cannot apply the PEFT adapter ({type(error).__name__}: {str(error)[:300]}); expected an adapter saved by PEFT for this base model") from None
     if merge:
         model = model.merge_and_unload()
     return model

@@ -41,6 +41,18 @@ TYPED_TRAINING_ARGUMENTS = (
 )
 
 
+#: report_to loggers: the modules any of which transformers uses, and mmsafe's extra that installs one.
+LOGGER_PACKAGES: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), None),
+    "comet_ml": (("comet_ml",), None),
+    "clearml": (("clearml",), None),
+    "dvclive": (("dvclive",), None),
+    "trackio": (("trackio",), None),
+}
+
+
 @dataclass
 class TrainConfig:
     """Preference training of an image-text-to-text model with DPO or BPO."""
@@ -177,7 +189,21 @@ class TrainConfig:
         for source, weight in self.source_weights.items():
             if weight < 0:
                 raise ConfigError(f"source_weights.{source}: expected a weight >= 0, got {weight}")
+        self.check_loggers()
         self.check_trainer_args()
+
+    def check_loggers(self) -> None:
+        """Each ``report_to`` logger is installed: one line naming the extra, before any model loads."""
+        import importlib.util
+
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
+        for name in names:
+            if name in ("none", "all"):
+                continue
+            modules, extra = LOGGER_PACKAGES.get(name, ((name,), None))
+            if not any(importlib.util.find_spec(module) is not None for module in modules):
+                how = f'pip install "mmsafe[{extra}]"' if extra else f"pip install {modules[0]}"
+                raise ConfigError(f"report_to: {name} is not installed; install it ({how}) or remove it from report_to")
 
     def check_numbers(self) -> None:
         """Every float option finite, the step and size options in range: before any model loads."""
