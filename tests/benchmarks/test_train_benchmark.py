@@ -70,9 +70,9 @@ def test_realistic_profile_draws_the_stated_distributions():
     human = sorted(profile.human_response(rng) for _ in range(20000))
     assert abs(statistics.median(human) - 35) <= 2
     assert abs(human[int(0.9 * len(human))] - 110) <= 6  # the 90th percentile
-    assert 4 <= human[0] and human[-1] <= profile.human_max_tokens
+    assert human[0] >= 4 and human[-1] <= profile.human_max_tokens
     blind = [profile.blind_response(rng) for _ in range(2000)]
-    assert 100 <= min(blind) and max(blind) <= 300 and abs(statistics.mean(blind) - 200) <= 5
+    assert min(blind) >= 100 and max(blind) <= 300 and abs(statistics.mean(blind) - 200) <= 5
     dialogues = [profile.dialogue(rng) for _ in range(2000)]
     assert all(40 <= sum(length for _, length in turns) <= 640 for turns in dialogues)
     assert all([role for role, _ in turns] == ["user", "assistant"] * ((len(turns) - 1) // 2) + ["user"] for turns in dialogues)
@@ -81,13 +81,13 @@ def test_realistic_profile_draws_the_stated_distributions():
 
 def test_realistic_workload_has_several_turns_and_long_blind_answers():
     profile = bench.replace(bench.REALISTIC, scale=0.1)
-    processor, model, workload = bench.prepare(bench.replace(TINY, batch_size=6), profile=profile)
-    prompts = [item["example"] for item in workload.items]
+    _, _, workload = bench.prepare(bench.replace(TINY, batch_size=6), profile=profile)
+    prompts = [item["example"].prompt_text for item in workload.items]
+    assert any(prompt.count("USER:") + prompt.count("user") > 1 for prompt in prompts)  # earlier turns rendered
     assert max(workload.prompt_lengths) > min(workload.prompt_lengths)  # drawn, not fixed
     responses = [workload.response_lengths[index : index + 3] for index in range(0, len(workload.response_lengths), 3)]
     # The blind answer (last) is drawn from 100-300 tokens x 0.1: 10 to 30, end-of-sequence included.
     assert all(10 <= blind <= 32 for _, _, blind in responses)
-    assert len(prompts) == 6
 
 
 def test_length_grouping_cuts_the_padding_of_packed_batches():
