@@ -14,6 +14,7 @@ Two forms:
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -27,6 +28,8 @@ import numpy as np
 from mmsafe.data.records import IMAGE_TOKEN, Message, PreferenceRecord
 from mmsafe.errors import ConfigError, DataError, MmsafeError
 from mmsafe.evaluate.metrics import Rate, rate
+
+logger = logging.getLogger(__name__)
 
 Label = Literal["A", "B"]
 _ANSWER = re.compile(r"^(?:(?:response|answer)\s*:?\s*)?\(?\s*([AB])\s*\)?\s*[.:]?$", re.IGNORECASE)
@@ -150,16 +153,21 @@ def run_pairwise(
 ) -> PairwiseResult:
     """Ask ``engine`` (a :class:`mmsafe.generate.engine.Engine`) every record's question.
 
-    Decoding defaults to greedy with a few new tokens (the answer is one letter).
+    Decoding defaults to greedy with a few new tokens (the answer is one letter). The
+    questions are asked longest first, so each batch holds questions of similar length
+    (little padding); the answers are scored in record order.
     """
     from mmsafe.data.images import load_image
     from mmsafe.generate.engine import DecodingParams, GenerationRequest, texts_or_raise
 
     params = params if params is not None else DecodingParams(max_new_tokens=8)
     questions = [build_pairwise_question(record, seed=seed) for record in records]
-    answers: list[str] = []
-    for start in range(0, len(questions), batch_size):
-        batch = questions[start : start + batch_size]
+    # The same cheap length stand-in as generation runs: image or not, then characters.
+    order = sorted(range(len(questions)), key=lambda index: (questions[index].image is None, -sum(len(message.content) for message in questions[index].messages)))
+    answers_at: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        positions = order[start : start + batch_size]
+        batch = [questions[position] for position in positions]
         requests = []
         for question in batch:
             image = None
@@ -174,8 +182,8 @@ def run_pairwise(
         texts = engine.generate(requests, params)
         if len(texts) != len(requests):
             raise MmsafeError(f"engine returned {len(texts)} answers for {len(requests)} questions")
-        answers.extend(texts_or_raise(texts, getattr(engine, "name", "engine")))
-    return score_pairwise(questions, answers)
+        answers_at.update(zip(positions, texts_or_raise(texts, getattr(engine, "name", "engine")), strict=True))
+    return score_pairwise(questions, [answers_at[position] for position in range(len(questions))])
 
 
 @dataclass(frozen=True)
@@ -226,6 +234,8 @@ class PairwiseReport:
     likelihood: LikelihoodPairwiseResult | None = None
     likelihood_by_source: dict[str, LikelihoodPairwiseResult] = field(default_factory=dict)
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    #: Padding positions over all positions run, per form (asked: the prompts' padding; likelihood: the scored rows').
+    padding_share: dict[str, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -235,6 +245,7 @@ class PairwiseReport:
             "likelihood": None if self.likelihood is None else self.likelihood.to_dict(),
             "likelihood_by_source": {source: result.to_dict() for source, result in self.likelihood_by_source.items()},
             "skipped": self.skipped,
+            "padding_share": self.padding_share,
         }
 
     def table(self) -> str:
@@ -293,7 +304,12 @@ def evaluate_pairwise(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if "asked" in forms:
+        before = (engine.padding.padded, engine.padding.total)
         report.asked = run_pairwise(engine, records, image_root=root, seed=seed, batch_size=batch_size)
+        padded, total = engine.padding.padded - before[0], engine.padding.total - before[1]
+        report.padding_share["asked"] = padded / total if total else None
+        if total:
+            logger.info("pairwise (asked): %d questions, prompt padding share %.1f%% (batched by length)", report.asked.total, 100 * padded / total)
         write_jsonl(out / "pairwise_answers.jsonl", ({"id": key, "answer": answer, "parsed": parse_pairwise_answer(answer)} for key, answer in report.asked.answers.items()))
     if "likelihood" in forms:
         from mmsafe.models.recipe import resolve_inputs
@@ -304,6 +320,7 @@ def evaluate_pairwise(
             engine.loaded, records, root, batch_size=batch_size, max_length=length, image_mode=engine.image_mode, prompt_style=engine.prompt_style
         )
         report.skipped = scored.skipped
+        report.padding_share["likelihood"] = scored.padding_share
         chosen = [score.chosen for score in scored.scores for _ in score.rejected]
         rejected = [value for score in scored.scores for value in score.rejected]
         if chosen:

@@ -14,13 +14,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmsafe.errors import ConfigError, DataError
+from mmsafe.errors import ConfigError, DataError, MmsafeError
 from mmsafe.generate.engine import DecodingParams, GenerationRequest, check_responses
 from mmsafe.models.loading import LoadedModel, load_model
 from mmsafe.models.prompts import PromptStyle, accepts_text_only, render_prompt, tokenize_options
 from mmsafe.models.recipe import IMAGE_MODES, PROMPT_STYLES, check_template, model_dtype, resolve_inputs
 
 logger = logging.getLogger(__name__)
+
+#: ``batch_size="auto"``: the batch size to start from, and the most it grows back to, on a
+#: CUDA device (halved on each out-of-memory error). On a CPU there is no out-of-memory
+#: error to react to, and past 16 rows a CPU gains little (see benchmarks/README.md).
+AUTO_BATCH_SIZE_CUDA = 64
+AUTO_BATCH_SIZE_CPU = 16
+#: Batches in a row without running out of memory before the batch size doubles again;
+#: doubled after each out-of-memory error, so a size that fails keeps being retried less often.
+GROW_AFTER = 4
+GROW_AFTER_MAX = 64
+
+
+@dataclass
+class PaddingCount:
+    """Prompt positions run through the model, and how many of them were padding."""
+
+    padded: int = 0
+    total: int = 0
+
+    @property
+    def share(self) -> float | None:
+        return self.padded / self.total if self.total else None
 
 
 @dataclass(frozen=True)
@@ -66,7 +88,12 @@ class HFEngine:
         device: ``auto`` (this process's accelerator under a data-parallel launch, else
             CUDA if present, else CPU), ``cpu``, ``cuda:1``, ...
         adapter: a PEFT LoRA adapter directory applied on top of the model.
-        batch_size: requests per forward pass.
+        batch_size: requests per forward pass, or ``auto``: start from ``max_batch_size``,
+            halve on a CUDA out-of-memory error and retry the same requests (none is lost
+            or answered twice), double again after a run of batches that fit (see
+            :data:`GROW_AFTER`). Greedy answers do not depend on the batch size.
+        max_batch_size: with ``batch_size="auto"``, the size to start from and the most it
+            grows to (default :data:`AUTO_BATCH_SIZE_CUDA` on CUDA, :data:`AUTO_BATCH_SIZE_CPU` else).
         prompt_style: ``chat-template`` (the processor's template) or ``llava-v1``
             (the release's raw ``USER: ... ASSISTANT:`` form).
         image_mode: how an image is shaped before the processor sees it: ``pad`` (centred
@@ -83,7 +110,8 @@ class HFEngine:
         dtype: str | None = None,
         device: str = "auto",
         adapter: str | Path | None = None,
-        batch_size: int = 16,
+        batch_size: int | str = 16,
+        max_batch_size: int | None = None,
         trust_remote_code: bool = False,
         prompt_style: PromptStyle | None = None,
         image_mode: str | None = None,
@@ -93,8 +121,10 @@ class HFEngine:
             raise ConfigError(f"prompt_style: expected one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
         if image_mode is not None and image_mode not in IMAGE_MODES:
             raise ConfigError(f"image_mode: expected one of {', '.join(IMAGE_MODES)}, got {image_mode!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        if batch_size != "auto" and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+            raise ConfigError(f"batch_size: expected a positive integer or auto, got {batch_size!r}")
+        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+            raise ConfigError(f"max_batch_size: expected a positive integer, got {max_batch_size!r}")
         preloaded = isinstance(model_or_path, LoadedModel)
         model_name = model_or_path.name if preloaded else model_or_path  # type: ignore[union-attr]
         #: The settings used, each given, from the model's recipe or the default.
@@ -119,7 +149,21 @@ class HFEngine:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.batch_size = batch_size
+        #: True with ``batch_size="auto"``: the batch size adapts to out-of-memory errors.
+        self.auto_batch_size = batch_size == "auto"
+        if self.auto_batch_size:
+            on_cuda = getattr(self.loaded.device, "type", str(self.loaded.device)) == "cuda"
+            batch_size = max_batch_size or (AUTO_BATCH_SIZE_CUDA if on_cuda else AUTO_BATCH_SIZE_CPU)
+        #: Most requests per forward pass (with ``auto``: the size it starts from).
+        self.batch_size: int = batch_size  # type: ignore[assignment]
+        #: Requests a caller best passes per :meth:`generate` call (a run's chunk size).
+        self.preferred_batch_size = self.batch_size
+        #: The batch size in use now (below ``batch_size`` after an out-of-memory error).
+        self.current_batch_size = self.batch_size
+        self._fits_in_a_row = 0
+        self._grow_after = GROW_AFTER
+        #: Prompt padding of every batch generated so far.
+        self.padding = PaddingCount()
         self.prompt_style: PromptStyle = self.inputs.prompt_style  # type: ignore[assignment]
         self.image_mode = self.inputs.image_mode
         self.dtype = model_dtype(self.model) if preloaded else self.inputs.dtype
@@ -139,7 +183,8 @@ class HFEngine:
             "adapter": self.adapter,
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
             "device": str(self.loaded.device),
-            "batch_size": self.batch_size,
+            "batch_size": "auto" if self.auto_batch_size else self.batch_size,
+            **({"max_batch_size": self.batch_size} if self.auto_batch_size else {}),
             "prompt_style": self.prompt_style,
             "image_mode": self.image_mode,
             "recipe": None if self.inputs.recipe is None else self.inputs.recipe.path,
@@ -147,7 +192,7 @@ class HFEngine:
 
     def render(self, request: GenerationRequest) -> str:
         """The prompt text for one request (the image token kept only if it has an image)."""
-        return render_prompt(self.processor, request.messages, with_image=request.has_image, style=self.prompt_style)
+        return render_prompt(self.processor, request.messages, with_image=request.has_image, style=self.prompt_style, record=request.id)
 
     def _prepare_image(self, image: Any) -> Any:
         from mmsafe.data.images import prepare_image
@@ -176,6 +221,50 @@ class HFEngine:
             kwargs["top_p"] = params.top_p
         return kwargs
 
+    def _generate_rows(
+        self, requests: list[GenerationRequest], prompts: list[str], indices: list[int], with_images: bool, kwargs: dict[str, Any], device: Any, model_dtype: Any
+    ) -> tuple[list[str], int, int]:
+        """The answers of the requests at ``indices`` (one forward batch), and its prompt padding (padded, total positions)."""
+        import torch
+
+        texts = [prompts[index] for index in indices]
+        # One image list per prompt: the form every processor reads as "these images
+        # belong to this prompt" (a flat list is all images of one prompt to some).
+        images = [[self._prepare_image(requests[index].image)] for index in indices] if with_images else None
+        options = tokenize_options(self.tokenizer, texts[0])
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True, **options)
+        inputs = {key: value.to(device) for key, value in inputs.items() if key != "labels"}
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **kwargs)
+        # Rows are [left padding + prompt | new tokens]; the new tokens start after the
+        # padded prompt width for every row alike.
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        mask = inputs.get("attention_mask")
+        total = int(inputs["input_ids"].numel())
+        padded = int((mask == 0).sum()) if mask is not None else 0
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), padded, total
+
+    def _shrink_after_out_of_memory(self, size: int) -> None:
+        import torch
+
+        self.current_batch_size = max(1, size // 2)
+        self._fits_in_a_row = 0
+        self._grow_after = min(GROW_AFTER_MAX, self._grow_after * 2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.warning("%s: out of GPU memory at batch size %d; retrying those prompts at %d", self.name, size, self.current_batch_size)
+
+    def _grow_after_fit(self) -> None:
+        if self.current_batch_size >= self.batch_size:
+            return
+        self._fits_in_a_row += 1
+        if self._fits_in_a_row >= self._grow_after:
+            self.current_batch_size = min(self.batch_size, self.current_batch_size * 2)
+            self._fits_in_a_row = 0
+            logger.info("%s: batch size back up to %d", self.name, self.current_batch_size)
+
     def generate(self, requests: list[GenerationRequest], params: DecodingParams) -> list[str]:
         """Answer every request; the i-th answer belongs to the i-th request."""
         import torch
@@ -203,23 +292,28 @@ class HFEngine:
         device = self.loaded.device
         model_dtype = next(self.model.parameters()).dtype
         for batch in plan_batches(lengths, has_image, self.batch_size):
-            texts = [prompts[index] for index in batch.indices]
-            # One image list per prompt: the form every processor reads as "these images
-            # belong to this prompt" (a flat list is all images of one prompt to some).
-            images = [[self._prepare_image(requests[index].image)] for index in batch.indices] if batch.with_images else None
-            options = tokenize_options(self.tokenizer, texts[0])
-            inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True, **options)
-            inputs = {key: value.to(device) for key, value in inputs.items() if key != "labels"}
-            if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-                inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype)
-            with torch.inference_mode():
-                output = self.model.generate(**inputs, **kwargs)
-            # Rows are [left padding + prompt | new tokens]; the new tokens start after the
-            # padded prompt width for every row alike.
-            new_tokens = output[:, inputs["input_ids"].shape[1] :]
-            texts_out = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for index, text in zip(batch.indices, texts_out, strict=True):
-                responses[index] = text.strip()
+            pending = list(batch.indices)
+            while pending:
+                size = min(self.current_batch_size, len(pending))
+                part = pending[:size]
+                try:
+                    texts_out, padded, total = self._generate_rows(requests, prompts, part, batch.with_images, kwargs, device, model_dtype)
+                except torch.cuda.OutOfMemoryError:
+                    if not self.auto_batch_size or size == 1:
+                        raise MmsafeError(
+                            f"{self.name}: out of GPU memory generating {size} prompt(s) at once"
+                            + ("" if self.auto_batch_size else "; try a smaller --batch-size, or --batch-size auto")
+                        ) from None
+                    texts_out = None
+                if texts_out is None:  # outside the except block, so the failed batch's tensors are freed
+                    self._shrink_after_out_of_memory(size)
+                    continue
+                for index, text in zip(part, texts_out, strict=True):
+                    responses[index] = text.strip()
+                self.padding.padded += padded
+                self.padding.total += total
+                pending = pending[size:]
+                self._grow_after_fit()
         result = [text if text is not None else "" for text in responses]
         check_responses(requests, result, self.name)
         return result

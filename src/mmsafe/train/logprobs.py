@@ -7,6 +7,7 @@ tokenization and scoring path as training.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,9 @@ from mmsafe.data.records import PreferenceRecord
 from mmsafe.models.prompts import PromptStyle
 from mmsafe.train.data import PreferenceCollator, PreferenceDataset, PreferenceEncoder, prepare_examples
 from mmsafe.train.forward import score_batch, select_forward_mode, to_device
+from mmsafe.train.reference import PrecomputeStats, batch_row_length, length_grouped_batches
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +46,8 @@ class ScoredRecords:
 
     scores: list[ResponseScores]
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    padding_share: float | None = None
+    """Padding positions over all positions of the batches scored (None: nothing scored)."""
 
 
 @torch.no_grad()
@@ -57,6 +63,7 @@ def score_responses(
     average: bool = False,
     skip_bad_images: bool = False,
     forward_mode: str = "auto",
+    group_by_length: bool = True,
 ) -> ScoredRecords:
     """Score every record's chosen and rejected responses with ``loaded_model``.
 
@@ -70,8 +77,11 @@ def score_responses(
         average: mean instead of sum of token log-probs.
         forward_mode: the scoring path (see :mod:`mmsafe.train.forward`); ``auto`` picks
             by architecture and checks it on the first records against one-at-a-time scoring.
+        group_by_length: batch records of similar length together (less padding, the same
+            numbers); the scores come back in record order either way.
     """
     from mmsafe.models.recipe import resolve_inputs
+    from mmsafe.train.trainer import padding_share
 
     model = loaded_model.model
     inputs = resolve_inputs(
@@ -90,23 +100,32 @@ def score_responses(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    scores = []
+    stats = PrecomputeStats()
+    if group_by_length:
+        batches = length_grouped_batches([batch_row_length(example, collator.mode) for example in dataset.examples], batch_size)
+    else:
+        batches = [list(range(start, min(start + batch_size, len(dataset)))) for start in range(0, len(dataset), batch_size)]
+    by_position: dict[int, ResponseScores] = {}
     try:
-        for start in range(0, len(dataset), batch_size):
-            items = [dataset[index] for index in range(start, min(start + batch_size, len(dataset)))]
-            batch = to_device(collator(items), device)
-            result = score_batch(model, batch, average=average)
-            for row, item in enumerate(items):
+        for positions in batches:
+            items = [dataset[index] for index in positions]
+            collated = collator(items)
+            padded, total = padding_share(collated)
+            stats.padded_positions += padded
+            stats.positions += total
+            result = score_batch(model, to_device(collated, device), average=average)
+            for row, (position, item) in enumerate(zip(positions, items, strict=True)):
                 example = item["example"]
-                scores.append(
-                    ResponseScores(
-                        id=example.id,
-                        chosen=float(result.chosen[row]),
-                        rejected=[float(value) for value in result.rejected[row, : example.num_rejected]],
-                        sources=list(example.rejected_sources),
-                        truncated=example.truncated,
-                    )
+                by_position[position] = ResponseScores(
+                    id=example.id,
+                    chosen=float(result.chosen[row]),
+                    rejected=[float(value) for value in result.rejected[row, : example.num_rejected]],
+                    sources=list(example.rejected_sources),
+                    truncated=example.truncated,
                 )
     finally:
         model.train(was_training)
-    return ScoredRecords(scores=scores, skipped=prepared.skipped)
+    logger.info(
+        "scored %d records in %d batches, padding share %.1f%%%s", len(by_position), len(batches), 100 * (stats.padding_share or 0.0), " (grouped by length)" if group_by_length else ""
+    )
+    return ScoredRecords(scores=[by_position[position] for position in range(len(dataset))], skipped=prepared.skipped, padding_share=stats.padding_share)
