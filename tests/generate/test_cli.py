@@ -36,6 +36,7 @@ def test_blind_command_checks_the_data_before_loading_the_model(tmp_path, capsys
     rows = make_records(3)
     del rows[1]["meta"]["text_prompt"]
     data = write_dataset(tmp_path / "data", rows)
-    code = main(["blind", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(tmp_path / "out.jsonl"), "--mode", "text"])
+    (tmp_path / "empty-model").mkdir()  # exists, so the name check passes; loading it would fail
+    code = main(["blind", "--model", str(tmp_path / "empty-model"), "--data", str(data), "--out", str(tmp_path / "out.jsonl"), "--mode", "text"])
     assert code == 1
-    assert "rec-0001:meta.text_prompt" in capsys.readouterr().err  # not the missing model: the data is checked first
+    assert "rec-0001:meta.text_prompt" in capsys.readouterr().err  # not the unloadable model: the data is checked first

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from mmsafe.errors import ConfigError
+from mmsafe.fileio import atomic_write_text
 
 #: Hex digits kept of a SHA-256 (64 bits: a collision among a few million records is ~1e-7).
 HASH_DIGITS = 16
@@ -42,32 +41,9 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def current_umask() -> int:
-    """The process's umask (read by setting and restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half.
-
-    The temporary file (``tempfile.mkstemp``, mode 0600) gets the mode a plain new file
-    would get under the user's umask (``0o666 & ~umask``) before it is renamed into place.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o666 & ~current_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half (with the user's umask)."""
+    atomic_write_text(path, text)
 
 
 #: The last key of every sidecar: a hash of the rest, so a file cut short is told from a whole one.

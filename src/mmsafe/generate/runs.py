@@ -49,7 +49,6 @@ from mmsafe.data.prompts import is_prompt_set, read_prompt_set
 from mmsafe.data.records import PreferenceRecord, ResponseRecord
 from mmsafe.data.sidecar import (
     content_hash,
-    current_umask,
     file_sha256,
     read_sidecar,
     settings_changes,
@@ -326,8 +325,7 @@ def _write_failed(path: Path, variant: str, failed: list[FailedRecord]) -> Path 
             entries = []  # our own list, cut short: this run's entries replace it
     entries += [{"id": record.id, "variant": variant, "reason": record.reason} for record in failed]
     if entries:
-        write_jsonl(path, entries)
-        path.chmod(0o666 & ~current_umask())
+        write_jsonl(path, entries)  # atomic, with the user's umask
         return path if failed else None
     if path.exists():
         path.unlink()  # a list this stage wrote, of failures that are all answered now

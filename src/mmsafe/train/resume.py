@@ -34,12 +34,12 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmsafe.errors import ConfigError
+from mmsafe.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -105,17 +105,7 @@ def write_text_atomically(path: str | Path, text: str) -> None:
 
     A kill or a full disk mid-write leaves the old file (or none), never half of one.
     """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def save_trainer_state(state: Any, path: str | Path) -> None:
@@ -327,10 +317,10 @@ def record_run_start(config: Any, output_dir: Path, plan: ResumePlan) -> None:
 def _config_differs(path: Path, config: Any) -> bool:
     import yaml
 
-    from mmsafe.config import to_dict
+    from mmsafe.config import load_yaml, to_dict
 
     try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = load_yaml(path.read_text(encoding="utf-8"), source=str(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):
         return True
     return saved != yaml.safe_load(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
