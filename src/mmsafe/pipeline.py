@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mmsafe.config import from_dict, option, save_config, to_dict
+from mmsafe.data.outputs import OutputLock, Removal, Snapshot, created_since, remove_created, snapshot
 from mmsafe.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,11 @@ class TeachSection:
 
     enabled: bool = option(False, help="run the warm-up; the warmed-up model becomes the base and the reference")
     options: dict[str, Any] = option(default_factory=dict, help="TrainConfig options of the warm-up (loss: sft is set; sft_target, learning_rate, num_train_epochs, ...)")
+    data: Literal["train", "sample-warmup"] = option(
+        "train",
+        help="what the warm-up imitates: train: the training data; sample-warmup (data.sample only): the sample's warm-up set "
+        "(data/warmup.jsonl: the refusal for some kinds of request, the compliant answer for the rest, and helpful answers to harmless picture questions)",
+    )
 
 
 @dataclass
@@ -82,7 +87,9 @@ class TrainSection:
 @dataclass
 class GenerateSection:
     max_new_tokens: int = option(256, help="longest answer in tokens (greedy decoding, as in the paper)")
-    batch_size: int = option(16, help="prompts per batch")
+    batch_size: int | Literal["auto"] = option(16, help="prompts per batch; auto: as large as memory allows (hf: from 64 on CUDA, halved on out-of-memory; vllm: 256 per call)")
+    engine: Literal["hf", "vllm"] = option("hf", help='in-process engine for generation: hf (transformers) or vllm (pip install "mmsafe[serve]"; models must be merged, not adapters)')
+    vllm: dict[str, Any] = option(default_factory=dict, help="vllm engine options: max_model_len, tensor_parallel_size, gpu_memory_utilization, or other vllm.LLM keywords")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = option(
         None, help="weights dtype for generation and blind responses (null: each model's training recipe, mmsafe_recipe.json, else auto)"
     )
@@ -119,6 +126,8 @@ class PipelineConfig:
         sources = sum([self.data.train is not None, self.data.sample, self.build is not None])
         if sources != 1:
             raise ConfigError("data: give exactly one source of training data: data.train, data.sample: true, or a build section")
+        if self.teach.data == "sample-warmup" and not self.data.sample:
+            raise ConfigError("teach.data: sample-warmup needs data.sample: true (it is the bundled sample's warm-up set)")
         if "bpo" in self.train.methods and not self.blind.enabled:
             logger.warning("train.methods has bpo but blind.enabled is false: BPO then trains on the human rejected responses only")
 
@@ -169,18 +178,27 @@ class Paths:
     def report(self) -> Path:
         return self.out / "report"
 
-    def stage_outputs(self, stage: str, config: PipelineConfig) -> list[Path]:
-        """What ``--from`` removes to redo a stage."""
+    @property
+    def reference_cache(self) -> Path:
+        return self.out / "cache" / "reference"
+
+    def stage_locations(self, stage: str) -> list[Path]:
+        """Where a stage writes. ``--from`` removes only the files the stage itself created
+        there (its list in :meth:`manifest`), never a folder it did not create."""
         return {
             "prepare": [self.tiny_model, self.sample],
             "build-data": [self.built],
-            "teach": [self.teach],
+            "teach": [self.teach, self.reference_cache],
             "blind": [self.blind.parent],
-            "train": [self.trained(method) for method in METHODS],
+            "train": [*(self.trained(method) for method in METHODS), self.reference_cache],
             "generate": [self.out / "responses"],
             "judge": [self.out / "verdicts"],
             "report": [self.report],
         }[stage]
+
+    def manifest(self, stage: str) -> Path:
+        """The files ``stage`` created (with size and time), and what was there before it."""
+        return self.stages / f"{stage}.files.json"
 
 
 # ---------------------------------------------------------------- resolved inputs of each stage
@@ -253,17 +271,18 @@ def stage_prepare(config: PipelineConfig, paths: Paths) -> str:
     done = []
     if config.data.sample:
         from mmsafe.data.benign_sample import write_benign_sample
-        from mmsafe.data.sample import write_sample
+        from mmsafe.data.sample import write_sample, write_warmup
 
         write_sample(paths.sample)
         write_benign_sample(paths.sample)
+        write_warmup(paths.sample)
         done.append(f"sample data in {paths.sample}")
     if config.model == TINY_MODEL:
-        from mmsafe.data.sample import sample_records
+        from mmsafe.data.sample import corpus_texts
         from mmsafe.models.tiny import build_tiny_model
 
         # The tokenizer learns the sample's words, so the tiny model's answers are short.
-        corpus = [text for record in sample_records() for text in (record.chosen, *record.rejected, *(m.content for m in record.messages))]
+        corpus = corpus_texts()
         build_tiny_model(paths.tiny_model, seed=config.seed, corpus=corpus)
         done.append(f"tiny model in {paths.tiny_model}")
     return "; ".join(done) or "nothing to prepare"
@@ -283,7 +302,7 @@ def _train_config(config: PipelineConfig, paths: Paths, options: dict[str, Any],
     from mmsafe.train.config import TrainConfig
 
     values = {"seed": config.seed, **options, "model": model, "data": data, "image_root": image_root, "output_dir": str(output_dir), "split": split}
-    values.setdefault("reference_cache_dir", str(paths.out / "cache" / "reference"))
+    values.setdefault("reference_cache_dir", str(paths.reference_cache))
     return from_dict(TrainConfig, values, prefix="train.")
 
 
@@ -293,6 +312,12 @@ def stage_teach(config: PipelineConfig, paths: Paths) -> str:
     from mmsafe.train.trainer import train
 
     data, image_root = train_data(config, paths)
+    if config.teach.data == "sample-warmup":
+        from mmsafe.data.sample import WARMUP_FILE, write_warmup
+
+        data = str(paths.sample / WARMUP_FILE)
+        if not Path(data).exists():  # a sample written by an older version
+            write_warmup(paths.sample)
     model = str(paths.tiny_model) if config.model == TINY_MODEL else config.model
     options = {**config.teach.options, "loss": "sft", "reference": "copy"}
     result = train(_train_config(config, paths, options, output_dir=paths.teach, model=model, data=data, image_root=image_root, split=config.data.train_split))
@@ -350,19 +375,21 @@ def stage_train(config: PipelineConfig, paths: Paths) -> str:
 
 
 def stage_generate(config: PipelineConfig, paths: Paths) -> str:
+    from mmsafe.generate import local_engine
     from mmsafe.generate.engine import DecodingParams
-    from mmsafe.generate.hf_engine import HFEngine
     from mmsafe.generate.runs import generate_responses
 
     records, root = _eval_items(config, paths)
     lines = []
     for name, model in models_to_evaluate(config, paths).items():
-        engine = HFEngine(
-            model, dtype=config.generate.dtype, device=config.generate.device, batch_size=config.generate.batch_size,
-            prompt_style=config.generate.prompt_style, image_mode=config.generate.image_mode,
+        engine = local_engine(
+            config.generate.engine, model, dtype=config.generate.dtype, device=config.generate.device, batch_size=config.generate.batch_size,
+            prompt_style=config.generate.prompt_style, image_mode=config.generate.image_mode, vllm_options=config.generate.vllm or None,
         )  # fmt: skip
         engine.name = name  # the report shows base / dpo / bpo
-        summary = generate_responses(engine, records, paths.responses(name), image_root=root, params=DecodingParams(max_new_tokens=config.generate.max_new_tokens), batch_size=config.generate.batch_size)
+        summary = generate_responses(
+            engine, records, paths.responses(name), image_root=root, params=DecodingParams(max_new_tokens=config.generate.max_new_tokens), batch_size=engine.preferred_batch_size
+        )
         lines.append(f"{name}: {summary.total} responses")
     return "; ".join(lines)
 
@@ -468,12 +495,107 @@ def _write_marker(path: Path, stage_hash: str, message: str = "") -> None:
     temporary.replace(path)
 
 
+# ---------------------------------------------------------------- what each stage wrote
+
+
+def _relative(paths: Paths, locations: list[Path]) -> list[str]:
+    return [location.relative_to(paths.out).as_posix() for location in locations]
+
+
+def _in_scope(name: str, locations: list[str]) -> bool:
+    """Is ``name`` at or under one of ``locations``, or a folder above one (``models`` of
+    ``models/tiny``, which the stage may have made too)?"""
+    return any(name == location or name.startswith(location + "/") or location.startswith(name + "/") for location in locations)
+
+
+def _stage_snapshot(paths: Paths, stage: str, found: Snapshot | None = None) -> Snapshot:
+    locations = _relative(paths, paths.stage_locations(stage))
+    found = found if found is not None else snapshot(paths.out, exclude=(paths.stages.name,))
+    return Snapshot({name: stamp for name, stamp in found.files.items() if _in_scope(name, locations)}, {name for name in found.dirs if _in_scope(name, locations)})
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    temporary.replace(path)
+
+
+def _read_manifest(paths: Paths, stage: str) -> dict[str, Any] | None:
+    path = paths.manifest(stage)
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        before = data["before"]
+        if not (isinstance(before["files"], list) and isinstance(before["dirs"], list) and isinstance(data["complete"], bool)):
+            raise TypeError
+        if data["complete"] and not (isinstance(data["files"], dict) and isinstance(data["dirs"], list)):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise DataError(f"the list of files stage {stage!r} wrote is corrupt; remove it (and that stage's outputs, if they are in the way) to redo the stage", file=str(path)) from None
+    return data
+
+
+def _begin_manifest(paths: Paths, stage: str, *, resuming: bool) -> None:
+    """Note what the stage's locations hold before it runs: none of that is the stage's.
+
+    A resumed stage keeps the note of its first attempt, so files an interrupted attempt
+    created still count as the stage's own.
+    """
+    if resuming and _read_manifest(paths, stage) is not None:
+        return
+    before = _stage_snapshot(paths, stage)
+    _write_json(paths.manifest(stage), {"stage": stage, "complete": False, "before": {"files": sorted(before.files), "dirs": sorted(before.dirs)}})
+
+
+def _finish_manifest(paths: Paths, stage: str) -> None:
+    """List the files (with size and modification time) and folders the stage created."""
+    data = _read_manifest(paths, stage) or {"stage": stage, "before": {"files": [], "dirs": []}}
+    created = _stage_created(paths, stage, data)
+    _write_json(paths.manifest(stage), {**data, "complete": True, "files": created.files, "dirs": sorted(created.dirs)})
+
+
+def _stage_created(paths: Paths, stage: str, data: dict[str, Any]) -> Snapshot:
+    now = created_since(paths.out, data["before"]["files"], data["before"]["dirs"], exclude=(paths.stages.name,))
+    return _stage_snapshot(paths, stage, now)
+
+
+def remove_stage_outputs(paths: Paths, stage: str, log: Callable[[str], None] = print) -> Removal:
+    """Remove what ``stage`` wrote (for ``--from``): exactly the files in its list that are
+    still as it wrote them, then the folders it created once empty. Anything else stays,
+    and each thing left in place that the stage had made is logged."""
+    data = _read_manifest(paths, stage)
+    if data is None:
+        if any(_marker(paths, stage, kind).exists() for kind in ("done", "started")):
+            locations = ", ".join(str(location) for location in paths.stage_locations(stage))
+            log(f"[{stage}] no list of the files this stage wrote (made by an older mmsafe): nothing removed; remove its outputs in {locations} yourself if the redo should not resume them")
+        return Removal()
+    if data["complete"]:
+        files: dict[str, list[int] | None] = {name: stamp for name, stamp in data["files"].items()}
+        dirs = list(data["dirs"])
+    else:  # interrupted: what appeared in its locations since it started (no stamps were taken)
+        created = _stage_created(paths, stage, data)
+        files, dirs = dict.fromkeys(created.files), sorted(created.dirs)
+    removal = remove_created(paths.out, files, dirs)
+    for item in removal.left:
+        log(f"[{stage}] left in place: {item}")
+    if removal.removed:
+        log(f"[{stage}] removed {len(removal.removed)} files and folders it wrote")
+    paths.manifest(stage).unlink()
+    return removal
+
+
 def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None, only: str | None = None, log: Callable[[str], None] = print) -> PipelineResult:
     """Run the stages of ``config`` in order, skipping those already done with the same config.
 
     Args:
-        from_stage: redo this stage and every later one (their outputs are removed first).
+        from_stage: redo this stage and every later one (the files they wrote are removed
+            first; nothing else is).
         only: run just this stage (the stages before it must be done).
+
+    One run at a time per ``out``: the first process holds ``out/.stages/run.lock`` until
+    it ends, and a second is refused with a message naming it.
     """
     for name, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in STAGES:
@@ -484,16 +606,24 @@ def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None, only:
         raise ConfigError(f"{world_size} processes were launched: run one of the stages {', '.join(PARALLEL_STAGES)} with --only under a launcher, and the others in one process")
     paths = Paths(Path(config.out))
     paths.out.mkdir(parents=True, exist_ok=True)
+    # Under a launcher the ranks of one run share the folder: only the first holds the lock.
+    lock = OutputLock(paths.out, lock_file=paths.stages / "run.lock") if main_process else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _run_stages(config, paths, from_stage=from_stage, only=only, main_process=main_process, log=log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_stages(config: PipelineConfig, paths: Paths, *, from_stage: str | None, only: str | None, main_process: bool, log: Callable[[str], None]) -> PipelineResult:
     if main_process:
         save_config(config, paths.out / "run_config.yaml")
     hashes = stage_hashes(config)
     if from_stage is not None:
         for stage in STAGES[STAGES.index(from_stage) :]:
-            for path in paths.stage_outputs(stage, config):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
+            remove_stage_outputs(paths, stage, log)
             for kind in ("done", "started"):
                 _marker(paths, stage, kind).unlink(missing_ok=True)
 
@@ -516,12 +646,14 @@ def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None, only:
                 f"use a new 'out' folder, or rerun with --from {stage} to redo it and the stages after it"
             )
         if main_process:
+            _begin_manifest(paths, stage, resuming=started is not None)
             _write_marker(_marker(paths, stage, "started"), hashes[stage])
         log(f"[{stage}] running" + (" (resuming)" if started is not None else ""))
         began = time.perf_counter()
         message = STAGE_FUNCTIONS[stage](config, paths)
         seconds = time.perf_counter() - began
         if main_process:
+            _finish_manifest(paths, stage)
             _write_marker(_marker(paths, stage, "done"), hashes[stage], message)
             _marker(paths, stage, "started").unlink(missing_ok=True)
         result.outcomes.append(StageOutcome(stage, "ran", seconds, message))
@@ -544,26 +676,24 @@ def safety_table(config: PipelineConfig) -> str:
     summary_path = Paths(Path(config.out)).report / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
 
-    def cell(rate: dict[str, Any] | None) -> str:
-        if rate is None or rate.get("rate") is None:
-            return f"{'-':>7}   {'':<16}  {'':<7}"
-        interval = f"[{100 * rate['low']:5.1f}%, {100 * rate['high']:5.1f}%]"
-        count = f"{rate['successes']}/{rate['total']}"
-        return f"{100 * rate['rate']:6.1f}%   {interval:<16}  {count:<7}"
+    from mmsafe.evaluate.formatting import difference_text, p_text, rate_text
 
-    lines = [f"{'model':<8} {'judge':<10} {'metric':<13} {'rate':>7}   {'95% interval':<16}  {'n':<7}  {'over-refusal':>12}   {'95% interval':<16}  n"]
+    def cell(rate: dict[str, Any] | None) -> str:
+        if rate is None:
+            return f"{'-':<24}  {'':<7}"
+        count = f"{rate['successes']}/{rate['total']}" if rate.get("total") else ""
+        return f"{rate_text(rate):<24}  {count:<7}"
+
+    lines = [f"{'model':<8} {'judge':<10} {'metric':<13} {'rate [95% interval]':<24}  {'n':<7}  {'over-refusal [95% interval]':<28}  n"]
     for entry in summary.get("results", []):
         over = entry.get("over_refusal")
         over_cell = cell(over["over_refusal_rate"] if over else None)
-        lines.append(f"{entry['model']:<8} {entry['judge']:<10} {entry['metric']:<13} {cell(entry['summary']['safe_rate'])}  {' ' * 5}{over_cell}".rstrip())
+        lines.append(f"{entry['model']:<8} {entry['judge']:<10} {entry['metric']:<13} {cell(entry['summary']['safe_rate'])}  {over_cell}".rstrip())
     comparisons = [row for row in summary.get("comparisons", []) if row.get("model_a") == "base"]
     if comparisons:
         lines.append("")
         for row in comparisons:
             if row.get("difference") is None:
                 continue
-            lines.append(
-                f"{row['model_b']} - base ({row['judge']}): {100 * row['difference']:+.1f} points, "
-                f"paired bootstrap 95% [{100 * row['low']:+.1f}, {100 * row['high']:+.1f}], McNemar p = {row['mcnemar_p']:.3g}"
-            )
+            lines.append(f"{row['model_b']} - base ({row['judge']}): {difference_text(row)} (paired bootstrap 95%), McNemar p = {p_text(row['mcnemar_p'], row['n'])}")
     return "\n".join(lines)

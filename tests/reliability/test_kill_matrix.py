@@ -481,3 +481,113 @@ def test_run_killed_five_times(tmp_path, record_property):
         summary["results"]
         == json.loads((tmp_path / "reference" / "report" / "summary.json").read_text(encoding="utf-8"))["results"]
     )
+
+
+def test_generate_killed_five_times_while_the_input_changes(tmp_path, tiny_model_dir, record_property):
+    """Between restarts the input gains records, loses records and has prompts and images edited
+    (records already answered among them); the end equals an uninterrupted run on the final input,
+    and responses of removed records are kept once each (never deleted, never duplicated)."""
+    rng = random.Random(SEED + 6)
+    folder = tmp_path / "data"
+    data = write_dataset(folder, 40)
+    out, reference = tmp_path / "killed.jsonl", tmp_path / "reference.jsonl"
+    argv = ["generate", "--model", tiny_model_dir, "--data", data, "--out", out, *ENGINE]
+    progress = line_count(out)
+    rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+    removed: set[str] = set()
+    added = 0
+
+    def change_input(step: int) -> None:
+        nonlocal added
+        answered = [row["id"] for row in complete_rows(out)]
+        present = [row["id"] for row in rows]
+        if step % 3 == 1:  # gains records, at random places
+            for _ in range(3):
+                record_id = f"new-{added:03d}"
+                added += 1
+                rows.insert(rng.randrange(len(rows) + 1), good_record(record_id, image=None, messages=[{"role": "user", "content": f"what about {record_id}?"}]))
+        elif step % 3 == 2:  # loses records, answered ones among them
+            for record_id in rng.sample([i for i in present if i in answered][:10] or present, 2):
+                removed.add(record_id)
+                rows[:] = [row for row in rows if row["id"] != record_id]
+        else:  # edits: a prompt (same id) and an image file (same path), answered ones
+            candidates = [row for row in rows if row["id"] in answered] or rows
+            for row in rng.sample(candidates, 2):
+                row["messages"][-1]["content"] += f" (edited {step})"
+            pictured = [row for row in rows if row["image"] and row["id"] in answered] or [row for row in rows if row["image"]]
+            Image.new("RGB", (7, 7), (step * 40 % 256, 0, 0)).save(folder / rng.choice(pictured)["image"])
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+    kills = 0
+    for step in range(KILLS + 1):
+        if step:
+            change_input(step)
+        pid = _child(argv, tmp_path / "killed.log")
+        if step == KILLS:  # the last run goes to the end
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, (tmp_path / "killed.log").read_text()[-3000:]
+            break
+        target = progress() + rng.randint(2, 6)
+        deadline = time.monotonic() + 120
+        while progress() < target and not os.waitpid(pid, os.WNOHANG)[0]:
+            assert time.monotonic() < deadline, f"no progress to {target} within 120 s"
+            time.sleep(0.002)
+        else:
+            time.sleep(rng.uniform(0.0, 0.03))
+            os.kill(pid, signal.SIGKILL)
+            kills += os.WIFSIGNALED(os.waitpid(pid, 0)[1])
+    run_to_end(["generate", "--model", tiny_model_dir, "--data", data, "--out", reference, *ENGINE], tmp_path / "reference.log")
+
+    final_ids = [row["id"] for row in rows]
+    killed_rows = complete_rows(out)
+    figures = tally("generate (input changing)", kills, [row["id"] for row in killed_rows], set(final_ids), record_property)
+    assert (figures.kills, figures.lost, figures.duplicated) == (KILLS, 0, 0)
+    assert [row for row in killed_rows if row["id"] in set(final_ids)] == complete_rows(reference)
+    kept = {row["id"] for row in killed_rows} - set(final_ids)
+    assert kept <= removed  # only responses of removed records are extra, and kept
+
+
+def _overlapping_writers(argv: list, out: Path, log_dir: Path, *, start_after: int) -> tuple[int, int, int, str]:
+    """Start ``argv`` twice on one output, the second once the first has written
+    ``start_after`` lines. Returns (first pid, first exit code, second exit code, second's log)."""
+    first = _child(argv, log_dir / "first.log")
+    deadline = time.monotonic() + 120
+    while line_count(out)() < start_after:
+        assert not os.waitpid(first, os.WNOHANG)[0], "the first writer ended before the second could start"
+        assert time.monotonic() < deadline, f"no progress to {start_after} lines within 120 s"
+        time.sleep(0.002)
+    second_code = _wait(_child(argv, log_dir / "second.log"))
+    # The premise of the case: the first was still writing when the second was refused.
+    assert not os.waitpid(first, os.WNOHANG)[0], "the first writer finished before the second asked: no overlap tested"
+    return first, _wait(first), second_code, (log_dir / "second.log").read_text(encoding="utf-8", errors="replace")
+
+
+def test_two_writers_on_one_output_one_refuses_naming_the_other(tmp_path, tiny_model_dir, record_property):
+    """Two ``generate`` (then two ``judge``) on one output at once: the second is refused
+    at once with a message naming the first (pid and command), the first finishes, and the
+    output holds every id once."""
+    from mmsafe.generate.hf_engine import HFEngine  # noqa: F401 (imported here, so a forked child starts at once)
+
+    total = 300
+    data = write_dataset(tmp_path / "data", total)
+    out = tmp_path / "responses.jsonl"
+    argv = ["generate", "--model", tiny_model_dir, "--data", data, "--out", out, "--max-new-tokens", 3, "--batch-size", 1, "--device", "cpu"]
+    first, first_code, second_code, second_log = _overlapping_writers(argv, out, tmp_path, start_after=5)
+    assert (first_code, second_code) == (0, 1), second_log
+    refusals = [line for line in second_log.splitlines() if line.startswith("error: ")]
+    assert len(refusals) == 1 and f"another mmsafe process is writing this output (pid {first}: " in refusals[0], second_log
+    assert "Traceback" not in second_log
+    figures = tally("generate (2 writers at once)", 0, [row["id"] for row in complete_rows(out)], {f"rec-{index:03d}" for index in range(total)}, record_property)
+    assert (figures.lost, figures.duplicated) == (0, 0)
+
+    verdict_total = 3000
+    responses = tmp_path / "to-judge.jsonl"
+    responses.write_text("".join(json.dumps(response_row(f"r{index:05d}")) + "\n" for index in range(verdict_total)), encoding="utf-8")
+    verdicts = tmp_path / "verdicts.jsonl"
+    judge = ["judge", "--responses", responses, "--out", verdicts, "--judge", "refusal", "--batch-size", 1]
+    (tmp_path / "judge").mkdir()
+    first, first_code, second_code, second_log = _overlapping_writers(judge, verdicts, tmp_path / "judge", start_after=50)
+    assert (first_code, second_code) == (0, 1), second_log
+    assert f"another mmsafe process is writing this output (pid {first}: " in second_log
+    figures = tally("judge (2 writers at once)", 0, [row["id"] for row in complete_rows(verdicts)], {f"r{index:05d}" for index in range(verdict_total)}, record_property)
+    assert (figures.lost, figures.duplicated) == (0, 0)
+    assert not (tmp_path / "responses.jsonl.lock").exists() and not (tmp_path / "verdicts.jsonl.lock").exists()
