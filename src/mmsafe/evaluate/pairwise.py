@@ -27,6 +27,7 @@ import numpy as np
 
 from mmsafe.data.records import IMAGE_TOKEN, Message, PreferenceRecord
 from mmsafe.errors import ConfigError, DataError, MmsafeError
+from mmsafe.evaluate.judges.llm import fill_rubric
 from mmsafe.evaluate.metrics import Rate, rate
 
 logger = logging.getLogger(__name__)
@@ -76,9 +77,9 @@ def build_pairwise_question(record: PreferenceRecord, *, seed: int = 0, rejected
     first = chosen_goes_first(record.id, seed)
     chosen, rejected = record.chosen.strip(), record.rejected[rejected_index].strip()
     response_a, response_b = (chosen, rejected) if first else (rejected, chosen)
-    question = (
-        template.replace("{{conversation}}", "\n\n".join(lines)).replace("{{response_a}}", response_a).replace("{{response_b}}", response_b).strip()
-    )
+    # One pass, each outside text in a fence it cannot close (as the LLM judge's rubrics).
+    values = {"conversation": "\n\n".join(lines), "response_a": response_a, "response_b": response_b}
+    question = fill_rubric(template, values, fenced=tuple(values)).strip()
     has_image = record.image is not None and record.has_image_token
     content = f"{IMAGE_TOKEN}\n{question}" if has_image else question
     return PairwiseQuestion(record.id, [Message("user", content)], record.image if has_image else None, "A" if first else "B", dict(record.meta))

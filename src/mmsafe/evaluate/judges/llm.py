@@ -113,16 +113,17 @@ def _fence_tag(tag: str, text: str) -> str:
     raise AssertionError("unreachable: 1000 hex nonces all found in one text")
 
 
-def fill_rubric(rubric: str, values: dict[str, str]) -> str:
+def fill_rubric(rubric: str, values: dict[str, str], *, fenced: tuple[str, ...] = _FENCED_SLOTS) -> str:
     """Fill every ``{{name}}`` slot of ``rubric`` in ONE pass: text that is put in is never
     read for slots again, so a ``{{response}}`` inside a prompt or a response stays as written.
 
     A fenced slot's enclosing tag pair (the rubric's ``<tag>`` line before it and
     ``</tag>`` after it) is renamed ``<tag-nonce>`` when its text mentions the tag, so a
     response holding ``</last_response>`` cannot close its fence and speak to the judge.
+    ``fenced`` names the slots whose text comes from outside (conversations, responses).
     An unknown slot in the rubric is a ConfigError.
     """
-    for slot in _FENCED_SLOTS:
+    for slot in fenced:
         match = re.search(r"<(\w+)>\s*\{\{" + slot + r"\}\}\s*</(\w+)>", rubric)
         if slot in values and match and match.group(1) == match.group(2):
             tag = match.group(1)
