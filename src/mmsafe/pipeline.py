@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from mmsafe.config import from_dict, option, save_config, to_dict
 from mmsafe.data.outputs import OutputLock, Removal, Snapshot, created_since, remove_created, snapshot
-from mmsafe.errors import ConfigError, DataError
+from mmsafe.errors import ConfigError, DataError, MmsafeError
 
 logger = logging.getLogger(__name__)
 
@@ -390,6 +390,9 @@ def stage_generate(config: PipelineConfig, paths: Paths) -> str:
         summary = generate_responses(
             engine, records, paths.responses(name), image_root=root, params=DecodingParams(max_new_tokens=config.generate.max_new_tokens), batch_size=engine.preferred_batch_size
         )
+        failure = summary.failure_line()
+        if failure is not None:  # judging a run with holes would count the missing answers as nothing
+            raise MmsafeError(f"generate ({name}): {failure}")
         lines.append(f"{name}: {summary.total} responses")
     return "; ".join(lines)
 

@@ -351,3 +351,24 @@ def test_sidecars_are_written_atomically_with_the_umask(tmp_path):
         os.umask(old)
     assert config_path_for(out).stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
     assert [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")] == []
+
+
+def test_mmsafe_run_stops_at_generate_when_records_failed(tmp_path, monkeypatch):
+    """The pipeline does not judge a run with holes: failed records stop it, naming the stage and the retry."""
+    import mmsafe.generate as generate_module
+    from mmsafe import pipeline
+    from mmsafe.data.formats import read_records
+    from mmsafe.data.jsonl import read_jsonl
+
+    data = write_data(tmp_path / "data", [{"id": f"r{index}", "messages": [{"role": "user", "content": f"question {index}"}], "image": None, "chosen": "a", "rejected": ["b"]} for index in range(3)])
+    engine = EchoEngine(fail={"r1"})
+    engine.preferred_batch_size = 2  # what local_engine's engines expose
+    monkeypatch.setattr(generate_module, "local_engine", lambda *args, **kwargs: engine)
+    monkeypatch.setattr(pipeline, "models_to_evaluate", lambda config, paths: {"base": "unused"})
+    monkeypatch.setattr(pipeline, "_eval_items", lambda config, paths: (list(read_records(data)), str(data.parent)))
+    config = pipeline.PipelineConfig(out=str(tmp_path / "out"), model="unused", data=pipeline.DataSection(train=str(data)))
+    paths = pipeline.Paths(Path(config.out))
+    with pytest.raises(MmsafeError, match=r"generate \(base\): 1 of 3 records failed .*rerunning the same command retries them"):
+        pipeline.stage_generate(config, paths)
+    written = [row["id"] for _, row in read_jsonl(paths.responses("base"))]
+    assert sorted(written) == ["r0", "r2"]  # the answers that came back are kept for the rerun
