@@ -4,10 +4,16 @@ Each stage declares one dataclass whose fields (with a ``help`` in their metadat
 the single source of truth for its options; the same fields are set from YAML files and
 from the command line (``train.beta=0.2``). Unknown keys and wrong types are errors that
 name the key and what was expected; the resolved config is written next to outputs.
+
+Every YAML mmsafe reads goes through :func:`load_yaml`, which counts what a document
+expands to before building it: an alias (``*name``) is counted each time it is used, so
+a few hundred bytes of nested aliases ("billion laughs") that would expand to 10^9
+values are refused at once, while a config that reuses a block now and then is fine.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -22,6 +28,86 @@ import yaml
 from mmsafe.errors import ConfigError
 
 T = TypeVar("T")
+
+#: Most values (mappings, lists, scalars, keys) a YAML document may expand to, counting an
+#: alias at each use; a large config has a few hundred.
+MAX_YAML_NODES = 100_000
+
+
+class _NotYaml(ConfigError):
+    """Text that does not parse as YAML (an override then keeps it as a plain string)."""
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """How many nodes ``root`` stands for once every alias is expanded, stopping past ``limit``.
+
+    Aliases share their node, so the composed graph is as small as the text: each distinct
+    node is counted once, its size being 1 + its children's sizes. A node that contains
+    itself (``&a [*a]``) raises :class:`ValueError`.
+    """
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.MappingNode):
+            return [part for pair in node.value for part in pair]
+        if isinstance(node, yaml.SequenceNode):
+            return list(node.value)
+        return []
+
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in children(node))
+            if sizes[key] > limit:
+                return sizes[key]
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise ValueError("an alias refers to a node that contains it (a recursive structure)")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children(node) if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+def load_yaml(text: str, *, source: str, max_nodes: int = MAX_YAML_NODES) -> Any:
+    """Parse one YAML document safely (plain data only), within ``max_nodes`` expanded nodes.
+
+    ``source`` names the text in errors (a file path, ``override 'a.b=...'``). Errors are
+    one-line :class:`~mmsafe.errors.ConfigError` messages.
+    """
+    try:
+        loader = yaml.SafeLoader(text)  # checks the characters at once
+    except yaml.YAMLError as error:
+        raise _NotYaml(f"{source}: not valid YAML ({' '.join(str(error).split())})") from None
+    loader.name = source  # marks in parse errors name the file, not "<unicode string>"
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.YAMLError as error:
+            raise _NotYaml(f"{source}: not valid YAML ({' '.join(str(error).split())})") from None
+        if node is None:
+            return None
+        try:
+            size = _expanded_size(node, max_nodes)
+        except ValueError as error:
+            raise ConfigError(f"{source}: {error}; expected plain data") from None
+        if size > max_nodes:
+            raise ConfigError(
+                f"{source}: the YAML expands to more than {max_nodes:,} values (aliases counted at each use); "
+                "expected a plain config, not nested aliases that multiply"
+            )
+        try:
+            return loader.construct_document(node)
+        except yaml.YAMLError as error:
+            raise _NotYaml(f"{source}: not valid YAML ({' '.join(str(error).split())})") from None
+    finally:
+        loader.dispose()
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:
@@ -138,14 +224,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected a dotted key such as train.beta")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(raw, source=f"override {text!r}") if raw.strip() else ""
+    except _NotYaml:
         value = raw
     return key.split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = json.loads(json.dumps(data))  # a deep copy of plain data
+    # deepcopy keeps shared values shared (its memo), so an aliased block is copied once.
+    data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
         node = data
@@ -165,11 +252,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    data = load_yaml(text, source=str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -84,8 +84,13 @@ def read_sidecar(path: str | Path, *, output: str | Path | None = None) -> dict[
         return None
     what = f"the settings {output} was made with" if output is not None else "the settings of the output beside it"
     advice = f"it records {what}: restore it, or remove it to start over (mmsafe never deletes it)"
+    from mmsafe.config import load_yaml
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"), source=str(path))
+    except ConfigError as error:  # not YAML, or nested aliases that multiply
+        reason = str(error).removeprefix(f"{path}: ")
+        raise ConfigError(f"{path}: cannot read this settings file ({reason}; cut short or damaged?); {advice}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         reason = getattr(error, "problem", None) or getattr(error, "strerror", None) or type(error).__name__
         raise ConfigError(f"{path}: cannot read this settings file ({reason}; cut short or damaged?); {advice}") from None

@@ -122,7 +122,9 @@ class PreferenceEncoder:
         image_root: folder that record image paths are relative to.
         max_length: most tokens of prompt + one response (image tokens included).
         image_mode: ``pad`` (square on the processor's mean colour, as the release),
-            ``resize`` or ``none``; see :func:`mmsafe.data.images.prepare_image`.
+            ``resize`` or ``none``; see :func:`mmsafe.data.images.prepare_image` (the
+            image is refused past the bounds of :func:`mmsafe.data.images.load_image`, and
+            a padded square never has more pixels than ``max_pixels``).
         prompt_style: ``chat-template`` or ``llava-v1``.
         stop_token_ids: ids that end an answer (default: the tokenizer's end of sequence;
             pass :func:`mmsafe.models.prompts.stop_token_ids` of the model to add its
@@ -230,7 +232,7 @@ class PreferenceEncoder:
         category (``SKIP_PROMPT_TOO_LONG``, ``SKIP_CHOSEN_TOO_LONG``). Image errors propagate.
         """
         with_image = record.image is not None
-        prompt_text = render_prompt(self.processor, record.messages, with_image=with_image, style=self.prompt_style)
+        prompt_text = render_prompt(self.processor, record.messages, with_image=with_image, style=self.prompt_style, record=record.id)
         image = self.load_image(record.image) if with_image else None
         prompt_ids = self.process_prompt(prompt_text, image)["input_ids"][0].tolist()
         room = self.max_length - len(prompt_ids)
@@ -239,7 +241,7 @@ class PreferenceEncoder:
         texts = [record.chosen, *(text for text, _ in rejected)]
         responses = [
             response_token_ids(
-                self.processor, record.messages, prompt_text, text, with_image=with_image, style=self.prompt_style, stop_token_ids=self.stop_token_ids
+                self.processor, record.messages, prompt_text, text, with_image=with_image, style=self.prompt_style, stop_token_ids=self.stop_token_ids, record=record.id
             )
             for text in texts
         ]

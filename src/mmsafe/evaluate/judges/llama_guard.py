@@ -200,7 +200,10 @@ class LlamaGuardJudge:
         if self.use_chat_template and getattr(preprocessor, "chat_template", None):
             parts = vision if self.content_format == "auto" else self.content_format == "parts"
             chat = _chat_template_messages(messages, parts=parts, with_image=with_image)
-            return preprocessor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            from mmsafe.models.prompts import apply_chat_template
+
+            # Bounded in time and size, like every chat template: it is the model's code.
+            return apply_chat_template(preprocessor, chat, add_generation_prompt=True, record=item.id)
         categories = VISION_CATEGORIES if vision else LLAMA_GUARD_3_CATEGORIES
         return build_llama_guard_prompt(messages, categories=categories, with_image=with_image)
 
