@@ -832,7 +832,20 @@ def padding_shares(processor: Any, model: Any, setup: Setup, profile: LengthProf
     import torch
 
     from mmsafe.train.data import PreferenceCollator
+    from mmsafe.train.forward import response_groups, response_positions
     from mmsafe.train.trainer import EpochLengthGroupedSampler, example_length, padding_share
+
+    def positions(batch: dict[str, Any]) -> tuple[float, float]:
+        if "prompt_cache_rows" not in batch:
+            return padding_share(batch)
+        # What prompt-cache runs on a plain dynamic cache (the LLaVA shape's): each example's
+        # responses in batches of similar length against its unpadded prompt.
+        padded = total = 0.0
+        for row in batch["prompt_cache_rows"]:
+            lengths = (row["responses"]["labels"] != -100).sum(1).tolist()
+            row_padded, row_total = response_positions(lengths, response_groups(lengths))
+            padded, total = padded + row_padded, total + row_total + row["prompt"]["input_ids"].numel()
+        return padded, total
 
     workload = build_workload(processor, model, setup, examples=examples, num_rejected=2, seed=seed, profile=profile)
     lengths = [example_length(item["example"]) for item in workload.items]
@@ -847,7 +860,7 @@ def padding_shares(processor: Any, model: Any, setup: Setup, profile: LengthProf
             for grouping, order in orders.items():
                 padded = total = 0.0
                 for start in range(0, len(order), batch_size):
-                    batch_padded, batch_total = padding_share(collator([workload.items[index] for index in order[start : start + batch_size]]))
+                    batch_padded, batch_total = positions(collator([workload.items[index] for index in order[start : start + batch_size]]))
                     padded, total = padded + batch_padded, total + batch_total
                 rows.append({"path": f"{key}: {CONTENDERS[key]}", "key": key, "batch_size": batch_size, "order": grouping, "padding_share": padded / total, "positions": int(total)})
     return rows

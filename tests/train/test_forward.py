@@ -176,7 +176,12 @@ def test_prompt_cache_runs_the_output_layer_on_response_positions_only(tiny, ite
     items, sources, encoder = items
     batch = PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="prompt-cache", encoder=encoder)(items)
     head = tiny.model.get_output_embeddings()
-    widths = [row["responses"]["input_ids"].numel() for row in batch["prompt_cache_rows"]]
+    # Responses of similar length run together (0.8 of the longest; the tiny model's cache rolls back).
+    groups = []
+    for row in batch["prompt_cache_rows"]:
+        lengths = (row["responses"]["labels"] != -100).sum(1).tolist()
+        groups.append([len(group) * max(lengths[index] for index in group) for group in forward.response_groups(lengths)])
+    assert any(len(row) > 1 for row in groups)  # the fixture has responses of different lengths
 
     def rows_through_head():
         rows = []
@@ -189,9 +194,46 @@ def test_prompt_cache_runs_the_output_layer_on_response_positions_only(tiny, ite
         return rows, scores
 
     chunked_rows, chunked = rows_through_head()
-    assert chunked_rows == [0] * (2 * len(widths))
+    assert chunked_rows == [0] * sum(1 + len(row) for row in groups)
     monkeypatch.setattr(forward, "chunked_head", lambda model: None)
     plain_rows, plain = rows_through_head()
-    assert plain_rows == [value for width in widths for value in (1, width)]
+    assert plain_rows == [value for row in groups for value in (1, *row)]
     torch.testing.assert_close(chunked.chosen, plain.chosen, atol=1e-4, rtol=0)
     torch.testing.assert_close(chunked.rejected, plain.rejected, atol=1e-4, rtol=0)
+
+
+def test_response_groups_by_hand():
+    from mmsafe.train.forward import response_groups, response_positions
+
+    # Longest first; a response joins the batch while it is at least 0.8 of the batch's longest.
+    assert response_groups([25, 29, 194]) == [[2], [1, 0]]
+    assert response_groups([100, 80, 79, 64]) == [[0, 1], [2, 3]]
+    assert response_groups([5]) == [[0]]
+    # Padding: [194] alone (0), [29, 25] padded to 29 (4 of 58): 4 of 252 positions.
+    assert response_positions([25, 29, 194], [[2], [1, 0]]) == (4, 252)
+    assert response_positions([25, 29, 194], [[0, 1, 2]]) == (169 + 165, 3 * 194)
+
+
+def test_prompt_cache_reports_the_positions_it_ran(tiny, items):
+    """The padding the prompt-cache forwards ran: prompts unpadded, each response batch padded to its longest (counted by hand)."""
+    items, sources, encoder = items
+    batch = PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="prompt-cache", encoder=encoder)(items)
+    padded = total = 0
+    for item in items:
+        example = item["example"]
+        lengths = [len(ids) for ids in example.responses]
+        ordered = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+        batches = [[ordered[0]]]
+        for index in ordered[1:]:
+            if lengths[index] >= 0.8 * lengths[batches[-1][0]]:
+                batches[-1].append(index)
+            else:
+                batches.append([index])
+        for group in batches:
+            width = max(lengths[index] for index in group)
+            padded += sum(width - lengths[index] for index in group)
+            total += width * len(group)
+        total += len(example.prompt_ids)
+    with torch.no_grad():
+        scores = score_batch(tiny.model, batch)
+    assert scores.positions == (padded, total)

@@ -76,6 +76,9 @@ class ResponseLogProbs:
     chosen: torch.Tensor
     rejected: torch.Tensor
     rejected_mask: torch.Tensor
+    #: (padding positions, all positions) the forwards actually ran, where the path knows it
+    #: better than the batch layout does (prompt-cache: responses batched by length).
+    positions: tuple[float, float] | None = None
 
 
 def unwrap(model: Any) -> Any:
@@ -229,14 +232,63 @@ def _cache_argument(model: Any) -> str:
     return "cache" if _accepts(model, "cache") else "past_key_values"
 
 
+#: Responses of one example run in one batch against the prompt's cache while each is at
+#: least this share of the batch's longest; a shorter one starts the next batch (where the
+#: cache can be rolled back to the prompt), so a long blind answer does not pad the short ones.
+RESPONSE_GROUP_SHARE = 0.8
+
+
+def response_groups(lengths: list[int], share: float = RESPONSE_GROUP_SHARE) -> list[list[int]]:
+    """Indices of ``lengths`` in batches of similar length, longest first (each at least ``share`` of its batch's longest)."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda position: -lengths[position]):
+        if groups and lengths[index] >= share * lengths[groups[-1][0]]:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+def response_positions(lengths: list[int], groups: list[list[int]]) -> tuple[int, int]:
+    """(padding positions, all positions) of response batches ``groups``, each right-padded to its longest."""
+    padded = total = 0
+    for group in groups:
+        width = max(max(lengths[index] for index in group), 1)
+        total += width * len(group)
+        padded += sum(width - lengths[index] for index in group)
+    return padded, total
+
+
+def _rollback_ready(cache: Any, model: Any) -> bool:
+    """Whether the prompt's cache can be cut back to the prompt after a batch of responses.
+
+    Only a plain dynamic cache whose every layer holds exactly the prompt (no sliding
+    window that may have dropped states, no cross-attention states of another length, no
+    recurrent state written in place).
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if type(cache) is not DynamicCache or not getattr(cache, "layers", None):
+        return False
+    length = cache.get_seq_length()
+    return all(type(layer) is DynamicLayer and layer.get_seq_length() == length for layer in cache.layers)
+
+
+def prompt_cache_groups(model: Any, lengths: list[int], cache: Any) -> list[list[int]]:
+    """The response batches of one example: by length where the cache can be rolled back, else one batch."""
+    return response_groups(lengths) if _rollback_ready(cache, model) else [list(range(len(lengths)))]
+
+
 def score_prompt_cache(model: Any, batch: dict[str, Any], *, average: bool = False) -> ResponseLogProbs:
-    """Log-probs from one prompt forward per example and one forward of its 1 + K responses against its cache.
+    """Log-probs from one prompt forward per example and forwards of its 1 + K responses against its cache.
 
     The prompt (with its image) runs once, with ``use_cache=True``, through the model's own
     forward: positions, M-RoPE deltas, token types, bidirectional image attention and
     cross-attention states are the model's. Its cache is repeated for the responses, which
-    run as one right-padded batch continuing from it, as in generation. Gradients flow
-    through the cached keys and values into the prompt and the vision tower. The last
+    run as right-padded batches continuing from it, as in generation: responses of similar
+    length together (:func:`response_groups`), the cache cut back to the prompt between
+    batches where it is a plain dynamic cache, else all responses in one batch. Gradients
+    flow through the cached keys and values into the prompt and the vision tower. The last
     prompt position's logits score each response's first token; the prompt's other
     positions never reach the output layer.
     """
@@ -244,6 +296,7 @@ def score_prompt_cache(model: Any, batch: dict[str, Any], *, average: bool = Fal
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     head = chunked_head(model)
     chosen, rejected = [], []
+    padded = total = 0.0
     width = batch["rejected_mask"].shape[1]
     for row in batch["prompt_cache_rows"]:
         with head_inputs(head) if head is not None else contextlib.nullcontext([]) as captured:
@@ -254,26 +307,45 @@ def score_prompt_cache(model: Any, batch: dict[str, Any], *, average: bool = Fal
                 f"{architecture_name(model)} returned no key/value cache for the prompt (gradient checkpointing turns it off); "
                 "prompt-cache scoring needs one: use forward_mode per-response"
             )
-        responses = {key: value for key, value in row["responses"].items() if key != "labels"}
+        prompt_hidden = _only(captured)[:, -1:] if head is not None else None
         labels = row["responses"]["labels"]
         count = labels.shape[0]
-        cache.batch_repeat_interleave(count)
-        if head is not None:
-            prompt_hidden = _only(captured)[:, -1:]
-            with head_inputs(head) as captured:
-                model(**responses, **{cache_argument: cache}, use_cache=True)
-            hidden = torch.cat([prompt_hidden.expand(count, 1, -1), _only(captured)[:, :-1]], dim=1)  # [n, R, H]: predicts labels
-            scored = labels != -100
-            per_token = chunked_token_logprobs(hidden[scored], head.weight, head.bias, labels[scored])
-            sums = torch.zeros(count, dtype=per_token.dtype, device=per_token.device).index_add(0, scored.nonzero()[:, 0], per_token)
-            scores = sums / scored.sum(1).clamp(min=1) if average else sums
-        else:
-            logits = model(**responses, **{cache_argument: cache}, use_cache=True).logits  # [n, R, V]
-            first = prompt_output.logits[:, -1:].expand(count, 1, -1)
-            scores = sequence_logprobs(torch.cat([first, logits[:, :-1]], dim=1), labels, average=average)  # [n]
+        lengths = (labels != -100).sum(1).tolist()
+        groups = prompt_cache_groups(model, lengths, cache)
+        prompt_length = cache.get_seq_length()
+        group_padded, group_total = response_positions(lengths, groups)
+        padded, total = padded + group_padded, total + group_total + row["prompt"]["input_ids"].numel()
+        scores_by_slot: list[torch.Tensor | None] = [None] * count
+        for number, group in enumerate(groups):
+            group_width = max(max(lengths[index] for index in group), 1)
+            index = torch.tensor(group, device=labels.device)
+            responses = {key: value[index][:, :group_width] for key, value in row["responses"].items() if key != "labels"}
+            group_labels = labels[index][:, :group_width]
+            if number == 0:
+                cache.batch_repeat_interleave(len(group))
+            else:  # back to the prompt: drop the last batch's tokens, one prompt row per response
+                cache.crop(-(cache.get_seq_length() - prompt_length))
+                cache.batch_select_indices(torch.zeros(len(group), dtype=torch.long, device=labels.device))
+            if head is not None:
+                with head_inputs(head) as captured:
+                    model(**responses, **{cache_argument: cache}, use_cache=True)
+                hidden = torch.cat([prompt_hidden.expand(len(group), 1, -1), _only(captured)[:, :-1]], dim=1)  # [n, R, H]: predicts labels
+                scored = group_labels != -100
+                per_token = chunked_token_logprobs(hidden[scored], head.weight, head.bias, group_labels[scored])
+                sums = torch.zeros(len(group), dtype=per_token.dtype, device=per_token.device).index_add(0, scored.nonzero()[:, 0], per_token)
+                group_scores = sums / scored.sum(1).clamp(min=1) if average else sums
+            else:
+                logits = model(**responses, **{cache_argument: cache}, use_cache=True).logits  # [n, R, V]
+                first = prompt_output.logits[:, -1:].expand(len(group), 1, -1)
+                group_scores = sequence_logprobs(torch.cat([first, logits[:, :-1]], dim=1), group_labels, average=average)  # [n]
+            if len(groups) > 1 and cache.get_seq_length() != prompt_length + group_width:
+                raise RuntimeError(f"{architecture_name(model)}: the cache did not grow by the responses; cannot roll it back")
+            for slot, score in zip(group, group_scores, strict=True):
+                scores_by_slot[slot] = score
+        scores = torch.stack([score for score in scores_by_slot if score is not None])
         chosen.append(scores[0])
         rejected.append(torch.cat([scores[1:], scores.new_zeros(width - (count - 1))]))
-    return ResponseLogProbs(chosen=torch.stack(chosen), rejected=torch.stack(rejected), rejected_mask=batch["rejected_mask"])
+    return ResponseLogProbs(chosen=torch.stack(chosen), rejected=torch.stack(rejected), rejected_mask=batch["rejected_mask"], positions=(padded, total))
 
 
 def score_batch(model: Any, batch: dict[str, Any], *, average: bool = False) -> ResponseLogProbs:
