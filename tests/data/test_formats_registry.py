@@ -51,7 +51,7 @@ def test_unknown_and_read_only_formats_are_clear(tmp_path, released_file):
 
 
 def test_a_plugin_format_plugs_in(tmp_path, record_dict, monkeypatch):
-    monkeypatch.setattr("mmsafe.data.formats.FORMATS", dict(FORMATS))
+    monkeypatch.setattr("mmsafe.data.formats.FORMATS", FORMATS.copy())
 
     def read_items(path, *, image_dir=None):
         lines = Path(path).read_text(encoding="utf-8").splitlines()

@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Protocol
 
+from mmsafe.data.stats import ENTITY_TYPES  # the CoNLL-03 entity types
 from mmsafe.errors import ConfigError, DataError, ModelError
 
 logger = logging.getLogger(__name__)
 
-#: The CoNLL-03 entity types.
-ENTITY_TYPES = ("PER", "ORG", "LOC", "MISC")
 DEFAULT_NER_MODEL = "dbmdz/bert-large-cased-finetuned-conll03-english"
 _WORD = re.compile(r"\w+")
 

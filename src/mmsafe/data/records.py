@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mmsafe.data.jsonl import check_unicode
+from mmsafe.data.reading import read_json_lines, strict
 from mmsafe.errors import DataError
 
 IMAGE_TOKEN = "<image>"
@@ -250,35 +251,31 @@ class VerdictRecord:
         return cls(id=data["id"], judge=judge, verdict=verdict, variant=variant, categories=list(categories), raw=raw, extra=extra)
 
 
+def parse_preference_line(line_number: int, data: Any) -> PreferenceRecord:
+    return PreferenceRecord.from_dict(data, record=f"line {line_number}")
+
+
+def parse_response_line(line_number: int, data: Any) -> ResponseRecord:
+    return ResponseRecord.from_dict(data, record=f"line {line_number}")
+
+
+def parse_verdict_line(line_number: int, data: Any) -> VerdictRecord:
+    return VerdictRecord.from_dict(data, record=f"line {line_number}")
+
+
 def read_preference_records(path: str | Path) -> Iterator[PreferenceRecord]:
     """Stream preference records from JSONL; the first bad line raises a DataError."""
-    from mmsafe.data.jsonl import read_jsonl
-
-    for line_number, data in read_jsonl(path):
-        try:
-            yield PreferenceRecord.from_dict(data, record=f"line {line_number}")
-        except DataError as error:
-            raise error.at(file=str(path)) from None
+    return strict(read_json_lines(path, parse_preference_line))
 
 
 def read_response_records(path: str | Path) -> Iterator[ResponseRecord]:
-    from mmsafe.data.jsonl import read_jsonl
-
-    for line_number, data in read_jsonl(path):
-        try:
-            yield ResponseRecord.from_dict(data, record=f"line {line_number}")
-        except DataError as error:
-            raise error.at(file=str(path)) from None
+    """Stream response records from JSONL; the first bad line raises a DataError."""
+    return strict(read_json_lines(path, parse_response_line))
 
 
 def read_verdict_records(path: str | Path) -> Iterator[VerdictRecord]:
-    from mmsafe.data.jsonl import read_jsonl
-
-    for line_number, data in read_jsonl(path):
-        try:
-            yield VerdictRecord.from_dict(data, record=f"line {line_number}")
-        except DataError as error:
-            raise error.at(file=str(path)) from None
+    """Stream verdict records from JSONL; the first bad line raises a DataError."""
+    return strict(read_json_lines(path, parse_verdict_line))
 
 
 def write_records(path: str | Path, records: Iterable[PreferenceRecord | ResponseRecord | VerdictRecord]) -> int:

@@ -15,7 +15,9 @@ from typing import Any
 from mmsafe.data.formats import detect_format, read_records
 from mmsafe.progress import track
 
+#: The CoNLL-03 entity types: what ``meta["entity_type"]`` of a record says.
 ENTITY_TYPES = ("PER", "ORG", "LOC", "MISC")
+#: User-turn counts of 5 and more share one bucket, as in the paper's statistics.
 TURN_BUCKETS = ("1", "2", "3", "4", "5+")
 NO_VALUE = "(none)"
 

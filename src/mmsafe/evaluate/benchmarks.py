@@ -37,6 +37,7 @@ from mmsafe.data.records import IMAGE_TOKEN, Message
 from mmsafe.errors import ConfigError, DataError
 from mmsafe.evaluate.mossbench import load_mossbench
 from mmsafe.evaluate.vlguard import load_vlguard
+from mmsafe.registry import Registry, first_doc_line
 
 #: Third-party benchmarks: an entry point ``name = "package.module:BENCHMARK"`` naming a
 #: :class:`Benchmark` (or a loader function ``(path, **options) -> list[BenchmarkItem]``).
@@ -70,45 +71,32 @@ class Benchmark:
         }
 
 
-BENCHMARKS: dict[str, Benchmark] = {}
+def _as_benchmark(name: str, target: Any) -> Benchmark:
+    """What an entry point names: a Benchmark (renamed to the entry point) or a loader."""
+    if isinstance(target, Benchmark):
+        return target if target.name == name else dataclasses.replace(target, name=name)
+    if callable(target):
+        return Benchmark(name, first_doc_line(target) or f"plugin {target.__module__}:{target.__qualname__}", target)
+    raise TypeError("a Benchmark or a loader function")
+
+
+#: Every benchmark by name; plugins come from the ``mmsafe.benchmarks`` entry points.
+BENCHMARKS: Registry[Benchmark] = Registry(
+    "benchmark", group=ENTRY_POINT_GROUP, describe=lambda benchmark: benchmark.description, adapt=_as_benchmark, find_entry_points=lambda group: entry_points(group=group)
+)
 
 
 def register_benchmark(benchmark: Benchmark, *, replace: bool = False) -> Benchmark:
-    if benchmark.name in BENCHMARKS and not replace:
-        raise ValueError(f"a benchmark named {benchmark.name!r} is already registered")
-    BENCHMARKS[benchmark.name] = benchmark
-    return benchmark
-
-
-def _entry_points() -> dict[str, Any]:
-    return {point.name: point for point in entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def _from_entry_point(point: Any) -> Benchmark:
-    try:
-        target = point.load()
-    except Exception as error:  # a broken plugin is named, not a traceback
-        raise ConfigError(f"benchmark plugin {point.name!r} ({point.value}) could not be loaded: {error}") from None
-    if isinstance(target, Benchmark):
-        return target if target.name == point.name else dataclasses.replace(target, name=point.name)
-    if callable(target):
-        summary = (inspect.getdoc(target) or "").split("\n", 1)[0]
-        return Benchmark(point.name, summary or f"plugin {point.value}", target)
-    raise ConfigError(f"benchmark plugin {point.name!r} ({point.value}) is a {type(target).__name__}, expected a Benchmark or a loader function")
+    return BENCHMARKS.register(benchmark.name, benchmark, replace=replace)
 
 
 def available_benchmarks() -> list[str]:
     """Names of the built-in, registered and entry-point benchmarks."""
-    return sorted(set(BENCHMARKS) | set(_entry_points()))
+    return sorted(BENCHMARKS)
 
 
 def get_benchmark(name: str) -> Benchmark:
-    if name in BENCHMARKS:
-        return BENCHMARKS[name]
-    point = _entry_points().get(name)
-    if point is None:
-        raise ConfigError(f"unknown benchmark {name!r}; available: {', '.join(available_benchmarks())}")
-    return _from_entry_point(point)
+    return BENCHMARKS.lookup(name)
 
 
 def describe_benchmarks() -> list[dict[str, Any]]:
@@ -117,17 +105,16 @@ def describe_benchmarks() -> list[dict[str, Any]]:
     A plugin that cannot be loaded is listed with the error instead of its settings.
     """
     rows = []
-    for name in available_benchmarks():
-        try:
-            benchmark = get_benchmark(name)
-        except ConfigError as error:
-            rows.append({"name": name, "source": "plugin", "error": str(error)})
+    for entry in sorted(BENCHMARKS.describe(), key=lambda entry: entry.name):
+        if entry.error is not None:
+            rows.append({"name": entry.name, "source": entry.source, "error": entry.error})
             continue
-        option = IMAGE_FOLDER_OPTION.get(name) or benchmark.image_folder_option
+        benchmark = get_benchmark(entry.name)
+        option = IMAGE_FOLDER_OPTION.get(entry.name) or benchmark.image_folder_option
         rows.append(
             {
-                "name": name,
-                "source": "built-in or registered" if name in BENCHMARKS else "plugin",
+                "name": entry.name,
+                "source": entry.source,
                 "description": benchmark.description,
                 "category_fields": list(benchmark.category_fields),
                 "options": {key: list(value) if isinstance(value, tuple) else value for key, value in benchmark.options().items()},

@@ -10,23 +10,25 @@ name           what                                                        write
 =============  ==========================================================  ======
 
 Formats are an open set: :func:`register_format` adds one, and packages can provide
-:class:`Format` objects through the ``mmsafe.data_formats`` entry-point group.
+:class:`Format` objects through the ``mmsafe.formats`` entry-point group (an entry point
+``tsv = "package.module:FORMAT"``; its name is the format's name).
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from mmsafe.data.formats import hf, hh_rlhf, mmsafe_po, records_jsonl
 from mmsafe.data.formats.base import Format, Item
 from mmsafe.data.records import PreferenceRecord
 from mmsafe.errors import DataError
 from mmsafe.progress import track
+from mmsafe.registry import Registry
 
 __all__ = [
     "FORMATS",
@@ -42,37 +44,28 @@ __all__ = [
     "write_records",
 ]
 
-logger = logging.getLogger(__name__)
-ENTRY_POINT_GROUP = "mmsafe.data_formats"
+ENTRY_POINT_GROUP = "mmsafe.formats"
 
-#: Every known format by name, in the order detection tries them.
-FORMATS: dict[str, Format] = {}
+
+def _as_format(name: str, target: Any) -> Format:
+    if not isinstance(target, Format):
+        raise TypeError("a mmsafe.data.formats.Format")
+    return target if target.name == name else dataclasses.replace(target, name=name)
+
+
+#: Every known format by name, in the order detection tries them (plugins last).
+FORMATS: Registry[Format] = Registry(
+    "data format", group=ENTRY_POINT_GROUP, describe=lambda data_format: data_format.description, adapt=_as_format, unknown_error=DataError
+)
 
 
 def register_format(data_format: Format, *, replace: bool = False) -> Format:
     """Make ``data_format`` available by name (to the CLI's ``--format`` too)."""
-    if data_format.name in FORMATS and not replace:
-        raise ValueError(f"a data format named {data_format.name!r} is already registered")
-    FORMATS[data_format.name] = data_format
-    return data_format
+    return FORMATS.register(data_format.name, data_format, replace=replace)
 
 
 for _builtin in (hf.FORMAT, mmsafe_po.FORMAT, hh_rlhf.FORMAT, records_jsonl.FORMAT):
     register_format(_builtin)
-
-
-def _load_entry_points() -> None:
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            data_format = entry_point.load()
-        except Exception as error:  # a broken plugin must not break the built-in formats
-            logger.warning("could not load data format plugin %s: %s", entry_point.name, error)
-            continue
-        if isinstance(data_format, Format) and data_format.name not in FORMATS:
-            register_format(data_format)
-
-
-_load_entry_points()
 
 
 def _names() -> str:
@@ -81,15 +74,12 @@ def _names() -> str:
 
 def get_format(name: str) -> Format:
     """The format called ``name``; a DataError lists the known names otherwise."""
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise DataError(f"unknown data format {name!r}; expected one of {_names()}") from None
+    return FORMATS.lookup(name)
 
 
 def detect_format(path: str | Path) -> str:
     """The name of the format ``path`` looks like (by suffix and first record)."""
-    for name, data_format in FORMATS.items():
+    for name, data_format in FORMATS.available().items():
         if data_format.detect(path):
             return name
     if not Path(path).exists():
@@ -118,12 +108,17 @@ def read_records(path: str | Path, format_name: str | None = None, *, image_dir:
     return data_format.reader(path, image_dir=image_dir)
 
 
+def _writable(formats: dict[str, Format]) -> str:
+    return ", ".join(name for name, data_format in formats.items() if data_format.writer is not None)
+
+
 def _output_format(path: str | Path) -> str:
     name = Path(path).name
-    for format_name, data_format in FORMATS.items():
+    formats = FORMATS.available()
+    for format_name, data_format in formats.items():
         if data_format.writer is not None and name.endswith(data_format.suffixes):
             return format_name
-    writable = ", ".join(name for name, data_format in FORMATS.items() if data_format.writer is not None)
+    writable = _writable(formats)
     raise DataError(f"cannot tell the output format from the file name; name it with --to, one of {writable}", file=str(path))
 
 
@@ -131,8 +126,7 @@ def write_records(path: str | Path, records: Iterable[PreferenceRecord], format_
     """Write records in a format (from the file name unless named); returns rows written."""
     data_format = get_format(format_name or _output_format(path))
     if data_format.writer is None:
-        writable = ", ".join(name for name, candidate in FORMATS.items() if candidate.writer is not None)
-        raise DataError(f"the {data_format.name!r} format can be read but not written; write one of {writable}", file=str(path))
+        raise DataError(f"the {data_format.name!r} format can be read but not written; write one of {_writable(FORMATS.available())}", file=str(path))
     return data_format.writer(Path(path), records)
 
 

@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmsafe.data.jsonl import iter_lines, loads_bounded, parse_json_line
+from mmsafe.data.jsonl import iter_lines, loads_bounded
+from mmsafe.data.reading import FileReadError, iter_json_lines, strict
 from mmsafe.data.records import PreferenceRecord
 from mmsafe.errors import DataError, MmsafeError
+
+__all__ = ["FileReadError", "Format", "Item", "ItemReader", "Writer", "first_object", "iter_json_lines"]
 
 #: A reader yields records, or the DataError of a record it could not read and skipped,
 #: so that validation can list every problem in one pass.
@@ -19,19 +22,9 @@ ItemReader = Callable[..., Iterator[Item]]
 Writer = Callable[[Path, Iterable[PreferenceRecord]], int]
 
 
-class FileReadError(DataError):
-    """The file (or the rest of it) cannot be read at all: not one bad record but a
-    missing file, a syntax error in a whole-file format, a truncated stream."""
-
-    @classmethod
-    def wrap(cls, error: DataError, *, file: str) -> FileReadError:
-        location = error.location
-        return cls(error.message, file=location.file or file, record=location.record, field=location.field)
-
-
 @dataclass(frozen=True)
 class Format:
-    """One data format, found by name in :data:`mmsafe.data.formats.FORMATS`.
+    """One data format, found by name in the registry :data:`mmsafe.data.formats.FORMATS`.
 
     ``read_items(path, image_dir=None)`` yields a :class:`PreferenceRecord` per record, or
     a :class:`DataError` (naming file, record and field) for one it could not read, and
@@ -49,10 +42,7 @@ class Format:
 
     def reader(self, path: str | Path, *, image_dir: str | Path | None = None) -> Iterator[PreferenceRecord]:
         """Records of ``path``; the first unreadable record raises its DataError."""
-        for item in self.read_items(path, image_dir=image_dir):
-            if isinstance(item, DataError):
-                raise item
-            yield item
+        return strict(self.read_items(path, image_dir=image_dir))
 
 
 def first_object(path: str | Path, *, max_lines: int = 20) -> dict[str, Any] | None:
@@ -69,23 +59,3 @@ def first_object(path: str | Path, *, max_lines: int = 20) -> dict[str, Any] | N
     except (DataError, OSError):
         return None
     return None
-
-
-def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any] | DataError]:
-    """``(line_number, value)`` per line, or a DataError for a malformed line (then on).
-
-    An undecodable byte or a truncated gzip stream ends the file with one DataError.
-    """
-    file = str(path)
-    try:
-        for line_number, line in iter_lines(path):
-            try:
-                value = parse_json_line(line, file=file, line_number=line_number)
-            except DataError as error:  # malformed, nested too deep, a lone surrogate
-                yield error
-                continue
-            yield line_number, value
-    except DataError as error:
-        yield FileReadError.wrap(error, file=file)
-    except OSError as error:  # unreadable (permissions, I/O): a message, not a traceback
-        yield FileReadError(f"cannot read the file ({error.strerror or error})", file=file)

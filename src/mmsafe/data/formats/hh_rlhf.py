@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmsafe.data.formats.base import Format, Item, first_object, iter_json_lines
+from mmsafe.data.formats.base import Format, Item, first_object
+from mmsafe.data.reading import read_json_lines, strict
 from mmsafe.data.records import Message, PreferenceRecord
 from mmsafe.errors import DataError
 
@@ -142,25 +143,13 @@ def iter_hh_rlhf(path: str | Path, *, merge_repeated: bool = False) -> Iterator[
 
     ``merge_repeated``: join two consecutive turns of one speaker instead of an error.
     """
-    file = str(path)
-    stem = dataset_stem(path)
-    for item in iter_json_lines(path):
-        if isinstance(item, DataError):
-            yield item
-            continue
-        line, data = item
-        try:
-            yield parse_line(data, file=file, line=line, record_id=f"{stem}-{line}", merge_repeated=merge_repeated)
-        except DataError as error:
-            yield error
+    file, stem = str(path), dataset_stem(path)
+    return read_json_lines(path, lambda line, data: parse_line(data, file=file, line=line, record_id=f"{stem}-{line}", merge_repeated=merge_repeated))
 
 
 def read_hh_rlhf(path: str | Path) -> Iterator[TextPreference]:
     """Stream the dialogues of an HH-RLHF file; the first bad line raises its DataError."""
-    for item in iter_hh_rlhf(path):
-        if isinstance(item, DataError):
-            raise item
-        yield item
+    return strict(iter_hh_rlhf(path))
 
 
 def to_record(preference: TextPreference, *, file: str) -> PreferenceRecord:
@@ -185,15 +174,8 @@ def to_record(preference: TextPreference, *, file: str) -> PreferenceRecord:
 
 def read_items(path: str | Path, *, image_dir: str | Path | None = None) -> Iterator[Item]:
     del image_dir  # text only
-    file = str(path)
-    for item in iter_hh_rlhf(path):
-        if isinstance(item, DataError):
-            yield item
-            continue
-        try:
-            yield to_record(item, file=file)
-        except DataError as error:
-            yield error
+    file, stem = str(path), dataset_stem(path)
+    return read_json_lines(path, lambda line, data: to_record(parse_line(data, file=file, line=line, record_id=f"{stem}-{line}"), file=file))
 
 
 def detect(path: str | Path) -> bool:

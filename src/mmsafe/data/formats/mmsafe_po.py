@@ -29,6 +29,7 @@ from typing import Any
 from mmsafe.data.conversations import parse_llava_v1, render_llava_v1, strip_response_prefix
 from mmsafe.data.formats.base import FileReadError, Format, Item
 from mmsafe.data.jsonl import open_text
+from mmsafe.data.reading import guarded, parse_each
 from mmsafe.data.records import PreferenceRecord
 from mmsafe.errors import DataError
 
@@ -167,24 +168,15 @@ def read_items(path: str | Path, *, image_dir: str | Path | None = None) -> Iter
     """Records of a released JSON file, merging duplicated rows of one prompt."""
     del image_dir  # released image names are already relative to the image folder
     file = str(path)
-    try:
-        rows = load_rows(path)
-    except DataError as error:
-        yield FileReadError.wrap(error, file=file)
-        return
-    except OSError as error:
-        yield FileReadError(f"cannot read the file ({error.strerror or error})", file=file)
-        return
+    rows = guarded(lambda: enumerate(load_rows(path)), file=file)
     pending: PreferenceRecord | None = None
     pending_signature: str | None = None
     taken: set[str] = set()
-    for index, row in enumerate(rows):
-        try:
-            record = record_from_row(row, label=f"item {index}")
-        except DataError as error:
-            yield error.at(file=file)
+    for item in parse_each(rows, lambda index, row: (record_from_row(row, label=f"item {index}"), _merge_signature(row)), file=file):
+        if isinstance(item, DataError):
+            yield item
             continue
-        signature = _merge_signature(row)
+        record, signature = item
         if pending is not None and signature is not None and signature == pending_signature:
             pending.rejected.extend(record.rejected)
             pending.rejected_sources.extend(record.rejected_sources)

@@ -5,24 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from mmsafe.data.formats.base import Format, Item, first_object, iter_json_lines
-from mmsafe.data.records import PreferenceRecord, write_records
-from mmsafe.errors import DataError
+from mmsafe.data.formats.base import Format, Item, first_object
+from mmsafe.data.reading import read_json_lines
+from mmsafe.data.records import PreferenceRecord, parse_preference_line, write_records
 
 
 def read_items(path: str | Path, *, image_dir: str | Path | None = None) -> Iterator[Item]:
     """Records of a JSONL file; a bad line becomes a DataError and reading goes on."""
     del image_dir  # image paths in records are already relative to the image root
-    file = str(path)
-    for item in iter_json_lines(path):
-        if isinstance(item, DataError):
-            yield item
-            continue
-        line_number, data = item
-        try:
-            yield PreferenceRecord.from_dict(data, record=f"line {line_number}")
-        except DataError as error:
-            yield error.at(file=file)
+    return read_json_lines(path, parse_preference_line)
 
 
 def detect(path: str | Path) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 from mmsafe.errors import ConfigError
 from mmsafe.evaluate.judges.base import (
     ENTRY_POINT_GROUP,
+    JUDGES,
     Judge,
     JudgeInput,
     Verdict,
@@ -36,18 +37,21 @@ def _construct(cls: Any, name: str, options: dict[str, Any]) -> Judge:
 # Factories import their module on use, so building the refusal judge never imports
 # transformers or httpx.
 def _refusal(**options: Any) -> Judge:
+    """Keyword match on the response: a refusal is safe (measures refusal)."""
     from mmsafe.evaluate.judges.refusal import RefusalJudge
 
     return _construct(RefusalJudge, "refusal", options)
 
 
 def _llama_guard(**options: Any) -> Judge:
+    """Llama Guard 3, in-process (the 11B Vision model reads the image)."""
     from mmsafe.evaluate.judges.llama_guard import LlamaGuardJudge
 
     return _construct(LlamaGuardJudge, "llama-guard", options)
 
 
 def _llm(**options: Any) -> Judge:
+    """An OpenAI-compatible chat model with a versioned rubric."""
     from mmsafe.evaluate.judges.llm import LlmJudge
 
     return _construct(LlmJudge, "llm", options)
@@ -59,6 +63,7 @@ register_judge("llm", _llm)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "JUDGES",
     "Judge",
     "JudgeInput",
     "Verdict",

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from mmsafe.data.records import Message
 from mmsafe.errors import ConfigError
+from mmsafe.registry import Registry
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -85,40 +86,37 @@ class Judge(Protocol):
 
 
 JudgeFactory = Callable[..., Judge]
-_REGISTRY: dict[str, JudgeFactory] = {}
 
 
-def register_judge(name: str, factory: JudgeFactory | None = None) -> Any:
+def _as_factory(name: str, target: Any) -> JudgeFactory:
+    if not callable(target):
+        raise TypeError("a judge factory (**options) -> Judge, such as a Judge class")
+    return target
+
+
+#: Judge factories by name; plugins come from the ``mmsafe.judges`` entry points.
+JUDGES: Registry[JudgeFactory] = Registry("judge", group=ENTRY_POINT_GROUP, adapt=_as_factory, find_entry_points=lambda group: entry_points(group=group))
+
+
+def register_judge(name: str, factory: JudgeFactory | None = None, *, replace: bool = False) -> Any:
     """Register a judge factory under ``name``; usable as a decorator.
 
     >>> @register_judge("always-safe")
     ... class AlwaysSafe: ...
     """
-
-    def decorate(target: JudgeFactory) -> JudgeFactory:
-        _REGISTRY[name] = target
-        return target
-
-    return decorate if factory is None else decorate(factory)
-
-
-def _entry_point_factories() -> dict[str, Any]:
-    return {point.name: point for point in entry_points(group=ENTRY_POINT_GROUP)}
+    if factory is None:
+        return JUDGES.register(name, replace=replace)
+    return JUDGES.register(name, factory, replace=replace)
 
 
 def available_judges() -> list[str]:
     """Names of the built-in, registered and entry-point judges."""
-    return sorted(set(_REGISTRY) | set(_entry_point_factories()))
+    return sorted(JUDGES)
 
 
 def get_judge(name: str, **options: Any) -> Judge:
     """Build the judge registered as ``name`` with ``options`` (its factory's keywords)."""
-    factory = _REGISTRY.get(name)
-    if factory is None:
-        point = _entry_point_factories().get(name)
-        if point is None:
-            raise ConfigError(f"unknown judge {name!r}; available: {', '.join(available_judges())}")
-        factory = point.load()
+    factory = JUDGES.lookup(name)
     try:
         inspect.signature(factory).bind(**options)
     except TypeError as error:

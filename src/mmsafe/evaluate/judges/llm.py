@@ -32,9 +32,7 @@ two are never mixed in the cache or in a report.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -191,13 +189,10 @@ def parse_judge_answer(text: str) -> Verdict:
 
 def image_data_url(item: JudgeInput, *, max_side: int = 1024) -> str | None:
     """The item's image as a JPEG data URL (downscaled to ``max_side``), or None."""
+    from mmsafe.data.images import image_data_url as encode
+
     image = item.load_image()
-    if image is None:
-        return None
-    image.thumbnail((max_side, max_side))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return None if image is None else encode(image, max_side=max_side, format="JPEG", quality=90)
 
 
 def build_chat_messages(prompt: str, image_url: str | None) -> list[dict[str, Any]]:

@@ -11,13 +11,12 @@ anchor (``#r-...``) to link to.
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
+from mmsafe.data.images import data_url, image_data_url
 from mmsafe.data.prompts import DEFAULT_EXPECTED
 from mmsafe.data.records import ResponseRecord
 from mmsafe.errors import DataError
@@ -67,10 +66,7 @@ def thumbnail(path: Any) -> str | None:
     except ImageError as error:
         logger.warning("report: no thumbnail for %s (%s)", path, error.message)
         return None
-    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return image_data_url(image, max_side=THUMBNAIL_SIDE, format="JPEG", quality=80)
 
 
 def _records(verdict_sets: list[VerdictSet], responses: Mapping[str, Mapping[Key, ResponseRecord]], prompts: Mapping[str, BenchmarkItem] | None) -> list[dict[str, Any]]:
@@ -176,7 +172,7 @@ def render_html(
             "header": PROBE_COMPARISON_HEADER, "rows": probe_comparison_rows(probe), "conditional": probe_conditional_rows(probe),
         },
         "plots": [
-            {"anchor": plot.anchor, "title": plot.title, "caption": plot.caption, "file": plot.png.name, "data": "data:image/png;base64," + base64.b64encode(plot.png.read_bytes()).decode("ascii")}
+            {"anchor": plot.anchor, "title": plot.title, "caption": plot.caption, "file": plot.png.name, "data": data_url(plot.png.read_bytes(), "image/png")}
             for plot in plots or []
         ],
         "records": records,
