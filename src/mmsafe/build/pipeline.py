@@ -60,6 +60,7 @@ from mmsafe.build.sources import Dialogue, read_dialogues
 from mmsafe.config import read_yaml, save_config, to_dict
 from mmsafe.data.jsonl import ResumableJsonlWriter, iter_lines, read_jsonl
 from mmsafe.data.records import IMAGE_TOKEN, Message, PreferenceRecord
+from mmsafe.data.stats import turn_bucket
 from mmsafe.errors import ConfigError, DataError, ImageError
 from mmsafe.progress import progress, progress_enabled
 
@@ -91,8 +92,6 @@ RESUME_FREE_SETTINGS = {
     "rewrite.model.deadline_s",
     "rewrite.model.max_body_bytes",
 }
-#: Turn counts of 5 and more share one bucket, as in the paper's statistics.
-MAX_TURN_BUCKET = 5
 
 
 # ---------------------------------------------------------------- stages by name
@@ -341,10 +340,6 @@ class BuildSummary:
         if self.dialogues_left_to_retry:
             lines.append(f"left for a rerun       {self.dialogues_left_to_retry:>7}   (an image source failed; rerun to retry them)")
         return "\n".join(lines)
-
-
-def turn_bucket(num_turns: int) -> str:
-    return f"{MAX_TURN_BUCKET}+" if num_turns >= MAX_TURN_BUCKET else str(num_turns)
 
 
 def summarize_outputs(summary: BuildSummary, records_path: Path, state_path: Path) -> BuildSummary:
