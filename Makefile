@@ -1,5 +1,6 @@
 # Two commands on a fresh machine with Python 3.11: `make demo` and `make test`.
 # Each creates or updates the virtual environment in .venv first.
+# `make lint` checks the code with ruff; `make check` is lint, then the tests (what CI runs).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -23,7 +24,7 @@ TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 RUNTIME := $(VENV)/.mmsafe-runtime
 DEV := $(VENV)/.mmsafe-dev
 
-.PHONY: demo test install lint browser clean
+.PHONY: demo test install lint check browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +41,9 @@ $(RUNTIME): pyproject.toml | $(BIN)/python
 	$(PIP) -e .
 	touch $(RUNTIME)
 
+# The tests also run the benchmarks' small cases, so they get the bench extra (TRL) too.
 $(DEV): pyproject.toml $(RUNTIME)
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,bench]"
 	touch $(DEV)
 
 install: $(DEV)
@@ -61,6 +63,8 @@ test: $(DEV) browser
 
 lint: $(DEV)
 	$(BIN)/ruff check src tests benchmarks
+
+check: lint test
 
 clean:
 	rm -rf $(VENV) mmsafe-demo .pytest_cache

@@ -785,7 +785,7 @@ def add_env(subparsers: argparse._SubParsersAction) -> None:
 
 
 #: The extras of the package and a module that tells whether each is installed.
-EXTRAS = {"gpu": ("deepspeed", "bitsandbytes"), "serve": ("vllm",), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "dev": ("pytest", "ruff")}
+EXTRAS = {"gpu": ("deepspeed", "bitsandbytes"), "serve": ("vllm",), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "dev": ("pytest", "ruff"), "bench": ("trl",)}
 
 
 def environment_report() -> dict:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from build_fixtures import HH_LINES, write_png
+
+from tests.build.build_fixtures import HH_LINES, write_png
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from build_fixtures import dialogue
 
 from mmsafe.build import BuildConfig, build_data
 from mmsafe.build.pipeline import RECORDS_FILE, SUMMARY_FILE
@@ -30,6 +29,7 @@ from mmsafe.cli import build_data_config, build_parser, main
 from mmsafe.config import from_dict
 from mmsafe.data.formats.hh_rlhf import parse_dialogue
 from mmsafe.errors import ConfigError, DataError
+from tests.build.build_fixtures import dialogue
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_LINES = len(SAMPLE_INPUT.read_text(encoding="utf-8").splitlines())

@@ -175,17 +175,24 @@ def test_llm_recognizer_reports_answers_that_are_not_json():
     assert isinstance(error, EntityError) and "not JSON" in str(error)
 
 
-def test_mention_is_a_plain_value():
-    assert Mention("Paris", "LOC", 0, 5, "Paris") == Mention("Paris", "LOC", 0, 5, "Paris")
+def test_a_mention_is_its_span_of_the_instruction_named_by_the_gazetteer_spelling():
+    text = "OBAMA flew to Paris, then to paris."
+    found = Gazetteer([("Obama", "PER"), ("Paris", "LOC")]).find(text)
+    assert [(mention.text, mention.name) for mention in found] == [("OBAMA", "Obama"), ("Paris", "Paris")]  # "paris" is not "Paris"
+    assert all(text[mention.start : mention.end] == mention.text for mention in found)
+    assert found[0] == Mention(text="OBAMA", type="PER", start=0, end=5, name="Obama", score=1.0)
+    ignoring_case = Gazetteer([("Paris", "LOC")], case_sensitive=False).find(text)
+    assert [(mention.text, mention.name, text[mention.start : mention.end]) for mention in ignoring_case] == [("Paris", "Paris", "Paris"), ("paris", "Paris", "paris")]
+    with pytest.raises(AttributeError):  # a frozen value: a recognizer's result cannot be changed behind the builder's back
+        found[0].start = 1
 
 
 def test_hf_ner_stage_loads_a_saved_model_by_path(tiny_ner, tmp_path, image_index):
     import json
 
-    from build_fixtures import hh_line
-
     from mmsafe.build import BuildConfig, build_data
     from mmsafe.config import from_dict
+    from tests.build.build_fixtures import hh_line
 
     model, tokenizer = tiny_ner
     model.save_pretrained(tmp_path / "ner")

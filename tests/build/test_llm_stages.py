@@ -7,10 +7,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from build_fixtures import hh_line
 
 from mmsafe.build import BuildConfig, build_data
 from mmsafe.config import from_dict
+from tests.build.build_fixtures import hh_line
 
 
 class FakeChatServer:

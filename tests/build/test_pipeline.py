@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from build_fixtures import hh_line
 
 from mmsafe.build import BuildConfig, Stages, build_data, make_stages
 from mmsafe.build.entities import Mention
@@ -22,6 +21,7 @@ from mmsafe.cli import main
 from mmsafe.config import from_dict
 from mmsafe.data.records import read_preference_records
 from mmsafe.errors import ConfigError, DataError
+from tests.build.build_fixtures import hh_line
 
 
 def config_for(hh_file: Path, image_index: Path, out: Path, **overrides) -> BuildConfig:
@@ -279,12 +279,14 @@ def test_export_to_the_released_format(hh_file, image_index, tmp_path):
 
 def test_cli_build_data_with_flags(hh_file, image_index, tmp_path, capsys):
     out = tmp_path / "cli-out"
-    code = main(["build-data", "--input", str(hh_file), "--out", str(out), "--image-index", str(image_index), "--entities", "gazetteer", "--images", "local", "--rewrite", "template", "type=red-team"])
+    code = main(["build-data", "--input", str(hh_file), "--out", str(out), "--image-index", str(image_index), "--entities", "gazetteer", "--images", "local", "--rewrite", "template", "type=red-team", "--json"])
     assert code == 0
     rows = read_rows(out / RECORDS_FILE)
     assert len(rows) == 4 and {row["meta"]["type"] for row in rows} == {"red-team"}
-    printed = capsys.readouterr().out
-    assert "by entity type        PER 1, ORG 1, LOC 2" in printed
+    printed = json.loads(capsys.readouterr().out)  # --json: the summary, not the table
+    assert printed["by_entity_type"] == {"PER": 1, "ORG": 1, "LOC": 2}
+    assert printed["records"] == printed["records_written"] == len(rows)
+    assert printed == json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
 
 def test_cli_config_file_and_clear_errors(hh_file, image_index, tmp_path, capsys):

@@ -6,11 +6,11 @@ import gzip
 import json
 
 import pytest
-from build_fixtures import hh_line
 
 from mmsafe.build.complete import chat_completer, engine_completer
 from mmsafe.build.sources import Dialogue, detect_source, read_dialogues
 from mmsafe.errors import ConfigError, DataError
+from tests.build.build_fixtures import hh_line
 
 
 def good(items):

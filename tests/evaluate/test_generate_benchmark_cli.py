@@ -2,9 +2,8 @@
 
 import json
 
-from test_benchmark_loaders import write_mm_safetybench
-
 from mmsafe.cli import main
+from tests.evaluate.test_benchmark_loaders import write_mm_safetybench
 
 
 def test_generate_reads_mm_safetybench_with_settings(tmp_path, tiny_model_dir):

@@ -122,8 +122,8 @@ PLUGIN_BENCHMARK = Benchmark("named-in-the-plugin", "a test plugin", _three_item
 
 def test_a_benchmark_registered_through_an_entry_point_is_found(monkeypatch, tmp_path, capsys):
     points = [
-        EntryPoint(name="plugin-bench", value="test_prompt_sets:PLUGIN_BENCHMARK", group="mmsafe.benchmarks"),
-        EntryPoint(name="plugin-loader", value="test_prompt_sets:_three_items", group="mmsafe.benchmarks"),
+        EntryPoint(name="plugin-bench", value="tests.evaluate.test_prompt_sets:PLUGIN_BENCHMARK", group="mmsafe.benchmarks"),
+        EntryPoint(name="plugin-loader", value="tests.evaluate.test_prompt_sets:_three_items", group="mmsafe.benchmarks"),
         EntryPoint(name="plugin-broken", value="no_such_module_here:THING", group="mmsafe.benchmarks"),
     ]
     monkeypatch.setattr(benchmarks_module, "entry_points", lambda group: points if group == "mmsafe.benchmarks" else [])
@@ -143,7 +143,7 @@ def test_a_benchmark_registered_through_an_entry_point_is_found(monkeypatch, tmp
 
 
 def test_generate_reads_an_entry_point_benchmark(monkeypatch, tmp_path, tiny_model_dir):
-    point = EntryPoint(name="plugin-bench", value="test_prompt_sets:PLUGIN_BENCHMARK", group="mmsafe.benchmarks")
+    point = EntryPoint(name="plugin-bench", value="tests.evaluate.test_prompt_sets:PLUGIN_BENCHMARK", group="mmsafe.benchmarks")
     monkeypatch.setattr(benchmarks_module, "entry_points", lambda group: [point] if group == "mmsafe.benchmarks" else [])
     out = tmp_path / "r.jsonl"
     code = main(["generate", "--model", str(tiny_model_dir), "--data", str(tmp_path), "--benchmark", "plugin-bench", "--out", str(out), "--max-new-tokens", "2", "--device", "cpu"])

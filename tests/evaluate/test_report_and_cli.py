@@ -205,13 +205,12 @@ class RefuseFirstKeyEngine:
 
 
 def test_mm_safetybench_generate_judge_report_gives_asr_as_mean_over_scenarios(tmp_path):
-    from test_benchmark_loaders import write_mm_safetybench
-
     from mmsafe.evaluate.benchmarks import load_benchmark
     from mmsafe.evaluate.judges import get_judge
     from mmsafe.evaluate.judging import judge_responses
     from mmsafe.evaluate.report import build_report
     from mmsafe.generate.runs import generate_responses
+    from tests.evaluate.test_benchmark_loaders import write_mm_safetybench
 
     root = write_mm_safetybench(tmp_path / "mmsb")  # scenario 01: keys 0-2, scenario 10: keys 0-1
     items = load_benchmark("mm-safetybench", root)

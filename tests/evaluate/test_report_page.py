@@ -10,12 +10,12 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-from test_report_and_cli import BASE, BPO, write_benchmark
 
 from mmsafe.data.records import ResponseRecord, write_records
 from mmsafe.evaluate.formatting import NO_ITEMS, difference_text, p_text, rate_text
 from mmsafe.evaluate.probe import summarize_probe
 from mmsafe.evaluate.report import build_report
+from tests.evaluate.test_report_and_cli import BASE, BPO, write_benchmark
 
 Z = 1.959963984540054
 

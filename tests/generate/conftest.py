@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from generate_data import make_records, write_dataset
+
+from tests.generate.generate_data import make_records, write_dataset
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ import logging
 
 import pytest
 import torch
-from test_hf_engine import _requests
 
 from mmsafe.errors import ConfigError, MmsafeError
 from mmsafe.generate.engine import DecodingParams
 from mmsafe.generate.hf_engine import AUTO_BATCH_SIZE_CPU, GROW_AFTER, HFEngine
+from tests.generate.test_hf_engine import _requests
 
 PARAMS = DecodingParams(max_new_tokens=6)
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from generate_data import make_records, write_dataset
 
 from mmsafe.cli import main
 from mmsafe.data.conversations import without_image
@@ -15,6 +14,7 @@ from mmsafe.data.records import PreferenceRecord, read_preference_records
 from mmsafe.errors import DataError
 from mmsafe.generate.blind import BLANK_COLOUR, BLANK_SIZE, make_blind, responses_path_for
 from mmsafe.generate.engine import DecodingParams, GenerationRequest
+from tests.generate.generate_data import make_records, write_dataset
 
 
 class RecordingEngine:

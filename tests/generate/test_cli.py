@@ -31,7 +31,7 @@ def test_generate_command_reports_bad_input_in_one_line(tiny_model_dir, dataset,
 
 
 def test_blind_command_checks_the_data_before_loading_the_model(tmp_path, capsys):
-    from generate_data import make_records, write_dataset
+    from tests.generate.generate_data import make_records, write_dataset
 
     rows = make_records(3)
     del rows[1]["meta"]["text_prompt"]

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from generate_data import make_records, write_dataset
 
 from mmsafe.generate.engine import DecodingParams
 from mmsafe.generate.runs import generate_responses
+from tests.generate.generate_data import make_records, write_dataset
 
 
 @pytest.mark.slow

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from generate_data import make_records, write_dataset
 
 from mmsafe.generate.engine import DecodingParams
 from mmsafe.generate.runs import generate_responses
+from tests.generate.generate_data import make_records, write_dataset
 
 RECORDS = 200
 MAX_NEW_TOKENS = 4

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from generate_data import make_records, write_dataset
 
 from mmsafe.data.records import PreferenceRecord, read_response_records
 from mmsafe.errors import ConfigError, DataError, MmsafeError
 from mmsafe.generate.engine import DecodingParams, GenerationRequest, requests_from_records
 from mmsafe.generate.runs import config_path_for, generate_responses
+from tests.generate.generate_data import make_records, write_dataset
 
 
 class EchoEngine:

@@ -1,11 +1,9 @@
-"""The reliability suite: the corpus and stage helpers are importable from its tests."""
+"""The reliability suite: the kill matrix's figures at the end of the run.
+
+Its corpus and stage helpers are modules of the ``tests.reliability`` package.
+"""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

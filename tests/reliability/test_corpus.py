@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 import pytest
-from corpus import CASES, CONFIG, HH_RLHF, RECORDS, RELEASED, RESPONSES, VERDICTS, Case
-from stages import Outcome, config_argv, run_cli, stage_argv
+
+from tests.reliability.corpus import CASES, CONFIG, HH_RLHF, RECORDS, RELEASED, RESPONSES, VERDICTS, Case
+from tests.reliability.stages import Outcome, config_argv, run_cli, stage_argv
 
 #: Which stages read each kind of input.
 STAGES_BY_KIND = {
@@ -124,7 +125,7 @@ def test_an_output_path_that_cannot_be_made_is_one_clear_line(stage, tmp_path, t
 
 
 def _one_response(folder: Path) -> Path:
-    from corpus import response_row
+    from tests.reliability.corpus import response_row
 
     path = folder / "responses.jsonl"
     path.write_text(json.dumps(response_row("r0")) + "\n", encoding="utf-8")

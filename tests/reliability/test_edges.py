@@ -16,10 +16,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from stages import Outcome, run_cli
 
 from mmsafe.data.records import Message
 from mmsafe.errors import ModelError
+from tests.reliability.stages import Outcome, run_cli
 
 SURROGATE_ESCAPE = "\\ud800"  # the six characters a JSON file holds
 DEEP = "[" * 100_000 + "]" * 100_000

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from corpus import GOOD_DIALOGUE, good_record, response_row
 from PIL import Image
 
 from mmsafe.build.pipeline import RECORDS_FILE, STATE_FILE
+from tests.reliability.corpus import GOOD_DIALOGUE, good_record, response_row
 
 KILLS = 5
 SEED = 20261128

@@ -15,14 +15,14 @@ import signal
 from pathlib import Path
 
 import pytest
-from corpus import good_record, response_row
-from stages import run_cli
 
 from mmsafe import pipeline
 from mmsafe.data.jsonl import ResumableJsonlWriter
 from mmsafe.data.outputs import OutputBusyError, OutputLock, lock_path_for
 from mmsafe.errors import DataError
 from mmsafe.pipeline import DataSection, Paths, PipelineConfig, remove_stage_outputs, run_pipeline
+from tests.reliability.corpus import good_record, response_row
+from tests.reliability.stages import run_cli
 
 
 def _tree(root: Path) -> dict[str, bytes]:

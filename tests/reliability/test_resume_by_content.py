@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from corpus import GOOD_DIALOGUE, good_record
 from PIL import Image
-from stages import run_cli
 
 from mmsafe.data.records import ResponseRecord, write_records
 from mmsafe.errors import ConfigError, MmsafeError
@@ -26,6 +24,8 @@ from mmsafe.evaluate.judging import judge_responses
 from mmsafe.generate.blind import make_blind
 from mmsafe.generate.engine import DecodingParams, FailedResponse, GenerationRequest
 from mmsafe.generate.runs import config_path_for, failed_path_for, generate_responses
+from tests.reliability.corpus import GOOD_DIALOGUE, good_record
+from tests.reliability.stages import run_cli
 
 
 class EchoEngine:
@@ -48,6 +48,20 @@ class EchoEngine:
             else f"{request.messages[-1].content} size={None if request.image is None else request.image.size}"
             for request in requests
         ]
+
+
+def serve_in_process(monkeypatch: pytest.MonkeyPatch, engine: EchoEngine) -> EchoEngine:
+    """``mmsafe generate`` (hf engine) answers with ``engine``: the public factory of in-process
+    engines, :func:`mmsafe.generate.local_engine`, returns it with the batch size asked for."""
+    import mmsafe.generate
+
+    def local_engine(kind, model, *, batch_size=16, **options):
+        assert kind == "hf" and batch_size != "auto"
+        engine.preferred_batch_size = batch_size  # what local_engine's engines expose
+        return engine
+
+    monkeypatch.setattr(mmsafe.generate, "local_engine", local_engine)
+    return engine
 
 
 def write_data(folder: Path, records: list[dict]) -> Path:
@@ -203,9 +217,7 @@ def test_build_data_inserted_line_is_built_and_nothing_twice(tmp_path):
 def test_failed_records_are_not_written_listed_and_retried(tmp_path, monkeypatch, tiny_model_dir):
     data = write_data(tmp_path / "data", records(5))
     out = tmp_path / "out.jsonl"
-    import mmsafe.cli
-
-    monkeypatch.setattr(mmsafe.cli, "_engine_from_args", lambda args: EchoEngine(fail={"r1", "r3"}))
+    serve_in_process(monkeypatch, EchoEngine(fail={"r1", "r3"}))
     argv = ["generate", "--model", tiny_model_dir, "--data", data, "--out", out, "--batch-size", 2]  # the engine is replaced
     first = run_cli(argv)
     assert first.code == 1, first.describe()
@@ -215,8 +227,7 @@ def test_failed_records_are_not_written_listed_and_retried(tmp_path, monkeypatch
     listed = rows(failed_path_for(out))
     assert [(row["id"], row["reason"]) for row in listed] == [("r1", "the reply has no text"), ("r3", "the reply has no text")]
 
-    engine = EchoEngine()
-    monkeypatch.setattr(mmsafe.cli, "_engine_from_args", lambda args: engine)
+    engine = serve_in_process(monkeypatch, EchoEngine())
     second = run_cli(argv)
     assert second.code == 0, second.describe()
     assert sorted(engine.asked) == ["r1", "r3"]
@@ -324,14 +335,12 @@ def test_a_damaged_sidecar_is_one_clear_line_and_never_deleted(tmp_path, damage,
         text = sidecar.read_bytes()
         broken = {"cut-in-half": text[: len(text) // 2], "not-yaml": b"resume: [unclosed\n  x: {", "not-utf8": b"model: caf\xe9\n"}[damage]
         sidecar.write_bytes(broken)
-    import mmsafe.cli
-
     outcome = run_cli(["judge", "--responses", responses, "--out", verdicts, "--judge", "refusal"])
     assert outcome.code == 1 and "Traceback" not in outcome.stderr, outcome.describe()
     assert len(outcome.error_lines) == 1 and str(config_path_for(verdicts)) in outcome.error_lines[0]
     assert "remove it to start over" in outcome.error_lines[0]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mmsafe.cli, "_engine_from_args", lambda args: EchoEngine())
+        serve_in_process(patch, EchoEngine())
         outcome = run_cli(["generate", "--model", tiny_model_dir, "--data", data, "--out", out])
     assert outcome.code == 1 and "Traceback" not in outcome.stderr, outcome.describe()
     assert len(outcome.error_lines) == 1 and str(config_path_for(out)) in outcome.error_lines[0]
@@ -357,7 +366,6 @@ def test_mmsafe_run_stops_at_generate_when_records_failed(tmp_path, monkeypatch)
     """The pipeline does not judge a run with holes: failed records stop it, naming the stage and the retry."""
     import mmsafe.generate as generate_module
     from mmsafe import pipeline
-    from mmsafe.data.formats import read_records
     from mmsafe.data.jsonl import read_jsonl
 
     data = write_data(tmp_path / "data", [{"id": f"r{index}", "messages": [{"role": "user", "content": f"question {index}"}], "image": None, "chosen": "a", "rejected": ["b"]} for index in range(3)])
@@ -365,8 +373,7 @@ def test_mmsafe_run_stops_at_generate_when_records_failed(tmp_path, monkeypatch)
     engine.preferred_batch_size = 2  # what local_engine's engines expose
     monkeypatch.setattr(generate_module, "local_engine", lambda *args, **kwargs: engine)
     monkeypatch.setattr(pipeline, "models_to_evaluate", lambda config, paths: {"base": "unused"})
-    monkeypatch.setattr(pipeline, "_eval_items", lambda config, paths: (list(read_records(data)), str(data.parent)))
-    config = pipeline.PipelineConfig(out=str(tmp_path / "out"), model="unused", data=pipeline.DataSection(train=str(data)))
+    config = pipeline.PipelineConfig(out=str(tmp_path / "out"), model="unused", data=pipeline.DataSection(train=str(data), eval=str(data)))
     paths = pipeline.Paths(Path(config.out))
     with pytest.raises(MmsafeError, match=r"generate \(base\): 1 of 3 records failed .*rerunning the same command retries them"):
         pipeline.stage_generate(config, paths)

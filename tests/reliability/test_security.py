@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from corpus import CASES, good_record
 from PIL import Image
 from safetensors.torch import load_file
-from stages import run_cli
 
 import mmsafe
 from mmsafe.errors import MmsafeError
+from tests.reliability.corpus import CASES, good_record
+from tests.reliability.stages import run_cli
 
 PLANTED_KEY = "sk-planted-4f1c9e0b7d2a"
 SOURCE = Path(mmsafe.__file__).parent
@@ -226,7 +226,7 @@ def test_code_shipped_with_a_checkpoint_does_not_run(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("stage", ["validate", "generate", "probe", "train"])
 def test_hostile_image_paths_never_read_or_write_outside(case, stage, tmp_path, tiny_model_dir):
     """Every reader refuses the path, and nothing is created beside the targeted file."""
-    from stages import stage_argv
+    from tests.reliability.stages import stage_argv
 
     data = case.write(tmp_path / "in")
     outside = tmp_path / "in-outside"
@@ -249,7 +249,7 @@ def test_hostile_image_paths_never_read_or_write_outside(case, stage, tmp_path, 
 
 def test_probe_with_an_absolute_path_to_a_new_folder_creates_nothing_there(tmp_path, tiny_model_dir):
     """Before the path was checked, probe made the folder of an absolute image path."""
-    from stages import stage_argv
+    from tests.reliability.stages import stage_argv
 
     target = tmp_path / "elsewhere" / "deep" / "x.png"
     folder = tmp_path / "in"
