@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 import torch
 
 from mmsafe.data.records import read_preference_records
@@ -68,3 +69,37 @@ def test_training_reports_its_padding_share(tmp_path, tiny_model_dir, small_reco
     assert 0.0 <= share < 1.0
     assert json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())["metrics"]["batch/padding_share"] == share
     assert torch.isfinite(torch.tensor(share))
+
+
+def test_the_summary_carries_the_padding_share_of_the_reference_precompute(tmp_path, tiny_model_dir, small_records):
+    from mmsafe.models import load_model
+
+    values = {
+        "model": str(tiny_model_dir), "data": str(small_records), "output_dir": str(tmp_path / "out"), "learning_rate": 1e-3,
+        "warmup_steps": 0, "max_steps": 1, "per_device_train_batch_size": 3, "save_steps": 1000, "finetune": "lora", "lora_r": 4,
+        "lora_alpha": 8, "reference_cache_dir": str(tmp_path / "cache"), "dtype": "float32", "forward_mode": "per-response",
+    }  # fmt: skip
+    config = TrainConfig(**values)
+    result = train(config)
+    # Hand count: the examples as the run encodes them, per-response rows (prompt + one
+    # response), sorted longest first into batches of 3, each batch padded to its longest row.
+    loaded = load_model(tiny_model_dir, dtype="float32", device="cpu")
+    encoder = PreferenceEncoder.for_model(
+        loaded.model, loaded.processor, small_records.parent, max_length=config.max_length, image_mode=config.image_mode, prompt_style=config.prompt_style,
+        length_rule=config.length_rule,
+    )
+    examples = prepare_examples(list(read_preference_records(small_records)), encoder).examples
+    rows = [[len(example.prompt_ids) + len(ids) for ids in example.responses] for example in examples]
+    order = sorted(range(len(rows)), key=lambda index: -max(rows[index]))
+    padded = total = 0
+    for start in range(0, len(order), 3):
+        batch = [row for index in order[start : start + 3] for row in rows[index]]
+        padded += sum(max(batch) - row for row in batch)
+        total += max(batch) * len(batch)
+    assert result.reference_forwards == 4  # 12 examples in batches of 3
+    assert result.reference_padding_share == pytest.approx(padded / total, abs=1e-12)
+    assert json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())["reference_padding_share"] == result.reference_padding_share
+    # A second run reads the cache: no precompute, so no padding share.
+    again = train(TrainConfig(**{**values, "output_dir": str(tmp_path / "again")}))
+    assert again.reference_forwards == 0 and again.reference_padding_share is None
+    assert json.loads((tmp_path / "again" / SUMMARY_FILE).read_text())["reference_padding_share"] is None

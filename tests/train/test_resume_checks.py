@@ -191,7 +191,7 @@ def test_trainer_state_write_that_fails_leaves_the_previous_file(tmp_path, monke
     def full_disk(descriptor):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("mmsafe.train.resume.os.fsync", full_disk)
+    monkeypatch.setattr("mmsafe.fileio.os.fsync", full_disk)
     with pytest.raises(OSError, match="No space left"):
         save_trainer_state(TrainerState(global_step=4), path)
     assert path.read_bytes() == before

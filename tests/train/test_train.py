@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -270,7 +271,6 @@ def test_separate_mode_trains_the_same_as_shared_prefix(tmp_path, tiny_model_dir
 
 def test_logged_metrics_per_rejected_source(tmp_path, tiny_model_dir, small_records):
     from mmsafe.train.forward import ResponseLogProbs
-    from mmsafe.train.losses import bpo_loss
     from mmsafe.train.trainer import PreferenceTrainer
 
     config = TrainConfig(**options(tmp_path, tiny_model_dir, small_records))
@@ -280,9 +280,11 @@ def test_logged_metrics_per_rejected_source(tmp_path, tiny_model_dir, small_reco
     # against human -2 (margin 0), no blind response.
     mask = torch.tensor([[True, True], [True, False]])
     policy = ResponseLogProbs(torch.tensor([-1.0, -2.0]), torch.tensor([[-3.0, -1.0], [-2.0, 0.0]]), mask)
-    result = bpo_loss(policy.chosen, policy.rejected, torch.zeros(2), torch.zeros(2, 2), beta=1.0, rejected_mask=mask)
-    trainer._record_metrics(policy, result, torch.tensor([[0, 1], [0, -1]]))
-    logs = {"loss": result.loss.item()}
+    reference = ResponseLogProbs(torch.zeros(2), torch.zeros(2, 2), mask)
+    objective = dataclasses.replace(config.objective(), beta=1.0)
+    output = objective.compute(policy, reference, torch.tensor([[0, 1], [0, -1]]), trainer.sources)
+    trainer.record_metrics(output.metrics)
+    logs = {"loss": output.loss.item()}
     trainer.log(logs)
     assert logs["logps/chosen"] == pytest.approx(-1.5)
     assert logs["rewards/accuracy"] == pytest.approx(1 / 3)  # one win in three pairs

@@ -184,13 +184,21 @@ class TrainConfig:
             raise ConfigError("attn_implementation: shared-prefix scoring needs a 4-D attention mask (sdpa or eager), not flash attention")
         if self.forward_mode == "prompt-cache" and self.gradient_checkpointing:
             raise ConfigError("forward_mode: prompt-cache scores against the prompt's key/value cache, which gradient checkpointing turns off; use auto or per-response")
-        if self.source_weights and self.loss != "bpo":
+        if self.source_weights and not self.objective().weighs_sources:
             raise ConfigError(f"source_weights: only loss bpo weighs rejected sources; loss {self.loss} would ignore them (remove source_weights or use loss: bpo)")
         for source, weight in self.source_weights.items():
             if weight < 0:
                 raise ConfigError(f"source_weights.{source}: expected a weight >= 0, got {weight}")
         self.check_loggers()
         self.check_trainer_args()
+
+    def objective(self) -> Any:
+        """The :class:`mmsafe.train.objectives.Objective` that ``loss`` names, with this config's settings."""
+        from mmsafe.train.objectives import OBJECTIVES, objective_for
+
+        if self.loss not in OBJECTIVES:
+            raise ConfigError(f"loss: expected one of {', '.join(OBJECTIVES)}, got {self.loss!r}")
+        return objective_for(self)
 
     def check_loggers(self) -> None:
         """Each ``report_to`` logger is installed: one line naming the extra, before any model loads."""

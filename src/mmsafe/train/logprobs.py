@@ -18,8 +18,8 @@ import torch
 from mmsafe.data.records import PreferenceRecord
 from mmsafe.models.prompts import PromptStyle
 from mmsafe.train.data import PreferenceCollator, PreferenceDataset, PreferenceEncoder, prepare_examples
-from mmsafe.train.forward import score_batch, select_forward_mode, to_device
-from mmsafe.train.reference import PrecomputeStats, batch_row_length, length_grouped_batches
+from mmsafe.train.forward import select_forward_mode
+from mmsafe.train.scoring import ScoringStats, score_examples, scoring_batches
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,10 @@ def score_responses(
             by architecture and checks it on the first records against one-at-a-time scoring.
         group_by_length: batch records of similar length together (less padding, the same
             numbers); the scores come back in record order either way.
+
+    The loop is :func:`mmsafe.train.scoring.score_examples`, the one reference precompute runs.
     """
     from mmsafe.models.recipe import resolve_inputs
-    from mmsafe.train.trainer import padding_share
 
     model = loaded_model.model
     inputs = resolve_inputs(
@@ -97,35 +98,14 @@ def score_responses(
         return ScoredRecords(scores=[], skipped=prepared.skipped)
     mode, _ = select_forward_mode(model, collator, [dataset[index] for index in range(min(4, len(dataset)))], forward_mode)
     collator = collator.with_mode(mode)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    stats = PrecomputeStats()
-    if group_by_length:
-        batches = length_grouped_batches([batch_row_length(example, collator.mode) for example in dataset.examples], batch_size)
-    else:
-        batches = [list(range(start, min(start + batch_size, len(dataset)))) for start in range(0, len(dataset), batch_size)]
-    by_position: dict[int, ResponseScores] = {}
-    try:
-        for positions in batches:
-            items = [dataset[index] for index in positions]
-            collated = collator(items)
-            padded, total = padding_share(collated)
-            stats.padded_positions += padded
-            stats.positions += total
-            result = score_batch(model, to_device(collated, device), average=average)
-            for row, (position, item) in enumerate(zip(positions, items, strict=True)):
-                example = item["example"]
-                by_position[position] = ResponseScores(
-                    id=example.id,
-                    chosen=float(result.chosen[row]),
-                    rejected=[float(value) for value in result.rejected[row, : example.num_rejected]],
-                    sources=list(example.rejected_sources),
-                    truncated=example.truncated,
-                )
-    finally:
-        model.train(was_training)
+    stats = ScoringStats()
+    batches, grouped = scoring_batches(dataset, collator.mode, batch_size, group_by_length=group_by_length)
+    scored = score_examples(model, dataset, collator, batches=batches, average=average, stats=stats)
+    scores = [
+        ResponseScores(id=entry.example.id, chosen=entry.chosen, rejected=entry.rejected, sources=list(entry.example.rejected_sources), truncated=entry.example.truncated)
+        for entry in scored
+    ]
     logger.info(
-        "scored %d records in %d batches, padding share %.1f%%%s", len(by_position), len(batches), 100 * (stats.padding_share or 0.0), " (grouped by length)" if group_by_length else ""
+        "scored %d records in %d batches, padding share %.1f%%%s", len(scores), len(batches), 100 * (stats.padding_share or 0.0), " (grouped by length)" if grouped else ""
     )
-    return ScoredRecords(scores=[by_position[position] for position in range(len(dataset))], skipped=prepared.skipped, padding_share=stats.padding_share)
+    return ScoredRecords(scores=scores, skipped=prepared.skipped, padding_share=stats.padding_share)

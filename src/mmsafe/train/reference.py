@@ -27,7 +27,8 @@ import torch
 
 from mmsafe.errors import DataError
 from mmsafe.train.data import PreferenceCollator, PreferenceDataset, TokenizedExample
-from mmsafe.train.forward import ResponseLogProbs, score_batch, to_device, unwrap
+from mmsafe.train.forward import ResponseLogProbs, score_batch, unwrap
+from mmsafe.train.scoring import ScoringStats, batch_row_length, length_grouped_batches, score_examples, scoring_batches  # noqa: F401 (their home was here)
 
 logger = logging.getLogger(__name__)
 
@@ -279,46 +280,8 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class PrecomputeStats:
-    """Reference forwards run, and the padding positions of the batches they ran."""
-
-    def __init__(self) -> None:
-        self.forwards = 0
-        self.padded_positions = 0.0
-        self.positions = 0.0
-
-    @property
-    def padding_share(self) -> float | None:
-        """Padding positions over all positions run (None: nothing was run)."""
-        return self.padded_positions / self.positions if self.positions else None
-
-
-def batch_row_length(example: TokenizedExample, mode: str) -> int:
-    """The width ``example`` takes in a batch of ``mode``: its row (shared prefix: prompt
-    and every response in one row) or its longest row (the other modes: one row per response)."""
-    responses = [len(ids) for ids in example.responses] or [0]
-    return len(example.prompt_ids) + (sum(responses) if mode == "shared-prefix" else max(responses))
-
-
-def length_grouped_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Positions cut into batches of at most ``batch_size``, longest first (a batch that runs
-    out of memory does so at once); ties keep input order. Example: lengths [5, 9, 7, 3],
-    batch size 2 -> [[1, 2], [0, 3]]."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def _examples_of(dataset: Any) -> list[TokenizedExample] | None:
-    """The examples behind a dataset or a subset of one (``.dataset`` and ``.indices``), without loading images."""
-    examples = getattr(dataset, "examples", None)
-    if isinstance(examples, list):
-        return examples
-    inner, indices = getattr(getattr(dataset, "dataset", None), "examples", None), getattr(dataset, "indices", None)
-    if isinstance(inner, list) and indices is not None:
-        return [inner[index] for index in indices]
-    return None
+#: The precompute's counts (reference forwards run, padding); the one scoring loop's stats.
+PrecomputeStats = ScoringStats
 
 
 @torch.no_grad()
@@ -334,46 +297,21 @@ def precompute_reference(
 ) -> dict[str, list[float]]:
     """Score every example with ``model`` (the starting weights): {id: [chosen, rejected...]}.
 
-    With ``group_by_length`` the examples are batched by length (see
-    :func:`length_grouped_batches`), so batches carry little padding; the scores are the
-    same as ungrouped ones (padding is masked out) and keyed by id, so order does not
-    matter to the cache. The padding share of the batches run is logged and kept in ``stats``.
+    The loop is :func:`mmsafe.train.scoring.score_examples`. With ``group_by_length`` the
+    examples are batched by length (see :func:`length_grouped_batches`), so batches carry
+    little padding; the scores are the same as ungrouped ones (padding is masked out) and
+    keyed by id, so order does not matter to the cache. The padding share of the batches
+    run is logged and kept in ``stats``.
     """
-    from mmsafe.progress import progress
-    from mmsafe.train.trainer import padding_share
-
     stats = stats if stats is not None else PrecomputeStats()
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    scores: dict[str, list[float]] = {}
-    examples = _examples_of(dataset) if group_by_length else None
-    if examples is not None and len(examples) == len(dataset):
-        batches = length_grouped_batches([batch_row_length(example, collator.mode) for example in examples], batch_size)
-    else:
-        indices = list(range(len(dataset)))
-        batches = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
+    batches, grouped = scoring_batches(dataset, collator.mode, batch_size, group_by_length=group_by_length)
     padded_before, positions_before = stats.padded_positions, stats.positions
-    try:
-        for positions in progress(batches, desc="reference log-probs", total=len(batches)):
-            items = [dataset[index] for index in positions]
-            collated = collator(items)
-            padded, total = padding_share(collated)
-            stats.padded_positions += padded
-            stats.positions += total
-            batch = to_device(collated, device)
-            result = score_batch(model, batch, average=average)
-            stats.forwards += 1
-            for row, item in enumerate(items):
-                example = item["example"]
-                rejected = result.rejected[row, : example.num_rejected]
-                scores[example.id] = [float(result.chosen[row]), *(float(value) for value in rejected)]
-    finally:
-        model.train(was_training)
+    scored = score_examples(model, dataset, collator, batches=batches, average=average, stats=stats, progress_desc="reference log-probs")
+    scores = {entry.example.id: [entry.chosen, *entry.rejected] for entry in scored}
     run = stats.positions - positions_before
     if run:
         logger.info(
             "reference log-probs: %d examples in %d batches, padding share %.1f%%%s",
-            len(scores), len(batches), 100 * (stats.padded_positions - padded_before) / run, " (grouped by length)" if examples is not None else "",
+            len(scores), len(batches), 100 * (stats.padded_positions - padded_before) / run, " (grouped by length)" if grouped else "",
         )  # fmt: skip
     return scores

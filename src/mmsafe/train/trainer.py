@@ -1,4 +1,4 @@
-"""DPO / BPO training on ``transformers.Trainer``.
+"""DPO / BPO (and supervised warm-up) training on ``transformers.Trainer``.
 
 :func:`train` reads top to bottom: load the records and the model, decide what trains,
 tokenize, get reference log-probs, train (resuming from the last checkpoint), save the
@@ -6,13 +6,13 @@ model with its processor and the resolved config. Everything the Trainer offers 
 ``TrainingArguments`` (schedulers, accumulation, bf16, gradient checkpointing,
 ``report_to``, DeepSpeed, FSDP via ``accelerate launch``) works unchanged, because the
 only thing :class:`PreferenceTrainer` changes is how the loss is computed and logged.
+What the loss needs (a reference, how many rejected responses) is asked of the run's
+objective (:mod:`mmsafe.train.objectives`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +30,6 @@ from mmsafe.models.recipe import build_recipe, model_dtype, save_recipe
 from mmsafe.models.structure import prompt_cache_supported
 from mmsafe.train.config import TrainConfig
 from mmsafe.train.data import (
-    PAD_SEGMENT,
     PreferenceCollator,
     PreferenceDataset,
     PreferenceEncoder,
@@ -38,7 +37,7 @@ from mmsafe.train.data import (
     select_rejected,
 )
 from mmsafe.train.forward import ResponseLogProbs, packed_rows_allowed, score_batch, select_forward_mode
-from mmsafe.train.losses import PreferenceLoss, bpo_loss, dpo_loss, sft_loss
+from mmsafe.train.objectives import Objective
 from mmsafe.train.reference import (
     DisabledAdapterReference,
     FrozenCopyReference,
@@ -51,6 +50,7 @@ from mmsafe.train.reference import (
     weights_dtype,
 )
 from mmsafe.train.resume import last_complete_checkpoint, plan_resume, record_run_start, save_trainer_state  # noqa: F401 (last_complete_checkpoint: its home was here)
+from mmsafe.train.scoring import padding_share
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class TrainResult:
     reference_cache: str | None
     trainable_parameters: int
     forward_mode: str = "shared-prefix"
+    #: Padding positions over all positions of the reference precompute's batches (None: nothing precomputed).
+    reference_padding_share: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     resume_changes: list[str] = field(default_factory=list)  # settings changed at a resume: force
 
@@ -93,6 +95,7 @@ class TrainResult:
             "truncated": self.truncated,
             "reference_forwards": self.reference_forwards,
             "reference_cache": self.reference_cache,
+            "reference_padding_share": self.reference_padding_share,
             "trainable_parameters": self.trainable_parameters,
             "forward_mode": self.forward_mode,
             "metrics": self.metrics,
@@ -101,24 +104,27 @@ class TrainResult:
 
 
 class PreferenceTrainer(Trainer):
-    """A Trainer whose loss is DPO or BPO over log-probs from :func:`score_batch`.
+    """A Trainer whose loss is its objective's (SFT, DPO or BPO) over log-probs from :func:`score_batch`.
 
-    ``reference`` is called for batches that carry no precomputed reference log-probs.
-    ``sources`` names the rejected sources, for the per-source logs.
+    ``objective`` (default: the one ``config.loss`` names) says whether reference
+    log-probs are needed and computes the loss and its metrics. ``reference`` is called
+    for batches that carry no precomputed reference log-probs. ``sources`` names the
+    rejected sources, for the per-source logs.
     """
 
-    def __init__(self, *args: Any, config: TrainConfig, sources: Sequence[str], reference: Any | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, config: TrainConfig, sources: Sequence[str], reference: Any | None = None, objective: Objective | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.preference_config = config
+        self.objective = objective if objective is not None else config.objective()
         self.sources = list(sources)
         self.reference = reference
         # The loss is a mean over examples, not over tokens: let the Trainer divide it by
         # the accumulation steps itself (it would not, for a model whose forward takes **kwargs).
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        weights = [config.source_weights.get(source, 1.0) for source in self.sources] + [1.0]
-        self.source_weights = torch.tensor(weights)
-        self._metric_names = self._make_metric_names()
+        self._metric_names = ["batch/padding_share", *self.objective.metric_names(self.sources)]
         self._metric_sums = torch.zeros(len(self._metric_names), dtype=torch.float64)
         self._metric_counts = torch.zeros(len(self._metric_names), dtype=torch.float64)
 
@@ -185,25 +191,6 @@ class PreferenceTrainer(Trainer):
         global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return EpochLengthGroupedSampler(global_batch, lengths, seed)
 
-    def _make_metric_names(self) -> list[str]:
-        names = ["logps/chosen", "rewards/chosen", "rewards/accuracy", "rewards/margin", "batch/padding_share"]
-        for source in self.sources:
-            names += [f"logps/rejected_{source}", f"rewards/rejected_{source}", f"rewards/margin_{source}", f"rewards/accuracy_{source}"]
-        return names
-
-    def preference_loss(self, policy: ResponseLogProbs, reference: ResponseLogProbs, source_ids: torch.Tensor) -> PreferenceLoss:
-        config = self.preference_config
-        if config.loss == "dpo":
-            return dpo_loss(
-                policy.chosen, policy.rejected[:, 0], reference.chosen, reference.rejected[:, 0],
-                beta=config.beta, label_smoothing=config.label_smoothing, loss_type=config.loss_type,
-            )  # fmt: skip
-        weights = self.source_weights.to(source_ids.device)[source_ids.clamp(min=0)]
-        return bpo_loss(
-            policy.chosen, policy.rejected, reference.chosen, reference.rejected, beta=config.beta, weights=weights,
-            label_smoothing=config.label_smoothing, loss_type=config.loss_type, rejected_mask=policy.rejected_mask,
-        )  # fmt: skip
-
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         # Under DeepSpeed the Trainer casts every float input to the model's dtype; bf16
         # would round a reference log-prob of -250.1 to -250, so these travel uncast.
@@ -213,52 +200,25 @@ class PreferenceTrainer(Trainer):
         return inputs
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
-        if self.preference_config.loss == "sft":
-            policy = score_batch(model, inputs, average=True)
-            loss = sft_loss(policy.chosen)
-            self._record({"logps/chosen": (policy.chosen.detach().sum().item(), policy.chosen.numel())})
-            return (loss, {}) if return_outputs else loss
-        average = self.preference_config.average_logprobs
-        if model.training:
-            self._record({"batch/padding_share": padding_share(inputs)})
-        policy = score_batch(model, inputs, average=average)
+        objective = self.objective
+        policy = score_batch(model, inputs, average=objective.average_logprobs)
+        if model.training:  # the positions the forwards ran where the path reports them (prompt-cache), else the layout's
+            self.record_metrics({"batch/padding_share": policy.positions or padding_share(inputs)})
+        reference = self.reference_logprobs(inputs) if objective.needs_reference else None
+        output = objective.compute(policy, reference, inputs["rejected_source_ids"], self.sources)
+        self.record_metrics(output.metrics)
+        return (output.loss, output.outputs) if return_outputs else output.loss
+
+    def reference_logprobs(self, inputs: dict[str, Any]) -> ResponseLogProbs:
+        """The batch's precomputed reference log-probs, else the reference model's."""
         if "reference_chosen_logps" in inputs:
-            reference = ResponseLogProbs(inputs["reference_chosen_logps"], inputs["reference_rejected_logps"], inputs["rejected_mask"])
-        elif self.reference is not None:
-            with self.accelerator.autocast():  # the precision of the policy's own (prepared) forward
-                reference = self.reference(inputs)
-        else:
+            return ResponseLogProbs(inputs["reference_chosen_logps"], inputs["reference_rejected_logps"], inputs["rejected_mask"])
+        if self.reference is None:
             raise RuntimeError("no reference log-probs: the batch has none and no reference model is set")
-        result = self.preference_loss(policy, reference, inputs["rejected_source_ids"])
-        self._record_metrics(policy, result, inputs["rejected_source_ids"])
-        return (result.loss, {"chosen_rewards": result.chosen_rewards}) if return_outputs else result.loss
+        with self.accelerator.autocast():  # the precision of the policy's own (prepared) forward
+            return self.reference(inputs)
 
-    @torch.no_grad()
-    def _record_metrics(self, policy: ResponseLogProbs, result: PreferenceLoss, source_ids: torch.Tensor) -> None:
-        """Running sums for the logs: overall and per rejected source (human, blind, ...)."""
-
-        def columns(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor if tensor.dim() == 2 else tensor.unsqueeze(1)  # DPO gives [B], BPO [B, K]
-
-        margins, rejected_rewards, mask = columns(result.margins), columns(result.rejected_rewards), columns(result.rejected_mask)
-        width = margins.shape[1]  # DPO uses only the first rejected slot
-        source_ids = source_ids[:, :width]
-        rejected_logps = policy.rejected[:, :width]
-        values: dict[str, tuple[float, float]] = {}
-        values["logps/chosen"] = (policy.chosen.sum().item(), policy.chosen.numel())
-        values["rewards/chosen"] = (result.chosen_rewards.sum().item(), result.chosen_rewards.numel())
-        values["rewards/accuracy"] = ((margins > 0)[mask].float().sum().item(), mask.sum().item())
-        values["rewards/margin"] = (margins[mask].sum().item(), mask.sum().item())
-        for index, source in enumerate(self.sources):
-            selected = mask & (source_ids == index)
-            count = selected.sum().item()
-            values[f"logps/rejected_{source}"] = (rejected_logps[selected].sum().item(), count)
-            values[f"rewards/rejected_{source}"] = (rejected_rewards[selected].sum().item(), count)
-            values[f"rewards/margin_{source}"] = (margins[selected].sum().item(), count)
-            values[f"rewards/accuracy_{source}"] = ((margins[selected] > 0).float().sum().item(), count)
-        self._record(values)
-
-    def _record(self, values: dict[str, tuple[float, float]]) -> None:
+    def record_metrics(self, values: dict[str, tuple[float, float]]) -> None:
         """Add (sum, count) pairs to the running metrics, averaged at the next log."""
         for position, name in enumerate(self._metric_names):
             if name in values:
@@ -310,20 +270,6 @@ class EpochLengthGroupedSampler(torch.utils.data.Sampler):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
-def padding_share(batch: dict[str, Any]) -> tuple[float, float]:
-    """(padding positions, all positions) of the rows a batch runs through the model."""
-    if "segment_ids" in batch:
-        segments = batch["segment_ids"]
-        return float((segments == PAD_SEGMENT).sum()), float(segments.numel())
-    if "prompt_cache_rows" in batch:  # the prompts are unpadded; the response batches are right padded
-        labels = [row["responses"]["labels"] for row in batch["prompt_cache_rows"]]
-        padded = sum(float((label == -100).sum()) for label in labels)
-        total = sum(float(label.numel()) + row["prompt"]["input_ids"].numel() for label, row in zip(labels, batch["prompt_cache_rows"], strict=True))
-        return padded, total
-    mask = batch["attention_mask"]
-    return float((mask == 0).sum()), float(mask.numel())
-
-
 class JsonlLogCallback(TrainerCallback):
     """Appends every log event, with its step, to ``output_dir/train_log.jsonl``."""
 
@@ -341,12 +287,6 @@ class JsonlLogCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if logs:
             self._write(state, logs)
-
-
-def keeps_chosen(record_id: str, share: float) -> bool:
-    """Whether a record is among the ``share`` that keep their chosen response (a fixed hash of the id)."""
-    digest = hashlib.sha256(record_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
 def training_image_root(config: TrainConfig) -> str:
@@ -403,14 +343,16 @@ def check_rejected_sources(config: TrainConfig, records: Sequence[Any]) -> None:
     * a source in ``rejected_sources`` that no record has is refused; one that only some
       records have is refused unless ``allow_partial_sources`` (those without it train
       on the other sources, or are skipped);
-    * ``loss: bpo`` where no record keeps more than one rejected response would train
-      exactly as DPO: refused unless ``allow_partial_sources``;
+    * ``loss: bpo`` (an objective that ``needs_several_rejected``) where no record keeps
+      more than one rejected response would train exactly as DPO: refused unless
+      ``allow_partial_sources``;
     * ``source_weights`` naming a source that no kept rejected response comes from (it
       would weigh nothing) is refused.
 
     Errors name the data file and give the number of records with each source.
     """
-    if config.loss == "sft":
+    objective = config.objective()
+    if objective.max_rejected == 0:
         return  # supervised: no rejected response is trained against
     file, total = config.data, len(records)
     having = Counter(source for record in records for source in set(record.rejected_sources))
@@ -429,13 +371,12 @@ def check_rejected_sources(config: TrainConfig, records: Sequence[Any]) -> None:
                     field="rejected_sources",
                 )
             logger.warning("%s: only %d of %d records have a rejected response from %s; the others train without it", file, having[source], total, source)
-    max_rejected = {"dpo": 1}.get(config.loss)
-    kept = [select_rejected(record, config.rejected_sources, max_rejected) for record in records]
-    if config.loss == "bpo" and max(map(len, kept)) <= 1:
+    kept = [select_rejected(record, config.rejected_sources, objective.max_rejected) for record in records]
+    if objective.needs_several_rejected and max(map(len, kept)) <= 1:
         if not config.allow_partial_sources:
             selected = f" from {', '.join(config.rejected_sources)}" if config.rejected_sources else ""
             raise DataError(
-                f"loss: bpo, but no record has more than one rejected response{selected} ({summary}), so BPO would train exactly as DPO; "
+                f"loss: {objective.name}, but no record has more than one rejected response{selected} ({summary}), so BPO would train exactly as DPO; "
                 "use loss: dpo, add blind rejected responses with `mmsafe blind`, or set allow_partial_sources: true to train anyway",
                 file=file,
                 field="rejected",
@@ -610,10 +551,12 @@ def count_trainable(model: Any) -> int:
 
 def attach_reference(
     config: TrainConfig, model: Any, dataset: PreferenceDataset, collator: PreferenceCollator, encoder: PreferenceEncoder
-) -> tuple[str | None, int]:
+) -> tuple[str | None, PrecomputeStats]:
     """Precompute (or read from the cache) reference log-probs into the examples.
 
-    Returns the cache file and the number of reference forwards this process ran.
+    Returns the cache file and the precompute's stats: the reference forwards this
+    process ran, and the padding of the batches every process ran (its share goes into
+    the run summary as ``reference_padding_share``; None when everything came from the cache).
     Precompute is sharded: each process scores an equal share of the examples missing
     from the cache and the shares are exchanged (an object all-gather, so nodes need no
     shared file system); the local main process of each node writes the merged cache.
@@ -654,13 +597,16 @@ def attach_reference(
             )  # fmt: skip
         for part in _gather(scored) if state.num_processes > 1 else [scored]:
             logps.update(part)
+        if state.num_processes > 1:  # the padding of the whole precompute, not of this process's share
+            counts = _gather((stats.padded_positions, stats.positions))
+            stats.padded_positions, stats.positions = sum(padded for padded, _ in counts), sum(total for _, total in counts)
         if state.is_local_main_process:  # one writer per node: nodes without a shared file system each keep a copy
             cache.save(logps)
     else:
         logger.info("reference log-probs read from %s", cache.path)
     for example in dataset.examples:
         example.reference_logps = logps[example.id]
-    return str(cache.path), stats.forwards
+    return str(cache.path), stats
 
 
 class _Subset:
@@ -712,7 +658,7 @@ def choose_forward_mode(config: TrainConfig, model: Any, dataset: PreferenceData
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run DPO or BPO as ``config`` says; returns what happened (also in train_summary.json)."""
+    """Run the objective ``config`` names (SFT, DPO or BPO); returns what happened (also in train_summary.json)."""
     from transformers import set_seed
 
     output_dir = Path(config.output_dir)
@@ -729,13 +675,13 @@ def train(config: TrainConfig) -> TrainResult:
     plan = plan_resume(config, output_dir, image_root=training_image_root(config))
     if arguments.should_save:
         record_run_start(config, output_dir, plan)
-    supervised = config.loss == "sft"
-    if supervised and config.sft_target == "rejected":
-        records = [record if keeps_chosen(record.id, config.sft_chosen_share) else dataclasses.replace(record, chosen=record.rejected[0]) for record in records]
+    objective = config.objective()
+    records = objective.training_records(records)  # sft_target rejected: the rejected response as the target
     model, processor = load_policy(config, arguments.device)
     if config.disable_dropout:
         disable_dropout(model)
-    reference_model = FrozenCopyReference(model, average=config.average_logprobs) if config.reference == "copy" and not supervised else None
+    # Taken before set_trainable: the starting weights, without adapters. None where the objective compares against no reference.
+    reference_model = FrozenCopyReference(model, average=objective.average_logprobs) if objective.needs_reference and config.reference == "copy" else None
     model = set_trainable(model, config)
     trainable = count_trainable(model)
     if trainable == 0:
@@ -752,7 +698,7 @@ def train(config: TrainConfig) -> TrainResult:
         encoder,
         data_file=config.data,
         rejected_sources=config.rejected_sources,
-        max_rejected={"dpo": 1, "sft": 0}.get(config.loss),
+        max_rejected=objective.max_rejected,
         skip_bad_images=config.skip_bad_images,
     )
     if not prepared.examples:
@@ -765,14 +711,12 @@ def train(config: TrainConfig) -> TrainResult:
     forward_mode = choose_forward_mode(config, model, dataset, collator)
     collator = collator.with_mode(forward_mode)
 
-    cache_path, reference_forwards = None, 0
+    cache_path, precompute = None, PrecomputeStats()
     reference: Any = reference_model
-    if supervised:
-        pass  # supervised warm-up: no reference model
-    elif config.reference == "precomputed":
-        cache_path, reference_forwards = attach_reference(config, model, dataset, collator, encoder)
-    elif config.reference == "adapters-disabled":
-        reference = DisabledAdapterReference(model, average=config.average_logprobs)
+    if objective.needs_reference and config.reference == "precomputed":
+        cache_path, precompute = attach_reference(config, model, dataset, collator, encoder)
+    elif objective.needs_reference and config.reference == "adapters-disabled":
+        reference = DisabledAdapterReference(model, average=objective.average_logprobs)
 
     trainer = PreferenceTrainer(
         model=model,
@@ -784,6 +728,7 @@ def train(config: TrainConfig) -> TrainResult:
         config=config,
         sources=prepared.sources,
         reference=reference,
+        objective=objective,
     )
     trainer.input_recipe = recipe
     last_checkpoint = plan.checkpoint
@@ -799,8 +744,7 @@ def train(config: TrainConfig) -> TrainResult:
             merged.save_pretrained(str(output_dir / "merged"), safe_serialization=True)
             processor.save_pretrained(str(output_dir / "merged"))
             save_recipe(recipe, output_dir / "merged")
-    if reference is not None:
-        reference_forwards += reference.forwards
+    reference_forwards = precompute.forwards + (reference.forwards if reference is not None else 0)
     result = TrainResult(
         output_dir=output_dir,
         global_step=trainer.state.global_step,
@@ -812,6 +756,7 @@ def train(config: TrainConfig) -> TrainResult:
         reference_cache=cache_path,
         trainable_parameters=trainable,
         forward_mode=forward_mode,
+        reference_padding_share=precompute.padding_share,
         metrics={key: value for key, value in outcome.metrics.items() if isinstance(value, int | float)},
         resume_changes=plan.changes,
     )
