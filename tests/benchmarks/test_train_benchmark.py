@@ -112,7 +112,7 @@ def test_length_grouping_cuts_the_padding_of_packed_batches():
 
 def test_losses_agree_across_layouts_and_with_trl(prepared):
     _, model, workload = prepared
-    agreement = bench.check_losses(copy.deepcopy(model), workload, TINY)
+    agreement = bench.check_losses(copy.deepcopy(model), workload, TINY, perturbation=0.3)
     # The policy is moved away from the reference, so the losses are not the trivial 2 log 2.
     assert all(abs(loss - 2 * math.log(2)) > 1e-4 for loss in agreement.a_losses)
     assert agreement.a_c_relative_difference <= bench.LOSS_TOLERANCE
