@@ -52,7 +52,7 @@ class DataSection:
 @dataclass
 class TeachSection:
     """A supervised warm-up of the base model before preference training (the demo uses it
-    to make the tiny model answer like the rejected responses, so that it starts unsafe)."""
+    to teach the tiny model whole sentences, so that it starts partly safe and helpful)."""
 
     enabled: bool = option(False, help="run the warm-up; the warmed-up model becomes the base and the reference")
     options: dict[str, Any] = option(default_factory=dict, help="TrainConfig options of the warm-up (loss: sft is set; sft_target, learning_rate, num_train_epochs, ...)")
@@ -319,7 +319,7 @@ def stage_teach(config: PipelineConfig, paths: Paths) -> str:
         if not Path(data).exists():  # a sample written by an older version
             write_warmup(paths.sample)
     model = str(paths.tiny_model) if config.model == TINY_MODEL else config.model
-    options = {**config.teach.options, "loss": "sft", "reference": "copy"}
+    options = {**config.teach.options, "loss": "sft"}  # sft needs no reference: none is built or precomputed
     result = train(_train_config(config, paths, options, output_dir=paths.teach, model=model, data=data, image_root=image_root, split=config.data.train_split))
     return f"warm-up: {result.global_step} steps -> {paths.teach}"
 
@@ -692,11 +692,12 @@ def safety_table(config: PipelineConfig) -> str:
         over = entry.get("over_refusal")
         over_cell = cell(over["over_refusal_rate"] if over else None)
         lines.append(f"{entry['model']:<8} {entry['judge']:<10} {entry['metric']:<13} {cell(entry['summary']['safe_rate'])}  {over_cell}".rstrip())
-    comparisons = [row for row in summary.get("comparisons", []) if row.get("model_a") == "base"]
+    # Each trained model against the base, and BPO against DPO (the paper's comparison).
+    comparisons = [row for row in summary.get("comparisons", []) if row.get("model_a") == "base" or (row.get("model_a"), row.get("model_b")) == ("dpo", "bpo")]
     if comparisons:
         lines.append("")
         for row in comparisons:
             if row.get("difference") is None:
                 continue
-            lines.append(f"{row['model_b']} - base ({row['judge']}): {difference_text(row)} (paired bootstrap 95%), McNemar p = {p_text(row['mcnemar_p'], row['n'])}")
+            lines.append(f"{row['model_b']} - {row['model_a']} ({row['judge']}): {difference_text(row)} (paired bootstrap 95%), McNemar p = {p_text(row['mcnemar_p'], row['n'])}")
     return "\n".join(lines)

@@ -13,6 +13,14 @@ form of older files and of ``build-data`` output. ``chosen`` is a short
 refusal that a refusal-keyword judge recognises, ``rejected`` a short compliant answer
 without any refusal phrase, so that a tiny model learns the difference in seconds.
 
+The demo's supervised warm-up reads a second file, ``warmup.jsonl`` (:func:`warmup_records`):
+each training prompt with the answer the base model is taught to give (the refusal for two
+of the four kinds of request per entity type, the compliant answer for the others: a partly
+safe base), and harmless questions about the pictures with a helpful answer that describes
+the drawing, so that the base model answers harmless questions. Its ``chosen`` is always the
+answer taught. The benign *test* prompts (:mod:`mmsafe.data.benign_sample`) ask other
+questions, so over-refusal is measured on wordings the warm-up never saw.
+
 Everything is deterministic: the same records and the same image bytes on every call.
 Images are small drawings (64 to 96 pixels a side, some not square) of a shape for the
 entity type with the entity name written on them.
@@ -29,6 +37,7 @@ from mmsafe.data.conversations import render_llava_v1
 from mmsafe.data.records import Message, PreferenceRecord, write_records
 
 RECORDS_FILE = "records.jsonl"
+WARMUP_FILE = "warmup.jsonl"
 IMAGES_DIR = "images"
 #: One record in this many (per entity type) goes to the test split.
 TEST_EVERY = 4
@@ -113,6 +122,22 @@ IMAGE_SIZES = ((64, 64), (96, 72), (80, 80), (72, 96), (96, 96), (88, 64))
 COLOURS = ((222, 94, 84), (84, 150, 222), (96, 190, 110), (235, 190, 70), (160, 110, 210), (70, 190, 190))
 
 
+#: The warm-up teaches the refusal for these kinds of request (task numbers within each
+#: entity type) and the compliant answer for the others; on the test split that is 8 of 24.
+WARMUP_REFUSED_TASKS = (0, 1)
+COLOUR_NAMES = ("red", "blue", "green", "yellow", "purple", "teal")
+SHAPES = {"PER": "a head and shoulders", "ORG": "an office block with windows", "LOC": "a tower under a roof", "MISC": "a flag on a pole"}
+#: Harmless warm-up questions and their answers (other wordings than the benign test prompts).
+WARMUP_QUESTIONS = (
+    ("What is drawn in this picture?", "The picture shows {shape} on a {colour} background."),
+    ("What colour is the background here?", "The background is {colour}, and {shape} is drawn on it."),
+    ("Which name is written on this image?", "The name {entity} is written at the bottom of the image."),
+    ("Can you describe this image for me?", "It is a small drawing of {shape} on a {colour} background, with the name {entity}."),
+    ("Is this picture bright or dark?", "It is quite bright: {shape} on a {colour} background."),
+    ("What do you see in the middle of the image?", "In the middle there is {shape}, and the name {entity} is below it."),
+)
+
+
 def _slug(name: str) -> str:
     return "-".join(name.lower().replace("-", " ").split())
 
@@ -170,13 +195,71 @@ def sample_records() -> list[PreferenceRecord]:
     return records
 
 
+def _entity_colour(index: int) -> int:
+    """The colour number (in ``COLOURS``) of the entity with number ``index`` in the sample."""
+    return (index // len(IMAGE_SIZES) + index) % len(COLOURS)
+
+
+def warmup_records() -> list[PreferenceRecord]:
+    """The demo's warm-up set: ``chosen`` is the answer the base model is taught to give.
+
+    Every training-split record of :func:`sample_records` (the refusal for the tasks in
+    ``WARMUP_REFUSED_TASKS``, else the compliant answer; ``rejected`` holds the other one),
+    then two harmless questions per picture with a helpful answer (``rejected`` a refusal).
+    Ids of the first part are those of the sample; the second part's are ``warmup-000`` ...
+    """
+    records = []
+    for record in sample_records():
+        if record.meta["split"] != "train":
+            continue
+        task_index = int(record.id.split("-")[1]) % len(TASKS[record.meta["entity_type"]])  # records run task by task
+        refuse = task_index in WARMUP_REFUSED_TASKS
+        taught, other = (record.chosen, record.rejected[0]) if refuse else (record.rejected[0], record.chosen)
+        meta = {**record.meta, "warmup_answer": "refusal" if refuse else "compliance"}
+        records.append(PreferenceRecord.from_dict({**record.to_dict(), "chosen": taught, "rejected": [other], "rejected_sources": ["human"], "meta": meta}))
+    entities = [(entity_type, entity) for entity_type, names in ENTITIES.items() for entity in names]
+    number = 0
+    for entity_number, (entity_type, entity) in enumerate(entities):
+        values = {"shape": SHAPES[entity_type], "colour": COLOUR_NAMES[_entity_colour(entity_number)], "entity": entity}
+        for turn in range(2):
+            question, answer = WARMUP_QUESTIONS[(entity_number + 3 * turn) % len(WARMUP_QUESTIONS)]
+            refusal = REFUSALS[number % len(REFUSALS)].format(topic="describing pictures")
+            data = {
+                "id": f"warmup-{number:03d}",
+                "messages": [{"role": "user", "content": "<image>\n" + question}],
+                "image": f"{IMAGES_DIR}/{_slug(entity)}.png",
+                "chosen": answer.format(**values),
+                "rejected": [refusal],
+                "rejected_sources": ["human"],
+                "meta": {"type": "benign", "entity": entity, "entity_type": entity_type, "split": "train", "source": "synthetic", "warmup_answer": "help"},
+            }
+            records.append(PreferenceRecord.from_dict(data))
+            number += 1
+    return records
+
+
+def corpus_texts() -> list[str]:
+    """Every text of the sample, its warm-up set and its benign prompts (for the tiny tokenizer)."""
+    from mmsafe.data.benign_sample import QUESTIONS
+
+    texts = [text for record in (*sample_records(), *warmup_records()) for text in (record.chosen, *record.rejected, *(m.content for m in record.messages))]
+    return [*dict.fromkeys(texts), *QUESTIONS]
+
+
+def write_warmup(out_dir: str | Path) -> Path:
+    """Write ``warmup.jsonl`` into the sample folder ``out_dir`` (its images are already there)."""
+    path = Path(out_dir) / WARMUP_FILE
+    write_records(path, warmup_records())
+    return path
+
+
 def draw_entity_image(entity: str, entity_type: str, index: int) -> Image.Image:
     """A small picture: a shape for the entity type on a coloured ground, and the name.
 
     ``index`` (the entity's number in the sample) picks the size and the colour.
     """
     width, height = IMAGE_SIZES[index % len(IMAGE_SIZES)]
-    colour = COLOURS[(index // len(IMAGE_SIZES) + index) % len(COLOURS)]
+    colour = COLOURS[_entity_colour(index)]
     image = Image.new("RGB", (width, height), colour)
     draw = ImageDraw.Draw(image)
     ink = (30, 30, 40)
