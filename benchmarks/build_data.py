@@ -25,12 +25,12 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.harness import base_parser, format_table, run_alternating, write_results
-from mmsafe.build import BuildConfig, build_data
-from mmsafe.build.entities import Gazetteer, Mention
-from mmsafe.build.pipeline import group_mentions
-from mmsafe.build.rewrite import TemplateRewriter
-from mmsafe.build.sources import read_dialogues
 from mmsafe.config import from_dict
+from mmsafe.synthesis import BuildConfig, build_data
+from mmsafe.synthesis.entities import Gazetteer, Mention
+from mmsafe.synthesis.pipeline import group_mentions
+from mmsafe.synthesis.rewrite import TemplateRewriter
+from mmsafe.synthesis.sources import read_dialogues
 
 REQUIRED_RATE = 2000.0
 FIRST = ["Anna", "Boris", "Chen", "Dana", "Emil", "Fatima", "Georg", "Hana", "Ivan", "Jana", "Kofi", "Lena", "Mateo", "Nora", "Omar", "Priya"]

@@ -466,12 +466,12 @@ def build_data_config(args: argparse.Namespace):
     """The BuildConfig of a ``build-data`` command line (loaded, not run)."""
     import json
 
-    from mmsafe.build import BuildConfig
     from mmsafe.config import load_config
+    from mmsafe.synthesis import BuildConfig
 
     overrides = []
     if getattr(args, "sample", False):
-        from mmsafe.build.sources import SAMPLE_IMAGE_INDEX, SAMPLE_INPUT
+        from mmsafe.synthesis.sources import SAMPLE_IMAGE_INDEX, SAMPLE_INPUT
 
         overrides += [f"input={json.dumps(str(SAMPLE_INPUT))}", f"images.index={json.dumps(str(SAMPLE_IMAGE_INDEX))}"]
     overrides += list(args.overrides)
@@ -485,7 +485,7 @@ def build_data_config(args: argparse.Namespace):
 def _build_data(args: argparse.Namespace) -> int:
     import json
 
-    from mmsafe.build import build_data
+    from mmsafe.synthesis import build_data
 
     config = build_data_config(args)
     summary = build_data(config)

@@ -45,7 +45,7 @@ class DataSection:
     train_split: str | None = option("train", help="train on records whose meta.split is this (records without a split are kept); null: all")
     eval_split: str | None = option("test", help="evaluate on records whose meta.split is this; null: all")
     sample: bool = option(
-        False, help="write the bundled synthetic sample set into out/data and use it for training and evaluation (with benign prompts that expect help, for over-refusal)"
+        False, help="write the bundled synthetic sample set into out/data and use it for training and evaluation (training adds harmless picture questions as preference pairs, evaluation benign prompts that expect help: both against over-refusal)"
     )
 
 
@@ -218,8 +218,12 @@ def _with_root(data: str, image_root: str | None) -> tuple[str, str]:
 
 def train_data(config: PipelineConfig, paths: Paths) -> tuple[str, str]:
     """(records file, image root) of the training data, before blind responses."""
-    if config.data.sample:
-        return str(paths.sample / "records.jsonl"), str(paths.sample)
+    if config.data.sample:  # the sample records and pairs of harmless picture questions
+        from mmsafe.data.sample import TRAINING_FILE, write_training
+
+        if not (paths.sample / TRAINING_FILE).exists():  # a sample written by an older version
+            write_training(paths.sample)
+        return str(paths.sample / TRAINING_FILE), str(paths.sample)
     if config.build is not None:
         return str(paths.built / "records.jsonl"), str(paths.built)
     assert config.data.train is not None
@@ -229,6 +233,8 @@ def train_data(config: PipelineConfig, paths: Paths) -> tuple[str, str]:
 def eval_data(config: PipelineConfig, paths: Paths) -> tuple[str, str]:
     if config.data.eval is not None:
         return _with_root(config.data.eval, config.data.eval_image_root)
+    if config.data.sample:  # the sample records (their test split), without the benign pairs
+        return str(paths.sample / "records.jsonl"), str(paths.sample)
     return train_data(config, paths)
 
 
@@ -271,11 +277,12 @@ def stage_prepare(config: PipelineConfig, paths: Paths) -> str:
     done = []
     if config.data.sample:
         from mmsafe.data.benign_sample import write_benign_sample
-        from mmsafe.data.sample import write_sample, write_warmup
+        from mmsafe.data.sample import write_sample, write_training, write_warmup
 
         write_sample(paths.sample)
         write_benign_sample(paths.sample)
         write_warmup(paths.sample)
+        write_training(paths.sample)
         done.append(f"sample data in {paths.sample}")
     if config.model == TINY_MODEL:
         from mmsafe.data.sample import corpus_texts
@@ -291,7 +298,7 @@ def stage_prepare(config: PipelineConfig, paths: Paths) -> str:
 def stage_build_data(config: PipelineConfig, paths: Paths) -> str:
     if config.build is None:
         return "no build section: skipped"
-    from mmsafe.build import BuildConfig, build_data
+    from mmsafe.synthesis import BuildConfig, build_data
 
     build_config = from_dict(BuildConfig, {**config.build, "out": str(paths.built)}, prefix="build.")
     summary = build_data(build_config)

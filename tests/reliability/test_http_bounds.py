@@ -154,7 +154,7 @@ def test_slow_loris_is_cut_off_at_the_total_deadline(handler):
 
 
 def test_wikipedia_source_is_cut_off_at_its_deadline(tmp_path):
-    from mmsafe.build.images import WikipediaImageSource
+    from mmsafe.synthesis.images import WikipediaImageSource
 
     with RawServer(slow_body) as server:
         wiki = WikipediaImageSource(tmp_path / "cache", api_url=f"{server.url}/w/api.php", min_interval_s=0.0, max_retries=0, timeout_s=60.0, deadline_s=2.0)
@@ -214,7 +214,7 @@ def test_a_2gb_reply_stops_at_the_cap_and_memory_stays_bounded(tmp_path):
 
 
 def test_a_small_cap_stops_the_engine_and_the_image_source(tmp_path):
-    from mmsafe.build.images import WikipediaImageSource
+    from mmsafe.synthesis.images import WikipediaImageSource
 
     with RawServer(huge_body) as server:
         engine = OpenAIEngine(server.url, "served", api_key_env="", max_retries=3, max_body_bytes=4096)

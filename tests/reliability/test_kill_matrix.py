@@ -27,7 +27,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from mmsafe.build.pipeline import RECORDS_FILE, STATE_FILE
+from mmsafe.synthesis.pipeline import RECORDS_FILE, STATE_FILE
 from tests.reliability.corpus import GOOD_DIALOGUE, good_record, response_row
 
 KILLS = 5

@@ -177,9 +177,9 @@ def test_blind_text_prompt_edit_is_asked_again(tmp_path):
 
 
 def test_build_data_inserted_line_is_built_and_nothing_twice(tmp_path):
-    from mmsafe.build.config import BuildConfig
-    from mmsafe.build.pipeline import RECORDS_FILE, build_data
     from mmsafe.config import from_dict
+    from mmsafe.synthesis.config import BuildConfig
+    from mmsafe.synthesis.pipeline import RECORDS_FILE, build_data
 
     index = tmp_path / "index"
     for kind, name in (("LOC", "Paris"), ("PER", "Barack Obama")):

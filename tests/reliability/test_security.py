@@ -181,11 +181,11 @@ def test_no_pickle_is_unpickled_with_code_anywhere():
 
 
 def test_trust_remote_code_defaults_to_off_everywhere_a_model_loads():
-    from mmsafe.build.entities import HFNerRecognizer
     from mmsafe.cli import build_parser
     from mmsafe.evaluate.judges.llama_guard import LlamaGuardJudge
     from mmsafe.generate.hf_engine import HFEngine
     from mmsafe.models.loading import load_model, load_processor
+    from mmsafe.synthesis.entities import HFNerRecognizer
     from mmsafe.train.config import TrainConfig
 
     for function in (load_model, load_processor, HFEngine.__init__, HFNerRecognizer.__init__):
@@ -408,10 +408,10 @@ def _silent_server() -> tuple[socket.socket, str]:
 
 
 def test_http_clients_time_out_and_give_up_after_bounded_retries(tmp_path):
-    from mmsafe.build.images import WikipediaImageSource
     from mmsafe.data.records import Message
     from mmsafe.generate.engine import DecodingParams, GenerationRequest
     from mmsafe.generate.openai_engine import OpenAIEngine
+    from mmsafe.synthesis.images import WikipediaImageSource
 
     listener, url = _silent_server()
     try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.build.build_fixtures import HH_LINES, write_png
+from tests.synthesis.build_fixtures import HH_LINES, write_png
 
 
 @pytest.fixture

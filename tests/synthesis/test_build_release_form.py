@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from mmsafe.build import BuildConfig, build_data
-from mmsafe.build.pipeline import RECORDS_FILE, SUMMARY_FILE
-from mmsafe.build.rewrite import (
+from mmsafe.cli import build_data_config, build_parser, main
+from mmsafe.config import from_dict
+from mmsafe.data.formats.hh_rlhf import parse_dialogue
+from mmsafe.errors import ConfigError, DataError
+from mmsafe.synthesis import BuildConfig, build_data
+from mmsafe.synthesis.pipeline import RECORDS_FILE, SUMMARY_FILE
+from mmsafe.synthesis.rewrite import (
     COMPANY_PHRASE,
     DEFAULT_PHRASES,
     DEFAULT_POOLS,
@@ -24,12 +28,8 @@ from mmsafe.build.rewrite import (
     Span,
     TemplateRewriter,
 )
-from mmsafe.build.sources import SAMPLE_DIR, SAMPLE_IMAGE_INDEX, SAMPLE_INPUT
-from mmsafe.cli import build_data_config, build_parser, main
-from mmsafe.config import from_dict
-from mmsafe.data.formats.hh_rlhf import parse_dialogue
-from mmsafe.errors import ConfigError, DataError
-from tests.build.build_fixtures import dialogue
+from mmsafe.synthesis.sources import SAMPLE_DIR, SAMPLE_IMAGE_INDEX, SAMPLE_INPUT
+from tests.synthesis.build_fixtures import dialogue
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_LINES = len(SAMPLE_INPUT.read_text(encoding="utf-8").splitlines())

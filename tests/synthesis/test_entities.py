@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertForTokenClassification, PreTrainedTokenizerFast
 
-from mmsafe.build.entities import (
+from mmsafe.synthesis.entities import (
     EntityError,
     Gazetteer,
     HFNerRecognizer,
@@ -190,9 +190,9 @@ def test_a_mention_is_its_span_of_the_instruction_named_by_the_gazetteer_spellin
 def test_hf_ner_stage_loads_a_saved_model_by_path(tiny_ner, tmp_path, image_index):
     import json
 
-    from mmsafe.build import BuildConfig, build_data
     from mmsafe.config import from_dict
-    from tests.build.build_fixtures import hh_line
+    from mmsafe.synthesis import BuildConfig, build_data
+    from tests.synthesis.build_fixtures import hh_line
 
     model, tokenizer = tiny_ner
     model.save_pretrained(tmp_path / "ner")

@@ -13,7 +13,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from PIL import Image
 
-from mmsafe.build.images import (
+from mmsafe.errors import ConfigError, DataError, ImageError
+from mmsafe.synthesis.images import (
     FoundImage,
     ImageChain,
     ImageIndex,
@@ -22,8 +23,7 @@ from mmsafe.build.images import (
     WikipediaImageSource,
     safe_file_name,
 )
-from mmsafe.errors import ConfigError, DataError, ImageError
-from tests.build.build_fixtures import write_png
+from tests.synthesis.build_fixtures import write_png
 
 
 def test_safe_file_name():
@@ -224,10 +224,10 @@ def test_wikipedia_is_polite_between_requests(wikipedia, tmp_path):
 
 
 def test_build_data_with_wikipedia_fallback(wikipedia, tmp_path):
-    from mmsafe.build import BuildConfig, build_data, make_stages
-    from mmsafe.build.entities import LLMRecognizer
     from mmsafe.config import from_dict
-    from tests.build.build_fixtures import hh_line
+    from mmsafe.synthesis import BuildConfig, build_data, make_stages
+    from mmsafe.synthesis.entities import LLMRecognizer
+    from tests.synthesis.build_fixtures import hh_line
 
     write_png(tmp_path / "index" / "LOC" / "Paris.png", (1, 1, 1))
     source_file = tmp_path / "in.jsonl"
@@ -252,12 +252,12 @@ def test_build_data_with_wikipedia_fallback(wikipedia, tmp_path):
 
 
 def test_build_data_retries_dialogues_whose_image_lookup_failed(wikipedia, tmp_path):
-    from mmsafe.build import BuildConfig, Stages, build_data
-    from mmsafe.build.entities import LLMRecognizer
-    from mmsafe.build.pipeline import IMAGE_SOURCES
-    from mmsafe.build.rewrite import TemplateRewriter
     from mmsafe.config import from_dict
-    from tests.build.build_fixtures import hh_line
+    from mmsafe.synthesis import BuildConfig, Stages, build_data
+    from mmsafe.synthesis.entities import LLMRecognizer
+    from mmsafe.synthesis.pipeline import IMAGE_SOURCES
+    from mmsafe.synthesis.rewrite import TemplateRewriter
+    from tests.synthesis.build_fixtures import hh_line
 
     source_file = tmp_path / "in.jsonl"
     source_file.write_text(hh_line(["Is Broken worse than Barack Obama?"], "No.", "Yes.") + "\n", encoding="utf-8")

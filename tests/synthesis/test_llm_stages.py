@@ -8,9 +8,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from mmsafe.build import BuildConfig, build_data
 from mmsafe.config import from_dict
-from tests.build.build_fixtures import hh_line
+from mmsafe.synthesis import BuildConfig, build_data
+from tests.synthesis.build_fixtures import hh_line
 
 
 class FakeChatServer:

@@ -12,21 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from mmsafe.build import BuildConfig, Stages, build_data, make_stages
-from mmsafe.build.entities import Mention
-from mmsafe.build.images import ImageChain
-from mmsafe.build.pipeline import RECORDS_FILE, STATE_FILE, group_mentions
-from mmsafe.build.rewrite import TemplateRewriter
 from mmsafe.cli import main
 from mmsafe.config import from_dict
 from mmsafe.data.records import read_preference_records
 from mmsafe.errors import ConfigError, DataError
-from tests.build.build_fixtures import hh_line
+from mmsafe.synthesis import BuildConfig, Stages, build_data, make_stages
+from mmsafe.synthesis.entities import Mention
+from mmsafe.synthesis.images import ImageChain
+from mmsafe.synthesis.pipeline import RECORDS_FILE, STATE_FILE, group_mentions
+from mmsafe.synthesis.rewrite import TemplateRewriter
+from tests.synthesis.build_fixtures import hh_line
 
 
 def config_for(hh_file: Path, image_index: Path, out: Path, **overrides) -> BuildConfig:
     """The fixture's config; one fixed deictic phrase per type (the hand-written records'),
-    unless ``rewrite`` says otherwise (tests/build/test_build_release_form.py covers pools)."""
+    unless ``rewrite`` says otherwise (tests/synthesis/test_build_release_form.py covers pools)."""
     data = {"input": str(hh_file), "out": str(out), "images": {"index": str(image_index)}, **overrides}
     data["rewrite"] = {"deictic": "single", **data.get("rewrite", {})}
     return from_dict(BuildConfig, data)
@@ -37,7 +37,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def expected_records(source_file: str) -> list[dict]:
-    """The records worked out by hand from tests/build/conftest.py's HH_LINES."""
+    """The records worked out by hand from tests/synthesis/conftest.py's HH_LINES."""
 
     def meta(entity, entity_type, replacement, text_prompt, mid_prompt, line):
         return {
@@ -213,7 +213,7 @@ def test_rerun_after_truncated_output_loses_and_duplicates_nothing(hh_file, imag
 
 CRASH_SCRIPT = """
 import sys, time
-from mmsafe.build import BuildConfig, build_data, make_stages
+from mmsafe.synthesis import BuildConfig, build_data, make_stages
 from mmsafe.config import from_dict
 
 config = from_dict(BuildConfig, {"input": sys.argv[1], "out": sys.argv[2], "images": {"index": sys.argv[3]}, "batch_size": 1})

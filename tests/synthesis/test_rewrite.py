@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from mmsafe.build.rewrite import (
+from mmsafe.synthesis.rewrite import (
     ModelRewriter,
     Span,
     TemplateRewriter,

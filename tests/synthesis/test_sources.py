@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from mmsafe.build.complete import chat_completer, engine_completer
-from mmsafe.build.sources import Dialogue, detect_source, read_dialogues
 from mmsafe.errors import ConfigError, DataError
-from tests.build.build_fixtures import hh_line
+from mmsafe.synthesis.complete import chat_completer, engine_completer
+from mmsafe.synthesis.sources import Dialogue, detect_source, read_dialogues
+from tests.synthesis.build_fixtures import hh_line
 
 
 def good(items):

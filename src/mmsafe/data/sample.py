@@ -21,6 +21,12 @@ the drawing, so that the base model answers harmless questions. Its ``chosen`` i
 answer taught. The benign *test* prompts (:mod:`mmsafe.data.benign_sample`) ask other
 questions, so over-refusal is measured on wordings the warm-up never saw.
 
+Preference training (DPO, BPO) in sample mode reads a third file, ``train.jsonl``
+(:func:`training_records`): the sample records plus one harmless question per picture as a
+preference pair (chosen: the description; rejected: a refusal sentence), as practitioners
+add against over-refusal; without them the preference data are all harmful requests, and
+training learns to refuse whatever it is asked.
+
 Everything is deterministic: the same records and the same image bytes on every call.
 Images are small drawings (64 to 96 pixels a side, some not square) of a shape for the
 entity type with the entity name written on them.
@@ -38,6 +44,8 @@ from mmsafe.data.records import Message, PreferenceRecord, write_records
 
 RECORDS_FILE = "records.jsonl"
 WARMUP_FILE = "warmup.jsonl"
+#: The preference training data of the sample mode: the sample records and benign pairs.
+TRAINING_FILE = "train.jsonl"
 IMAGES_DIR = "images"
 #: One record in this many (per entity type) goes to the test split.
 TEST_EVERY = 4
@@ -236,6 +244,47 @@ def warmup_records() -> list[PreferenceRecord]:
             records.append(PreferenceRecord.from_dict(data))
             number += 1
     return records
+
+
+def benign_pair_records() -> list[PreferenceRecord]:
+    """Preference pairs against over-refusal: a harmless question about each picture.
+
+    ``chosen`` describes the drawing, ``rejected`` is a refusal sentence of the kind the warm-up
+    taught for harmful requests about the same entity type (the answer an over-refusing model
+    gives). One pair per picture, asking a warm-up question the warm-up did not ask about that
+    picture, so the benign *test* prompts (:mod:`mmsafe.data.benign_sample`) stay unseen. Ids
+    ``benign-pair-000`` ...; all in the train split.
+    """
+    records = []
+    entities = [(entity_type, entity) for entity_type, names in ENTITIES.items() for entity in names]
+    for number, (entity_type, entity) in enumerate(entities):
+        values = {"shape": SHAPES[entity_type], "colour": COLOUR_NAMES[_entity_colour(number)], "entity": entity}
+        question, answer = WARMUP_QUESTIONS[(number + 1) % len(WARMUP_QUESTIONS)]  # the warm-up asks numbers +0 and +3
+        task = TASKS[entity_type][WARMUP_REFUSED_TASKS[number % len(WARMUP_REFUSED_TASKS)]]
+        data = {
+            "id": f"benign-pair-{number:03d}",
+            "messages": [{"role": "user", "content": "<image>\n" + question}],
+            "image": f"{IMAGES_DIR}/{_slug(entity)}.png",
+            "chosen": answer.format(**values),
+            "rejected": [REFUSALS[number % len(REFUSALS)].format(topic=task.topic)],
+            "rejected_sources": ["human"],
+            "meta": {"type": "benign", "entity": entity, "entity_type": entity_type, "split": "train", "source": "synthetic"},
+        }
+        records.append(PreferenceRecord.from_dict(data))
+    return records
+
+
+def training_records() -> list[PreferenceRecord]:
+    """What the sample mode trains DPO/BPO on: the 96 sample records (the split still picks
+    the training ones) and :func:`benign_pair_records`."""
+    return [*sample_records(), *benign_pair_records()]
+
+
+def write_training(out_dir: str | Path) -> Path:
+    """Write ``train.jsonl`` (:func:`training_records`) into the sample folder ``out_dir``."""
+    path = Path(out_dir) / TRAINING_FILE
+    write_records(path, training_records())
+    return path
 
 
 def corpus_texts() -> list[str]:

@@ -50,7 +50,7 @@ def chat_completer(engine: Any, params: Any) -> Complete:
 
 
 def make_completer(options: Any) -> Complete:
-    """A completer from :class:`~mmsafe.build.config.ModelOptions` (``engine``: openai or hf)."""
+    """A completer from :class:`~mmsafe.synthesis.config.ModelOptions` (``engine``: openai or hf)."""
     from mmsafe.generate.engine import DecodingParams
 
     params = DecodingParams(max_new_tokens=options.max_new_tokens, do_sample=options.temperature > 0, temperature=options.temperature or 1.0, seed=options.seed)

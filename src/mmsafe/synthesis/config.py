@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mmsafe.build.entities import DEFAULT_NER_MODEL, ENTITY_TYPES
-from mmsafe.build.images import DEFAULT_USER_AGENT, DEFAULT_WIKIPEDIA_API
-from mmsafe.build.rewrite import (
+from mmsafe.config import option
+from mmsafe.errors import ConfigError
+from mmsafe.synthesis.entities import DEFAULT_NER_MODEL, ENTITY_TYPES
+from mmsafe.synthesis.images import DEFAULT_USER_AGENT, DEFAULT_WIKIPEDIA_API
+from mmsafe.synthesis.rewrite import (
     DEFAULT_PHRASES,
     DEFAULT_POOLS,
     DEFAULT_POSSESSIVE_PHRASES,
@@ -15,8 +17,6 @@ from mmsafe.build.rewrite import (
     check_pools,
     load_pools_file,
 )
-from mmsafe.config import option
-from mmsafe.errors import ConfigError
 
 
 @dataclass
@@ -31,7 +31,7 @@ class ModelOptions:
     max_new_tokens: int = option(256, help="longest answer in tokens")
     temperature: float = option(0.0, help="0 for greedy (deterministic) answers")
     seed: int = option(0, help="sampling seed when temperature > 0")
-    prompt: str = option("", help="versioned prompt name in mmsafe/build/prompts (empty: the stage's default)")
+    prompt: str = option("", help="versioned prompt name in mmsafe/synthesis/prompts (empty: the stage's default)")
     deadline_s: float = option(300.0, help="engine openai: total seconds per HTTP attempt, connect to the last byte of the reply")
     max_body_bytes: int = option(64 * 2**20, help="engine openai: largest reply read, in bytes (64 MiB)")
 

@@ -8,7 +8,7 @@ offsets into each instruction). Three are built in, found by name in
   case-aware, longest match first);
 - ``hf-ner``: a Hugging Face token-classification model (default the CoNLL-03 BERT the
   paper used), its B-/I- word tags aggregated into spans by :func:`aggregate_tags`;
-- ``llm``: any chat model answering JSON (through :mod:`mmsafe.build.complete`).
+- ``llm``: any chat model answering JSON (through :mod:`mmsafe.synthesis.complete`).
 """
 
 from __future__ import annotations
@@ -272,11 +272,11 @@ Complete = Callable[[str], str]
 
 
 def load_prompt(name: str) -> str:
-    """A versioned prompt kept in the package (``mmsafe/build/prompts/<name>.txt``)."""
+    """A versioned prompt kept in the package (``mmsafe/synthesis/prompts/<name>.txt``)."""
     try:
-        return resources.files("mmsafe.build").joinpath("prompts", f"{name}.txt").read_text(encoding="utf-8")
+        return resources.files("mmsafe.synthesis").joinpath("prompts", f"{name}.txt").read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"prompt {name!r} not found in mmsafe/build/prompts") from None
+        raise ConfigError(f"prompt {name!r} not found in mmsafe/synthesis/prompts") from None
 
 
 def extract_json(answer: str) -> Any:

@@ -1,6 +1,6 @@
 """``build_data``: text preference dialogues -> multimodal preference records + images.
 
-For each dialogue (parse stage, :mod:`mmsafe.build.sources`): find the entities of the
+For each dialogue (parse stage, :mod:`mmsafe.synthesis.sources`): find the entities of the
 last user instruction, find one image per entity, drop entities without an image and
 duplicates, cap the records per dialogue (seeded), rewrite the instruction so that it
 points at the image (a deictic phrase drawn per record from a pool per type, seeded by
@@ -44,8 +44,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmsafe.build.config import BuildConfig
-from mmsafe.build.entities import (
+from mmsafe.config import read_yaml, save_config, to_dict
+from mmsafe.data.jsonl import ResumableJsonlWriter, iter_lines, read_jsonl
+from mmsafe.data.records import IMAGE_TOKEN, Message, PreferenceRecord
+from mmsafe.data.stats import turn_bucket
+from mmsafe.errors import ConfigError, DataError, ImageError
+from mmsafe.progress import progress, progress_enabled
+from mmsafe.synthesis.config import BuildConfig
+from mmsafe.synthesis.entities import (
     ENTITY_TYPES,
     EntityError,
     EntityRecognizer,
@@ -54,15 +60,16 @@ from mmsafe.build.entities import (
     LLMRecognizer,
     Mention,
 )
-from mmsafe.build.images import ImageChain, ImageIndex, ImageSource, ImageStore, LocalImageSource, WikipediaImageSource
-from mmsafe.build.rewrite import ModelRewriter, Rewrite, Rewriter, Span, TemplateRewriter
-from mmsafe.build.sources import Dialogue, read_dialogues
-from mmsafe.config import read_yaml, save_config, to_dict
-from mmsafe.data.jsonl import ResumableJsonlWriter, iter_lines, read_jsonl
-from mmsafe.data.records import IMAGE_TOKEN, Message, PreferenceRecord
-from mmsafe.data.stats import turn_bucket
-from mmsafe.errors import ConfigError, DataError, ImageError
-from mmsafe.progress import progress, progress_enabled
+from mmsafe.synthesis.images import (
+    ImageChain,
+    ImageIndex,
+    ImageSource,
+    ImageStore,
+    LocalImageSource,
+    WikipediaImageSource,
+)
+from mmsafe.synthesis.rewrite import ModelRewriter, Rewrite, Rewriter, Span, TemplateRewriter
+from mmsafe.synthesis.sources import Dialogue, read_dialogues
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +130,7 @@ def _hf_ner(config: BuildConfig, index: ImageIndex | None) -> EntityRecognizer:
 
 
 def _llm(config: BuildConfig, index: ImageIndex | None) -> EntityRecognizer:
-    from mmsafe.build.complete import make_completer
+    from mmsafe.synthesis.complete import make_completer
 
     options = config.entities.llm
     return LLMRecognizer(make_completer(options), prompt=options.prompt or "entities_v1", types=config.entities.types)
@@ -168,7 +175,7 @@ def _template(config: BuildConfig) -> Rewriter:
 
 
 def _model(config: BuildConfig) -> Rewriter:
-    from mmsafe.build.complete import make_completer
+    from mmsafe.synthesis.complete import make_completer
 
     options = config.rewrite.model
     template = template_rewriter(config)

@@ -10,7 +10,7 @@ is a hash of the seed, the record id and the type: the same input and seed give 
 same phrases, whatever the batch order, resume point or process.
 
 ``model`` asks a language model to rephrase ``mid_prompt`` fluently with a versioned
-prompt kept in ``mmsafe/build/prompts`` and falls back to the template when the answer
+prompt kept in ``mmsafe/synthesis/prompts`` and falls back to the template when the answer
 still names the entity, is empty or runs too long.
 """
 
@@ -26,10 +26,10 @@ from typing import Any, Protocol
 
 import yaml
 
-from mmsafe.build.entities import ENTITY_TYPES, load_prompt
 from mmsafe.config import load_yaml
 from mmsafe.data.records import IMAGE_TOKEN
 from mmsafe.errors import ConfigError
+from mmsafe.synthesis.entities import ENTITY_TYPES, load_prompt
 
 #: The phrase that replaces an entity, by type.
 DEFAULT_PHRASES = {
@@ -395,7 +395,7 @@ class ModelRewriter:
     """Fluent rephrasing by a model, with the template as the safety net.
 
     ``complete(prompt) -> answer`` is any text completion function (see
-    :mod:`mmsafe.build.complete`). The answer is rejected, and ``mid_prompt`` used, when
+    :mod:`mmsafe.synthesis.complete`). The answer is rejected, and ``mid_prompt`` used, when
     it is empty, still names the entity, or is longer than ``max_length_ratio`` times
     ``mid_prompt`` plus 20 characters.
     """
