@@ -109,6 +109,18 @@ class Engine(Protocol):
     def generate(self, requests: list[GenerationRequest], params: DecodingParams) -> list[str | FailedResponse]: ...
 
 
+def check_engine_options(*, prompt_style: str | None, image_mode: str | None, batch_size: int | str) -> None:
+    """The options the in-process engines share, checked before anything loads (one clear line each)."""
+    from mmsafe.models.recipe import IMAGE_MODES, PROMPT_STYLES
+
+    if prompt_style is not None and prompt_style not in PROMPT_STYLES:
+        raise ConfigError(f"prompt_style: expected one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
+    if image_mode is not None and image_mode not in IMAGE_MODES:
+        raise ConfigError(f"image_mode: expected one of {', '.join(IMAGE_MODES)}, got {image_mode!r}")
+    if batch_size != "auto" and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ConfigError(f"batch_size: expected a positive integer or auto, got {batch_size!r}")
+
+
 def describe_engine(engine: Engine) -> dict[str, Any]:
     """The engine's settings for the run's config file (never a secret)."""
     describe = getattr(engine, "describe", None)

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from mmsafe.errors import ConfigError, DataError, MmsafeError
-from mmsafe.generate.engine import DecodingParams, GenerationRequest, check_responses
+from mmsafe.generate.engine import DecodingParams, GenerationRequest, check_engine_options, check_responses
 from mmsafe.models.loading import LoadedModel, load_model
 from mmsafe.models.prompts import PromptStyle, accepts_text_only, render_prompt, tokenize_options
-from mmsafe.models.recipe import IMAGE_MODES, PROMPT_STYLES, check_template, model_dtype, resolve_inputs
+from mmsafe.models.recipe import check_template, model_dtype, resolve_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +117,7 @@ class HFEngine:
         image_mode: str | None = None,
         name: str | None = None,
     ) -> None:
-        if prompt_style is not None and prompt_style not in PROMPT_STYLES:
-            raise ConfigError(f"prompt_style: expected one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
-        if image_mode is not None and image_mode not in IMAGE_MODES:
-            raise ConfigError(f"image_mode: expected one of {', '.join(IMAGE_MODES)}, got {image_mode!r}")
-        if batch_size != "auto" and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-            raise ConfigError(f"batch_size: expected a positive integer or auto, got {batch_size!r}")
+        check_engine_options(prompt_style=prompt_style, image_mode=image_mode, batch_size=batch_size)
         if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
             raise ConfigError(f"max_batch_size: expected a positive integer, got {max_batch_size!r}")
         preloaded = isinstance(model_or_path, LoadedModel)

@@ -18,9 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from mmsafe.errors import ConfigError, MmsafeError
-from mmsafe.generate.engine import DecodingParams, FailedResponse, GenerationRequest, check_responses
+from mmsafe.generate.engine import (
+    DecodingParams,
+    FailedResponse,
+    GenerationRequest,
+    check_engine_options,
+    check_responses,
+)
 from mmsafe.models.prompts import PromptStyle, accepts_text_only, render_prompt, stop_token_ids
-from mmsafe.models.recipe import IMAGE_MODES, PROMPT_STYLES, check_template, resolve_inputs
+from mmsafe.models.recipe import check_template, resolve_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +90,7 @@ class VLLMEngine:
         name: str | None = None,
         **llm_options: Any,
     ) -> None:
-        if prompt_style is not None and prompt_style not in PROMPT_STYLES:
-            raise ConfigError(f"prompt_style: expected one of {', '.join(PROMPT_STYLES)}, got {prompt_style!r}")
-        if image_mode is not None and image_mode not in IMAGE_MODES:
-            raise ConfigError(f"image_mode: expected one of {', '.join(IMAGE_MODES)}, got {image_mode!r}")
-        if batch_size != "auto" and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-            raise ConfigError(f"batch_size: expected a positive integer or auto, got {batch_size!r}")
+        check_engine_options(prompt_style=prompt_style, image_mode=image_mode, batch_size=batch_size)
         if max_model_len is not None and (not isinstance(max_model_len, int) or max_model_len < 1):
             raise ConfigError(f"max_model_len: expected a positive integer, got {max_model_len!r}")
         if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
