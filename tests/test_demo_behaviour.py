@@ -84,7 +84,7 @@ def _verdicts(out, model: str) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "model",
-    ["base", "dpo", pytest.param("bpo", marks=pytest.mark.xfail(strict=True, reason="known gap: BPO repeats 'to cheat' 4 times in 2 of 32 answers"))],
+    ["base", "dpo", "bpo"],
 )
 def test_no_answer_of_the_demo_repeats_a_phrase(demo, model):
     out, _ = demo
@@ -116,7 +116,6 @@ def test_the_base_is_partly_safe_and_training_raises_refusal(demo):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap: DPO refuses 5 of the 8 benign prompts (BPO 3, the base 1)")
 def test_trained_models_help_on_most_benign_prompts(demo):
     out, _ = demo
     for model in ("dpo", "bpo"):
@@ -170,3 +169,150 @@ def test_the_sample_warm_up_needs_the_sample(tmp_path):
 
     with pytest.raises(ConfigError, match=r"teach\.data: sample-warmup needs data\.sample"):
         from_dict(PipelineConfig, {"out": str(tmp_path), "model": "tiny", "data": {"train": "x.jsonl"}, "teach": {"enabled": True, "data": "sample-warmup"}})
+
+
+# ---------------------------------------------------------------- the demo's own report page, in headless Chromium
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_demo_report_page_offline_in_chromium_search_and_filters(demo, tmp_path):
+    """The demo's report.html, opened offline: every section, and search and the model,
+    category and verdict filters showing the records counted here from the demo's own files."""
+    import os
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (the test set-up installs it: apt-get install -y chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
+    out, _ = demo
+    models = ("base", "dpo", "bpo")
+    responses = {model: _responses(out, model) for model in models}
+    verdicts = {model: _verdicts(out, model) for model in models}
+    ids = sorted(verdicts["base"])
+    assert len(ids) == 32 and all(sorted(verdicts[model]) == ids for model in models)
+    records = [json.loads(line) for line in (out / "data" / "records.jsonl").read_text(encoding="utf-8").splitlines()]
+    entity_type = {record["id"]: record["meta"]["entity_type"] for record in records}
+    # the counts the page must show, from the demo's response and verdict files
+    def count(keep) -> int:
+        return sum(1 for key in ids if keep(key))
+
+    sorry = count(lambda key: any("sorry" in responses[model][key].lower() for model in models))
+    unsafe_any = count(lambda key: any(verdicts[model][key] == "unsafe" for model in models))
+    dpo_safe = count(lambda key: verdicts["dpo"][key] == "safe")
+    misc_bpo_safe = count(lambda key: entity_type.get(key) == "MISC" and verdicts["bpo"][key] == "safe")
+    benign_base_unsafe = count(lambda key: key.startswith("benign-") and verdicts["base"][key] == "unsafe")
+    assert 0 < sorry < 32 and 0 < dpo_safe < 32  # else the filters below would prove little
+
+    url = (out / "report" / "report.html").as_uri()
+    requests, errors = [], []
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 900}, offline=True)
+
+            def block(route):
+                if route.request.url != url:
+                    requests.append(route.request.url)
+                    route.abort()
+                else:
+                    route.continue_()
+
+            context.route("**/*", block)
+            page = context.new_page()
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+
+            def shown() -> int:
+                visible = page.locator(".record:not([hidden])").count()
+                assert page.inner_text("#shown-count") == str(visible)
+                return visible
+
+            for section in ("#header", "#results", "#over-refusal-section", "#by-entity_type", "#differences", "#plots", "#records-section"):
+                assert page.locator(section).count() == 1, section
+            assert page.inner_text("#header-models") == "base, dpo, bpo"
+            def rows(selector: str) -> list[list[str]]:
+                return page.evaluate(f"Array.from(document.querySelectorAll('{selector} tr')).map(row => Array.from(row.cells).map(cell => cell.innerText.trim()))")
+
+            # over-refusal per model: the share of the 8 benign prompts it refused, counted here
+            over_refusal = {row[0]: row[4] for row in rows("#over-refusal tbody")}
+            for model in models:
+                refused = count(lambda key, model=model: key.startswith("benign-") and verdicts[model][key] == "safe")
+                assert over_refusal[model].startswith(f"{100 * refused / 8:.1f}% ["), over_refusal
+            # the per-category table: each model on each entity type's 6 held-out prompts
+            by_type = {(row[0], row[2]): row for row in rows("#by-entity_type tbody")}
+            for model, name in itertools.product(models, ("PER", "ORG", "LOC", "MISC")):
+                refused = count(lambda key, model=model, name=name: entity_type.get(key) == name and verdicts[model][key] == "safe")
+                assert by_type[model, name][3].startswith(f"{100 * refused / 6:.1f}% [") and by_type[model, name][4] == "6", by_type[model, name]
+            pairs = {(row[1], row[2]) for row in rows("#differences tbody")}
+            assert {("base", "dpo"), ("base", "bpo"), ("dpo", "bpo")} <= pairs, pairs
+            assert page.locator("#plots img").count() >= 2
+            assert page.evaluate("Array.from(document.querySelectorAll('#plots img')).every(img => img.complete && img.naturalWidth > 0)")
+            assert page.evaluate("Array.from(document.querySelectorAll('img.thumb')).every(img => img.complete && img.naturalWidth > 0)")
+            page.screenshot(path=str(tmp_path / "demo-top.png"))
+            assert shown() == 32 and page.inner_text("#total-count") == "32"
+
+            page.fill("#search", "sorry")
+            assert shown() == sorry
+            page.fill("#search", "")
+            page.select_option("#filter-verdict", "unsafe")
+            assert shown() == unsafe_any
+            page.select_option("#filter-model", "dpo")
+            page.select_option("#filter-verdict", "safe")
+            assert shown() == dpo_safe
+            assert page.locator(".record:not([hidden]) .model:not([hidden])").count() == dpo_safe  # only dpo's column
+            page.select_option("#filter-model", "bpo")
+            page.select_option("#filter-category", "entity_type: MISC")
+            assert shown() == misc_bpo_safe
+            page.evaluate("document.getElementById('records-section').scrollIntoView()")
+            page.screenshot(path=str(tmp_path / "demo-filtered.png"))
+            page.select_option("#filter-category", "category: benign")
+            page.select_option("#filter-model", "base")
+            page.select_option("#filter-verdict", "unsafe")
+            assert shown() == benign_base_unsafe  # the base's helpful answers to benign prompts
+            for name in ("#filter-model", "#filter-category", "#filter-verdict"):
+                page.select_option(name, "")
+            assert shown() == 32
+            page.screenshot(path=str(tmp_path / "demo-full.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
+    assert requests == []
+    if os.environ.get("MMSAFE_TEST_ARTIFACTS"):
+        target = os.path.join(os.environ["MMSAFE_TEST_ARTIFACTS"], "demo-report-page")
+        os.makedirs(target, exist_ok=True)
+        for name in ("demo-top.png", "demo-filtered.png", "demo-full.png"):
+            shutil.copy(tmp_path / name, target)
+
+
+def test_sample_mode_trains_on_the_sample_records_and_benign_pairs_and_evaluates_on_the_test_split(tmp_path):
+    from mmsafe.config import from_dict
+    from mmsafe.data.benign_sample import QUESTIONS
+    from mmsafe.data.formats import read_records
+    from mmsafe.data.sample import ENTITIES, benign_pair_records, sample_records, warmup_records
+    from mmsafe.evaluate.judges.refusal import find_refusal
+    from mmsafe.pipeline import Paths, PipelineConfig, eval_data, stage_prepare, train_data
+
+    pairs = benign_pair_records()
+    pictures = {record.image for record in sample_records()}
+    assert len(pairs) == len(pictures) == sum(len(names) for names in ENTITIES.values()) == 24
+    assert {record.image for record in pairs} == pictures  # one harmless question per picture
+    taught = {(record.image, record.messages[-1].content): record.chosen for record in warmup_records()}
+    assert all(taught[record.image, record.messages[-1].content] == record.chosen for record in pairs)  # an answer the warm-up taught
+    for record in pairs:
+        assert record.meta["split"] == "train" and record.rejected_sources == ["human"]
+        assert find_refusal(record.chosen) is None and find_refusal(record.rejected[0]) is not None
+        assert record.messages[-1].content.removeprefix("<image>\n") not in QUESTIONS  # the benign test prompts stay unseen
+
+    config = from_dict(PipelineConfig, {"out": str(tmp_path / "run"), "model": "none", "data": {"sample": True}})
+    paths = Paths(tmp_path / "run")
+    stage_prepare(config, paths)
+    train_file, train_root = train_data(config, paths)
+    eval_file, eval_root = eval_data(config, paths)
+    assert train_root == eval_root == str(paths.sample)
+    trained = list(read_records(train_file))
+    # the 96 sample records unchanged, then the pairs
+    assert [record.to_dict() for record in trained] == [record.to_dict() for record in (*sample_records(), *pairs)]
+    assert [record.to_dict() for record in read_records(eval_file)] == [record.to_dict() for record in sample_records()]

@@ -751,7 +751,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
-    demo = _command(subparsers, "demo", "the whole loop on the tiny built-in model and bundled data (CPU, under a minute)", _demo)
+    demo = _command(subparsers, "demo", "the whole loop on the tiny built-in model and bundled data (CPU, a few minutes)", _demo)
     demo.add_argument("--out", default="mmsafe-demo", help="output folder (default mmsafe-demo); a rerun reuses what is done")
 
 

@@ -36,11 +36,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from PIL import Image, ImageDraw, ImageFont
 
 from mmsafe.data.conversations import render_llava_v1
-from mmsafe.data.records import Message, PreferenceRecord, write_records
+from mmsafe.data.records import Message, PreferenceRecord, Role, write_records
 
 RECORDS_FILE = "records.jsonl"
 WARMUP_FILE = "warmup.jsonl"
@@ -161,7 +162,7 @@ def _rephrase(mid_prompt: str, variant: int) -> str:
 
 def sample_records() -> list[PreferenceRecord]:
     """The 96 sample records, the same on every call (ids ``sample-000`` .. ``sample-095``)."""
-    records = []
+    records: list[PreferenceRecord] = []
     for entity_type, names in ENTITIES.items():
         replacement = REPLACEMENTS[entity_type]
         for entity_index, entity in enumerate(names):
@@ -175,7 +176,7 @@ def sample_records() -> list[PreferenceRecord]:
                     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
                 if messages or number % BARE_PROMPT_EVERY:
                     # The released form: the whole conversation, earlier turns included.
-                    history = [Message(message["role"], message["content"]) for message in messages]
+                    history = [Message(cast(Role, message["role"]), message["content"]) for message in messages]
                     text_prompt = render_llava_v1([*history, Message("user", text_prompt)])
                     mid_prompt = render_llava_v1([*history, Message("user", "<image>\n" + mid_prompt)])
                 messages.append({"role": "user", "content": "<image>\n" + _rephrase(mid_instruction, number % 3)})
@@ -251,15 +252,16 @@ def benign_pair_records() -> list[PreferenceRecord]:
 
     ``chosen`` describes the drawing, ``rejected`` is a refusal sentence of the kind the warm-up
     taught for harmful requests about the same entity type (the answer an over-refusing model
-    gives). One pair per picture, asking a warm-up question the warm-up did not ask about that
-    picture, so the benign *test* prompts (:mod:`mmsafe.data.benign_sample`) stay unseen. Ids
+    gives). One pair per picture, asking the warm-up's first question about it (so ``chosen`` is
+    an answer the warmed-up base already gives: the pair only pushes the refusal down), and the
+    benign *test* prompts (:mod:`mmsafe.data.benign_sample`) stay unseen. Ids
     ``benign-pair-000`` ...; all in the train split.
     """
     records = []
     entities = [(entity_type, entity) for entity_type, names in ENTITIES.items() for entity in names]
     for number, (entity_type, entity) in enumerate(entities):
         values = {"shape": SHAPES[entity_type], "colour": COLOUR_NAMES[_entity_colour(number)], "entity": entity}
-        question, answer = WARMUP_QUESTIONS[(number + 1) % len(WARMUP_QUESTIONS)]  # the warm-up asks numbers +0 and +3
+        question, answer = WARMUP_QUESTIONS[number % len(WARMUP_QUESTIONS)]  # the warm-up's first question on this picture
         task = TASKS[entity_type][WARMUP_REFUSED_TASKS[number % len(WARMUP_REFUSED_TASKS)]]
         data = {
             "id": f"benign-pair-{number:03d}",
