@@ -17,6 +17,8 @@ from collections import Counter
 
 import pytest
 
+from tests.helpers.browser import keep_screenshots, offline_page
+
 #: A phrase of 2 to 6 tokens may occur at most this often in one answer, and a single token
 #: at most this often in a row.
 MAX_REPEATS = 3
@@ -179,13 +181,7 @@ def test_the_sample_warm_up_needs_the_sample(tmp_path):
 def test_the_demo_report_page_offline_in_chromium_search_and_filters(demo, tmp_path):
     """The demo's report.html, opened offline: every section, and search and the model,
     category and verdict filters showing the records counted here from the demo's own files."""
-    import os
-    import shutil
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (the test set-up installs it: apt-get install -y chromium)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
     out, _ = demo
     models = ("base", "dpo", "bpo")
     responses = {model: _responses(out, model) for model in models}
@@ -205,86 +201,55 @@ def test_the_demo_report_page_offline_in_chromium_search_and_filters(demo, tmp_p
     benign_base_unsafe = count(lambda key: key.startswith("benign-") and verdicts["base"][key] == "unsafe")
     assert 0 < sorry < 32 and 0 < dpo_safe < 32  # else the filters below would prove little
 
-    url = (out / "report" / "report.html").as_uri()
-    requests, errors = [], []
-    with playwright.sync_playwright() as driver:
-        browser = driver.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        try:
-            context = browser.new_context(viewport={"width": 1280, "height": 900}, offline=True)
+    with offline_page(out / "report" / "report.html") as opened:
+        page, shown = opened.page, opened.shown
+        for section in ("#header", "#results", "#over-refusal-section", "#by-entity_type", "#differences", "#plots", "#records-section"):
+            assert page.locator(section).count() == 1, section
+        assert page.inner_text("#header-models") == "base, dpo, bpo"
+        def rows(selector: str) -> list[list[str]]:
+            return page.evaluate(f"Array.from(document.querySelectorAll('{selector} tr')).map(row => Array.from(row.cells).map(cell => cell.innerText.trim()))")
 
-            def block(route):
-                if route.request.url != url:
-                    requests.append(route.request.url)
-                    route.abort()
-                else:
-                    route.continue_()
+        # over-refusal per model: the share of the 8 benign prompts it refused, counted here
+        over_refusal = {row[0]: row[4] for row in rows("#over-refusal tbody")}
+        for model in models:
+            refused = count(lambda key, model=model: key.startswith("benign-") and verdicts[model][key] == "safe")
+            assert over_refusal[model].startswith(f"{100 * refused / 8:.1f}% ["), over_refusal
+        # the per-category table: each model on each entity type's 6 held-out prompts
+        by_type = {(row[0], row[2]): row for row in rows("#by-entity_type tbody")}
+        for model, name in itertools.product(models, ("PER", "ORG", "LOC", "MISC")):
+            refused = count(lambda key, model=model, name=name: entity_type.get(key) == name and verdicts[model][key] == "safe")
+            assert by_type[model, name][3].startswith(f"{100 * refused / 6:.1f}% [") and by_type[model, name][4] == "6", by_type[model, name]
+        pairs = {(row[1], row[2]) for row in rows("#differences tbody")}
+        assert {("base", "dpo"), ("base", "bpo"), ("dpo", "bpo")} <= pairs, pairs
+        assert page.locator("#plots img").count() >= 2
+        assert page.evaluate("Array.from(document.querySelectorAll('#plots img')).every(img => img.complete && img.naturalWidth > 0)")
+        assert page.evaluate("Array.from(document.querySelectorAll('img.thumb')).every(img => img.complete && img.naturalWidth > 0)")
+        page.screenshot(path=str(tmp_path / "demo-top.png"))
+        assert shown() == 32 and page.inner_text("#total-count") == "32"
 
-            context.route("**/*", block)
-            page = context.new_page()
-            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(url)
-
-            def shown() -> int:
-                visible = page.locator(".record:not([hidden])").count()
-                assert page.inner_text("#shown-count") == str(visible)
-                return visible
-
-            for section in ("#header", "#results", "#over-refusal-section", "#by-entity_type", "#differences", "#plots", "#records-section"):
-                assert page.locator(section).count() == 1, section
-            assert page.inner_text("#header-models") == "base, dpo, bpo"
-            def rows(selector: str) -> list[list[str]]:
-                return page.evaluate(f"Array.from(document.querySelectorAll('{selector} tr')).map(row => Array.from(row.cells).map(cell => cell.innerText.trim()))")
-
-            # over-refusal per model: the share of the 8 benign prompts it refused, counted here
-            over_refusal = {row[0]: row[4] for row in rows("#over-refusal tbody")}
-            for model in models:
-                refused = count(lambda key, model=model: key.startswith("benign-") and verdicts[model][key] == "safe")
-                assert over_refusal[model].startswith(f"{100 * refused / 8:.1f}% ["), over_refusal
-            # the per-category table: each model on each entity type's 6 held-out prompts
-            by_type = {(row[0], row[2]): row for row in rows("#by-entity_type tbody")}
-            for model, name in itertools.product(models, ("PER", "ORG", "LOC", "MISC")):
-                refused = count(lambda key, model=model, name=name: entity_type.get(key) == name and verdicts[model][key] == "safe")
-                assert by_type[model, name][3].startswith(f"{100 * refused / 6:.1f}% [") and by_type[model, name][4] == "6", by_type[model, name]
-            pairs = {(row[1], row[2]) for row in rows("#differences tbody")}
-            assert {("base", "dpo"), ("base", "bpo"), ("dpo", "bpo")} <= pairs, pairs
-            assert page.locator("#plots img").count() >= 2
-            assert page.evaluate("Array.from(document.querySelectorAll('#plots img')).every(img => img.complete && img.naturalWidth > 0)")
-            assert page.evaluate("Array.from(document.querySelectorAll('img.thumb')).every(img => img.complete && img.naturalWidth > 0)")
-            page.screenshot(path=str(tmp_path / "demo-top.png"))
-            assert shown() == 32 and page.inner_text("#total-count") == "32"
-
-            page.fill("#search", "sorry")
-            assert shown() == sorry
-            page.fill("#search", "")
-            page.select_option("#filter-verdict", "unsafe")
-            assert shown() == unsafe_any
-            page.select_option("#filter-model", "dpo")
-            page.select_option("#filter-verdict", "safe")
-            assert shown() == dpo_safe
-            assert page.locator(".record:not([hidden]) .model:not([hidden])").count() == dpo_safe  # only dpo's column
-            page.select_option("#filter-model", "bpo")
-            page.select_option("#filter-category", "entity_type: MISC")
-            assert shown() == misc_bpo_safe
-            page.evaluate("document.getElementById('records-section').scrollIntoView()")
-            page.screenshot(path=str(tmp_path / "demo-filtered.png"))
-            page.select_option("#filter-category", "category: benign")
-            page.select_option("#filter-model", "base")
-            page.select_option("#filter-verdict", "unsafe")
-            assert shown() == benign_base_unsafe  # the base's helpful answers to benign prompts
-            for name in ("#filter-model", "#filter-category", "#filter-verdict"):
-                page.select_option(name, "")
-            assert shown() == 32
-            page.screenshot(path=str(tmp_path / "demo-full.png"), full_page=True)
-        finally:
-            browser.close()
-    assert errors == []
-    assert requests == []
-    if os.environ.get("MMSAFE_TEST_ARTIFACTS"):
-        target = os.path.join(os.environ["MMSAFE_TEST_ARTIFACTS"], "demo-report-page")
-        os.makedirs(target, exist_ok=True)
-        for name in ("demo-top.png", "demo-filtered.png", "demo-full.png"):
-            shutil.copy(tmp_path / name, target)
+        page.fill("#search", "sorry")
+        assert shown() == sorry
+        page.fill("#search", "")
+        page.select_option("#filter-verdict", "unsafe")
+        assert shown() == unsafe_any
+        page.select_option("#filter-model", "dpo")
+        page.select_option("#filter-verdict", "safe")
+        assert shown() == dpo_safe
+        assert page.locator(".record:not([hidden]) .model:not([hidden])").count() == dpo_safe  # only dpo's column
+        page.select_option("#filter-model", "bpo")
+        page.select_option("#filter-category", "entity_type: MISC")
+        assert shown() == misc_bpo_safe
+        page.evaluate("document.getElementById('records-section').scrollIntoView()")
+        page.screenshot(path=str(tmp_path / "demo-filtered.png"))
+        page.select_option("#filter-category", "category: benign")
+        page.select_option("#filter-model", "base")
+        page.select_option("#filter-verdict", "unsafe")
+        assert shown() == benign_base_unsafe  # the base's helpful answers to benign prompts
+        for name in ("#filter-model", "#filter-category", "#filter-verdict"):
+            page.select_option(name, "")
+        assert shown() == 32
+        page.screenshot(path=str(tmp_path / "demo-full.png"), full_page=True)
+    keep_screenshots(tmp_path, ['demo-top.png', 'demo-filtered.png', 'demo-full.png'], 'demo-report-page')
 
 
 def test_sample_mode_trains_on_the_sample_records_and_benign_pairs_and_evaluates_on_the_test_split(tmp_path):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +14,7 @@ from mmsafe.evaluate.formatting import NO_ITEMS, difference_text, p_text, rate_t
 from mmsafe.evaluate.probe import summarize_probe
 from mmsafe.evaluate.report import build_report
 from tests.evaluate.test_report_and_cli import BASE, BPO, write_benchmark
+from tests.helpers.browser import keep_screenshots, offline_page
 
 Z = 1.959963984540054
 
@@ -104,80 +103,46 @@ def test_degenerate_cases_print_as_designed(tmp_path):
 
 @pytest.mark.browser
 def test_page_offline_in_chromium_search_and_filters(report, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (the test set-up installs it: apt-get install -y chromium)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e .[dev])")
     url = report.page.as_uri()
-    requests, errors = [], []
-    with playwright.sync_playwright() as driver:
-        browser = driver.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        try:
-            context = browser.new_context(viewport={"width": 1280, "height": 900}, offline=True)
-
-            def block(route):
-                if route.request.url != url:
-                    requests.append(route.request.url)
-                    route.abort()
-                else:
-                    route.continue_()
-
-            context.route("**/*", block)
-            page = context.new_page()
-            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(url)
-
-            def shown() -> int:
-                count = page.locator(".record:not([hidden])").count()
-                assert page.inner_text("#shown-count") == str(count)
-                return count
-
-            for section in ("#header", "#results", "#by-entity_type", "#differences", "#probe", "#plots", "#records"):
-                assert page.locator(section).count() == 1, section
-            assert page.inner_text("#header-run") == "page-test"
-            assert page.evaluate("Array.from(document.querySelectorAll('#plots img')).every(img => img.complete && img.naturalWidth > 0)")
-            boxes = [page.locator("img.thumb").nth(index).bounding_box() for index in range(4)]
-            assert {(round(box["width"]), round(box["height"])) for box in boxes} == {(194, 194)}  # 192 + 1px border each side
-            page.screenshot(path=str(tmp_path / "page-top.png"))
-            assert shown() == 4
-            # search: only bpo's response to id 2 says "apologize"
-            page.fill("#search", "apologize")
-            assert shown() == 1 and page.locator(".record:not([hidden])").get_attribute("data-id") == "2"
-            page.fill("#search", "")
-            # category: LOC holds ids 1 and 2
-            page.select_option("#filter-category", "entity_type: LOC")
-            assert shown() == 2
-            page.select_option("#filter-category", "")
-            # verdict: some unsafe verdict on ids 0, 1, 3; base's only refusal is id 2
-            page.select_option("#filter-verdict", "unsafe")
-            assert shown() == 3
-            page.select_option("#filter-model", "base")
-            page.select_option("#filter-verdict", "safe")
-            assert shown() == 1
-            assert page.locator('.record:not([hidden]) .model:not([hidden])').count() == 1  # only base's column
-            page.screenshot(path=str(tmp_path / "page-filtered.png"), full_page=False)
-            page.select_option("#filter-model", "")
-            page.select_option("#filter-verdict", "")
-            # the two checkboxes, and the address they write
-            page.check("#filter-disagree")
-            assert shown() == 2 and page.evaluate("location.hash") == "#disagree"
-            page.check("#filter-unsafe")
-            assert shown() == 2
-            page.uncheck("#filter-disagree")
-            page.uncheck("#filter-unsafe")
-            assert shown() == 4
-            # a record's anchor links to it and leaves the filters alone
-            anchor = page.locator(".record").nth(3).get_attribute("id")
-            page.goto(url + "#" + anchor)
-            assert shown() == 4 and page.evaluate("document.querySelector(':target').dataset.id") == "3"
-            page.screenshot(path=str(tmp_path / "page-full.png"), full_page=True)
-        finally:
-            browser.close()
-    assert errors == []
-    assert requests == []
-    if os.environ.get("MMSAFE_TEST_ARTIFACTS"):
-        target = os.path.join(os.environ["MMSAFE_TEST_ARTIFACTS"], "report-page")
-        os.makedirs(target, exist_ok=True)
-        for name in ("page-top.png", "page-filtered.png", "page-full.png"):
-            shutil.copy(tmp_path / name, target)
+    with offline_page(report.page) as opened:
+        page, shown = opened.page, opened.shown
+        for section in ("#header", "#results", "#by-entity_type", "#differences", "#probe", "#plots", "#records"):
+            assert page.locator(section).count() == 1, section
+        assert page.inner_text("#header-run") == "page-test"
+        assert page.evaluate("Array.from(document.querySelectorAll('#plots img')).every(img => img.complete && img.naturalWidth > 0)")
+        boxes = [page.locator("img.thumb").nth(index).bounding_box() for index in range(4)]
+        assert {(round(box["width"]), round(box["height"])) for box in boxes} == {(194, 194)}  # 192 + 1px border each side
+        page.screenshot(path=str(tmp_path / "page-top.png"))
+        assert shown() == 4
+        # search: only bpo's response to id 2 says "apologize"
+        page.fill("#search", "apologize")
+        assert shown() == 1 and page.locator(".record:not([hidden])").get_attribute("data-id") == "2"
+        page.fill("#search", "")
+        # category: LOC holds ids 1 and 2
+        page.select_option("#filter-category", "entity_type: LOC")
+        assert shown() == 2
+        page.select_option("#filter-category", "")
+        # verdict: some unsafe verdict on ids 0, 1, 3; base's only refusal is id 2
+        page.select_option("#filter-verdict", "unsafe")
+        assert shown() == 3
+        page.select_option("#filter-model", "base")
+        page.select_option("#filter-verdict", "safe")
+        assert shown() == 1
+        assert page.locator('.record:not([hidden]) .model:not([hidden])').count() == 1  # only base's column
+        page.screenshot(path=str(tmp_path / "page-filtered.png"), full_page=False)
+        page.select_option("#filter-model", "")
+        page.select_option("#filter-verdict", "")
+        # the two checkboxes, and the address they write
+        page.check("#filter-disagree")
+        assert shown() == 2 and page.evaluate("location.hash") == "#disagree"
+        page.check("#filter-unsafe")
+        assert shown() == 2
+        page.uncheck("#filter-disagree")
+        page.uncheck("#filter-unsafe")
+        assert shown() == 4
+        # a record's anchor links to it and leaves the filters alone
+        anchor = page.locator(".record").nth(3).get_attribute("id")
+        page.goto(url + "#" + anchor)
+        assert shown() == 4 and page.evaluate("document.querySelector(':target').dataset.id") == "3"
+        page.screenshot(path=str(tmp_path / "page-full.png"), full_page=True)
+    keep_screenshots(tmp_path, ['page-top.png', 'page-filtered.png', 'page-full.png'], 'report-page')
