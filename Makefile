@@ -1,6 +1,6 @@
 # Two commands on a fresh machine with Python 3.11: `make demo` and `make test`.
 # Each creates or updates the virtual environment in .venv first.
-# `make lint` checks the code with ruff; `make check` is lint, then the tests (what CI runs).
+# `make lint` checks the code with ruff and mypy (settings in pyproject.toml); `make check` is lint, then the tests (what CI runs).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -63,6 +63,7 @@ test: $(DEV) browser
 
 lint: $(DEV)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 check: lint test
 

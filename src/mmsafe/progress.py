@@ -178,15 +178,19 @@ class LogProgress:
 class _Bar(tqdm):
     """tqdm that remembers how far it got (for the message of an interrupted command)."""
 
+    def count_total(self) -> int | None:
+        """The total as a count: tqdm types it as a float, but the totals given here are counts."""
+        return None if self.total is None else int(self.total)
+
     def update(self, n: float | None = 1) -> bool | None:
         shown = super().update(n)
-        _remember(self.desc, int(self.n), self.total, self.unit, False)
+        _remember(self.desc, int(self.n), self.count_total(), self.unit, False)
         return shown
 
     def close(self) -> None:
         if not getattr(self, "_mmsafe_closed", False):
             self._mmsafe_closed = True
-            _remember(self.desc, int(self.n), self.total, self.unit, self.total is not None and self.n >= self.total)
+            _remember(self.desc, int(self.n), self.count_total(), self.unit, self.total is not None and self.n >= self.total)
         super().close()
 
 
@@ -196,7 +200,7 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, d
     if mode != "bar":  # "off" still counts, for the message of an interrupted command
         return LogProgress(iterable, total=total, desc=desc, unit=unit, every=progress_every() if mode == "lines" else math.inf)
     bar = _Bar(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
-    _remember(desc, 0, bar.total, unit, False)
+    _remember(desc, 0, bar.count_total(), unit, False)
     return bar
 
 

@@ -273,7 +273,7 @@ def prepare_image(
     if mode == "pad":
         image = pad_to_square(image, mean_fill(0.5 if image_mean is None else image_mean), max_pixels=max_pixels)
     if size is not None:
-        target = (size, size) if isinstance(size, int) else tuple(size)
+        target = (size, size) if isinstance(size, int) else (size[0], size[1])
         if image.size != target:
             image = image.resize(target, Image.Resampling.BICUBIC)
     return image

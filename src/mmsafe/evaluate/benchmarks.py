@@ -104,7 +104,7 @@ def describe_benchmarks() -> list[dict[str, Any]]:
 
     A plugin that cannot be loaded is listed with the error instead of its settings.
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
     for entry in sorted(BENCHMARKS.describe(), key=lambda entry: entry.name):
         if entry.error is not None:
             rows.append({"name": entry.name, "source": entry.source, "error": entry.error})
@@ -291,7 +291,7 @@ def load_mm_safetybench(
     missing = [name for name in chosen if name not in available]
     if missing:
         raise DataError(f"no question file for scenario(s) {', '.join(missing)} (expected {missing[0]}.json); found {', '.join(available)}", file=str(questions_dir))
-    items = []
+    items: list[BenchmarkItem] = []
     for scenario in chosen:
         items.extend(_mm_safetybench_scenario(root, scenario, available[scenario], settings, None if keep is None else keep[scenario]))
     return items
@@ -415,7 +415,8 @@ def _spa_vl_parquet_files(path: Path) -> list[Path]:
         found = sorted({str(split) for split in splits.values()})
         raise DataError(f"found the SPA-VL split(s) {', '.join(found)} but no {SPA_VL_SPLIT} split (HarmEval); expected {_SPA_VL_LAYOUTS}", file=str(path))
     # No layout: a folder of shards, kept only where the columns are HarmEval's.
-    chosen, left_out = [], []
+    chosen: list[Path] = []
+    left_out: list[Path] = []
     for file in unnamed:
         columns = _parquet_columns(file)
         fits = all(column in columns for column in SPA_VL_COLUMNS) and not any(column in columns for column in SPA_VL_PREFERENCE_COLUMNS)

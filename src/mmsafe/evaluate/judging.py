@@ -160,7 +160,7 @@ def _stale_verdicts(out_path: Path, judge_name: str, responses: list[ResponseRec
         if key not in hashes:
             orphans += 1
         elif cached is not None and cached != hashes[key]:
-            stale.add(key)  # type: ignore[arg-type]
+            stale.add(key)
     return stale, orphans
 
 

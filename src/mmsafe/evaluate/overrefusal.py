@@ -129,7 +129,7 @@ def expected_behaviour_rows(verdict_sets: Sequence[Any], prompts: Mapping[str, B
                 summary = summarize_verdicts([verdict_set.labels[key] for key in keys], unparseable_as_unsafe=unparseable_as_unsafe)
                 measure = "attack success rate (not refused)" if measures_refusal(verdict_set.judge) else "attack success rate (judged unsafe)"
                 rows.append({**base, "measure": measure, "rate": summary.unsafe_rate.to_dict(), "unparseable": summary.unparseable, "measured_by": verdict_set.judge})
-            elif refusals is verdict_set:
+            elif refusals is not None and refusals is verdict_set:
                 over = _over_refusal(refusals, keys, unparseable_as_unsafe)
                 rows.append({**base, "measure": "over-refusal", "rate": over["over_refusal_rate"], "helpfulness": over["helpfulness"], "unparseable": over["unparseable"], "measured_by": refusals.judge})
                 models_with_help_rows.add(verdict_set.model)
@@ -145,7 +145,7 @@ def expected_behaviour_rows(verdict_sets: Sequence[Any], prompts: Mapping[str, B
 
 def balance_table(summary: Mapping[str, Any]) -> list[tuple[str, ...]]:
     """Rows of (model, judge, metric, rate [interval], over-refusal [interval], helpfulness [interval], n help, measured by)."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for row in summary["results"]:
         over = row.get("over_refusal")
         over_rate = rate_text(over["over_refusal_rate"]) if over else "n/a"
@@ -176,7 +176,7 @@ def notes(summary: Mapping[str, Any]) -> list[str]:
 
 def subset_table(summary: Mapping[str, Any]) -> list[tuple[str, ...]]:
     """Rows of :data:`SUBSET_HEADER`, per (model, judge) and subset."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for row in summary.get("expected_behaviour") or []:
         unparseable = "-" if row.get("unparseable") is None else str(row["unparseable"])
         rate = rate_text(row["rate"]) if row["rate"] is not None else "n/a"

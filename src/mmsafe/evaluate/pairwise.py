@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from mmsafe.data.records import IMAGE_TOKEN, Message, PreferenceRecord
 from mmsafe.errors import ConfigError, DataError, MmsafeError
 from mmsafe.evaluate.judges.llm import fill_rubric
 from mmsafe.evaluate.metrics import Rate, rate
+
+if TYPE_CHECKING:
+    from mmsafe.models.prompts import PromptStyle
 
 logger = logging.getLogger(__name__)
 
@@ -277,7 +280,7 @@ def evaluate_pairwise(
     dtype: str | None = None,
     device: str = "auto",
     max_length: int | None = None,
-    prompt_style: str | None = None,
+    prompt_style: PromptStyle | None = None,
     image_mode: str | None = None,
 ) -> PairwiseReport:
     """Both forms of pairwise accuracy of one model (loaded once) on preference records.

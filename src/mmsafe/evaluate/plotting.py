@@ -13,11 +13,14 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
 
 DPI = 200
 #: Text is drawn as paths in the SVG (no font needed to view it, and no name lands in markup).
-_STYLE = {"text.parse_math": False, "text.usetex": False, "svg.fonttype": "path", "svg.hashsalt": "mmsafe", "axes.spines.top": False, "axes.spines.right": False}
+_STYLE: dict[RcKeyType, Any] = {"text.parse_math": False, "text.usetex": False, "svg.fonttype": "path", "svg.hashsalt": "mmsafe", "axes.spines.top": False, "axes.spines.right": False}
 PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#eeca3b", "#9d755d")
 
 
@@ -83,7 +86,7 @@ def percent_axis(axis: Any, which: str = "y") -> None:
 def draw_bars(axis: Any, bars: Sequence[Bar], positions: Sequence[float], width: float, color: str, label: str | None = None) -> None:
     """Bars with Wilson interval whiskers; 0% as a thin marker; the value and n printed above."""
     for bar, x in zip(bars, positions, strict=True):
-        if bar.rate is None:
+        if bar.rate is None or bar.low is None or bar.high is None:
             axis.text(x, 0.02, "n/a\n(no items)", ha="center", va="bottom", fontsize=6, color="#666")
             continue
         axis.bar(x, bar.rate, width, color=color, label=label)
@@ -110,7 +113,7 @@ def forest_plot(plt: Any, differences: Sequence[Difference], title: str, xlabel:
     """Each difference as a point with its interval, one row each, and the zero line."""
     figure, axis = plt.subplots(figsize=(7.0, 1.2 + 0.45 * len(differences)))
     for row, difference in enumerate(reversed(differences)):
-        if difference.value is None:
+        if difference.value is None or difference.low is None or difference.high is None:
             axis.text(0, row, "n/a (no items)", ha="center", va="center", fontsize=7, color="#666")
             continue
         axis.errorbar(

@@ -396,15 +396,17 @@ def run_probe(
         blank_path.parent.mkdir(parents=True, exist_ok=True)
         blank_image().save(blank_path)
     for record in usable:  # copy each data image once, under its own (confined) relative path
+        image = record.image
+        assert image is not None  # probe_applicable keeps only records with an image
         try:
             # Checked before the path is joined to the output folder: an absolute or '..'
             # path would otherwise name a folder outside it.
-            source = resolve_image_path(root, record.image)
+            source = resolve_image_path(root, image)
         except DataError as error:
             raise error.at(file=str(data) if isinstance(data, str | Path) else None, record=record.id) from None
-        target = shown / "data" / record.image
+        target = shown / "data" / image
         if not target.exists():
-            load_image(root, record.image)  # a clear error for a missing or corrupt image
+            load_image(root, image)  # a clear error for a missing or corrupt image
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
 

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from mmsafe.errors import ConfigError, DataError, MmsafeError
-from mmsafe.generate.engine import DecodingParams, GenerationRequest, check_engine_options, check_responses
+from mmsafe.generate.engine import (
+    DecodingParams,
+    FailedResponse,
+    GenerationRequest,
+    check_engine_options,
+    check_responses,
+)
 from mmsafe.models.loading import LoadedModel, load_model
 from mmsafe.models.prompts import PromptStyle, accepts_text_only, render_prompt, tokenize_options
 from mmsafe.models.recipe import check_template, model_dtype, resolve_inputs
@@ -121,7 +127,7 @@ class HFEngine:
         if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
             raise ConfigError(f"max_batch_size: expected a positive integer, got {max_batch_size!r}")
         preloaded = isinstance(model_or_path, LoadedModel)
-        model_name = model_or_path.name if preloaded else model_or_path  # type: ignore[union-attr]
+        model_name = model_or_path.name if isinstance(model_or_path, LoadedModel) else model_or_path
         #: The settings used, each given, from the model's recipe or the default.
         self.inputs = resolve_inputs(
             model_name, adapter=None if preloaded else adapter, prompt_style=prompt_style, image_mode=image_mode, dtype=dtype,
@@ -260,7 +266,7 @@ class HFEngine:
             self._fits_in_a_row = 0
             logger.info("%s: batch size back up to %d", self.name, self.current_batch_size)
 
-    def generate(self, requests: list[GenerationRequest], params: DecodingParams) -> list[str]:
+    def generate(self, requests: list[GenerationRequest], params: DecodingParams) -> list[str | FailedResponse]:
         """Answer every request; the i-th answer belongs to the i-th request."""
         import torch
 
@@ -309,6 +315,6 @@ class HFEngine:
                 self.padding.total += total
                 pending = pending[size:]
                 self._grow_after_fit()
-        result = [text if text is not None else "" for text in responses]
+        result: list[str | FailedResponse] = [text if text is not None else "" for text in responses]
         check_responses(requests, result, self.name)
         return result

@@ -14,9 +14,12 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from mmsafe.errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +163,7 @@ def torchvision_available() -> bool:
     return is_torchvision_available()
 
 
-def image_only_processor_class(processor_class: type) -> type:
+def image_only_processor_class(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """``processor_class`` without its video processor (which needs torchvision).
 
     mmsafe never sends videos. Processors of the Qwen-VL family (and others) construct a
@@ -172,10 +175,11 @@ def image_only_processor_class(processor_class: type) -> type:
     def get_attributes(cls: type) -> list[str]:
         return [name for name in processor_class.get_attributes() if "video" not in name]
 
-    return type(processor_class.__name__, (processor_class,), {"get_attributes": classmethod(get_attributes), "__module__": processor_class.__module__})
+    subclass = type(processor_class.__name__, (processor_class,), {"get_attributes": classmethod(get_attributes), "__module__": processor_class.__module__})
+    return cast("type[ProcessorMixin]", subclass)
 
 
-def pixtral_processor_class() -> type:
+def pixtral_processor_class() -> type[ProcessorMixin]:
     """The real ``PixtralProcessor`` class, also where torchvision cannot be imported.
 
     ``transformers.PixtralProcessor`` is declared to need torchvision, and its module imports
@@ -195,7 +199,7 @@ def pixtral_processor_class() -> type:
 
         name = "transformers.models.pixtral.image_processing_pixtral"
         stand_in = types.ModuleType(name)
-        stand_in.get_resize_output_image_size = image_processing_pil_pixtral.get_resize_output_image_size
+        stand_in.get_resize_output_image_size = image_processing_pil_pixtral.get_resize_output_image_size  # type: ignore[attr-defined]  # a module built here
         previous = sys.modules.get(name)
         sys.modules[name] = stand_in
         sys.modules.pop("transformers.models.pixtral.processing_pixtral", None)
@@ -219,7 +223,8 @@ def _load_processor_without_video(name: str, *, trust_remote_code: bool, revisio
     if config_file.is_file():
         class_name = json.loads(config_file.read_text(encoding="utf-8")).get("processor_class")
     if class_name == "PixtralProcessor":
-        return pixtral_processor_class().from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
+        # None is the default revision at run time; transformers annotates it as str
+        return pixtral_processor_class().from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)  # type: ignore[arg-type]
     if class_name:
         processor_class = processor_class_from_name(class_name)
     else:
@@ -425,7 +430,7 @@ def load_model(
     processor = load_processor(processor_source, trust_remote_code=trust_remote_code, revision=None if processor_source != name else revision)
     if adapter is not None:
         model = apply_adapter(model, adapter, merge=merge_adapter)
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers wraps .to in functools.wraps, which mypy does not bind to the instance
     model.eval()
     return LoadedModel(model=model, processor=processor, name=str(name_or_path))
 

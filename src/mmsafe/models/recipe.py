@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from mmsafe.errors import ModelError
 
@@ -35,7 +35,8 @@ PROMPT_STYLES = ("chat-template", "llava-v1")
 IMAGE_MODES = ("pad", "resize", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-DEFAULT_PROMPT_STYLE = "chat-template"
+#: Final: its type is the literal, so it is a valid PromptStyle default.
+DEFAULT_PROMPT_STYLE: Final = "chat-template"
 DEFAULT_IMAGE_MODE = "pad"
 DEFAULT_MAX_LENGTH = 768
 DEFAULT_DTYPE = "auto"
@@ -97,7 +98,7 @@ class Recipe:
             image_mode=get("image_mode", IMAGE_MODES),
             max_length=max_length,
             dtype=get("dtype", DTYPES),
-            template=data.get("template") if data.get("template") in PROMPT_STYLES else get("prompt_style"),
+            template=data["template"] if data.get("template") in PROMPT_STYLES else get("prompt_style"),
             template_sha256=data.get("template_sha256"),
             mmsafe_version=data.get("mmsafe_version"),
             format=data.get("format", RECIPE_FORMAT),

@@ -274,7 +274,7 @@ Complete = Callable[[str], str]
 def load_prompt(name: str) -> str:
     """A versioned prompt kept in the package (``mmsafe/synthesis/prompts/<name>.txt``)."""
     try:
-        return resources.files("mmsafe.synthesis").joinpath("prompts", f"{name}.txt").read_text(encoding="utf-8")
+        return (resources.files("mmsafe.synthesis") / "prompts" / f"{name}.txt").read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"prompt {name!r} not found in mmsafe/synthesis/prompts") from None
 

@@ -120,7 +120,7 @@ class ImageIndex:
                 f"images.index {self.source}: the gazetteer needs an entity type for every entry ({len(untyped)} have none, "
                 f"e.g. {untyped[0]!r}); add a 'type' column or put the images in PER/ORG/LOC/MISC sub-folders"
             )
-        return [(entry.name, entry.type) for entry in self.entries.values() if entry.type in types]
+        return [(entry.name, entry.type) for entry in self.entries.values() if entry.type is not None and entry.type in types]
 
     @classmethod
     def load(cls, path: str | Path, *, types: Sequence[str] = ("PER", "ORG", "LOC", "MISC")) -> ImageIndex:

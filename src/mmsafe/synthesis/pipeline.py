@@ -451,7 +451,7 @@ class Builder:
         for group in groups:
             record_id = f"{dialogue.id}-{slug(group.name)}"
             record_ids.append(record_id if record_id not in record_ids else f"{record_id}-{group.spans[0].start}")
-        candidates = []
+        candidates: list[tuple[EntityGroup, str, tuple[str, str], str]] = []
         keys_here: set[str] = set()
         for group, record_id in zip(groups, record_ids, strict=True):
             image, failed = self.image_for(group)
@@ -479,12 +479,12 @@ class Builder:
             candidates = [candidates[index] for index in keep]
         records = []
         fallbacks: Counter[str] = Counter()
-        for group, record_id, (image, source), key in candidates:
+        for group, record_id, (image_path, source), key in candidates:
             # The record id seeds the deictic phrase draw: same phrase on a resume or in parallel.
             rewrite = self.stages.rewriter.rewrite(dialogue.instruction, group.name, group.type, group.spans, key=record_id)
             if rewrite.fallback_reason is not None:
                 fallbacks[rewrite.fallback_reason] += 1
-            records.append(emit_record(dialogue, record_id, group, image, source, rewrite, self.config.type))
+            records.append(emit_record(dialogue, record_id, group, image_path, source, rewrite, self.config.type))
             self.seen_content.add(key)
             self.content_of_id[record_id] = key
         state["records"] = len(records)
@@ -498,7 +498,8 @@ class Builder:
         results = self.stages.recognizer.recognize([dialogue.instruction for dialogue in batch])
         if len(results) != len(batch):
             raise ConfigError(f"entity recognizer {self.stages.recognizer.name!r} returned {len(results)} results for {len(batch)} instructions")
-        rows, states = [], []
+        rows: list[dict[str, Any]] = []
+        states: list[dict[str, Any]] = []
         for dialogue, result in zip(batch, results, strict=True):
             if isinstance(result, EntityError):
                 logger.warning("%s:line %d: entity recognition failed: %s", dialogue.file, dialogue.line, result.message)

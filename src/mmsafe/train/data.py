@@ -53,12 +53,12 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
 from mmsafe.data.records import PreferenceRecord
-from mmsafe.errors import DataError, ImageError
+from mmsafe.errors import ConfigError, DataError, ImageError
 from mmsafe.models.prompts import PromptStyle, render_prompt, response_token_ids, tokenize_options
 from mmsafe.models.recipe import DEFAULT_IMAGE_MODE, DEFAULT_MAX_LENGTH, DEFAULT_PROMPT_STYLE
 
@@ -66,6 +66,15 @@ logger = logging.getLogger(__name__)
 
 ForwardMode = Literal["shared-prefix", "prompt-cache", "per-response", "separate"]
 FORWARD_MODES = ("shared-prefix", "prompt-cache", "per-response", "separate")
+
+
+def as_forward_mode(name: str) -> ForwardMode:
+    """``name`` as a :data:`ForwardMode`; a ConfigError unless it is one of :data:`FORWARD_MODES`."""
+    if name not in FORWARD_MODES:
+        raise ConfigError(f"forward_mode: expected one of {', '.join(FORWARD_MODES)}, got {name!r}")
+    return cast(ForwardMode, name)
+
+
 #: Processor outputs that are never model inputs.
 _DROPPED_PROCESSOR_KEYS = ("labels",)
 IGNORE_INDEX = -100
@@ -233,7 +242,7 @@ class PreferenceEncoder:
         """
         with_image = record.image is not None
         prompt_text = render_prompt(self.processor, record.messages, with_image=with_image, style=self.prompt_style, record=record.id)
-        image = self.load_image(record.image) if with_image else None
+        image = self.load_image(record.image) if record.image is not None else None
         prompt_ids = self.process_prompt(prompt_text, image)["input_ids"][0].tolist()
         room = self.max_length - len(prompt_ids)
         if room < 1:
@@ -301,6 +310,7 @@ def prepare_examples(
             logger.warning("skipping %s", error.at(file=data_file, record=record.id))
             continue
         if example is None:
+            assert reason is not None  # encode gives the reason with every None
             skip(next((category for category in (SKIP_PROMPT_TOO_LONG, SKIP_CHOSEN_TOO_LONG) if reason.startswith(category)), reason), record.id)
             logger.warning("skipping record %s: %s", record.id, reason)
             continue
@@ -353,9 +363,9 @@ class _Rows:
         per_token: list[dict[str, torch.Tensor]] = [{} for _ in items]
         image_inputs: dict[str, torch.Tensor] = {}
         with_image = [row for row, item in enumerate(items) if item.get("image") is not None]
-        if with_image and encoder is None:
-            raise ValueError("a collator for examples with images needs the encoder (processor)")
         if with_image:
+            if encoder is None:
+                raise ValueError("a collator for examples with images needs the encoder (processor)")
             output = encoder.process_prompts([items[row]["example"].prompt_text for row in with_image], [items[row]["image"] for row in with_image])
             width = output["input_ids"].shape[1]
             for position, row in enumerate(with_image):
@@ -446,10 +456,11 @@ class PreferenceCollator:
                 source_ids[row, slot] = self.sources.index(source) if source in self.sources else len(self.sources)
         batch["rejected_source_ids"] = source_ids
         batch["rejected_mask"] = source_ids >= 0
-        if all(example.reference_logps is not None for example in examples):
+        reference_logps = [example.reference_logps for example in examples if example.reference_logps is not None]
+        if len(reference_logps) == len(examples):
             reference = torch.zeros(len(examples), 1 + max_rejected)
-            for row, example in enumerate(examples):
-                reference[row, : len(example.reference_logps)] = torch.tensor(example.reference_logps)
+            for row, logps in enumerate(reference_logps):
+                reference[row, : len(logps)] = torch.tensor(logps)
             batch["reference_chosen_logps"] = reference[:, 0]
             batch["reference_rejected_logps"] = reference[:, 1:]
         return batch
@@ -565,7 +576,7 @@ class PreferenceCollator:
         rows: list[tuple[int, int]] = []  # (item index, response slot)
         for item_index, item in enumerate(items):
             responses = item["example"].responses
-            pairs = [(0, slot) for slot in range(1, len(responses))] or [(0,)]  # no rejected: chosen alone
+            pairs: list[tuple[int, ...]] = [(0, slot) for slot in range(1, len(responses))] or [(0,)]  # no rejected: chosen alone
             for pair in pairs:
                 rows.extend((item_index, response_slot) for response_slot in pair)
         return self._sequence_rows(items, rows)

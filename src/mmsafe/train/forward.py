@@ -45,12 +45,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from mmsafe.train.data import PAD_SEGMENT
+from mmsafe.train.data import PAD_SEGMENT, ForwardMode, as_forward_mode
 from mmsafe.train.losses import chunked_token_logprobs, sequence_logprobs, token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def chunked_head(model: Any) -> Any | None:
 
 
 @contextlib.contextmanager
-def head_inputs(head: Any):
+def head_inputs(head: Any) -> Iterator[list[torch.Tensor]]:
     """Collect the hidden states the output layer is called on, and let it run on none of them.
 
     The model's forward then returns empty logits; the caller scores the collected
@@ -299,7 +300,8 @@ def score_prompt_cache(model: Any, batch: dict[str, Any], *, average: bool = Fal
     padded = total = 0.0
     width = batch["rejected_mask"].shape[1]
     for row in batch["prompt_cache_rows"]:
-        with head_inputs(head) if head is not None else contextlib.nullcontext([]) as captured:
+        capture: contextlib.AbstractContextManager[list[torch.Tensor]] = head_inputs(head) if head is not None else contextlib.nullcontext([])
+        with capture as captured:
             prompt_output = model(**row["prompt"], use_cache=True, **keep_last)
         cache = getattr(prompt_output, "cache", None) or getattr(prompt_output, "past_key_values", None)
         if cache is None:
@@ -326,7 +328,7 @@ def score_prompt_cache(model: Any, batch: dict[str, Any], *, average: bool = Fal
             else:  # back to the prompt: drop the last batch's tokens, one prompt row per response
                 cache.crop(-(cache.get_seq_length() - prompt_length))
                 cache.batch_select_indices(torch.zeros(len(group), dtype=torch.long, device=labels.device))
-            if head is not None:
+            if head is not None and prompt_hidden is not None:
                 with head_inputs(head) as captured:
                     model(**responses, **{cache_argument: cache}, use_cache=True)
                 hidden = torch.cat([prompt_hidden.expand(len(group), 1, -1), _only(captured)[:, :-1]], dim=1)  # [n, R, H]: predicts labels
@@ -430,7 +432,7 @@ def architecture_name(model: Any) -> str:
 
 def select_forward_mode(
     model: Any, collator: Any, items: list[dict[str, Any]], requested: str, *, gradient_checkpointing: bool = False
-) -> tuple[str, ExactnessCheck]:
+) -> tuple[ForwardMode, ExactnessCheck]:
     """The scoring path to use for ``model``, checked on ``items`` (a few of the user's examples).
 
     ``auto``: the packed ``shared-prefix`` row where the architecture allows it and it is
@@ -445,7 +447,7 @@ def select_forward_mode(
 
     cache_allowed = (False, "gradient checkpointing (which turns the key/value cache off)") if gradient_checkpointing else prompt_cache_supported(model)
     if requested == "auto":
-        candidates = [("shared-prefix", packed_rows_allowed(model, collator, items)), ("prompt-cache", cache_allowed)]
+        candidates: list[tuple[ForwardMode, tuple[bool, str]]] = [("shared-prefix", packed_rows_allowed(model, collator, items)), ("prompt-cache", cache_allowed)]
         for mode, (supported, reason) in candidates:
             if not supported:
                 logger.info("scoring path: not %s (%s has %s)", mode, architecture_name(model), reason)
@@ -470,7 +472,7 @@ def select_forward_mode(
             f"scoring by {check.max_difference:.3g} per token (tolerance {check.tolerance:.2g}); use forward_mode auto or per-response"
         )
     logger.info("scoring path: %s, exact here: %.2g <= %.2g per token", requested, check.max_difference, check.tolerance)
-    return requested, check
+    return as_forward_mode(requested), check
 
 
 def packed_rows_allowed(model: Any, collator: Any, items: list[dict[str, Any]]) -> tuple[bool, str]:

@@ -209,7 +209,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def forward(ctx, hidden, weight, bias, labels, chunk):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, labels, chunk):
         # float32 under any autocast: the same numbers whether or not the caller runs in mixed precision
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
@@ -224,7 +224,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -246,7 +246,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None if grad_bias is None or bias is None else grad_bias.to(bias.dtype),
             None,
             None,
         )

@@ -263,8 +263,14 @@ def preference_metrics(policy: ResponseLogProbs, result: PreferenceLoss, source_
     return values
 
 
+class ObjectiveClass(Protocol):
+    """An objective's class: it builds the objective from the training config."""
+
+    def from_config(self, config: Any) -> Objective: ...
+
+
 #: The objective each ``loss:`` name stands for.
-OBJECTIVES: dict[str, type] = {"sft": SupervisedObjective, "dpo": DPOObjective, "bpo": BPOObjective}
+OBJECTIVES: dict[str, ObjectiveClass] = {"sft": SupervisedObjective, "dpo": DPOObjective, "bpo": BPOObjective}
 
 
 def objective_for(config: Any) -> Objective:

@@ -21,12 +21,12 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from mmsafe.errors import DataError
-from mmsafe.train.data import PreferenceCollator, PreferenceDataset, TokenizedExample
+from mmsafe.train.data import PreferenceCollator, TokenizedExample
 from mmsafe.train.forward import ResponseLogProbs, score_batch, unwrap
 from mmsafe.train.scoring import ScoringStats, batch_row_length, length_grouped_batches, score_examples, scoring_batches  # noqa: F401 (their home was here)
 
@@ -285,9 +285,17 @@ PrecomputeStats = ScoringStats
 
 
 @torch.no_grad()
+class IndexedItems(Protocol):
+    """The collator's items by position: a :class:`PreferenceDataset` or a part of one."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
 def precompute_reference(
     model: Any,
-    dataset: PreferenceDataset,
+    dataset: IndexedItems,
     collator: PreferenceCollator,
     *,
     batch_size: int = 4,
@@ -296,6 +304,8 @@ def precompute_reference(
     group_by_length: bool = True,
 ) -> dict[str, list[float]]:
     """Score every example with ``model`` (the starting weights): {id: [chosen, rejected...]}.
+
+    ``dataset``: a :class:`PreferenceDataset`, or a part of its items (one process's share).
 
     The loop is :func:`mmsafe.train.scoring.score_examples`. With ``group_by_length`` the
     examples are batched by length (see :func:`length_grouped_batches`), so batches carry

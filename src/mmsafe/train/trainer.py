@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -30,6 +30,7 @@ from mmsafe.models.recipe import build_recipe, model_dtype, save_recipe
 from mmsafe.models.structure import prompt_cache_supported
 from mmsafe.train.config import TrainConfig
 from mmsafe.train.data import (
+    ForwardMode,
     PreferenceCollator,
     PreferenceDataset,
     PreferenceEncoder,
@@ -117,7 +118,7 @@ class PreferenceTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.preference_config = config
-        self.objective = objective if objective is not None else config.objective()
+        self.objective: Objective = objective if objective is not None else config.objective()
         self.sources = list(sources)
         self.reference = reference
         # The loss is a mean over examples, not over tokens: let the Trainer divide it by
@@ -135,7 +136,7 @@ class PreferenceTrainer(Trainer):
         disk left it empty and every later resume failed on it.
         """
         state = self.state
-        state.save_to_json = functools.partial(save_trainer_state, state)  # an instance attribute, not a field: not saved
+        state.save_to_json = functools.partial(save_trainer_state, state)  # type: ignore[method-assign]  # an instance attribute, not a field: not saved
         try:
             super()._save_checkpoint(model, trial)
         finally:
@@ -177,7 +178,8 @@ class PreferenceTrainer(Trainer):
         """
         super().save_model(output_dir, _internal_call)
         if self.input_recipe is not None and self.args.should_save:
-            save_recipe(self.input_recipe, output_dir if output_dir is not None else self.args.output_dir)
+            # TrainingArguments fills in output_dir when it is not given
+            save_recipe(self.input_recipe, output_dir if output_dir is not None else cast(str, self.args.output_dir))
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         """Examples of similar length batched together (``group_by_length``), in an order fixed per epoch by the seed."""
@@ -631,7 +633,7 @@ def _gather(value: Any) -> list[Any]:
     return gathered
 
 
-def choose_forward_mode(config: TrainConfig, model: Any, dataset: PreferenceDataset, collator: PreferenceCollator) -> str:
+def choose_forward_mode(config: TrainConfig, model: Any, dataset: PreferenceDataset, collator: PreferenceCollator) -> ForwardMode:
     """The scoring path for this run, checked on a few of its examples (see :func:`select_forward_mode`).
 
     The examples checked are the first ones of different prompt lengths, so padding is

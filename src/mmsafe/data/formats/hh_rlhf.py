@@ -22,14 +22,14 @@ from pathlib import Path
 
 from mmsafe.data.formats.base import Format, Item, first_object
 from mmsafe.data.reading import read_json_lines, strict
-from mmsafe.data.records import Message, PreferenceRecord
+from mmsafe.data.records import Message, PreferenceRecord, Role
 from mmsafe.errors import DataError
 
 HUMAN = "\n\nHuman: "
 ASSISTANT = "\n\nAssistant: "
 # The space after the colon is missing when a turn is empty (a dialogue ending "Assistant:").
 _TURN = re.compile(r"\n\n(Human|Assistant):(?: |(?=\n)|$)")
-_ROLES = {"Human": "user", "Assistant": "assistant"}
+_ROLES: dict[str, Role] = {"Human": "user", "Assistant": "assistant"}
 #: What joins two consecutive turns of one speaker when they are merged.
 MERGE_SEPARATOR = "\n\n"
 

@@ -186,7 +186,7 @@ class LlamaGuardJudge:
                 preprocessor = transformers.AutoTokenizer.from_pretrained(self.model, trust_remote_code=self.trust_remote_code)
         except (OSError, ValueError) as error:
             raise ModelError(f"llama-guard: cannot load {self.model}: {error}") from None
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers wraps .to in functools.wraps, which mypy does not bind to the instance
         model.eval()
         self._loaded = (model, preprocessor, vision)
         return self._loaded

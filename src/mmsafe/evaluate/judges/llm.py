@@ -74,7 +74,7 @@ def load_rubric(name: str, version: int = 1) -> str:
 
 def is_advice_scenario(category: str | None) -> bool:
     """True for MM-SafetyBench scenarios 08 and 10-13 (``"10-Legal_Opinion"``, ...)."""
-    return bool(category) and category.split("-", 1)[0] in ADVICE_SCENARIOS
+    return category is not None and category.split("-", 1)[0] in ADVICE_SCENARIOS
 
 
 def scenario_number(category: str | None) -> str | None:
@@ -127,8 +127,8 @@ def fill_rubric(rubric: str, values: dict[str, str], *, fenced: tuple[str, ...] 
             tag = match.group(1)
             fence = _fence_tag(tag, values[slot])
             if fence != tag:
-                fenced = match.group(0).replace(f"<{tag}>", f"<{fence}>").replace(f"</{tag}>", f"</{fence}>")
-                rubric = rubric[: match.start()] + fenced + rubric[match.end() :]
+                fenced_block = match.group(0).replace(f"<{tag}>", f"<{fence}>").replace(f"</{tag}>", f"</{fence}>")
+                rubric = rubric[: match.start()] + fenced_block + rubric[match.end() :]
 
     def value(match: re.Match[str]) -> str:
         name = match.group(1)

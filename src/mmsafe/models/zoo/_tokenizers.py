@@ -15,7 +15,7 @@ one neither prepends nor splits. Tests that use only one form hide the others' t
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from mmsafe.models.tiny import _BASE_CORPUS
 
@@ -69,7 +69,7 @@ def train_tokenizer(
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos_id)]
         )
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if unk_token is not None:
         kwargs["unk_token"] = unk_token
     if bos_token is not None:
@@ -109,7 +109,9 @@ def _sentencepiece_bpe(form: TokenizerForm, lines: list[str], special_tokens: Se
     pieces = [piece for piece, _ in learned if piece not in special_tokens]
     ordered = [*special_tokens, *(f"<0x{value:02X}>" for value in range(256)), *pieces]
     vocab = {piece: index for index, piece in enumerate(ordered)}
-    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in state["model"]["merges"]]
+    # each merge is "left right" (older tokenizers) or [left, right]
+    pairs = (merge.split(" ") if isinstance(merge, str) else merge for merge in state["model"]["merges"])
+    merges = [(left, right) for left, right in pairs]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk_token, byte_fallback=True, fuse_unk=True))
     tokenizer.add_special_tokens(list(special_tokens))
     if form == "llama-legacy":

@@ -126,7 +126,7 @@ def build_gemma3(out_dir: Path, seed: int) -> None:
         image_seq_length=mm_tokens_per_image,
     )
 
-    config = Gemma3Config(
+    config = Gemma3Config(  # type: ignore[call-arg]  # transformers configs take extra keys (**kwargs) their typed fields do not list
         text_config={
             "model_type": "gemma3_text",
             "vocab_size": len(tokenizer),
@@ -223,12 +223,12 @@ def build_paligemma2(out_dir: Path, seed: int) -> None:
         rescale_factor=1 / 255,
         do_normalize=True,
     )
-    image_processor.image_seq_length = image_seq_length  # PaliGemmaProcessor reads it from here
+    image_processor.image_seq_length = image_seq_length  # type: ignore[attr-defined]  # not declared; PaliGemmaProcessor reads it from here
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in specials}
 
     hidden = 64
-    config = PaliGemmaConfig(
+    config = PaliGemmaConfig(  # type: ignore[call-arg]  # transformers configs take extra keys (**kwargs) their typed fields do not list
         text_config={
             "model_type": "gemma2",
             "vocab_size": len(tokenizer),

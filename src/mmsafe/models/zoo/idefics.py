@@ -107,7 +107,7 @@ def build_idefics3(out_dir: Path, seed: int) -> None:
     bos_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
     eos_id = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
     pad_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = Idefics3Config(
+    config = Idefics3Config(  # type: ignore[call-arg]  # transformers configs take extra keys (**kwargs) their typed fields do not list
         text_config={
             "model_type": "llama",
             "vocab_size": vocab_size,

@@ -220,7 +220,7 @@ def build_llava_15(out_dir: Path, seed: int) -> None:
         image_token="<image>",
         num_additional_image_tokens=1,  # the CLIP class token, dropped by the "default" strategy
     )
-    text = LlamaConfig(
+    text = LlamaConfig(  # type: ignore[call-arg]  # transformers configs take extra keys (**kwargs) their typed fields do not list
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -282,7 +282,7 @@ def build_llava_next(out_dir: Path, seed: int) -> None:
         image_token="<image>",
         num_additional_image_tokens=1,
     )
-    text = MistralConfig(
+    text = MistralConfig(  # type: ignore[call-arg]  # transformers configs take extra keys (**kwargs) their typed fields do not list
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -381,7 +381,7 @@ def build_llava_onevision(out_dir: Path, seed: int) -> None:
         layer_norm_eps=1e-6,
         vision_use_head=False,
     )
-    text = Qwen2Config(
+    text = Qwen2Config(  # type: ignore[call-arg]  # transformers configs take extra keys (**kwargs) their typed fields do not list
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,

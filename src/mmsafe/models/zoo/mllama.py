@@ -143,7 +143,7 @@ def build_mllama(out_dir: Path, seed: int) -> None:
 
     vision_hidden = 32
     intermediate_layers_indices = [0]
-    config = MllamaConfig(
+    config = MllamaConfig(  # type: ignore[call-arg]  # transformers configs take extra keys (**kwargs) their typed fields do not list
         vision_config={
             "hidden_size": vision_hidden,
             "hidden_act": "gelu",

@@ -26,6 +26,7 @@ The image processors are scaled down through ``min_pixels``/``max_pixels`` only:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict
 
 # The Qwen2 tokenizer's special tokens, in their real order (ids 151643...151656).
 QWEN_SPECIAL_TOKENS = [
@@ -175,7 +176,14 @@ def _generation_config(model, ids: dict[str, int]) -> None:
     model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
 
 
-def _special_ids(ids: dict[str, int]) -> dict[str, int]:
+class _SpecialIds(TypedDict):
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+
+
+def _special_ids(ids: dict[str, int]) -> _SpecialIds:
     return {
         "image_token_id": ids["<|image_pad|>"],
         "video_token_id": ids["<|video_pad|>"],
