@@ -18,3 +18,18 @@ def tiny_model_dir(tmp_path_factory):
     from mmsafe.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One run of ``mmsafe demo`` for the whole session (the slow demo tests share it): (out folder, what it printed)."""
+    import contextlib
+    import io
+
+    from mmsafe.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--out", str(out)]) == 0
+    return out, printed.getvalue()

@@ -8,8 +8,6 @@ independent of the judge.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import json
 import re
@@ -62,15 +60,9 @@ def test_the_checker_flags_repeated_phrases_and_passes_fluent_sentences():
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """One run of ``mmsafe demo``: (out folder, what it printed)."""
-    from mmsafe.cli import main
-
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main(["demo", "--out", str(out)]) == 0
-    return out, printed.getvalue()
+def demo(demo_run):
+    """The session's one run of ``mmsafe demo`` (tests/conftest.py): (out folder, what it printed)."""
+    return demo_run
 
 
 def _responses(out, model: str) -> dict[str, str]:

@@ -116,12 +116,9 @@ def test_run_killed_in_training_resumes_from_checkpoint_and_a_finished_run_does_
 
 
 @pytest.mark.slow
-def test_demo_trains_dpo_and_bpo_above_the_base_on_held_out_records(tmp_path, capsys):
-    from mmsafe.cli import main
-
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
-    printed = capsys.readouterr().out
-    summary = json.loads((tmp_path / "demo" / "report" / "summary.json").read_text())
+def test_demo_trains_dpo_and_bpo_above_the_base_on_held_out_records(demo_run):
+    out, printed = demo_run  # the session's one demo run, shared with tests/test_demo_behaviour.py
+    summary = json.loads((out / "report" / "summary.json").read_text())
     rates = {row["model"]: row["summary"]["safe_rate"] for row in summary["results"]}
     assert set(rates) == {"base", "dpo", "bpo"}
     assert all(rate["total"] == 24 for rate in rates.values())  # the held-out test split
@@ -135,6 +132,6 @@ def test_demo_trains_dpo_and_bpo_above_the_base_on_held_out_records(tmp_path, ca
     for model in ("base", "dpo", "bpo"):
         assert f"\n{model} " in printed
     assert "95% interval" in printed and "report.html" in printed
-    assert (tmp_path / "demo" / "report" / "report.html").exists()
-    config = load_pipeline_config(tmp_path / "demo" / "run_config.yaml")
+    assert (out / "report" / "report.html").exists()
+    config = load_pipeline_config(out / "run_config.yaml")
     assert config.teach.enabled and config.train.methods == ["dpo", "bpo"]
