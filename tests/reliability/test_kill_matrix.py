@@ -17,6 +17,7 @@ import json
 import os
 import random
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -58,6 +59,9 @@ def _child(argv: list, log: Path) -> int:
             output = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             os.dup2(output, 1)
             os.dup2(output, 2)
+            # pytest's capture replaced sys.stdout/sys.stderr with its own files: write to the log instead
+            sys.stdout = open(1, "w", buffering=1, encoding="utf-8", closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", buffering=1, encoding="utf-8", closefd=False)  # noqa: SIM115
             from mmsafe.cli import main
 
             code = main([str(part) for part in argv])
@@ -66,6 +70,8 @@ def _child(argv: list, log: Path) -> int:
 
             traceback.print_exc()
         finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(code)
     return pid
 

@@ -8,6 +8,7 @@ import contextlib
 import inspect
 import json
 import logging
+import re
 import shutil
 import socket
 import threading
@@ -513,4 +514,5 @@ def test_report_and_llm_judge_never_show_an_image_from_outside(case, tmp_path):
     )
     assert reported.code == 0 and "Traceback" not in reported.stderr, reported.describe()
     html = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
-    assert html.count("<img ") == 1  # r0's own image only
+    assert html.count('<img class="thumb"') == 1  # r0's own image only (the other <img> tags are the inline plots)
+    assert all(src.startswith("data:image/") for src in re.findall(r'<img [^>]*src="([^"]+)"', html))  # nothing read from a path

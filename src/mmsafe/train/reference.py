@@ -284,7 +284,6 @@ def _finite_number(value: Any) -> bool:
 PrecomputeStats = ScoringStats
 
 
-@torch.no_grad()
 class IndexedItems(Protocol):
     """The collator's items by position: a :class:`PreferenceDataset` or a part of one."""
 
@@ -293,6 +292,7 @@ class IndexedItems(Protocol):
     def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
+@torch.no_grad()
 def precompute_reference(
     model: Any,
     dataset: IndexedItems,
