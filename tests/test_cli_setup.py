@@ -149,7 +149,7 @@ def test_probe_writes_progress_lines_to_a_log_that_is_not_a_terminal(tiny_model_
 @pytest.mark.parametrize("signal_number, name, code", [(signal.SIGINT, "Ctrl-C", 130), (signal.SIGTERM, "SIGTERM", 143)])
 def test_an_interrupted_generate_says_what_was_saved_and_how_to_resume(signal_number, name, code, tiny_model_dir, sample, tmp_path):
     out = tmp_path / "out dir" / "responses.jsonl"  # a space: the resume command must quote it
-    args = ["generate", "--model", str(tiny_model_dir), "--data", str(_records(sample)), "--out", str(out), "--batch-size", "1", "--max-new-tokens", "48", "--min-new-tokens", "48"]
+    args = ["generate", "--model", str(tiny_model_dir), "--data", str(_records(sample)), "--out", str(out), "--batch-size", "1", "--max-new-tokens", "128", "--min-new-tokens", "128"]
     process = subprocess.Popen([sys.executable, "-m", "mmsafe", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "MMSAFE_PROGRESS": "0"})
     try:
         deadline = time.monotonic() + 300
