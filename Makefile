@@ -59,7 +59,7 @@ browser:
 	  else echo "chromium not found: browser tests will be skipped (install Debian's chromium to run them)"; fi; }
 
 test: $(DEV) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2  # two workers (pytest-xdist): the suite is mostly single-threaded
 
 lint: $(DEV)
 	$(BIN)/ruff check src tests benchmarks

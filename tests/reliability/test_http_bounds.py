@@ -178,15 +178,18 @@ def huge_body(connection, request, server) -> None:
     connection.sendall(b"0\r\n\r\n")
 
 
-#: Runs the CLI and writes the process's own peak RSS (KiB on Linux) next to it, however it ends.
+#: Runs the CLI and writes the process's own peak RSS (KiB) next to it, however it ends:
+#: ``VmHWM``, the peak of this program's memory. (``ru_maxrss`` would not do: Linux carries
+#: it over from the forked copy of the parent, a test process that may hold 1 GB itself.)
 _REPORT_PEAK = """
-import resource, sys
+import sys
 from pathlib import Path
 from mmsafe.cli import main
 try:
     code = main(sys.argv[2:])
 finally:
-    Path(sys.argv[1]).write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    status = Path("/proc/self/status").read_text()
+    Path(sys.argv[1]).write_text(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
 sys.exit(code)
 """
 

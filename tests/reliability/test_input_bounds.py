@@ -4,7 +4,7 @@ Each input here is a few hundred bytes that used to cost gigabytes or hours: a P
 claims 60,000 x 1 pixels (squared for padding: 60,000 x 60,000 x 3 bytes = 10.8 GB), a
 YAML of nested aliases that expands to 10^9 values, a chat template that loops 10^10
 times. The CLI runs in a child process where memory or a hang is at stake: its own peak
-memory comes from ``os.wait4`` (``ru_maxrss``, KiB on Linux), and a hang is a timeout.
+memory is the peak the child reports of itself at exit (``VmHWM``), and a hang is a timeout.
 """
 
 from __future__ import annotations
@@ -46,20 +46,42 @@ def _limit_address_space() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (CHILD_ADDRESS_SPACE, CHILD_ADDRESS_SPACE))
 
 
+#: Runs ``python -m MODULE ...`` or ``python -c SCRIPT ...`` and, at exit, writes the
+#: program's own peak RSS (``VmHWM``, KiB). ``ru_maxrss`` would not do: Linux carries it
+#: over from the forked copy of the parent, a test process that may hold 1 GB itself.
+_REPORT_PEAK = """
+import atexit, runpy, sys
+from pathlib import Path
+
+def _peak():
+    status = Path("/proc/self/status").read_text()
+    Path(PEAK).write_text(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+
+PEAK, mode, target, rest = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+atexit.register(_peak)
+if mode == "-m":
+    sys.argv = [target, *rest]
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    sys.argv = ["-c", *rest]
+    exec(compile(target, "<string>", "exec"), {"__name__": "__main__"})
+"""
+
+
 def run_child(argv: list, folder: Path, *, timeout: float = CHILD_TIMEOUT_S) -> tuple[int, str, int]:
-    """Run ``argv`` (after ``python``) in a child: ``(exit code, stderr, peak RSS in KiB)``."""
+    """Run ``argv`` (``-m module ...`` or ``-c script ...``, after ``python``) in a child: ``(exit code, stderr, peak RSS in KiB)``."""
     folder.mkdir(parents=True, exist_ok=True)
-    out, err = folder / "stdout.txt", folder / "stderr.txt"
+    out, err, peak = folder / "stdout.txt", folder / "stderr.txt", folder / "peak_kib.txt"
     with out.open("wb") as stdout, err.open("wb") as stderr:
-        child = subprocess.Popen([sys.executable, *map(str, argv)], stdout=stdout, stderr=stderr, env=_child_env(), preexec_fn=_limit_address_space)
+        child = subprocess.Popen([sys.executable, "-c", _REPORT_PEAK, str(peak), *map(str, argv)], stdout=stdout, stderr=stderr, env=_child_env(), preexec_fn=_limit_address_space)
     timer = threading.Timer(timeout, child.kill)  # a stuck child is killed, not waited on forever
     timer.start()
     try:
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not every child's
+        child.wait()
     finally:
         timer.cancel()
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, err.read_text(encoding="utf-8", errors="replace"), usage.ru_maxrss
+    peak_kib = int(peak.read_text()) if peak.is_file() else 10**9  # killed before it could say: count it as too much
+    return child.returncode, err.read_text(encoding="utf-8", errors="replace"), peak_kib
 
 
 def _records_with_image(folder: Path, image_name: str, size: tuple[int, int], mode: str = "RGB") -> Path:
