@@ -150,7 +150,13 @@ def test_probe_writes_progress_lines_to_a_log_that_is_not_a_terminal(tiny_model_
 def test_an_interrupted_generate_says_what_was_saved_and_how_to_resume(signal_number, name, code, tiny_model_dir, sample, tmp_path):
     out = tmp_path / "out dir" / "responses.jsonl"  # a space: the resume command must quote it
     args = ["generate", "--model", str(tiny_model_dir), "--data", str(_records(sample)), "--out", str(out), "--batch-size", "1", "--max-new-tokens", "128", "--min-new-tokens", "128"]
-    process = subprocess.Popen([sys.executable, "-m", "mmsafe", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "MMSAFE_PROGRESS": "0"})
+    # As from a terminal: SIGINT at its default. (A test run started in the background by a
+    # non-interactive shell ignores SIGINT, children inherit that, and Python then never turns
+    # Ctrl-C into KeyboardInterrupt.)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mmsafe", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "MMSAFE_PROGRESS": "0"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and process.poll() is None:
