@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmsafe.data.formats.base import first_object, iter_json_lines
+from mmsafe.data.formats.base import first_object
 from mmsafe.data.formats.hh_rlhf import TextPreference, dataset_stem, iter_hh_rlhf
 from mmsafe.data.jsonl import iter_lines
+from mmsafe.data.reading import read_json_lines
 from mmsafe.data.records import Message
 from mmsafe.errors import ConfigError, DataError
 
@@ -113,37 +114,29 @@ def _line_id(data: dict[str, Any], stem: str, line: int) -> str:
 def read_pku_saferlhf(path: Path) -> Iterator[SourceItem]:
     """PKU-SafeRLHF lines: the safer response is chosen, the other rejected."""
     file, stem = str(path), dataset_stem(path)
-    for item in iter_json_lines(path):
-        if isinstance(item, DataError):
-            yield item
-            continue
-        line, value = item
-        try:
-            data = _object(value, file=file, line=line, expected="prompt, response_0, response_1, safer_response_id")
-            prompt = _string_field(data, "prompt", file=file, line=line)
-            responses = [_string_field(data, f"response_{index}", file=file, line=line) for index in (0, 1)]
-            safer = data.get("safer_response_id")
-            if safer not in (0, 1) or isinstance(safer, bool):
-                raise DataError(f"expected 0 or 1, got {safer!r}", file=file, record=f"line {line}", field="safer_response_id")
-            yield TextPreference(id=_line_id(data, stem, line), messages=[Message("user", prompt)], chosen=responses[safer], rejected=responses[1 - safer], line=line)
-        except DataError as error:
-            yield error
+
+    def parse(line: int, value: Any) -> TextPreference:
+        data = _object(value, file=file, line=line, expected="prompt, response_0, response_1, safer_response_id")
+        prompt = _string_field(data, "prompt", file=file, line=line)
+        responses = [_string_field(data, f"response_{index}", file=file, line=line) for index in (0, 1)]
+        safer = data.get("safer_response_id")
+        if safer not in (0, 1) or isinstance(safer, bool):
+            raise DataError(f"expected 0 or 1, got {safer!r}", file=file, record=f"line {line}", field="safer_response_id")
+        return TextPreference(id=_line_id(data, stem, line), messages=[Message("user", prompt)], chosen=responses[safer], rejected=responses[1 - safer], line=line)
+
+    return read_json_lines(path, parse)
 
 
 def read_prompt_jsonl(path: Path) -> Iterator[SourceItem]:
     """Any JSONL whose lines hold ``prompt``, ``chosen`` and ``rejected`` strings."""
     file, stem = str(path), dataset_stem(path)
-    for item in iter_json_lines(path):
-        if isinstance(item, DataError):
-            yield item
-            continue
-        line, value = item
-        try:
-            data = _object(value, file=file, line=line, expected="prompt, chosen, rejected")
-            prompt, chosen, rejected = (_string_field(data, name, file=file, line=line) for name in ("prompt", "chosen", "rejected"))
-            yield TextPreference(id=_line_id(data, stem, line), messages=[Message("user", prompt)], chosen=chosen, rejected=rejected, line=line)
-        except DataError as error:
-            yield error
+
+    def parse(line: int, value: Any) -> TextPreference:
+        data = _object(value, file=file, line=line, expected="prompt, chosen, rejected")
+        prompt, chosen, rejected = (_string_field(data, name, file=file, line=line) for name in ("prompt", "chosen", "rejected"))
+        return TextPreference(id=_line_id(data, stem, line), messages=[Message("user", prompt)], chosen=chosen, rejected=rejected, line=line)
+
+    return read_json_lines(path, parse)
 
 
 def read_hh_rlhf_merged(path: Path) -> Iterator[SourceItem]:
