@@ -117,20 +117,19 @@ def read_prompt_set(path: str | Path, *, image_root: str | Path | None = None) -
     Ids must be unique (outputs are keyed by id). The first bad line raises a DataError
     naming the file, the record and the field.
     """
+    from mmsafe.data.inputs import PROMPT_SET_FORMAT, UniqueIds, default_image_root
     from mmsafe.data.jsonl import read_jsonl
 
     path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
+    root = default_image_root(path, image_root, format_name=PROMPT_SET_FORMAT)
     items: list[BenchmarkItem] = []
-    seen: set[str] = set()
+    ids = UniqueIds(file=str(path))
     for line_number, data in read_jsonl(path):
         try:
             item = parse_prompt_item(data, record=f"line {line_number}", image_root=root)
         except DataError as error:
             raise error.at(file=str(path)) from None
-        if item.id in seen:
-            raise DataError("duplicate id; ids must be unique to match responses to prompts", file=str(path), record=item.id, field="id")
-        seen.add(item.id)
+        ids.check(item.id)
         items.append(item)
     if not items:
         raise DataError("no prompts in the file (expected one JSON object per line with id, messages, image)", file=str(path))

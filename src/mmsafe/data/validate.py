@@ -13,11 +13,9 @@ from pathlib import Path
 from mmsafe.data.formats import detect_format, get_format
 from mmsafe.data.formats.base import FileReadError
 from mmsafe.data.images import DEFAULT_MAX_PIXELS, check_image_path, load_image
-from mmsafe.errors import DataError, ImageError
+from mmsafe.data.inputs import EMBEDDED_IMAGE_FORMATS, UniqueIds, default_image_root
+from mmsafe.errors import ConfigError, DataError, ImageError
 from mmsafe.progress import track
-
-# Formats whose images are embedded in the file rather than named paths on disk.
-_EMBEDDED_IMAGE_FORMATS = ("hf",)
 
 
 @dataclass
@@ -62,10 +60,16 @@ def validate_file(
     except DataError as error:
         report.problems.append(error.at(file=file))
         return report
-    check_files = report.format_name not in _EMBEDDED_IMAGE_FORMATS
-    root = Path(image_root) if image_root is not None else Path(path).parent
-    report.image_root = str(root) if check_files else None
-    first_seen: dict[str, int] = {}
+    # Embedded images (hf) are not files on disk: only their names are checked.
+    root: Path | None = None
+    if report.format_name not in EMBEDDED_IMAGE_FORMATS:
+        try:
+            root = default_image_root(path, image_root, format_name=report.format_name)
+        except ConfigError as error:  # a damaged image-root sidecar: a problem in the report
+            report.problems.append(DataError(str(error), file=file))
+            return report
+    report.image_root = None if root is None else str(root)
+    ids = UniqueIds(file=file)
     image_problems: dict[str, ImageError | None] = {}
     for item in track(data_format.read_items(path), desc="validate", unit="record"):
         if isinstance(item, DataError):
@@ -75,13 +79,12 @@ def validate_file(
             continue
         report.total += 1
         record_problems = []
-        if item.id in first_seen:
-            record_problems.append(DataError(f"duplicate id (first used by record number {first_seen[item.id]})", file=file, record=item.id, field="id"))
-        else:
-            first_seen[item.id] = report.total
+        duplicate = ids.problem(item.id, report.total)
+        if duplicate is not None:
+            record_problems.append(duplicate)
         if item.image is not None:
             if item.image not in image_problems:
-                image_problems[item.image] = _check_image(root, item.image, check_files, max_pixels)
+                image_problems[item.image] = _check_image(root, item.image, max_pixels)
             problem = image_problems[item.image]
             if problem is not None:
                 record_problems.append(problem.at(file=file, record=item.id))
@@ -93,9 +96,10 @@ def validate_file(
     return report
 
 
-def _check_image(root: Path, relative: str, check_files: bool, max_pixels: int) -> ImageError | None:
+def _check_image(root: Path | None, relative: str, max_pixels: int) -> ImageError | None:
+    """The problem of one image under ``root``; with no root (embedded images) only its path is checked."""
     try:
-        if check_files:
+        if root is not None:
             load_image(root, relative, max_pixels=max_pixels).close()
         else:
             check_image_path(relative)

@@ -140,20 +140,10 @@ def load_mmsafe_po(path: str | Path, *, image_root: str | Path | None = None, fo
     embedded, it is ``images/`` beside the file (or inside the folder of shards), where
     the images are written once and read from.
     """
-    from mmsafe.data.formats import read_records
+    from mmsafe.data.inputs import open_inputs
 
-    path = Path(path)
-    embeds_images = path.suffix == ".parquet" or path.is_dir()
-    if image_root is not None:
-        root = Path(image_root)
-    elif embeds_images:
-        root = (path if path.is_dir() else path.parent) / "images"
-    else:
-        root = path.parent
-    records = read_records(path, format_name, image_dir=root if embeds_images else None)
-    items = [item_from_record(record, root) for record in records]
-    _check_unique(items, str(path))
-    return items
+    inputs = open_inputs(path, format_name=format_name, image_root=image_root)
+    return [item_from_record(record, inputs.image_root) for record in inputs.records]  # ids checked by open_inputs
 
 
 # ---------------------------------------------------------------- mm-safetybench
@@ -490,7 +480,10 @@ def load_spa_vl_harmeval(path: str | Path, *, image_dir: str | Path | None = Non
     path = Path(path)
     if not path.exists():
         raise DataError(f"not found (expected {_SPA_VL_LAYOUTS})", file=str(path))
-    root = Path(image_dir) if image_dir is not None else (path / "images" if path.is_dir() else path.parent / "images")
+    from mmsafe.data.inputs import default_image_root
+
+    root = default_image_root(path, image_dir, format_name="hf")  # embedded images: images/ beside the parquet
+    assert root is not None  # a path always has one
     writer = ImageWriter(root)
     items = []
     for index, (file, row) in enumerate(_spa_vl_rows(path)):
@@ -526,11 +519,9 @@ def _embedded_image_name(value: Any, writer: Any, record: str, file: str) -> str
 
 
 def _check_unique(items: list[BenchmarkItem], source: str) -> None:
-    seen: set[str] = set()
-    for item in items:
-        if item.id in seen:
-            raise DataError("duplicate id; ids must be unique to match responses to prompts", file=source, record=item.id, field="id")
-        seen.add(item.id)
+    from mmsafe.data.inputs import check_unique_ids
+
+    check_unique_ids(items, file=source)
 
 
 #: The loader keyword that an image folder given on the command line maps to (built-ins

@@ -1,6 +1,6 @@
 """Judge a responses file into a verdicts file, resumably and without judging twice.
 
-Verdicts are appended in batches through :class:`~mmsafe.data.jsonl.ResumableJsonlWriter`
+Verdicts are appended in batches through :class:`~mmsafe.data.resumable.ResumableOutput`
 keyed by ``(id, variant, judge)``: a rerun (after a crash, or with more responses) only
 judges what is missing, and one verdicts file can hold several judges' verdicts.
 
@@ -25,14 +25,13 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mmsafe.data.jsonl import ResumableJsonlWriter, parse_json_line, read_jsonl, write_jsonl
 from mmsafe.data.outputs import check_output_is_not_an_input
 from mmsafe.data.records import ResponseRecord, VerdictRecord, parse_messages, read_response_records
-from mmsafe.data.sidecar import content_hash, flatten, read_sidecar, settings_changes, write_yaml_atomic
+from mmsafe.data.resumable import ResumableOutput, stamp
+from mmsafe.data.sidecar import content_hash, flatten
 from mmsafe.errors import ConfigError, DataError, MmsafeError
 from mmsafe.evaluate.benchmarks import BenchmarkItem, load_prompts
 from mmsafe.evaluate.judges.base import Judge, JudgeInput
@@ -120,21 +119,11 @@ def judge_resume_settings(judge: Judge, extra: Mapping[str, Any] | None = None) 
     return json.loads(json.dumps(settings, default=str))
 
 
-def _write_config(path: Path, judge: Judge, settings: dict[str, Any], runs: dict[str, Any], resume: dict[str, Any]) -> None:
-    """Record this judge's run beside the verdicts (atomically); one entry per judge name."""
-    from mmsafe import __version__
-
-    runs = dict(runs)
-    runs[judge.name] = {**settings, "judge": describe_judge(judge), "resume": resume, "mmsafe_version": __version__, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_yaml_atomic(path, runs)
-
-
-def _complete_rows(path: Path) -> list[tuple[int, Any]]:
-    """``(line, row)`` of complete lines (a last line cut short is not one), without repairing the file."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
-    return [(number, parse_json_line(line, file=str(path), line_number=number)) for number, line in enumerate(lines, start=1) if line.strip()]
+def _sidecar(previous: Mapping[str, Any] | None, judge: Judge, settings: dict[str, Any], resume: dict[str, Any]) -> dict[str, Any]:
+    """The settings file beside the verdicts with this judge's run recorded; one entry per judge name."""
+    runs = dict(previous or {})
+    runs[judge.name] = stamp({**settings, "judge": describe_judge(judge), "resume": resume})
+    return runs
 
 
 def _read_responses(path: Path) -> list[ResponseRecord]:
@@ -145,31 +134,6 @@ def _read_responses(path: Path) -> list[ResponseRecord]:
             raise DataError(f"duplicate response for variant {response.variant!r}; one response per (id, variant) is expected", file=str(path), record=response.id, field="id")
         seen.add(response.key)
     return responses
-
-
-def _stale_verdicts(out_path: Path, judge_name: str, responses: list[ResponseRecord]) -> tuple[set[tuple[str, str]], int]:
-    """Keys whose verdict labels another response text than the current one, and how many verdicts have no response."""
-    hashes = {response.key: response_hash(response.response) for response in responses}
-    stale: set[tuple[str, str]] = set()
-    orphans = 0
-    for _, row in read_jsonl(out_path) if out_path.exists() else []:
-        if not isinstance(row, dict) or row.get("judge") != judge_name:
-            continue
-        key = (row.get("id"), row.get("variant", "default"))
-        cached = row.get("response_sha256")
-        if key not in hashes:
-            orphans += 1
-        elif cached is not None and cached != hashes[key]:
-            stale.add(key)
-    return stale, orphans
-
-
-def _drop_verdicts(out_path: Path, judge_name: str, keys: set[tuple[str, str]]) -> None:
-    rows = [row for _, row in read_jsonl(out_path)]
-    kept = [row for row in rows if not (isinstance(row, dict) and row.get("judge") == judge_name and (row.get("id"), row.get("variant", "default")) in keys)]
-    mode = out_path.stat().st_mode & 0o777
-    write_jsonl(out_path, kept)
-    out_path.chmod(mode)  # the rewrite goes through a private temporary file; keep the file's permissions
 
 
 def _judge_input(response: ResponseRecord, prompts: Mapping[str, BenchmarkItem] | None, responses_path: Path, image_root: Path | None) -> JudgeInput:
@@ -250,41 +214,37 @@ def judge_responses(
         "output": str(out_path),
     }
     current = judge_resume_settings(judge, {"benchmark": benchmark, "benchmark_options": dict(benchmark_options) if benchmark_options else None})
-    # Settings first, before anything touches the verdicts (not even a tail repair).
-    config_path = config_path_for(out_path)
-    previous = read_sidecar(config_path, output=out_path) or {}
-    entry = previous.get(judge.name)
-    old = entry.get("resume") if isinstance(entry, dict) else None
-    if isinstance(old, dict) and any(isinstance(row, dict) and row.get("judge") == judge.name for _, row in _complete_rows(out_path)):
-        changes = settings_changes(old, current)
-        if changes:
-            raise ConfigError(
-                f"{out_path}: already holds verdicts of judge {judge.name!r} made with other settings ({'; '.join(changes)}); "
-                "rerun with the same settings to resume, or write the verdicts to a new file"
-            )
-    writer = ResumableJsonlWriter(out_path, key=verdict_key)
-    if writer.repaired_bytes:
-        logger.warning("%s: removed a line cut short by an earlier crash (%d bytes)", out_path, writer.repaired_bytes)
-    stale, orphans = _stale_verdicts(out_path, judge.name, responses)
-    if stale:
-        _drop_verdicts(out_path, judge.name, stale)
-        writer = ResumableJsonlWriter(out_path, key=verdict_key)
-    _write_config(config_path, judge, settings, previous, current)
-    todo = [(response, item) for response, item in zip(responses, inputs, strict=True) if (response.id, response.variant, judge.name) not in writer]
-    counts: Counter[str] = Counter()
-    model_fallback = responses_path.stem
-    with progress(total=len(todo), desc=f"judge {judge.name}", unit="resp") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            verdicts = judge.judge([item for _, item in batch])
-            if len(verdicts) != len(batch):
-                raise MmsafeError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(batch)} responses")
-            rows = []
-            for (response, _), verdict in zip(batch, verdicts, strict=True):
-                extra = {"model": response.model or model_fallback, "response_sha256": response_hash(response.response), "protocol": judge_protocol(judge), **verdict.extra}
-                record = VerdictRecord(response.id, judge.name, verdict.verdict, response.variant, list(verdict.categories), verdict.raw, extra)
-                rows.append(record.to_dict())
-                counts[verdict.verdict] += 1
-            writer.write_batch(rows)
-            bar.update(len(batch))
-    return JudgeRunResult(out_path, judge.name, len(responses), sum(counts.values()), len(responses) - len(todo), dict(counts), redone=len(stale), not_in_input=orphans)
+    hashes = {(response.id, response.variant, judge.name): response_hash(response.response) for response in responses}
+    output = ResumableOutput(
+        out_path,
+        key=verdict_key,
+        scope=lambda row: row.get("judge") == judge.name,
+        settings=current,
+        sidecar=config_path_for(out_path),
+        settings_at=(judge.name, "resume"),
+        what=f"verdicts of judge {judge.name!r}",
+        advice="write the verdicts to a new file",
+        content_field="response_sha256",
+    ).open()
+    with output:
+        output.compare_inputs(hashes)
+        output.write_sidecar(_sidecar(output.previous, judge, settings, current))
+        todo = output.todo(zip(responses, inputs, strict=True), lambda pair: (pair[0].id, pair[0].variant, judge.name))
+        counts: Counter[str] = Counter()
+        model_fallback = responses_path.stem
+        with progress(total=len(todo), desc=f"judge {judge.name}", unit="resp") as bar:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                verdicts = judge.judge([item for _, item in batch])
+                if len(verdicts) != len(batch):
+                    raise MmsafeError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(batch)} responses")
+                rows = []
+                for (response, _), verdict in zip(batch, verdicts, strict=True):
+                    extra = {"model": response.model or model_fallback, "response_sha256": response_hash(response.response), "protocol": judge_protocol(judge), **verdict.extra}
+                    record = VerdictRecord(response.id, judge.name, verdict.verdict, response.variant, list(verdict.categories), verdict.raw, extra)
+                    rows.append(record.to_dict())
+                    counts[verdict.verdict] += 1
+                output.append(rows)
+                bar.update(len(batch))
+        output.close()
+    return JudgeRunResult(out_path, judge.name, len(responses), sum(counts.values()), len(responses) - len(todo), dict(counts), redone=len(output.stale), not_in_input=len(output.removed))

@@ -294,15 +294,15 @@ def evaluate_pairwise(
     """
     import json
 
+    from mmsafe.data.inputs import open_inputs
     from mmsafe.data.jsonl import write_jsonl
     from mmsafe.generate.hf_engine import HFEngine
-    from mmsafe.generate.runs import default_image_root, load_records
 
     unknown = [form for form in forms if form not in ("asked", "likelihood")]
     if unknown or not forms:
         raise ConfigError(f"forms: expected asked and/or likelihood, got {list(forms)!r}")
-    records = load_records(data)
-    root = default_image_root(data, image_root)
+    inputs = open_inputs(data, image_root=image_root)
+    records, root = inputs.records, inputs.image_root
     engine = HFEngine(model, dtype=dtype, device=device, batch_size=batch_size, prompt_style=prompt_style, image_mode=image_mode)
     report = PairwiseReport(model=str(model), records=len(records))
     out = Path(out_dir)

@@ -318,14 +318,6 @@ def plot_probe(result: ProbeResult, path: Path) -> None:
 # ---------------------------------------------------------------- the whole probe
 
 
-def _load_records(data: str | Path | Iterable[PreferenceRecord]) -> list[PreferenceRecord]:
-    # Outputs are keyed by record id: the shared loader refuses repeated ids and empty files.
-    # A prompt set (no responses) is probed too, when its items carry meta.text_prompt and mid_prompt.
-    from mmsafe.generate.runs import load_records
-
-    return load_records(data, prompt_sets=True)
-
-
 def run_probe(
     engine: Any,
     data: str | Path | Iterable[PreferenceRecord],
@@ -358,10 +350,11 @@ def run_probe(
         swap_pool: a folder of harmless images for ``swap`` (default: built-in pictures).
         seed: chooses the swap image of each record, and seeds the bootstrap.
     """
+    from mmsafe.data.inputs import open_inputs
     from mmsafe.evaluate.judges import get_judge
     from mmsafe.evaluate.judging import judge_responses
     from mmsafe.generate.engine import DecodingParams, GenerationRequest
-    from mmsafe.generate.runs import default_image_root, run_requests
+    from mmsafe.generate.runs import run_requests
 
     unknown = [variant for variant in variants if variant not in VARIANTS]
     if unknown or not variants:
@@ -375,10 +368,10 @@ def run_probe(
             raise ConfigError(f"variants: {getattr(engine, 'name', 'the model')} takes no prompt without an image, and only text-only variants were asked for")
     out = Path(out_dir)
     shown = out / "images"  # every image the model was shown, so judges and readers see it too
-    records = _load_records(data)
-    if limit is not None:
-        records = records[:limit]
-    root = default_image_root(data, image_root)
+    # Outputs are keyed by record id: open_inputs refuses repeated ids and empty files. A
+    # prompt set (no responses) is probed too, when its items carry meta.text_prompt and mid_prompt.
+    inputs = open_inputs(data, prompt_sets=True, limit=limit, image_root=image_root)
+    records, root = inputs.records, inputs.image_root
     usable, skipped = [], []
     for record in records:
         reason = probe_applicable(record)

@@ -19,17 +19,31 @@ settings (and, in ``blank`` mode, the image root) are checked against ``<out>.co
 a record whose prompt (or ``meta.text_prompt`` in ``text`` mode) changed is asked again. A
 record the engine could not answer leaves the records file unwritten and is listed in
 ``<out>.blind-responses.jsonl.failed.jsonl``; a rerun asks it again.
+
+The records file says where its images are, so the next stage needs no image root: when
+the image root was the data file's folder (the default) and every image lies under the
+output's folder, each ``image`` is rewritten relative to the output's folder
+(:func:`rebase_images`, which checks that each new path resolves, confined to the new
+root, to the same file as the old one did under the old root). Otherwise (the images lie
+elsewhere, a path is refused under its root, or an image root was given, which a caller
+may pass again to the next stage) the paths are kept and
+``<out>.image-root.yaml`` names the old root (:func:`mmsafe.data.inputs.write_image_root_sidecar`).
+An absolute path or one with ``..`` would be refused by the image-root confinement
+(:func:`mmsafe.data.images.resolve_image_path`), so neither is ever written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmsafe.data.conversations import prompt_messages, without_image, without_image_tokens
+from mmsafe.data.inputs import image_root_sidecar_path, open_inputs, write_image_root_sidecar
 from mmsafe.data.outputs import check_output_is_not_an_input
 from mmsafe.data.records import PreferenceRecord, read_response_records, write_records
 from mmsafe.errors import ConfigError, DataError, MmsafeError
@@ -37,8 +51,6 @@ from mmsafe.generate.engine import DecodingParams, Engine, GenerationRequest, re
 from mmsafe.generate.runs import (
     DEFAULT_BATCH_SIZE,
     config_path_for,
-    default_image_root,
-    load_records,
     record_input_hash,
     run_requests,
 )
@@ -67,7 +79,11 @@ class BlindSummary:
     release_rows_path: Path | None = None
     release_rows: int = 0
     image_root: Path | None = None
-    """Where the records' images are, when that is not the output's folder (train with this image_root)."""
+    """Where the records' images are, when that is not the output's folder (named in ``image_root_sidecar``)."""
+    image_root_sidecar: Path | None = None
+    """``<out>.image-root.yaml``, when it names :attr:`image_root`."""
+    images_rebased: bool = False
+    """Whether the image paths were rewritten relative to the output's folder."""
 
     def summary(self) -> str:
         text = (
@@ -78,8 +94,11 @@ class BlindSummary:
             text += f"; {len(self.empty)} empty blind answers not added (ids: {', '.join(self.empty[:5])}{', ...' if len(self.empty) > 5 else ''})"
         if self.release_rows_path is not None:
             text += f"; {self.release_rows} released-format rows written to {self.release_rows_path}"
+        if self.images_rebased:
+            text += f"; image paths rewritten relative to {self.out_path.parent}"
         if self.image_root is not None:
-            text += f"; image paths are relative to {self.image_root}: train with image_root={self.image_root}"
+            where = f" (named in {self.image_root_sidecar}, so later stages find them)" if self.image_root_sidecar is not None else ""
+            text += f"; image paths are relative to {self.image_root}{where}"
         return text
 
 
@@ -139,6 +158,42 @@ def add_blind_response(record: PreferenceRecord, response: str) -> PreferenceRec
     )
 
 
+def rebase_images(records: list[PreferenceRecord], image_root: str | Path, out_dir: str | Path) -> list[PreferenceRecord] | None:
+    """``records`` with each image path relative to ``out_dir`` instead of ``image_root``, or
+    None when some image cannot be named that way.
+
+    A new path is used only when it has no ``..`` (the image lies under ``out_dir``) and,
+    resolved under ``out_dir`` with the usual confinement, leads to the same real file as
+    the old path under ``image_root``: the records reach exactly the files they reached
+    before. A path refused under its own root (absolute, ``..``, a symlink out) gives None,
+    so the record keeps it and its root, and the next stage refuses it as before.
+    """
+    from mmsafe.data.images import resolve_image_path
+
+    out_dir = Path(out_dir)
+    rebased = []
+    for record in records:
+        if record.image is None:
+            rebased.append(record)
+            continue
+        try:
+            old = resolve_image_path(image_root, record.image)
+            relative = os.path.relpath(os.path.abspath(old), os.path.abspath(out_dir))
+        except (DataError, ValueError):  # refused under its root; or on another drive (Windows)
+            return None
+        if os.path.isabs(relative) or relative.split(os.sep)[0] == os.pardir:
+            return None
+        relative = Path(relative).as_posix()
+        try:
+            same = resolve_image_path(out_dir, relative).resolve() == old.resolve()
+        except DataError:
+            return None
+        if not same:
+            return None
+        rebased.append(dataclasses.replace(record, image=relative))
+    return rebased
+
+
 def make_blind(
     engine: Engine,
     data: str | Path | Iterable[PreferenceRecord],
@@ -180,8 +235,8 @@ def make_blind(
     for written in (out_path, responses_path_for(out_path), write_release_rows):
         if written is not None:
             check_output_is_not_an_input(written, [data, source, image_root])
-    records = load_records(data, limit=limit, format_name=format_name)
-    root = default_image_root(data, image_root)
+    inputs = open_inputs(data, limit=limit, format_name=format_name, image_root=image_root, source=source)
+    records, root = inputs.records, inputs.image_root
     file = str(data) if isinstance(data, str | Path) else source
     check_records(records, mode, file=file)
     if not records:
@@ -230,10 +285,21 @@ def make_blind(
     if empty:
         logger.warning("%d blind answers are empty and were not added (first ids: %s)", len(empty), ", ".join(empty[:5]))
     output = [add_blind_response(record, answers[record.id]) if answers[record.id].strip() else record for record in records]
-    write_records(out_path, output)
     summary = BlindSummary(out_path, responses_path, len(records), run.generated, run.already_done, empty, time.perf_counter() - started)
+    final = output
+    sidecar_root: Path | None = None
     if root is not None and any(record.image is not None for record in records) and root.resolve() != out_path.parent.resolve():
-        summary.image_root = root
+        rebased = rebase_images(output, root, out_path.parent) if image_root is None else None
+        if rebased is not None:
+            final, summary.images_rebased = rebased, True
+        else:
+            sidecar_root = summary.image_root = root
+    if sidecar_root is None and image_root_sidecar_path(out_path).exists():
+        sidecar_root = out_path.parent  # an earlier run's sidecar would name the wrong folder now
+    if sidecar_root is not None:  # before the records: a records file is never without its root
+        sidecar = write_image_root_sidecar(out_path, sidecar_root, written_by="mmsafe blind")
+        summary.image_root_sidecar = sidecar if summary.image_root is not None else None
+    write_records(out_path, final)
     if write_release_rows is not None:
         from mmsafe.data.formats import write_records as write_format
 

@@ -39,21 +39,17 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mmsafe.data.jsonl import ResumableJsonlWriter, read_jsonl, write_jsonl
+from mmsafe.data.inputs import default_image_root as default_image_root  # re-exported: callers import it from here
+from mmsafe.data.inputs import load_records as load_records  # re-exported: callers import it from here
+from mmsafe.data.inputs import open_inputs
 from mmsafe.data.outputs import check_output_is_not_an_input
-from mmsafe.data.prompts import is_prompt_set, read_prompt_set
 from mmsafe.data.records import PreferenceRecord, ResponseRecord
-from mmsafe.data.sidecar import (
-    content_hash,
-    file_sha256,
-    read_sidecar,
-    settings_changes,
-    write_yaml_atomic,
-)
+from mmsafe.data.resumable import Launch, ResumableOutput, nested, stamp
+from mmsafe.data.resumable import failed_path_for as failed_path_for  # re-exported: callers import it from here
+from mmsafe.data.sidecar import content_hash, file_sha256
 from mmsafe.errors import ConfigError, DataError
 from mmsafe.generate.distributed import ProcessInfo, process_info, wait_for_everyone
 from mmsafe.generate.engine import (
@@ -142,12 +138,6 @@ def config_path_for(out_path: str | Path) -> Path:
     return out_path.with_name(out_path.name + ".config.yaml")
 
 
-def failed_path_for(out_path: str | Path, rank: int | None = None) -> Path:
-    """``<out>.failed.jsonl`` (one per process under data parallelism)."""
-    out_path = Path(out_path)
-    return out_path.with_name(out_path.name + (".failed.jsonl" if rank is None else f".failed-rank{rank}.jsonl"))
-
-
 def response_key(row: dict[str, Any]) -> tuple[str, str]:
     return (row["id"], row.get("variant", "default"))
 
@@ -182,70 +172,6 @@ def resume_settings(engine: Engine, params: dict[str, Any], variant: str, extra:
     return json.loads(json.dumps(settings, default=str))
 
 
-def load_records(
-    data: str | Path | Iterable[PreferenceRecord], *, limit: int | None = None, format_name: str | None = None, prompt_sets: bool = False
-) -> list[PreferenceRecord]:
-    """Preference records from a file (any known format) or an iterable, first ``limit`` only.
-
-    With ``prompt_sets``, a prompt-set JSONL (``id``, ``messages``, ``image``, no
-    responses; :mod:`mmsafe.data.prompts`) is read too, as prompt items: for stages that
-    only ask the prompts (generation, probes), never for those that need responses.
-    Ids must be unique: outputs are keyed by id, so a repeated id would be answered once
-    and its second record silently lost.
-    """
-    if limit is not None and limit < 0:
-        raise ConfigError(f"limit: expected a non-negative integer, got {limit!r}")
-    file = None
-    if isinstance(data, str | Path) and prompt_sets and format_name is None and is_prompt_set(data):
-        file = str(data)
-        source: Iterable[Any] = read_prompt_set(data)
-    elif isinstance(data, str | Path):
-        file = str(data)
-        try:
-            from mmsafe.data.formats import read_records
-        except ImportError:  # the formats module is optional for plain records JSONL
-            from mmsafe.data.records import read_preference_records
-
-            source = read_preference_records(data)
-        else:
-            source = read_records(data, format_name)
-    else:
-        source = data
-    records: list[PreferenceRecord] = []
-    seen: set[str] = set()
-    for record in source:
-        if limit is not None and len(records) >= limit:
-            break
-        if record.id in seen:
-            raise DataError("duplicate record id (outputs are keyed by id, so ids must be unique)", file=file, record=record.id, field="id")
-        seen.add(record.id)
-        records.append(record)
-    if file is not None and not records and limit != 0:
-        raise DataError("no records in the file (expected at least one preference record)", file=file)
-    return records
-
-
-def default_image_root(data: str | Path | Iterable[PreferenceRecord], image_root: str | Path | None) -> Path | None:
-    """Images are looked up beside the data file unless an image root is given."""
-    if image_root is not None:
-        return Path(image_root)
-    if isinstance(data, str | Path):
-        return Path(data).parent
-    return None
-
-
-def _part_path(out_path: Path, rank: int) -> Path:
-    return out_path.with_name(f".{out_path.name}.part-{rank}.jsonl")
-
-
-def _part_paths(out_path: Path) -> list[Path]:
-    return sorted(out_path.parent.glob(f".{out_path.name}.part-*.jsonl"))
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    return [row for _, row in read_jsonl(path)] if path.exists() else []
-
-
 def _check_consistent(rows: list[dict[str, Any]], out_path: Path, variant: str, model: str, params: dict[str, Any]) -> None:
     """Refuse to mix responses of different models or decoding settings in one output."""
     for row in rows:
@@ -262,95 +188,6 @@ def _check_consistent(rows: list[dict[str, Any]], out_path: Path, variant: str, 
 def _size_hint(request_source: PreferenceRecord) -> tuple[bool, int]:
     """Cheap stand-in for prompt length, so that batches hold prompts of similar size."""
     return (request_source.image is None, -sum(len(message.content) for message in request_source.messages))
-
-
-def _write_config(path: Path, config: dict[str, Any]) -> None:
-    from mmsafe import __version__
-
-    payload = {**config, "mmsafe_version": __version__, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_yaml_atomic(path, payload)
-
-
-def _complete_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of complete lines (a last line cut short by a kill is not one), without repairing the file."""
-    if not path.exists():
-        return []
-    from mmsafe.data.jsonl import parse_json_line
-
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")[:-1]
-    return [parse_json_line(line, file=str(path), line_number=number) for number, line in enumerate(lines, start=1) if line.strip()]
-
-
-def _check_settings(previous: dict[str, Any] | None, rows: list[dict[str, Any]], out_path: Path, variant: str, current: dict[str, Any]) -> None:
-    """Refuse a rerun whose settings differ from those the variant's rows were made with."""
-    saved = (previous or {}).get("resume")
-    old = saved.get(variant) if isinstance(saved, dict) else None
-    if not isinstance(old, dict):
-        return
-    changes = settings_changes(old, current)
-    if changes:
-        raise ConfigError(
-            f"{out_path}: already holds responses for variant {variant!r} made with other settings ({'; '.join(changes)}); "
-            "rerun with the same settings to resume, or write to a new output file"
-        )
-
-
-def _drop_rows(path: Path, ids: set[str], variant: str) -> None:
-    """Rewrite ``path`` (atomically, same permissions) without this variant's rows of ``ids``."""
-    if not path.exists():
-        return
-    rows = _read_rows(path)
-    kept = [row for row in rows if not (row.get("variant", "default") == variant and row.get("id") in ids)]
-    if len(kept) != len(rows):
-        mode = path.stat().st_mode & 0o777
-        write_jsonl(path, kept)
-        path.chmod(mode)
-
-
-def _rank_of_part(path: Path) -> int | None:
-    try:
-        return int(path.name.rsplit("part-", 1)[1].removesuffix(".jsonl"))
-    except (IndexError, ValueError):
-        return None
-
-
-def _write_failed(path: Path, variant: str, failed: list[FailedRecord]) -> Path | None:
-    """List this variant's failed records in ``path`` (other variants' entries kept); None when none is left."""
-    entries = []
-    if path.exists():
-        try:
-            entries = [row for row in _read_rows(path) if isinstance(row, dict) and row.get("variant") != variant]
-        except DataError:
-            entries = []  # our own list, cut short: this run's entries replace it
-    entries += [{"id": record.id, "variant": variant, "reason": record.reason} for record in failed]
-    if entries:
-        write_jsonl(path, entries)  # atomic, with the user's umask
-        return path if failed else None
-    if path.exists():
-        path.unlink()  # a list this stage wrote, of failures that are all answered now
-    return None
-
-
-def _reorder(out_path: Path, order: list[str], variant: str) -> None:
-    """Rewrite the output (atomically) with this variant's rows in input order.
-
-    Batches are generated in order of prompt size, not input order; a finished output is
-    easier to read and diff in input order. The rows of this variant are sorted among the
-    lines they occupy; every other row (other variants) keeps its line.
-    """
-    rows = _read_rows(out_path)
-    position = {record_id: index for index, record_id in enumerate(order)}
-
-    def ours(row: dict[str, Any]) -> bool:
-        return row.get("variant", "default") == variant and row["id"] in position
-
-    sorted_rows = iter(sorted((row for row in rows if ours(row)), key=lambda row: position[row["id"]]))
-    ordered = [next(sorted_rows) if ours(row) else row for row in rows]
-    if ordered != rows:
-        mode = out_path.stat().st_mode & 0o777
-        write_jsonl(out_path, ordered)
-        out_path.chmod(mode)  # the rewrite goes through a private temporary file; keep the file's permissions
 
 
 def run_requests(
@@ -386,105 +223,68 @@ def run_requests(
     params_dict = params.to_dict()
     current = resume_settings(engine, params_dict, variant, settings)
     hash_of = input_hash or (lambda record: record_input_hash(record, None))
-    hashes = {record.id: hash_of(record) for record in records}
+    hashes = {(record.id, variant): hash_of(record) for record in records}
 
-    def ours(row: dict[str, Any]) -> bool:
-        return isinstance(row, dict) and row.get("variant", "default") == variant
+    def key_of(record: PreferenceRecord) -> tuple[str, str]:
+        return (record.id, variant)
 
-    # 0. Settings first, before anything touches the output (not even a tail repair).
-    previous = read_sidecar(config_path, output=out_path) if config_path is not None else None
-    seen = [row for path in [out_path, *(_part_paths(out_path) if info.distributed else [])] for row in _complete_rows(path) if ours(row)]
-    if seen:
-        _check_settings(previous, seen, out_path, variant, current)
-
-    # 1. Repair what a crash may have cut short: the output (first process) and each part.
-    main_writer = ResumableJsonlWriter(out_path, key=response_key) if info.is_main else None
-    part_writer = ResumableJsonlWriter(_part_path(out_path, info.rank), key=response_key) if info.distributed else None
-    wait_for_everyone()
-
-    # 2. Every process reads the same finished keys, so they agree on the shards.
-    existing = _read_rows(out_path)
-    parts = [row for path in _part_paths(out_path) for row in _read_rows(path)] if info.distributed else []
-    _check_consistent(existing + parts, out_path, variant, engine.name, params_dict)
-    written = {row["id"]: row.get("input_sha") for row in existing + parts if ours(row)}
-    # Rows without input_sha predate content keys: trusted as they are.
-    stale = {record_id for record_id, sha in written.items() if record_id in hashes and sha is not None and sha != hashes[record_id]}
-    not_in_input = sorted(record_id for record_id in written if record_id not in hashes)
-    if stale:
-        # Each process rewrites only files it owns: the first the output (and parts of ranks
-        # no longer running), every process its own part. A kill in between leaves the
-        # record missing, which the next run asks.
-        wait_for_everyone()
-        if info.is_main:
-            _drop_rows(out_path, stale, variant)
-            for path in _part_paths(out_path):
-                rank = _rank_of_part(path)
-                if rank is None or rank >= info.world_size:
-                    _drop_rows(path, stale, variant)
-        if info.distributed:
-            _drop_rows(_part_path(out_path, info.rank), stale, variant)
-        wait_for_everyone()
-        main_writer = ResumableJsonlWriter(out_path, key=response_key) if info.is_main else None
-        part_writer = ResumableJsonlWriter(_part_path(out_path, info.rank), key=response_key) if info.distributed else None
-    done = {(record_id, variant) for record_id in written if record_id not in stale} | {response_key(row) for row in existing + parts if not ours(row)}
-    already_done = sum(1 for record in records if (record.id, variant) in done)
-    todo = sorted((record for record in records if (record.id, variant) not in done), key=_size_hint)
-    shard = todo[info.rank :: info.world_size]
-    if info.is_main and config_path is not None:
-        saved = (previous or {}).get("resume")
+    output = ResumableOutput(
+        out_path,
+        key=response_key,
+        scope=lambda row: row.get("variant", "default") == variant,
+        settings=current,
+        sidecar=config_path,
+        settings_at=("resume", variant),
+        what=f"responses for variant {variant!r}",
+        content_field="input_sha",
+        launch=Launch(info.rank, info.world_size, wait_for_everyone),
+    ).open()
+    with output:
+        _check_consistent(output.rows, out_path, variant, engine.name, params_dict)
+        output.compare_inputs(hashes)
+        saved = nested(output.previous, ("resume",))
         resume = {**(saved if isinstance(saved, dict) else {}), variant: current}
-        _write_config(
-            config_path,
-            {**(config or {}), "engine": describe_engine(engine), "params": params_dict, "variant": variant, "batch_size": batch_size, "output": str(out_path), "processes": info.world_size, "resume": resume},
+        output.write_sidecar(
+            stamp({**(config or {}), "engine": describe_engine(engine), "params": params_dict, "variant": variant, "batch_size": batch_size, "output": str(out_path), "processes": info.world_size, "resume": resume})
         )
-    wait_for_everyone()
+        todo = sorted(output.todo(records, key_of), key=_size_hint)
+        shard = output.shard(todo)
 
-    writer = part_writer if part_writer is not None else main_writer
-    assert writer is not None
-    generated = 0
-    failed: list[FailedRecord] = []
-    failed_path = failed_path_for(out_path, info.rank if info.distributed else None)
-    bar = progress(total=len(shard), desc=f"{progress_label} ({engine.name})" + (f" [rank {info.rank}]" if info.distributed else ""), unit="response")
-    try:
-        for start in range(0, len(shard), batch_size):
-            chunk = shard[start : start + batch_size]
-            requests = [build_request(record) for record in chunk]
-            responses = engine.generate(requests, params)
-            check_responses(requests, responses, engine.name)
-            rows = []
-            for request, response in zip(requests, responses, strict=True):
-                if isinstance(response, FailedResponse):
-                    failed.append(FailedRecord(request.id, response.reason))
-                    continue
-                extra = {**(response_extra(request) if response_extra else {}), "input_sha": hashes[request.id]}
-                rows.append(ResponseRecord(id=request.id, response=response, model=engine.name, variant=variant, params=params_dict, extra=extra).to_dict())
-            generated += writer.write_batch(rows)
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-        listed = _write_failed(failed_path, variant, failed)
-    if failed:
-        logger.warning("%d records failed (first: %s: %s); rerunning the same command retries them", len(failed), failed[0].id, failed[0].reason)
-
-    # 3. The first process merges every part into the output, then removes the parts.
-    wait_for_everyone()
-    if info.distributed and info.is_main and main_writer is not None:
-        for path in _part_paths(out_path):
-            main_writer.write_batch(_read_rows(path))
-        for path in _part_paths(out_path):
-            path.unlink()
-    if info.is_main and all((record.id, variant) in (main_writer.done if main_writer else done) for record in records):
-        _reorder(out_path, [record.id for record in records], variant)
+        generated = 0
+        failed: list[FailedRecord] = []
+        bar = progress(total=len(shard), desc=f"{progress_label} ({engine.name})" + (f" [rank {info.rank}]" if info.distributed else ""), unit="response")
+        try:
+            for start in range(0, len(shard), batch_size):
+                chunk = shard[start : start + batch_size]
+                requests = [build_request(record) for record in chunk]
+                responses = engine.generate(requests, params)
+                check_responses(requests, responses, engine.name)
+                rows = []
+                for request, response in zip(requests, responses, strict=True):
+                    if isinstance(response, FailedResponse):
+                        failed.append(FailedRecord(request.id, response.reason))
+                        output.fail([{"id": request.id, "variant": variant, "reason": response.reason}])
+                        continue
+                    extra = {**(response_extra(request) if response_extra else {}), "input_sha": hashes[(request.id, variant)]}
+                    rows.append(ResponseRecord(id=request.id, response=response, model=engine.name, variant=variant, params=params_dict, extra=extra).to_dict())
+                generated += output.append(rows)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+            listed = output.write_failed()
+        if failed:
+            logger.warning("%d records failed (first: %s: %s); rerunning the same command retries them", len(failed), failed[0].id, failed[0].reason)
+        output.close(order=[key_of(record) for record in records])
     return RunSummary(
         out_path=out_path,
         config_path=config_path if info.is_main else None,
         total=len(records),
-        already_done=already_done,
+        already_done=len(records) - len(todo),
         generated=generated,
         seconds=time.perf_counter() - started,
         world_size=info.world_size,
-        redone=sum(1 for record in records if record.id in stale),
-        not_in_input=not_in_input,
+        redone=len(output.stale),
+        not_in_input=[record_id for record_id, _ in output.removed],
         failed=failed,
         failed_path=listed,
     )
@@ -521,8 +321,8 @@ def generate_responses(
     """
     check_output_is_not_an_input(out_path, [data_path_or_records, source, image_root])
     params = params or DecodingParams()
-    records = load_records(data_path_or_records, limit=limit, format_name=format_name, prompt_sets=True)
-    root = default_image_root(data_path_or_records, image_root)
+    inputs = open_inputs(data_path_or_records, limit=limit, format_name=format_name, prompt_sets=True, image_root=image_root, source=source)
+    records, root = inputs.records, inputs.image_root
     file = str(data_path_or_records) if isinstance(data_path_or_records, str | Path) else source
 
     def build(record: PreferenceRecord) -> GenerationRequest:
