@@ -59,7 +59,7 @@ def test_from_prepare_keeps_a_users_data_and_removes_only_what_prepare_wrote(tmp
     assert _tree(out / "data") == mine_before
 
     # The same through the command a user runs: --from prepare redoes it; the user's files stay.
-    pipeline._marker(paths, "prepare", "done").unlink()
+    (paths.stages / "prepare.done.json").unlink()
     run_pipeline(config, only="prepare", log=lambda line: None)
     first_build = (paths.tiny_model / "config.json").stat().st_mtime_ns
     run_pipeline(config, from_stage="prepare", only="prepare", log=lines.append)

@@ -372,7 +372,7 @@ def test_mmsafe_run_stops_at_generate_when_records_failed(tmp_path, monkeypatch)
     engine = EchoEngine(fail={"r1"})
     engine.preferred_batch_size = 2  # what local_engine's engines expose
     monkeypatch.setattr(generate_module, "local_engine", lambda *args, **kwargs: engine)
-    monkeypatch.setattr(pipeline, "models_to_evaluate", lambda config, paths: {"base": "unused"})
+    monkeypatch.setattr(pipeline.stages, "models_to_evaluate", lambda config, paths: {"base": "unused"})
     config = pipeline.PipelineConfig(out=str(tmp_path / "out"), model="unused", data=pipeline.DataSection(train=str(data), eval=str(data)))
     paths = pipeline.Paths(Path(config.out))
     with pytest.raises(MmsafeError, match=r"generate \(base\): 1 of 3 records failed .*rerunning the same command retries them"):
