@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,12 @@ import torch
 from benchmarks.harness import peak_rss_mb
 
 from benchmarks import train as bench
+from benchmarks import train_measure as measure
+from benchmarks import train_models as models
+from benchmarks import train_variants as variants
+from benchmarks import train_workload as workloads
 
-TINY = bench.Setup(
+TINY = models.Setup(
     name="test",
     vision_hidden_size=32,
     vision_intermediate_size=64,
@@ -45,7 +50,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def prepared():
-    return bench.prepare(TINY)
+    return models.prepare(TINY)
 
 
 def test_workload_lengths_follow_the_setup(prepared):
@@ -65,7 +70,7 @@ def test_realistic_profile_draws_the_stated_distributions():
     import random
     import statistics
 
-    profile = bench.REALISTIC
+    profile = workloads.REALISTIC
     rng = random.Random(0)
     human = sorted(profile.human_response(rng) for _ in range(20000))
     assert abs(statistics.median(human) - 35) <= 2
@@ -80,8 +85,8 @@ def test_realistic_profile_draws_the_stated_distributions():
 
 
 def test_realistic_workload_has_several_turns_and_long_blind_answers():
-    profile = bench.replace(bench.REALISTIC, scale=0.1)
-    _, _, workload = bench.prepare(bench.replace(TINY, batch_size=6), profile=profile)
+    profile = replace(workloads.REALISTIC, scale=0.1)
+    _, _, workload = models.prepare(replace(TINY, batch_size=6), profile=profile)
     prompts = [item["example"].prompt_text for item in workload.items]
     assert any(prompt.count("USER:") + prompt.count("user") > 1 for prompt in prompts)  # earlier turns rendered
     assert max(workload.prompt_lengths) > min(workload.prompt_lengths)  # drawn, not fixed
@@ -91,18 +96,18 @@ def test_realistic_workload_has_several_turns_and_long_blind_answers():
 
 
 def test_length_grouping_cuts_the_padding_of_packed_batches():
-    profile = bench.replace(bench.REALISTIC, scale=0.1)
-    processor, model = bench.build_model(TINY)
-    rows = bench.padding_shares(processor, model, TINY, profile, examples=64)
+    profile = replace(workloads.REALISTIC, scale=0.1)
+    processor, model = models.build_model(TINY)
+    rows = measure.padding_shares(processor, model, TINY, profile, examples=64)
     share = {(row["key"], row["batch_size"], row["order"]): row["padding_share"] for row in rows}
     assert share["A", 1, "grouped"] == 0.0  # one packed row per batch: nothing to pad
     assert share["A", 4, "grouped"] < share["A", 4, "random"]
     assert share["A", 8, "grouped"] < share["A", 8, "random"]
     assert all(0.0 <= value < 1.0 for value in share.values())
     # By hand from the example lengths: packed rows of a batch are padded to its longest.
-    from mmsafe.train.trainer import EpochLengthGroupedSampler
+    from mmsafe.train.hf_trainer import EpochLengthGroupedSampler
 
-    workload = bench.build_workload(processor, model, TINY, examples=64, num_rejected=2, seed=1, profile=profile)
+    workload = workloads.build_workload(processor, model, TINY, examples=64, num_rejected=2, seed=1, profile=profile)
     lengths = [len(item["example"].prompt_ids) + sum(len(ids) for ids in item["example"].responses) for item in workload.items]
     order = list(EpochLengthGroupedSampler(4, lengths, seed=0))
     batches = [[lengths[index] for index in order[start : start + 4]] for start in range(0, len(order), 4)]
@@ -112,11 +117,11 @@ def test_length_grouping_cuts_the_padding_of_packed_batches():
 
 def test_losses_agree_across_layouts_and_with_trl(prepared):
     _, model, workload = prepared
-    agreement = bench.check_losses(copy.deepcopy(model), workload, TINY, perturbation=0.3)
+    agreement = variants.check_losses(copy.deepcopy(model), workload, TINY, perturbation=0.3)
     # The policy is moved away from the reference, so the losses are not the trivial 2 log 2.
     assert all(abs(loss - 2 * math.log(2)) > 1e-4 for loss in agreement.a_losses)
-    assert agreement.a_c_relative_difference <= bench.LOSS_TOLERANCE
-    assert agreement.trl_relative_difference <= bench.LOSS_TOLERANCE
+    assert agreement.a_c_relative_difference <= variants.LOSS_TOLERANCE
+    assert agreement.trl_relative_difference <= variants.LOSS_TOLERANCE
     assert agreement.agrees
     # Shared prefix: one image pass per example; the release and TRL: one per sequence (2 x K).
     assert agreement.image_passes_per_example == {"A": 1, "C": 4, "D": 4}
@@ -125,13 +130,13 @@ def test_losses_agree_across_layouts_and_with_trl(prepared):
 def test_general_path_loss_agrees_with_the_release_form_on_llava_and_qwen(prepared):
     """G (prompt-cache) against C (every sequence alone, online reference), on both model families."""
     _, model, workload = prepared
-    qwen_setup = bench.replace(TINY, name="test-qwen", family="qwen2.5-vl", image_size=56, text_kv_heads=1, vocab_size=151936)
-    _, qwen_model, qwen_workload = bench.prepare(qwen_setup)
+    qwen_setup = replace(TINY, name="test-qwen", family="qwen2.5-vl", image_size=56, text_kv_heads=1, vocab_size=151936)
+    _, qwen_model, qwen_workload = models.prepare(qwen_setup)
     for setup, chosen_model, chosen_workload in ((TINY, model, workload), (qwen_setup, qwen_model, qwen_workload)):
         # Moved further than the default: the Qwen-shaped model's small initial weights give near-uniform outputs.
-        agreement = bench.check_losses(copy.deepcopy(chosen_model), chosen_workload, setup, fast="G", with_trl=False, perturbation=0.3)
+        agreement = variants.check_losses(copy.deepcopy(chosen_model), chosen_workload, setup, fast="G", with_trl=False, perturbation=0.3)
         assert all(abs(loss - 2 * math.log(2)) > 1e-3 for loss in agreement.a_losses), agreement.a_losses
-        assert agreement.a_c_relative_difference <= bench.LOSS_TOLERANCE, setup.name
+        assert agreement.a_c_relative_difference <= variants.LOSS_TOLERANCE, setup.name
     assert type(qwen_model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert qwen_workload.prompt_lengths[0] > qwen_setup.image_tokens == 4
 
@@ -147,16 +152,16 @@ def test_gpu_mode_runs_end_to_end_at_a_tiny_shape(tmp_path):
 
 
 def test_flash_attention_only_where_the_path_allows_it():
-    gpu = bench.replace(TINY, device="cuda")
-    assert bench.attention_for("A", gpu) == "sdpa"  # packed rows need a 4-D mask
-    assert bench.attention_for("G", TINY) == "sdpa"  # CPU
-    assert bench.attention_for("G", gpu) in ("sdpa", "flash_attention_2")
+    gpu = replace(TINY, device="cuda")
+    assert models.attention_for("A", gpu) == "sdpa"  # packed rows need a 4-D mask
+    assert models.attention_for("G", TINY) == "sdpa"  # CPU
+    assert models.attention_for("G", gpu) in ("sdpa", "flash_attention_2")
 
 
-@pytest.mark.parametrize("key", sorted(bench.CONTENDERS))
+@pytest.mark.parametrize("key", sorted(variants.CONTENDERS))
 def test_each_contender_takes_optimizer_steps_with_the_vision_tower_frozen(prepared, key):
     _, model, workload = prepared
-    contender = bench.make_contender(key, copy.deepcopy(model), workload, TINY)
+    contender = variants.make_contender(key, copy.deepcopy(model), workload, TINY)
     before = {name: parameter.detach().clone() for name, parameter in contender.model.named_parameters()}
     assert contender.step() == TINY.batch_size
     contender.step()
@@ -179,8 +184,8 @@ def test_peak_memory_of_a_child_is_its_own():
 
 def test_flop_count_of_a_step_covers_the_output_layer(prepared):
     _, model, workload = prepared
-    contender = bench.make_contender("A", copy.deepcopy(model), workload, TINY)
-    flops = bench.count_step_flops(contender)
+    contender = variants.make_contender("A", copy.deepcopy(model), workload, TINY)
+    flops = measure.count_step_flops(contender)
     # The output layer alone, forward (2 x width x vocab per scored position) and backward
     # (twice that), at the positions that predict a response token: each response's first
     # token is predicted by the prompt's last position, shared by all responses of an example.
@@ -194,4 +199,4 @@ def test_solo_mode_prints_its_timings_and_peak_memory(capsys):
     assert result["key"] == "A"
     assert len(result["seconds"]) == 1
     assert result["peak_rss_mb"] >= result["rss_before_contender_mb"] > 0
-    assert result["examples"] == bench.QUICK_SETUP.batch_size
+    assert result["examples"] == models.QUICK_SETUP.batch_size

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmsafe.train import trainer
+from mmsafe.train import precompute, trainer
 from mmsafe.train.config import TrainConfig
 from mmsafe.train.forward import ResponseLogProbs
 from mmsafe.train.objectives import BPOObjective, DPOObjective, SupervisedObjective
@@ -123,7 +123,7 @@ def test_an_sft_run_builds_no_reference(tmp_path, tiny_model_dir, small_records,
 
     monkeypatch.setattr(trainer, "FrozenCopyReference", refuse("copy"))
     monkeypatch.setattr(trainer, "DisabledAdapterReference", refuse("adapters-disabled"))
-    monkeypatch.setattr(trainer, "precompute_reference", refuse("precomputed"))
+    monkeypatch.setattr(precompute, "precompute_reference", refuse("precomputed"))
 
     class RecordingTrainer(trainer.PreferenceTrainer):
         def __init__(self, *args, **kwargs):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mmsafe.errors import DataError
-from mmsafe.train import reference, trainer
+from mmsafe.train import precompute, reference
 from mmsafe.train.config import TrainConfig
 from mmsafe.train.reference import ReferenceCache, file_hash_memo, model_fingerprint
 
@@ -116,14 +116,14 @@ def test_the_trainer_keys_by_the_dtype_the_weights_were_loaded_in(tmp_path, monk
     model_dir = fake_checkpoint(tmp_path / "model")
     config = TrainConfig(model=str(model_dir), data=str(tmp_path / "data.jsonl"), output_dir=str(tmp_path / "out"), reference_cache_dir=str(tmp_path / "cache"))
     assert config.dtype == "auto"
-    monkeypatch.setattr(trainer, "precompute_reference", lambda *args, **kwargs: {"r1": [-1.0, -2.0]})
+    monkeypatch.setattr(precompute, "precompute_reference", lambda *args, **kwargs: {"r1": [-1.0, -2.0]})
     encoder = SimpleNamespace(settings=lambda: {"max_length": 8}, image_root=None)
     collator = SimpleNamespace(mode="per-response", with_mode=lambda mode: None)
 
     paths = []
     for dtype in (torch.float32, torch.bfloat16):
         dataset = FakeDataset([SimpleNamespace(id="r1", prompt_ids=[1, 2], responses=[[3], [4]], image=None)])
-        path, _ = trainer.attach_reference(config, torch.nn.Linear(2, 2).to(dtype), dataset, collator, encoder)
+        path, _ = precompute.attach_reference(config, torch.nn.Linear(2, 2).to(dtype), dataset, collator, encoder)
         paths.append(path)
         assert dataset.examples[0].reference_logps == [-1.0, -2.0]
     assert paths[0] != paths[1]

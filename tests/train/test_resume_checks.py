@@ -76,7 +76,7 @@ def test_resume_refuses_changed_settings_and_force_continues(tmp_path, tiny_mode
 
     with monkeypatch.context() as patch:
         patch.setattr("transformers.TrainerState.save_to_json", in_place)
-        patch.setattr("mmsafe.train.trainer.save_trainer_state", recording)
+        patch.setattr("mmsafe.train.hf_trainer.save_trainer_state", recording)
         first = train(TrainConfig(**values))
     assert first.global_step == 2 and first.resumed_from is None
     assert atomic == [out / "checkpoint-1" / "trainer_state.json", out / "checkpoint-2" / "trainer_state.json"]

@@ -59,7 +59,7 @@ class TrainConfig:
 
     model: str = option(help="base model: a local checkpoint directory or a Hub id (llava-hf/llava-1.5-7b-hf)")
     data: str = option(help="preference data in any format `mmsafe data convert` reads (records .jsonl, released .json, .parquet), detected from the file")
-    output_dir: str = option(help="where checkpoints, the final model and train_config.yaml are written")
+    output_dir: str = option(help="where checkpoints, the final model and train_config.yaml are written", flag="out")
     revision: str | None = option(
         None, help="Hub id only: the branch, tag or commit to load (null: main); the reference cache is keyed by the commit it resolves to"
     )
@@ -75,8 +75,8 @@ class TrainConfig:
     sft_chosen_share: float = option(
         0.0, help="loss sft with sft_target rejected only: this share of the records (picked by a hash of the id) imitate the chosen response instead, giving a partly safe starting model"
     )
-    rejected_sources: list[str] | None = option(None, help="rejected sources to use, e.g. [human] or [human, blind]; null: all")
-    source_weights: dict[str, float] = option(default_factory=dict, help="BPO weight per rejected source (missing sources weigh 1.0), e.g. {blind: 0.5}")
+    rejected_sources: list[str] | None = option(None, help="rejected sources to use, e.g. [human] or [human, blind]; null: all", comma=True)
+    source_weights: dict[str, float] = option(default_factory=dict, help="BPO weight per rejected source (missing sources weigh 1.0), e.g. {blind: 0.5}", pairs=True)
     allow_partial_sources: bool = option(
         False,
         help="train even when a source named in rejected_sources is missing from some records (they train without it), or when loss bpo finds "
@@ -122,6 +122,7 @@ class TrainConfig:
     lora_target_modules: list[str] = option(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         help="names of language-model linear layers that get adapters",
+        comma=True,
     )
     quantization: Literal["none", "4bit", "8bit"] = option("none", help="QLoRA: load the base model quantized with bitsandbytes (GPU and the gpu extra needed)")
     merge_lora: bool = option(False, help="after LoRA training, also merge the adapters and save full weights in output_dir/merged")
@@ -147,7 +148,7 @@ class TrainConfig:
     save_steps: int = option(500, help="save a resumable checkpoint every N steps")
     save_total_limit: int | None = option(2, help="keep at most this many checkpoints")
     seed: int = option(42, help="random seed (data order, adapter initialisation)")
-    report_to: list[str] = option(default_factory=list, help="logging integrations: tensorboard, wandb, ... (none by default)")
+    report_to: list[str] = option(default_factory=list, help="logging integrations: tensorboard, wandb, ... (none by default)", comma=True)
     resume: str | bool = option(
         "auto",
         help="auto (or true): continue the newest complete checkpoint in output_dir if the data and settings are those the run started with "
@@ -155,7 +156,7 @@ class TrainConfig:
         "train_config.yaml); never (or false): start fresh, refused where output_dir already holds checkpoints (use a new output_dir)",
     )
     trainer_args: dict[str, Any] = option(
-        default_factory=dict, help="any other transformers.TrainingArguments, by name (deepspeed, fsdp, optim, weight_decay, ...)"
+        default_factory=dict, help="any other transformers.TrainingArguments, by name (deepspeed, fsdp, optim, weight_decay, ...)", pairs=True
     )
 
     def __post_init__(self) -> None:
