@@ -117,7 +117,8 @@ def test_a_missing_report_to_logger_is_one_line_before_the_model_loads(monkeypat
     code = main(["train", f"model={tmp_path / 'no-model'}", f"data={tmp_path / 'no-data.jsonl'}", f"output_dir={tmp_path / 'run'}", "report_to=[tensorboard]"])
     lines = _error_lines(capsys.readouterr().err)
     assert code == 1
-    assert lines == ['error: report_to: tensorboard is not installed; install it (pip install "mmsafe[tensorboard]") or remove it from report_to']
+    # The message names where the value came from: the override on the command line.
+    assert lines == ['error: override \'report_to=[tensorboard]\': report_to: tensorboard is not installed; install it (pip install "mmsafe[tensorboard]") or remove it from report_to']
 
 
 # ---------------------------------------------------------------- 5: progress and interrupts

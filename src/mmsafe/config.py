@@ -113,11 +113,18 @@ def load_yaml(text: str, *, source: str, max_nodes: int = MAX_YAML_NODES) -> Any
         loader.dispose()
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its documentation attached."""
+def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING, **cli: Any) -> Any:
+    """A dataclass field with its documentation attached.
+
+    ``cli`` holds how the field appears on the command line (:mod:`mmsafe.cli.arguments`):
+    ``flag`` (a flag name other than the field's), ``group`` (the ``--help`` section),
+    ``comma`` (a list also given comma-separated), ``pairs`` (a mapping given as repeated
+    ``KEY=VALUE``), ``metavar``, ``cli=False`` (YAML only).
+    """
+    metadata = {"help": help, **cli}
     if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _type_name(annotation: Any) -> str:

@@ -193,9 +193,13 @@ def test_trust_remote_code_defaults_to_off_everywhere_a_model_loads():
         assert inspect.signature(function).parameters["trust_remote_code"].default is False, function
     assert LlamaGuardJudge.__dataclass_fields__["trust_remote_code"].default is False
     assert TrainConfig.__dataclass_fields__["trust_remote_code"].default is False
-    for command in ("generate", "blind", "probe"):
+    from mmsafe.cli.arguments import resolve_config
+    from mmsafe.evaluate.config import ProbeConfig
+    from mmsafe.generate.config import BlindConfig, GenerateConfig
+
+    for command, config_class in (("generate", GenerateConfig), ("blind", BlindConfig), ("probe", ProbeConfig)):
         args = build_parser().parse_args([command, "--model", "m", "--data", "d", "--out", "o"])
-        assert args.trust_remote_code is False
+        assert resolve_config(config_class, args).config.trust_remote_code is False
 
 
 def test_code_shipped_with_a_checkpoint_does_not_run(tiny_model_dir, tmp_path):

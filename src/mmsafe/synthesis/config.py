@@ -117,13 +117,13 @@ class RewriteConfig:
 class BuildConfig:
     """``mmsafe build-data``: text preference data -> multimodal preference records + images."""
 
-    input: str = option("", help="text preference data: HH-RLHF .jsonl[.gz], PKU-SafeRLHF JSONL, or JSONL with prompt/chosen/rejected")
+    input: str = option("", help="text preference data: HH-RLHF .jsonl[.gz], PKU-SafeRLHF JSONL, or JSONL with prompt/chosen/rejected", flag="data")
     format: str = option("auto", help="auto, hh-rlhf, pku-saferlhf or jsonl")
     out: str = option("", help="output folder: records.jsonl, images/, summary.json, build_config.yaml")
     type: str = option("harmless", help="meta.type of every record")
     seed: int = option(0, help="seed for the deictic phrase drawn per record (rewrite.deictic pool) and the choice of entities when a dialogue has more than max_records_per_dialogue")
     max_records_per_dialogue: int = option(0, help="at most this many records per dialogue (0: one per entity, no cap)")
-    max_dialogues: int = option(0, help="read only the first N dialogues of the input (0: all)")
+    max_dialogues: int = option(0, help="read only the first N dialogues of the input (0: all)", flag="limit")
     batch_size: int = option(64, help="dialogues per step (each step is written and flushed before the next)")
     on_bad_line: Literal["report", "fail"] = option("report", help="report: list bad input lines and go on; fail: stop at the first")
     export_released: bool = option(False, help="also write OUT/mmsafe-po.json in the released MMSafe-PO format")
@@ -140,7 +140,7 @@ class BuildConfig:
 
     def check_paths(self) -> None:
         if not self.input:
-            raise ConfigError("input: required (the text preference file; --input or input: in the config)")
+            raise ConfigError("input: required (the text preference file; --data or input: in the config)")
         if not self.out:
             raise ConfigError("out: required (the output folder; --out or out: in the config)")
 

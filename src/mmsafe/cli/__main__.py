@@ -1,0 +1,3 @@
+from mmsafe.cli.main import main
+
+raise SystemExit(main())
