@@ -1,6 +1,7 @@
 # Two commands on a fresh machine with Python 3.11: `make demo` and `make test`.
 # Each creates or updates the virtual environment in .venv first.
-# `make lint` checks the code with ruff and mypy (settings in pyproject.toml); `make check` is lint, then the tests (what CI runs).
+# `make lint` checks the code with ruff (lint and format) and mypy (settings in pyproject.toml); `make format` formats it;
+# `make check` is lint, then the tests (what CI runs).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -24,7 +25,7 @@ TORCH_INDEX := $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 RUNTIME := $(VENV)/.mmsafe-runtime
 DEV := $(VENV)/.mmsafe-dev
 
-.PHONY: demo test install lint check browser clean
+.PHONY: demo test install lint format check browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,7 +64,12 @@ test: $(DEV) browser
 
 lint: $(DEV)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
+
+format: $(DEV)
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
 
 check: lint test
 

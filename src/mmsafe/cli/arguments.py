@@ -134,7 +134,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, groups: 
 
 def add_config_source_arguments(parser: argparse.ArgumentParser, *, overrides: bool = True) -> None:
     """``--config FILE``, trailing ``KEY=VALUE`` overrides, ``--print-config`` and ``--dry-run``."""
-    parser.add_argument("--config", dest="config_file", metavar="FILE", help="YAML file of this command's options (the keys are the flag names with _ for -); flags win over it")
+    parser.add_argument("--config", dest="config_file", metavar="FILE", help="YAML file of this command's options, keyed as --print-config prints them (mostly the flag names with _ for -); overrides and flags win over it")
     if overrides:
         parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="set any option, dotted for nested ones (they win over --config, flags win over them)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved options as YAML (a --config file) and exit")

@@ -15,26 +15,18 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+from mmsafe.data.resumable import Launch
+
 #: A rank that finishes its shard early waits at the final barrier for the slowest one;
 #: the default collective timeout (30 minutes) would kill long uneven runs.
 BARRIER_TIMEOUT = timedelta(hours=48)
 
 
 @dataclass(frozen=True)
-class ProcessInfo:
-    """This process's place among the data-parallel workers."""
+class ProcessInfo(Launch):
+    """This process's place among the data-parallel workers (rank, world size, the barrier) and its device."""
 
-    rank: int = 0
-    world_size: int = 1
     device: str | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def launched_world_size() -> int:

@@ -65,6 +65,7 @@ class TrainConfig:
     )
     image_root: str | None = option(None, help="folder image paths are relative to (default: the data file's folder)")
     split: str | None = option(None, help="train only on records whose meta.split equals this (records without one are kept); null: all")
+    limit: int | None = option(None, help="train on the first N records (after the split); null: all")
 
     loss: Literal["bpo", "dpo", "sft"] = option(
         "bpo", help="bpo: chosen against every rejected response (sum of K DPO terms); dpo: against the first one only; sft: plain supervised warm-up on one response"

@@ -117,7 +117,7 @@ def load_training_records(config: TrainConfig) -> list[Any]:
     from mmsafe.data.inputs import open_inputs
 
     # Reference log-probs are cached by id: open_inputs refuses two records under one id.
-    return open_inputs(config.data, split=config.split, image_root=config.image_root, empty="no records to train on").records
+    return open_inputs(config.data, split=config.split, limit=config.limit, image_root=config.image_root, empty="no records to train on").records
 
 
 def train(config: TrainConfig) -> TrainResult:
