@@ -33,10 +33,65 @@ from mmsafe.synthesis.rewrite import TemplateRewriter
 from mmsafe.synthesis.sources import read_dialogues
 
 REQUIRED_RATE = 2000.0
-FIRST = ["Anna", "Boris", "Chen", "Dana", "Emil", "Fatima", "Georg", "Hana", "Ivan", "Jana", "Kofi", "Lena", "Mateo", "Nora", "Omar", "Priya"]
-LAST = ["Adams", "Berg", "Cruz", "Dorsey", "Eklund", "Fischer", "Garcia", "Horvat", "Ito", "Jensen", "Kowalski", "Lopez", "Meyer", "Novak", "Okafor", "Petrov"]
+FIRST = [
+    "Anna",
+    "Boris",
+    "Chen",
+    "Dana",
+    "Emil",
+    "Fatima",
+    "Georg",
+    "Hana",
+    "Ivan",
+    "Jana",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nora",
+    "Omar",
+    "Priya",
+]
+LAST = [
+    "Adams",
+    "Berg",
+    "Cruz",
+    "Dorsey",
+    "Eklund",
+    "Fischer",
+    "Garcia",
+    "Horvat",
+    "Ito",
+    "Jensen",
+    "Kowalski",
+    "Lopez",
+    "Meyer",
+    "Novak",
+    "Okafor",
+    "Petrov",
+]
 PLACES = ["Port", "Lake", "Mount", "Saint", "New", "Old", "North", "South"]
-WORDS = ["what", "do", "you", "think", "about", "the", "people", "who", "live", "near", "my", "house", "and", "why", "they", "always", "say", "bad", "things", "online"]
+WORDS = [
+    "what",
+    "do",
+    "you",
+    "think",
+    "about",
+    "the",
+    "people",
+    "who",
+    "live",
+    "near",
+    "my",
+    "house",
+    "and",
+    "why",
+    "they",
+    "always",
+    "say",
+    "bad",
+    "things",
+    "online",
+]
 
 
 def synthetic_names(count: int, rng: random.Random) -> list[tuple[str, str]]:
@@ -63,13 +118,21 @@ def write_dataset(folder: Path, dialogues: int, names: list[tuple[str, str]], rn
         for _ in range(dialogues):
             turns = []
             for _ in range(rng.choice((0, 0, 0, 1, 1, 2, 3, 4))):
-                turns += [" ".join(rng.choices(WORDS, k=12)).capitalize() + "?", " ".join(rng.choices(WORDS, k=20)).capitalize() + "."]
+                turns += [
+                    " ".join(rng.choices(WORDS, k=12)).capitalize() + "?",
+                    " ".join(rng.choices(WORDS, k=20)).capitalize() + ".",
+                ]
             words = rng.choices(WORDS, k=rng.randint(8, 30))
             for _ in range(rng.choice((0, 1, 1, 2))):
                 words.insert(rng.randrange(len(words) + 1), rng.choice(names)[0])
             turns.append(" ".join(words).capitalize() + "?")
-            history = "".join(f"\n\n{'Human' if index % 2 == 0 else 'Assistant'}: {text}" for index, text in enumerate(turns))
-            line = {"chosen": history + "\n\nAssistant: I can't help with that.", "rejected": history + "\n\nAssistant: Sure, here is how."}
+            history = "".join(
+                f"\n\n{'Human' if index % 2 == 0 else 'Assistant'}: {text}" for index, text in enumerate(turns)
+            )
+            line = {
+                "chosen": history + "\n\nAssistant: I can't help with that.",
+                "rejected": history + "\n\nAssistant: Sure, here is how.",
+            }
             handle.write(json.dumps(line) + "\n")
     return path
 
@@ -96,7 +159,13 @@ class RegexMatcher:
         self.pattern = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(name) for name in ordered) + r")(?!\w)")
 
     def recognize(self, texts):
-        return [[Mention(m.group(), self.types[m.group()], m.start(), m.end(), m.group()) for m in self.pattern.finditer(text)] for text in texts]
+        return [
+            [
+                Mention(m.group(), self.types[m.group()], m.start(), m.end(), m.group())
+                for m in self.pattern.finditer(text)
+            ]
+            for text in texts
+        ]
 
 
 def offline_stages(path: Path, recognizer, template: TemplateRewriter, batch: int = 64) -> float:
@@ -122,7 +191,9 @@ def offline_stages(path: Path, recognizer, template: TemplateRewriter, batch: in
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--dialogues", type=int, help="dialogues in the synthetic file (default 20,000; quick 4,000)")
-    parser.add_argument("--names", type=int, default=2000, help="entity names in the gazetteer / image index (default 2,000)")
+    parser.add_argument(
+        "--names", type=int, default=2000, help="entity names in the gazetteer / image index (default 2,000)"
+    )
     args = parser.parse_args(argv)
     dialogues = args.dialogues or (4000 if args.quick else 20000)
     repetitions = args.repetitions or 5
@@ -152,12 +223,29 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows = [measurement.summary("dialogues") for measurement in results.values()]
-    print(f"{dialogues} synthetic HH-RLHF dialogues, {args.names} names, {repetitions} repetitions after 1 warm-up round")
-    print(format_table(rows, ["name", "dialogues_per_s", "dialogues_per_s_min", "dialogues_per_s_max", "median_seconds", "repetitions"]))
+    print(
+        f"{dialogues} synthetic HH-RLHF dialogues, {args.names} names, {repetitions} repetitions after 1 warm-up round"
+    )
+    print(
+        format_table(
+            rows,
+            ["name", "dialogues_per_s", "dialogues_per_s_min", "dialogues_per_s_max", "median_seconds", "repetitions"],
+        )
+    )
     rate = rows[0]["dialogues_per_s"]
     verdict = "meets" if rate >= REQUIRED_RATE else "FAILS"
     print(f"parse+gazetteer+template: {rate:,.0f} dialogues/s, {verdict} the required {REQUIRED_RATE:,.0f}/s")
-    write_results(args.json, {"benchmark": "build_data", "command": " ".join(["python -m benchmarks.build_data", *sys.argv[1:]]), "dialogues": dialogues, "names": args.names, "required_per_s": REQUIRED_RATE, "results": rows})
+    write_results(
+        args.json,
+        {
+            "benchmark": "build_data",
+            "command": " ".join(["python -m benchmarks.build_data", *sys.argv[1:]]),
+            "dialogues": dialogues,
+            "names": args.names,
+            "required_per_s": REQUIRED_RATE,
+            "results": rows,
+        },
+    )
     return 0 if rate >= REQUIRED_RATE else 1
 
 

@@ -85,12 +85,20 @@ def build_requests(count: int):
     from mmsafe.data.records import Message
     from mmsafe.generate.engine import GenerationRequest
 
-    topics = ["the person featured in the image", "the site visible in the image", "the company in the image", "the event in the image"]
+    topics = [
+        "the person featured in the image",
+        "the site visible in the image",
+        "the company in the image",
+        "the event in the image",
+    ]
     requests = []
     for index in range(count):
         history: list[Message] = []
         for turn in range(index % 4):
-            history += [Message("user", f"Question {turn} about {topics[turn % 4]}?"), Message("assistant", "Here is an answer to that.")]
+            history += [
+                Message("user", f"Question {turn} about {topics[turn % 4]}?"),
+                Message("assistant", "Here is an answer to that."),
+            ]
         text = f"<image>\nHow can I get into {topics[index % 4]} " + "without anyone noticing " * (index % 5) + "?"
         image = Image.new("RGB", (40 + 7 * index % 60, 56), ((index * 47) % 256, (index * 11) % 256, 128))
         requests.append(GenerationRequest(id=f"bench-{index}", messages=[*history, Message("user", text)], image=image))
@@ -100,8 +108,14 @@ def build_requests(count: int):
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, help="prompts per repetition (default 32, quick 16)")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"batch size of the batched contender (default {BATCH_SIZE})")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); 1 keeps a shared, busy machine from stalling parallel regions")
+    parser.add_argument(
+        "--batch-size", type=int, default=BATCH_SIZE, help=f"batch size of the batched contender (default {BATCH_SIZE})"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's choice); 1 keeps a shared, busy machine from stalling parallel regions",
+    )
     args = parser.parse_args(argv)
     prompts = args.prompts or (16 if args.quick else 32)
     repetitions = args.repetitions or 5
@@ -130,18 +144,32 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    names = {f"batched (batch {args.batch_size})": batched, "batch-1 loop": single, f"batch size auto ({auto.batch_size})": auto}
-    results = run_alternating({name: contender(name, engine) for name, engine in names.items()}, repetitions=repetitions, warmup=1)
+    names = {
+        f"batched (batch {args.batch_size})": batched,
+        "batch-1 loop": single,
+        f"batch size auto ({auto.batch_size})": auto,
+    }
+    results = run_alternating(
+        {name: contender(name, engine) for name, engine in names.items()}, repetitions=repetitions, warmup=1
+    )
     first, second, third = (outputs[name] for name in names)
     for other in (second, third):
         if first != other:
             differing = sum(a != b for a, b in zip(first, other, strict=True))
-            print(f"error: greedy outputs differ between the contenders for {differing} of {len(first)} prompts", file=sys.stderr)
+            print(
+                f"error: greedy outputs differ between the contenders for {differing} of {len(first)} prompts",
+                file=sys.stderr,
+            )
             return 1
     padding_share = batched.padding.share or 0.0
 
     # Every response is exactly NEW_TOKENS tokens: checked on one batch with the raw model.
-    inputs = batched.processor(text=[batched.render(r) for r in requests[:4]], images=[batched._prepare_image(r.image) for r in requests[:4]], return_tensors="pt", padding=True)
+    inputs = batched.processor(
+        text=[batched.render(r) for r in requests[:4]],
+        images=[batched._prepare_image(r.image) for r in requests[:4]],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.inference_mode():
         generated = batched.model.generate(**inputs, **batched._generation_kwargs(params))
     assert generated.shape[1] - inputs["input_ids"].shape[1] == NEW_TOKENS
@@ -151,12 +179,31 @@ def main(argv: list[str] | None = None) -> int:
     speedup = batched_rate / single_rate
     for row in rows:
         row["tokens_per_s"] = row["responses_per_s"] * NEW_TOKENS
-    print(format_table(rows, ["name", "responses_per_s", "responses_per_s_min", "responses_per_s_max", "tokens_per_s", "median_seconds", "repetitions"]))
-    print(f"speedup (median rates): {speedup:.2f}x (target >= {TARGET_SPEEDUP:g}x); identical greedy outputs: yes; {len(requests)} prompts x {NEW_TOKENS} new tokens")
-    print(f"prompt padding share of the batched run: {100 * padding_share:.1f}% (target <= {100 * TARGET_PADDING_SHARE:g}%)")
+    print(
+        format_table(
+            rows,
+            [
+                "name",
+                "responses_per_s",
+                "responses_per_s_min",
+                "responses_per_s_max",
+                "tokens_per_s",
+                "median_seconds",
+                "repetitions",
+            ],
+        )
+    )
+    print(
+        f"speedup (median rates): {speedup:.2f}x (target >= {TARGET_SPEEDUP:g}x); identical greedy outputs: yes; {len(requests)} prompts x {NEW_TOKENS} new tokens"
+    )
+    print(
+        f"prompt padding share of the batched run: {100 * padding_share:.1f}% (target <= {100 * TARGET_PADDING_SHARE:g}%)"
+    )
     vllm_section = compare_vllm(loaded, requests, params, repetitions)
     machine = machine_info()
-    print(f"machine: {machine.get('cpu_count')} cores, {machine.get('memory_gib')} GiB, torch {machine.get('torch')} ({machine.get('torch_threads')} threads), {machine.get('date')}")
+    print(
+        f"machine: {machine.get('cpu_count')} cores, {machine.get('memory_gib')} GiB, torch {machine.get('torch')} ({machine.get('torch_threads')} threads), {machine.get('date')}"
+    )
     write_results(
         args.json,
         {
@@ -185,7 +232,7 @@ def compare_vllm(loaded, requests, params, repetitions: int) -> dict | None:
     import tempfile
 
     if importlib.util.find_spec("vllm") is None:
-        print("vllm section: skipped (vllm is not importable here; pip install \"mmsafe[serve]\" on a CUDA machine)")
+        print('vllm section: skipped (vllm is not importable here; pip install "mmsafe[serve]" on a CUDA machine)')
         return None
     import torch
 
@@ -210,11 +257,18 @@ def compare_vllm(loaded, requests, params, repetitions: int) -> dict | None:
             return run
 
         engines = {"hf (cuda, batch size auto)": hf, "vllm (offline engine)": vllm}
-        results = run_alternating({name: contender(name, engine) for name, engine in engines.items()}, repetitions=repetitions, warmup=1)
+        results = run_alternating(
+            {name: contender(name, engine) for name, engine in engines.items()}, repetitions=repetitions, warmup=1
+        )
     rows = [measurement.summary("responses") for measurement in results.values()]
     hf_out, vllm_out = (outputs[name] for name in engines)
     agree = sum(a == b for a, b in zip(hf_out, vllm_out, strict=True))
-    print(format_table(rows, ["name", "responses_per_s", "responses_per_s_min", "responses_per_s_max", "median_seconds", "repetitions"]))
+    print(
+        format_table(
+            rows,
+            ["name", "responses_per_s", "responses_per_s_min", "responses_per_s_max", "median_seconds", "repetitions"],
+        )
+    )
     speedup = rows[1]["responses_per_s"] / rows[0]["responses_per_s"]
     # bf16 kernels differ between the two, so greedy answers may part after a near tie: reported, not asserted.
     print(f"vllm vs hf: {speedup:.2f}x; identical greedy answers: {agree} of {len(requests)}")

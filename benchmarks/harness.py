@@ -52,7 +52,9 @@ class Measurement:
         }
 
 
-def run_alternating(contenders: dict[str, Callable[[], float]], *, repetitions: int, warmup: int = 1) -> dict[str, Measurement]:
+def run_alternating(
+    contenders: dict[str, Callable[[], float]], *, repetitions: int, warmup: int = 1
+) -> dict[str, Measurement]:
     """Time each contender ``repetitions`` times, interleaved, after ``warmup`` untimed rounds.
 
     Each callable does one repetition of work and returns how many items it processed.
@@ -159,7 +161,9 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * width for width in widths))
     for row in rows:
-        lines.append("  ".join(cell(row.get(column, "")).ljust(width) for column, width in zip(columns, widths, strict=True)))
+        lines.append(
+            "  ".join(cell(row.get(column, "")).ljust(width) for column, width in zip(columns, widths, strict=True))
+        )
     return "\n".join(lines)
 
 
@@ -167,5 +171,9 @@ def write_results(path: Path | None, payload: dict[str, Any]) -> None:
     payload = {"machine": machine_info(), **payload}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)) + "\n", encoding="utf-8")
+        path.write_text(
+            json.dumps(payload, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+            + "\n",
+            encoding="utf-8",
+        )
         print(f"results written to {path}")

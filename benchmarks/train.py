@@ -108,10 +108,24 @@ GPU_CONTENDERS = {"llava": ("A", "G", "C", "D"), "qwen2.5-vl": ("G", "C")}
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true", help="LLaVA-1.5-7B- and Qwen2.5-VL-7B-shaped models in bf16 on a CUDA device, each contender in its own process")
-    parser.add_argument("--tiny", action="store_true", help="with --gpu: the same code path at a tiny shape, on CPU when no GPU is present (a smoke test)")
-    parser.add_argument("--batch-size", type=int, help="examples per optimizer step (default 1, the release's per-device batch; quick 2)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice); 1 is steadier on a busy machine")
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="LLaVA-1.5-7B- and Qwen2.5-VL-7B-shaped models in bf16 on a CUDA device, each contender in its own process",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="with --gpu: the same code path at a tiny shape, on CPU when no GPU is present (a smoke test)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="examples per optimizer step (default 1, the release's per-device batch; quick 2)",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's own choice); 1 is steadier on a busy machine"
+    )
     parser.add_argument("--skip-qwen", action="store_true", help="CPU runs: leave out the Qwen2.5-VL-shaped model")
     parser.add_argument(
         "--workload",
@@ -120,9 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         help="realistic (default): multi-turn prompts and response lengths drawn as in the released data, with long blind answers; "
         "uniform: every prompt and response of the setup's length (the K and length sweeps always use uniform lengths)",
     )
-    parser.add_argument("--solo", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)  # internal: one contender in a fresh process
-    parser.add_argument("--family", choices=["llava", "qwen2.5-vl"], default="llava", help=argparse.SUPPRESS)  # internal, with --solo
-    parser.add_argument("--scoring-memory", choices=["plain", "chunked"], help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
+    parser.add_argument(
+        "--solo", choices=sorted(CONTENDERS), help=argparse.SUPPRESS
+    )  # internal: one contender in a fresh process
+    parser.add_argument(
+        "--family", choices=["llava", "qwen2.5-vl"], default="llava", help=argparse.SUPPRESS
+    )  # internal, with --solo
+    parser.add_argument(
+        "--scoring-memory", choices=["plain", "chunked"], help=argparse.SUPPRESS
+    )  # internal: one measurement in a fresh process
     args = parser.parse_args(argv)
     args.command = " ".join(["python -m benchmarks.train", *(sys.argv[1:] if argv is None else argv)])
     llava_setup, qwen_setup = setups_for(args)
@@ -137,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --gpu needs a CUDA device (--gpu --tiny runs its code path on CPU)", file=sys.stderr)
         return 1
     if args.scoring_memory:
-        print(json.dumps(scoring_memory(qwen_setup if args.family == "qwen2.5-vl" else llava_setup, args.scoring_memory)))
+        print(
+            json.dumps(scoring_memory(qwen_setup if args.family == "qwen2.5-vl" else llava_setup, args.scoring_memory))
+        )
         return 0
     if args.solo:
         setup = qwen_setup if args.family == "qwen2.5-vl" else llava_setup
@@ -163,7 +185,10 @@ def setups_for(args: argparse.Namespace) -> tuple[Setup, Setup]:
         llava, qwen = TINY_SETUP, QWEN_TINY_SETUP
         if args.gpu:
             device = "cuda" if _cuda_available() else "cpu"
-            llava, qwen = (replace(setup, device=device, dtype="bfloat16" if device == "cuda" else "float32") for setup in (llava, qwen))
+            llava, qwen = (
+                replace(setup, device=device, dtype="bfloat16" if device == "cuda" else "float32")
+                for setup in (llava, qwen)
+            )
     elif args.gpu:
         llava, qwen = GPU_SETUP, QWEN_GPU_SETUP
     elif args.quick:
@@ -194,7 +219,9 @@ def run_cpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitio
     print(f"loss agreement at step 0: {agreement.describe()}; {general_agreement.describe()}")
 
     contenders = {key: make_contender(key, copy.deepcopy(model), workload, setup) for key in CONTENDERS}
-    measured = run_alternating({key: contender.step for key, contender in contenders.items()}, repetitions=repetitions, warmup=1)
+    measured = run_alternating(
+        {key: contender.step for key, contender in contenders.items()}, repetitions=repetitions, warmup=1
+    )
     step_flops = count_step_flops(contenders["A"])
     del contenders
     ceiling = matmul_flops_per_s(setup)
@@ -203,14 +230,21 @@ def run_cpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitio
     rows = []
     for key, name in CONTENDERS.items():
         row = measured[key].summary("examples")
-        row.update(name=f"{key}: {name}", key=key, peak_rss_mb=memory[key]["peak_rss_mb"], rss_before_contender_mb=memory[key]["rss_before_contender_mb"])
+        row.update(
+            name=f"{key}: {name}",
+            key=key,
+            peak_rss_mb=memory[key]["peak_rss_mb"],
+            rss_before_contender_mb=memory[key]["rss_before_contender_mb"],
+        )
         row["A_speedup"] = measured[key].median_seconds / measured["A"].median_seconds
         rows.append(row)
     sweep_repetitions = 3 if args.quick else 5
     half, base = setup.response_tokens // 2, setup.response_tokens
     response_lengths = [half, base, 2 * base] if args.quick else [half, base, 2 * base, 4 * base]
     k_rows = scaling(model, processor, setup, values=[1, 2, 4], vary="rejected", repetitions=sweep_repetitions)
-    length_rows = scaling(model, processor, setup, values=response_lengths, vary="response_tokens", repetitions=sweep_repetitions)
+    length_rows = scaling(
+        model, processor, setup, values=response_lengths, vary="response_tokens", repetitions=sweep_repetitions
+    )
     padding_examples = 100 if args.quick else PADDING_EXAMPLES
     padding_rows = padding_shares(processor, model, setup, profile or REALISTIC, examples=padding_examples)
     del model
@@ -239,11 +273,17 @@ def run_qwen_cpu(setup: Setup, repetitions: int, profile: LengthProfile | None =
     _processor, model, workload = prepare(setup, profile=profile)
     agreement = check_losses(copy.deepcopy(model), workload, setup, fast="G", with_trl=False)
     contenders = {key: make_contender(key, copy.deepcopy(model), workload, setup) for key in QWEN_CONTENDERS}
-    measured = run_alternating({key: contender.step for key, contender in contenders.items()}, repetitions=repetitions, warmup=1)
+    measured = run_alternating(
+        {key: contender.step for key, contender in contenders.items()}, repetitions=repetitions, warmup=1
+    )
     rows = []
     for key in QWEN_CONTENDERS:
         row = measured[key].summary("examples")
-        row.update(name=f"{key}: {CONTENDERS[key]}", key=key, G_speedup=measured[key].median_seconds / measured["G"].median_seconds)
+        row.update(
+            name=f"{key}: {CONTENDERS[key]}",
+            key=key,
+            G_speedup=measured[key].median_seconds / measured["G"].median_seconds,
+        )
         rows.append(row)
     by_key = {row["key"]: row for row in rows}
     return {
@@ -273,7 +313,13 @@ def run_gpu(args: argparse.Namespace, setup: Setup, qwen_setup: Setup, repetitio
     machine = machine_info()
     write_results(
         args.json,
-        {"benchmark": "train-gpu", "command": args.command, "setups": [asdict(setup), asdict(qwen_setup)], "machine": machine, "results": rows},
+        {
+            "benchmark": "train-gpu",
+            "command": args.command,
+            "setups": [asdict(setup), asdict(qwen_setup)],
+            "machine": machine,
+            "results": rows,
+        },
     )
     return 0
 

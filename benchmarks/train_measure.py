@@ -27,7 +27,9 @@ PADDING_EXAMPLES = 400
 PADDING_BATCH_SIZES = (1, 4, 8)
 
 
-def padding_shares(processor: Any, model: Any, setup: Setup, profile: LengthProfile, *, examples: int = PADDING_EXAMPLES, seed: int = 1) -> list[dict[str, Any]]:
+def padding_shares(
+    processor: Any, model: Any, setup: Setup, profile: LengthProfile, *, examples: int = PADDING_EXAMPLES, seed: int = 1
+) -> list[dict[str, Any]]:
     """Share of padding positions over one epoch of ``examples`` drawn from ``profile``.
 
     For the default path (packed rows) and the general path (prompt-cache), at several
@@ -58,7 +60,9 @@ def padding_shares(processor: Any, model: Any, setup: Setup, profile: LengthProf
     lengths = [example_length(item["example"]) for item in workload.items]
     rows = []
     for key in ("A", "G"):
-        collator = PreferenceCollator(workload.pad_token_id, workload.sources, mode=FORWARD_MODES[key], encoder=workload.encoder)
+        collator = PreferenceCollator(
+            workload.pad_token_id, workload.sources, mode=FORWARD_MODES[key], encoder=workload.encoder
+        )
         for batch_size in PADDING_BATCH_SIZES:
             orders = {
                 "grouped": list(EpochLengthGroupedSampler(batch_size, lengths, seed=0)),
@@ -67,9 +71,20 @@ def padding_shares(processor: Any, model: Any, setup: Setup, profile: LengthProf
             for grouping, order in orders.items():
                 padded = total = 0.0
                 for start in range(0, len(order), batch_size):
-                    batch_padded, batch_total = positions(collator([workload.items[index] for index in order[start : start + batch_size]]))
+                    batch_padded, batch_total = positions(
+                        collator([workload.items[index] for index in order[start : start + batch_size]])
+                    )
                     padded, total = padded + batch_padded, total + batch_total
-                rows.append({"path": f"{key}: {CONTENDERS[key]}", "key": key, "batch_size": batch_size, "order": grouping, "padding_share": padded / total, "positions": int(total)})
+                rows.append(
+                    {
+                        "path": f"{key}: {CONTENDERS[key]}",
+                        "key": key,
+                        "batch_size": batch_size,
+                        "order": grouping,
+                        "padding_share": padded / total,
+                        "positions": int(total),
+                    }
+                )
     return rows
 
 
@@ -110,7 +125,9 @@ def count_step_flops(contender: Contender) -> float:
     return float(counter.get_total_flops())
 
 
-def scaling(model: Any, processor: Any, setup: Setup, *, values: list[int], vary: str, repetitions: int) -> list[dict[str, Any]]:
+def scaling(
+    model: Any, processor: Any, setup: Setup, *, values: list[int], vary: str, repetitions: int
+) -> list[dict[str, Any]]:
     """A against C with ``vary`` ("rejected" or "response_tokens") set to each of ``values``."""
     rows = []
     for value in values:
@@ -123,14 +140,18 @@ def scaling(model: Any, processor: Any, setup: Setup, *, values: list[int], vary
             response_tokens=value if vary == "response_tokens" else None,
         )
         contenders = {key: make_contender(key, copy.deepcopy(model), workload, setup) for key in ("A", "C")}
-        measured = run_alternating({key: contender.step for key, contender in contenders.items()}, repetitions=repetitions, warmup=1)
+        measured = run_alternating(
+            {key: contender.step for key, contender in contenders.items()}, repetitions=repetitions, warmup=1
+        )
         a_seconds, c_seconds = measured["A"].median_seconds, measured["C"].median_seconds
         rows.append({vary: value, "A_step_s": a_seconds, "C_step_s": c_seconds, "C_over_A": c_seconds / a_seconds})
         del contenders
     return rows
 
 
-def run_solo(key: str, setup: Setup, repetitions: int, *, flops: bool = False, profile: LengthProfile | None = None) -> dict[str, Any]:
+def run_solo(
+    key: str, setup: Setup, repetitions: int, *, flops: bool = False, profile: LengthProfile | None = None
+) -> dict[str, Any]:
     """One contender alone in this (fresh) process: step times, peak memory, and (``flops``) its FLOP rate."""
     import torch
 
@@ -163,7 +184,11 @@ def run_solo(key: str, setup: Setup, repetitions: int, *, flops: bool = False, p
     if flops:
         step_flops = count_step_flops(contender)
         ceiling = matmul_flops_per_s(setup)
-        result.update(step_flops=step_flops, matmul_flops_per_s=ceiling["median"], flop_utilisation=step_flops / statistics.median(seconds[1:]) / ceiling["median"])
+        result.update(
+            step_flops=step_flops,
+            matmul_flops_per_s=ceiling["median"],
+            flop_utilisation=step_flops / statistics.median(seconds[1:]) / ceiling["median"],
+        )
     return result
 
 
@@ -185,7 +210,9 @@ def scoring_memory(setup: Setup, head: str) -> dict[str, Any]:
 
     _, model, workload = prepare(setup, response_tokens=SCORING_MEMORY_RESPONSE_TOKENS)
     key = "G" if setup.family == "qwen2.5-vl" else "A"
-    collator = PreferenceCollator(workload.pad_token_id, workload.sources, mode=FORWARD_MODES[key], encoder=workload.encoder)
+    collator = PreferenceCollator(
+        workload.pad_token_id, workload.sources, mode=FORWARD_MODES[key], encoder=workload.encoder
+    )
     batch = move(collator(workload.items), setup.device)
     if head == "plain":
         forward.chunked_head = lambda model: None  # this process only
@@ -199,6 +226,7 @@ def scoring_memory(setup: Setup, head: str) -> dict[str, Any]:
         if not reset_peak_rss():
             raise RuntimeError("peak memory cannot be reset here (needs Linux /proc/self/clear_refs)")
         start = current_rss_mb()
+
     def peak_above(start: float) -> float:
         return (torch.cuda.max_memory_allocated() / 2**20 if setup.device == "cuda" else peak_rss_mb()) - start
 
@@ -211,7 +239,15 @@ def scoring_memory(setup: Setup, head: str) -> dict[str, Any]:
     # gradient, the same for both).
     output_layer = model.get_output_embeddings()
     with torch.no_grad(), forward.head_inputs(output_layer) as captured:
-        model(**{name: value for name, value in batch.items() if name in ("input_ids", "pixel_values", "attention_mask", "image_grid_thw", "mm_token_type_ids")} if key == "A" else batch["prompt_cache_rows"][0]["prompt"])
+        model(
+            **{
+                name: value
+                for name, value in batch.items()
+                if name in ("input_ids", "pixel_values", "attention_mask", "image_grid_thw", "mm_token_type_ids")
+            }
+            if key == "A"
+            else batch["prompt_cache_rows"][0]["prompt"]
+        )
     tokens = sum(workload.response_lengths)
     hidden = captured[0].reshape(-1, captured[0].shape[-1])[:1].expand(tokens, -1).contiguous().requires_grad_()
     labels = torch.randint(0, setup.vocab_size, (tokens,), device=hidden.device)
@@ -273,9 +309,13 @@ def measure_scoring_memory(args: argparse.Namespace, families: list[str]) -> lis
     return rows
 
 
-def solo_in_subprocess(key: str, args: argparse.Namespace, repetitions: int, *, family: str = "llava") -> dict[str, Any]:
+def solo_in_subprocess(
+    key: str, args: argparse.Namespace, repetitions: int, *, family: str = "llava"
+) -> dict[str, Any]:
     """:func:`run_solo` in a fresh Python process with the same settings as this run."""
-    return _in_subprocess(["--solo", key, "--family", family, "--repetitions", str(repetitions)], args, f"contender {key} ({family})")
+    return _in_subprocess(
+        ["--solo", key, "--family", family, "--repetitions", str(repetitions)], args, f"contender {key} ({family})"
+    )
 
 
 def _in_subprocess(mode: list[str], args: argparse.Namespace, what: str) -> dict[str, Any]:
@@ -287,7 +327,9 @@ def _in_subprocess(mode: list[str], args: argparse.Namespace, what: str) -> dict
     for option in ("batch_size", "threads", "workload"):
         if getattr(args, option) is not None:
             command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, "MMSAFE_PROGRESS": "0"})
+    completed = subprocess.run(
+        command, capture_output=True, text=True, check=False, env={**os.environ, "MMSAFE_PROGRESS": "0"}
+    )
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if completed.returncode != 0 or not lines:
         raise RuntimeError(f"{what} failed in its subprocess:\n{completed.stderr[-3000:]}")

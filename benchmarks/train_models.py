@@ -115,10 +115,22 @@ GPU_SETUP = Setup(
 # 2x2 (256 image tokens, as the LLaVA setup), a windowed vision tower with its last block
 # full, grouped-query attention, M-RoPE and the family's 151,936-row (untied) vocabulary.
 QWEN_CPU_SETUP = replace(
-    CPU_SETUP, name="cpu-qwen2.5-vl", family="qwen2.5-vl", image_size=448, vocab_size=151936, text_kv_heads=2, vision_intermediate_size=688
+    CPU_SETUP,
+    name="cpu-qwen2.5-vl",
+    family="qwen2.5-vl",
+    image_size=448,
+    vocab_size=151936,
+    text_kv_heads=2,
+    vision_intermediate_size=688,
 )
 QWEN_QUICK_SETUP = replace(
-    QUICK_SETUP, name="cpu-quick-qwen2.5-vl", family="qwen2.5-vl", image_size=224, vocab_size=151936, text_kv_heads=2, vision_intermediate_size=344
+    QUICK_SETUP,
+    name="cpu-quick-qwen2.5-vl",
+    family="qwen2.5-vl",
+    image_size=224,
+    vocab_size=151936,
+    text_kv_heads=2,
+    vision_intermediate_size=344,
 )
 # Qwen2.5-VL-7B: 32-block vision tower of width 1280 (full attention at every 8th block),
 # Qwen2-7B language model (28 layers, width 3584, 4 key/value heads), 152k vocabulary;
@@ -157,7 +169,9 @@ TINY_SETUP = replace(
     response_tokens=6,
     batch_size=1,
 )
-QWEN_TINY_SETUP = replace(TINY_SETUP, name="tiny-qwen2.5-vl", family="qwen2.5-vl", image_size=112, vocab_size=151936, text_kv_heads=1)
+QWEN_TINY_SETUP = replace(
+    TINY_SETUP, name="tiny-qwen2.5-vl", family="qwen2.5-vl", image_size=112, vocab_size=151936, text_kv_heads=1
+)
 
 
 def attention_for(key: str, setup: Setup) -> str:
@@ -316,11 +330,24 @@ def perturb(model: Any, scale: float = 0.02, seed: int = 1) -> Any:
 
 
 def prepare(
-    setup: Setup, *, num_rejected: int = 2, response_tokens: int | None = None, seed: int = 0, attention: str = "sdpa", profile: LengthProfile | None = None
+    setup: Setup,
+    *,
+    num_rejected: int = 2,
+    response_tokens: int | None = None,
+    seed: int = 0,
+    attention: str = "sdpa",
+    profile: LengthProfile | None = None,
 ):
     """(processor, starting model, workload of ``setup.batch_size`` examples)."""
     processor, model = build_model(setup, seed=seed, attention=attention)
     workload = build_workload(
-        processor, model, setup, examples=setup.batch_size, num_rejected=num_rejected, response_tokens=response_tokens, seed=seed, profile=profile
+        processor,
+        model,
+        setup,
+        examples=setup.batch_size,
+        num_rejected=num_rejected,
+        response_tokens=response_tokens,
+        seed=seed,
+        profile=profile,
     )
     return processor, model, workload

@@ -63,7 +63,9 @@ def acceptance(run: CpuRun) -> tuple[dict[str, float], bool]:
         "G_over_C": by_key["G"]["examples_per_s"] / by_key["C"]["examples_per_s"],
         "A_over_D": by_key["A"]["examples_per_s"] / by_key["D"]["examples_per_s"],
         "A_memory_over_D": by_key["A"]["peak_rss_mb"] / by_key["D"]["peak_rss_mb"],
-        "A_padding_share": max(row["padding_share"] for row in run.padding_rows if row["key"] == "A" and row["order"] == "grouped"),
+        "A_padding_share": max(
+            row["padding_share"] for row in run.padding_rows if row["key"] == "A" and row["order"] == "grouped"
+        ),
     }
     if run.qwen is not None:
         verdict["qwen_G_over_C"] = run.qwen["G_over_C"]
@@ -85,13 +87,28 @@ def acceptance(run: CpuRun) -> tuple[dict[str, float], bool]:
 def print_cpu_report(run: CpuRun, verdict: dict[str, float]) -> None:
     """The CPU run's tables and ratios, as quoted in benchmarks/README.md."""
     setup, qwen, ceiling, achieved = run.setup, run.qwen, run.ceiling, run.achieved
-    print(format_table(run.rows, ["name", "examples_per_s", "examples_per_s_min", "examples_per_s_max", "median_seconds", "peak_rss_mb", "A_speedup"]))
+    print(
+        format_table(
+            run.rows,
+            [
+                "name",
+                "examples_per_s",
+                "examples_per_s_min",
+                "examples_per_s_max",
+                "median_seconds",
+                "peak_rss_mb",
+                "A_speedup",
+            ],
+        )
+    )
     print(
         f"A/C {verdict['A_over_C']:.2f}x (target >= {TARGET_SPEEDUP:g}x), A/D {verdict['A_over_D']:.2f}x (target >= {TARGET_TRL_SPEEDUP:g}x); "
         f"G/C {verdict['G_over_C']:.2f}x (target >= {TARGET_GENERAL_SPEEDUP:g}x); "
         f"A's peak memory / D's {verdict['A_memory_over_D']:.2f} (target <= {TARGET_MEMORY_RATIO:g})"
     )
-    print(f"padding share over an epoch of {run.padding_examples} realistic examples (target for A, grouped: <= {TARGET_PADDING_SHARE:.0%}):")
+    print(
+        f"padding share over an epoch of {run.padding_examples} realistic examples (target for A, grouped: <= {TARGET_PADDING_SHARE:.0%}):"
+    )
     print(format_table(run.padding_rows, ["path", "batch_size", "order", "padding_share", "positions"]))
     print("step time against K rejected responses (A vs C):")
     print(format_table(run.k_rows, ["rejected", "A_step_s", "C_step_s", "C_over_A"]))
@@ -102,11 +119,36 @@ def print_cpu_report(run: CpuRun, verdict: dict[str, float]) -> None:
         f"{achieved / ceiling['median']:.0%} of the measured {setup.dtype} matmul rate {ceiling['median'] / 1e9:.1f} GFLOP/s"
     )
     if qwen is not None:
-        print(f"Qwen2.5-VL-shaped model ({qwen['parameters']:,} parameters, {run.qwen_setup.vocab_size:,}-token vocabulary): {qwen['agreement']}")
-        print(format_table(qwen["results"], ["name", "examples_per_s", "examples_per_s_min", "examples_per_s_max", "median_seconds", "G_speedup"]))
+        print(
+            f"Qwen2.5-VL-shaped model ({qwen['parameters']:,} parameters, {run.qwen_setup.vocab_size:,}-token vocabulary): {qwen['agreement']}"
+        )
+        print(
+            format_table(
+                qwen["results"],
+                ["name", "examples_per_s", "examples_per_s_min", "examples_per_s_max", "median_seconds", "G_speedup"],
+            )
+        )
         print(f"G/C {qwen['G_over_C']:.2f}x on the Qwen2.5-VL-shaped model")
-    print(f"peak memory of one scoring forward + backward, K = 2 responses of about {SCORING_MEMORY_RESPONSE_TOKENS} tokens (plain vs chunked output layer):")
-    print(format_table(run.memory_rows, ["setup", "path", "vocabulary", "tokens", "step_plain_mb", "step_chunked_mb", "step_chunked_over_plain", "logprobs_plain_mb", "logprobs_chunked_mb", "logprobs_chunked_over_plain"]))
+    print(
+        f"peak memory of one scoring forward + backward, K = 2 responses of about {SCORING_MEMORY_RESPONSE_TOKENS} tokens (plain vs chunked output layer):"
+    )
+    print(
+        format_table(
+            run.memory_rows,
+            [
+                "setup",
+                "path",
+                "vocabulary",
+                "tokens",
+                "step_plain_mb",
+                "step_chunked_mb",
+                "step_chunked_over_plain",
+                "logprobs_plain_mb",
+                "logprobs_chunked_mb",
+                "logprobs_chunked_over_plain",
+            ],
+        )
+    )
     machine = machine_info()
     print(
         f"machine: {machine.get('cpu_count')} cores, {machine.get('memory_gib')} GiB, torch {machine.get('torch')} "
@@ -136,12 +178,19 @@ def cpu_results(run: CpuRun, command: str, verdict: dict[str, float], passed: bo
         "loss_agreement": asdict(run.agreement),
         "general_loss_agreement": asdict(run.general_agreement),
         "results": run.rows,
-        "contenders": {row["key"]: {"examples_per_s": row["examples_per_s"], "peak_rss_mb": row["peak_rss_mb"]} for row in run.rows},
+        "contenders": {
+            row["key"]: {"examples_per_s": row["examples_per_s"], "peak_rss_mb": row["peak_rss_mb"]} for row in run.rows
+        },
         "acceptance": {**verdict, "passed": passed},
         "scaling_rejected": run.k_rows,
         "scaling_response_tokens": run.length_rows,
         "padding_share": run.padding_rows,
-        "flops": {"A_step_flops": run.step_flops, "A_flops_per_s": achieved, "matmul_flops_per_s": ceiling, "fraction": achieved / ceiling["median"]},
+        "flops": {
+            "A_step_flops": run.step_flops,
+            "A_flops_per_s": achieved,
+            "matmul_flops_per_s": ceiling,
+            "fraction": achieved / ceiling["median"],
+        },
         "qwen2.5-vl": qwen and {**qwen, "setup": asdict(run.qwen_setup)},
         "scoring_memory": run.memory_rows,
     }
@@ -167,9 +216,20 @@ def gpu_row(shape: Setup, key: str, result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def print_gpu_report(rows: list[dict[str, Any]], contenders: dict[str, tuple[str, ...]], shapes: dict[str, Setup]) -> None:
+def print_gpu_report(
+    rows: list[dict[str, Any]], contenders: dict[str, tuple[str, ...]], shapes: dict[str, Setup]
+) -> None:
     """The GPU run's table and each contender's rate against C's, per model shape (``shapes``: by family)."""
-    columns = ["name", "attention", "examples_per_s", "examples_per_s_min", "examples_per_s_max", "tokens_per_s", "flop_utilisation", "peak_gpu_mb"]
+    columns = [
+        "name",
+        "attention",
+        "examples_per_s",
+        "examples_per_s_min",
+        "examples_per_s_max",
+        "tokens_per_s",
+        "flop_utilisation",
+        "peak_gpu_mb",
+    ]
     print(format_table(rows, columns))
     for family, keys in contenders.items():
         shape = shapes[family].name

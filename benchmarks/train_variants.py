@@ -55,7 +55,9 @@ def _train_config(setup: Setup, output_dir: str, *, forward_mode: str, reference
 def _adamw(model: Any):
     import torch
 
-    return torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad], lr=LEARNING_RATE)
+    return torch.optim.AdamW(
+        [parameter for parameter in model.parameters() if parameter.requires_grad], lr=LEARNING_RATE
+    )
 
 
 @dataclass
@@ -108,9 +110,13 @@ def make_mmsafe(key: str, policy: Any, workload: Workload, setup: Setup) -> Cont
         items = [{**item, "example": example} for item, example in zip(items, examples, strict=True)]
     else:
         reference = FrozenCopyReference(policy)
-    trainer = PreferenceTrainer(model=policy, args=config.training_arguments(), config=config, sources=workload.sources, reference=reference)
+    trainer = PreferenceTrainer(
+        model=policy, args=config.training_arguments(), config=config, sources=workload.sources, reference=reference
+    )
     batch = move(collator(items), setup.device)
-    return Contender(key=key, trainer=trainer, model=policy, batch=batch, optimizer=_adamw(policy), examples=workload.examples)
+    return Contender(
+        key=key, trainer=trainer, model=policy, batch=batch, optimizer=_adamw(policy), examples=workload.examples
+    )
 
 
 class _ItemsDataset:
@@ -126,7 +132,9 @@ class _ItemsDataset:
         return self.items[index]
 
 
-def _precompute(model: Any, items: list[dict[str, Any]], examples: list[Any], collator: Any, setup: Setup) -> dict[str, list[float]]:
+def _precompute(
+    model: Any, items: list[dict[str, Any]], examples: list[Any], collator: Any, setup: Setup
+) -> dict[str, list[float]]:
     """Reference log-probs of ``examples`` by ``model``, as ``mmsafe train`` precomputes them."""
     from mmsafe.train.reference import precompute_reference
 
@@ -144,7 +152,9 @@ def make_trl(policy: Any, workload: Workload, setup: Setup, *, reference: Any | 
     output_dir = scratch_dir("D-")
     policy = set_trainable(policy, _train_config(setup, output_dir, forward_mode="separate", reference="copy"))
     if reference is None:
-        reference = copy.deepcopy(policy)  # what a user passes for an in-memory model (TRL reloads from a path otherwise)
+        reference = copy.deepcopy(
+            policy
+        )  # what a user passes for an in-memory model (TRL reloads from a path otherwise)
     args = DPOConfig(
         output_dir=output_dir,
         per_device_train_batch_size=len(workload.trl_rows),  # every pair of the step's examples in one batch
@@ -164,9 +174,18 @@ def make_trl(policy: Any, workload: Workload, setup: Setup, *, reference: Any | 
         use_cpu=setup.device == "cpu",
     )
     dataset = Dataset.from_list(workload.trl_rows)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=workload.processor)
+    trainer = DPOTrainer(
+        model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=workload.processor
+    )
     batch = move(trainer.data_collator([dataset[index] for index in range(len(dataset))]), setup.device)
-    return Contender(key="D", trainer=trainer, model=trainer.model, batch=batch, optimizer=_adamw(trainer.model), examples=workload.examples)
+    return Contender(
+        key="D",
+        trainer=trainer,
+        model=trainer.model,
+        batch=batch,
+        optimizer=_adamw(trainer.model),
+        examples=workload.examples,
+    )
 
 
 def make_contender(key: str, policy: Any, workload: Workload, setup: Setup) -> Contender:
@@ -200,7 +219,9 @@ class LossAgreement:
         return text
 
 
-def check_losses(model: Any, workload: Workload, setup: Setup, *, fast: str = "A", with_trl: bool = True, perturbation: float = 0.02) -> LossAgreement:
+def check_losses(
+    model: Any, workload: Workload, setup: Setup, *, fast: str = "A", with_trl: bool = True, perturbation: float = 0.02
+) -> LossAgreement:
     """Step-0 losses of ``fast`` (A or G), C and D for a policy a little away from the reference ``model``.
 
     ``fast``: its path's policy log-probs with reference log-probs precomputed by
@@ -215,8 +236,15 @@ def check_losses(model: Any, workload: Workload, setup: Setup, *, fast: str = "A
 
     reference = model.eval()
     policy = perturb(model, scale=perturbation).eval()
-    shared = PreferenceCollator(workload.pad_token_id, workload.sources, mode=FORWARD_MODES[fast], encoder=workload.encoder)
-    separate_batch = move(PreferenceCollator(workload.pad_token_id, workload.sources, mode="separate", encoder=workload.encoder)(workload.items), setup.device)
+    shared = PreferenceCollator(
+        workload.pad_token_id, workload.sources, mode=FORWARD_MODES[fast], encoder=workload.encoder
+    )
+    separate_batch = move(
+        PreferenceCollator(workload.pad_token_id, workload.sources, mode="separate", encoder=workload.encoder)(
+            workload.items
+        ),
+        setup.device,
+    )
     shared_batch = move(shared(workload.items), setup.device)
     examples = [item["example"] for item in workload.items]
     cached = _precompute(reference, workload.items, examples, shared, setup)
@@ -224,18 +252,41 @@ def check_losses(model: Any, workload: Workload, setup: Setup, *, fast: str = "A
     cached_rejected = torch.tensor([cached[example.id][1:] for example in examples])
     with torch.no_grad():
         policy_shared = score_batch(policy, shared_batch)
-        a = bpo_loss(policy_shared.chosen.cpu().double(), policy_shared.rejected.cpu().double(), cached_chosen.double(), cached_rejected.double(), beta=BETA)
+        a = bpo_loss(
+            policy_shared.chosen.cpu().double(),
+            policy_shared.rejected.cpu().double(),
+            cached_chosen.double(),
+            cached_rejected.double(),
+            beta=BETA,
+        )
         policy_separate = score_batch(policy, separate_batch)
         reference_separate = score_batch(reference, separate_batch)
-        c = bpo_loss(*(tensor.cpu().double() for tensor in (policy_separate.chosen, policy_separate.rejected, reference_separate.chosen, reference_separate.rejected)), beta=BETA)
+        c = bpo_loss(
+            *(
+                tensor.cpu().double()
+                for tensor in (
+                    policy_separate.chosen,
+                    policy_separate.rejected,
+                    reference_separate.chosen,
+                    reference_separate.rejected,
+                )
+            ),
+            beta=BETA,
+        )
     a_c = ((a.losses - c.losses).abs() / c.losses.abs()).max().item()
     pairs = sum(example.num_rejected for example in examples)
     mean_term = a.losses.sum().item() / pairs
     sequences = separate_batch["input_ids"].shape[0]
     if not with_trl:
         return LossAgreement(
-            fast=fast, a_losses=a.losses.tolist(), c_losses=c.losses.tolist(), a_c_relative_difference=a_c, mmsafe_mean_dpo_term=mean_term,
-            trl_dpo_loss=None, trl_relative_difference=0.0, image_passes_per_example={fast: 1, "C": sequences // len(examples)},
+            fast=fast,
+            a_losses=a.losses.tolist(),
+            c_losses=c.losses.tolist(),
+            a_c_relative_difference=a_c,
+            mmsafe_mean_dpo_term=mean_term,
+            trl_dpo_loss=None,
+            trl_relative_difference=0.0,
+            image_passes_per_example={fast: 1, "C": sequences // len(examples)},
         )
     trl = make_trl(copy.deepcopy(policy), workload, setup, reference=copy.deepcopy(reference))
     trl.model.eval()

@@ -80,7 +80,10 @@ class LengthProfile:
         while True:
             turns: list[tuple[str, int]] = []
             for _ in range(rng.choice(self.earlier_exchanges)):
-                turns += [("user", rng.randint(*self.question_tokens)), ("assistant", rng.randint(*self.earlier_answer_tokens))]
+                turns += [
+                    ("user", rng.randint(*self.question_tokens)),
+                    ("assistant", rng.randint(*self.earlier_answer_tokens)),
+                ]
             turns.append(("user", rng.randint(*self.question_tokens)))
             total = sum(length for _, length in turns)
             if total < low:  # a bare question is padded up to the shortest prompt
@@ -182,11 +185,16 @@ def build_workload(
         Image.new("RGB", (setup.image_size, setup.image_size), colour).save(image_root / image_name)
         if profile is None:
             messages = [Message("user", "<image>\n" + _fit(rng, setup.prompt_tokens + jitter, prompt_tokens))]
-            responses = [_fit(rng, response_tokens + (jitter + slot) % 3 - 1, response_length) for slot in range(1 + num_rejected)]
+            responses = [
+                _fit(rng, response_tokens + (jitter + slot) % 3 - 1, response_length)
+                for slot in range(1 + num_rejected)
+            ]
         else:
             messages = [Message(role, _fit(rng, length, text_tokens)) for role, length in profile.dialogue(rng)]
             messages[-1] = Message("user", "<image>\n" + messages[-1].content)
-            lengths = [profile.human_response(rng), profile.human_response(rng)] + [profile.blind_response(rng) for _ in range(num_rejected - 1)]
+            lengths = [profile.human_response(rng), profile.human_response(rng)] + [
+                profile.blind_response(rng) for _ in range(num_rejected - 1)
+            ]
             responses = [_fit(rng, length, response_length) for length in lengths[: 1 + num_rejected]]
         records.append(
             PreferenceRecord(

@@ -74,8 +74,23 @@ def _print_config(argv: list[str], capsys) -> dict:
 
 def test_file_then_overrides_then_flags(tmp_path, capsys):
     config_file = tmp_path / "generate.yaml"
-    config_file.write_text("model: from-file\ndata: d.jsonl\nout: o\nmax_new_tokens: 11\nbatch_size: 3\ntemperature: 0.5\n", encoding="utf-8")
-    resolved = _print_config(["generate", "--config", str(config_file), "max_new_tokens=22", "batch_size=4", "--batch-size", "5", "--print-config"], capsys)
+    config_file.write_text(
+        "model: from-file\ndata: d.jsonl\nout: o\nmax_new_tokens: 11\nbatch_size: 3\ntemperature: 0.5\n",
+        encoding="utf-8",
+    )
+    resolved = _print_config(
+        [
+            "generate",
+            "--config",
+            str(config_file),
+            "max_new_tokens=22",
+            "batch_size=4",
+            "--batch-size",
+            "5",
+            "--print-config",
+        ],
+        capsys,
+    )
     assert resolved["model"] == "from-file"  # only the file set it
     assert resolved["temperature"] == 0.5
     assert resolved["max_new_tokens"] == 22  # the override beats the file
@@ -84,9 +99,31 @@ def test_file_then_overrides_then_flags(tmp_path, capsys):
 
 
 def test_printed_config_reads_back_as_the_same_config(tmp_path, capsys):
-    argv = ["probe", "--model", "m", "--data", "d.jsonl", "--out", "o", "--judge", "refusal,llm", "--variants", "text", "blind", "--limit", "3", "--split", "test"]
+    argv = [
+        "probe",
+        "--model",
+        "m",
+        "--data",
+        "d.jsonl",
+        "--out",
+        "o",
+        "--judge",
+        "refusal,llm",
+        "--variants",
+        "text",
+        "blind",
+        "--limit",
+        "3",
+        "--split",
+        "test",
+    ]
     first = _print_config([*argv, "--print-config"], capsys)
-    assert first["judges"] == ["refusal", "llm"] and first["variants"] == ["text", "blind"] and first["limit"] == 3 and first["split"] == "test"
+    assert (
+        first["judges"] == ["refusal", "llm"]
+        and first["variants"] == ["text", "blind"]
+        and first["limit"] == 3
+        and first["split"] == "test"
+    )
     saved = tmp_path / "probe.yaml"
     saved.write_text(yaml.safe_dump(first), encoding="utf-8")
     assert _print_config(["probe", "--config", str(saved), "--print-config"], capsys) == first
@@ -94,13 +131,47 @@ def test_printed_config_reads_back_as_the_same_config(tmp_path, capsys):
 
 def test_string_options_are_taken_as_written(capsys):
     # A YAML reading would turn these into false, a number and null.
-    resolved = _print_config(["generate", "--model", "m", "--data", "d", "--out", "o", "--variant", "no", "--split", "2024", "--device", "null", "--print-config"], capsys)
+    resolved = _print_config(
+        [
+            "generate",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--variant",
+            "no",
+            "--split",
+            "2024",
+            "--device",
+            "null",
+            "--print-config",
+        ],
+        capsys,
+    )
     assert (resolved["variant"], resolved["split"], resolved["device"]) == ("no", "2024", "null")
 
 
 def test_pairs_and_switches(capsys):
     resolved = _print_config(
-        ["judge", "--responses", "r", "--out", "o", "--judge", "llm", "--base-url", "http://x/v1", "--option", "max_new_tokens=32", "--option", "rubric.version=2", "--no-image", "--print-config"],
+        [
+            "judge",
+            "--responses",
+            "r",
+            "--out",
+            "o",
+            "--judge",
+            "llm",
+            "--base-url",
+            "http://x/v1",
+            "--option",
+            "max_new_tokens=32",
+            "--option",
+            "rubric.version=2",
+            "--no-image",
+            "--print-config",
+        ],
         capsys,
     )
     assert resolved["option"] == {"max_new_tokens": 32, "rubric": {"version": 2}}
@@ -158,24 +229,73 @@ def dataset(tmp_path: Path) -> Path:
 
 def test_dry_run_checks_inputs_and_writes_nothing(dataset, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["generate", "--model", str(tiny_model_dir), "--data", str(dataset), "--out", str(out), "--split", "test", "--dry-run"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(dataset),
+            "--out",
+            str(out),
+            "--split",
+            "test",
+            "--dry-run",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert f"would answer 3 prompts into {out / 'responses.jsonl'}" in captured.out
     assert not out.exists()
     # Bad input still fails in a dry run, before anything loads.
-    assert main(["generate", "--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.jsonl"), "--out", str(out), "--dry-run"]) == 1
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(tmp_path / "missing.jsonl"),
+                "--out",
+                str(out),
+                "--dry-run",
+            ]
+        )
+        == 1
+    )
     assert "missing.jsonl" in _one_error(capsys)
 
 
 def test_output_folders_name_their_files_and_the_next_stage_reads_the_folder(dataset, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "base"
-    code = main(["generate", "--model", str(tiny_model_dir), "--data", str(dataset), "--out", str(out), "--split", "test", "--limit", "2", "--max-new-tokens", "4", "--dtype", "float32", "--device", "cpu"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(dataset),
+            "--out",
+            str(out),
+            "--split",
+            "test",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "responses.jsonl").read_text(encoding="utf-8").splitlines()]
     records = [json.loads(line) for line in dataset.read_text(encoding="utf-8").splitlines()]
     expected = [record["id"] for record in records if record["meta"]["split"] == "test"][:2]
     assert [row["id"] for row in rows] == expected
-    assert main(["judge", "--responses", str(out), "--out", str(out), "--judge", "refusal"]) == 0, capsys.readouterr().err
+    assert main(["judge", "--responses", str(out), "--out", str(out), "--judge", "refusal"]) == 0, (
+        capsys.readouterr().err
+    )
     verdicts = (out / "verdicts-refusal.jsonl").read_text(encoding="utf-8").splitlines()
     assert sorted(json.loads(line)["id"] for line in verdicts) == sorted(expected)

@@ -26,9 +26,18 @@ from mmsafe.data.sample import write_sample
 FAST_FAILURE_S = 2.0
 
 
-def _mmsafe(args: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+def _mmsafe(
+    args: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
+) -> tuple[subprocess.CompletedProcess, float]:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "mmsafe", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        [sys.executable, "-m", "mmsafe", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     return result, time.perf_counter() - started
 
 
@@ -53,7 +62,9 @@ def test_a_path_like_model_that_does_not_exist_fails_at_once_with_one_line(model
     # models/ exists (it holds tiny/), so models/tinyy is a typo of a local folder, not a Hub id:
     # before, it was asked of the Hub (52 s of retries and 44 warnings on a machine offline).
     (tmp_path / "models" / "tiny").mkdir(parents=True)
-    result, seconds = _mmsafe(["generate", "--model", model, "--data", str(_records(sample)), "--out", "out.jsonl"], cwd=tmp_path, timeout=30)
+    result, seconds = _mmsafe(
+        ["generate", "--model", model, "--data", str(_records(sample)), "--out", "out.jsonl"], cwd=tmp_path, timeout=30
+    )
     lines = _error_lines(result.stderr)
     assert result.returncode == 1
     assert len(lines) == 1, result.stderr
@@ -65,11 +76,20 @@ def test_a_path_like_model_that_does_not_exist_fails_at_once_with_one_line(model
 
 def test_a_hub_id_under_hf_hub_offline_gives_one_line_quickly(sample, tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}  # an empty cache
-    result, seconds = _mmsafe(["generate", "--model", "some-org/some-model", "--data", str(_records(sample)), "--out", "out.jsonl"], cwd=tmp_path, env=env, timeout=30)
+    result, seconds = _mmsafe(
+        ["generate", "--model", "some-org/some-model", "--data", str(_records(sample)), "--out", "out.jsonl"],
+        cwd=tmp_path,
+        env=env,
+        timeout=30,
+    )
     lines = _error_lines(result.stderr)
     assert result.returncode == 1
     assert len(lines) == 1, result.stderr
-    assert "some-org/some-model" in lines[0] and "not in the Hugging Face cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+    assert (
+        "some-org/some-model" in lines[0]
+        and "not in the Hugging Face cache" in lines[0]
+        and "HF_HUB_OFFLINE" in lines[0]
+    )
     assert seconds < FAST_FAILURE_S, f"took {seconds:.2f}s"
 
 
@@ -86,7 +106,19 @@ def test_missing_images_are_one_error_naming_the_folder_before_any_model_loads(s
     (tmp_path / "model").mkdir()
     (tmp_path / "elsewhere").mkdir()
     result, _ = _mmsafe(
-        ["generate", "--model", "model", "--data", str(_records(sample)), "--image-root", "elsewhere", "--out", "out.jsonl"], cwd=tmp_path, timeout=120
+        [
+            "generate",
+            "--model",
+            "model",
+            "--data",
+            str(_records(sample)),
+            "--image-root",
+            "elsewhere",
+            "--out",
+            "out.jsonl",
+        ],
+        cwd=tmp_path,
+        timeout=120,
     )
     lines = _error_lines(result.stderr)
     assert result.returncode == 1
@@ -104,7 +136,10 @@ def test_validate_reports_missing_images_once_per_folder_with_a_count(sample, tm
     problems = _error_lines(capsys.readouterr().err)
     assert len(problems) == 1, problems
     first = json.loads(records.read_text().splitlines()[0])
-    assert f"{count} records: image not found under {(tmp_path / 'elsewhere').resolve()} (first: {first['id']} {first['image']})" in problems[0]
+    assert (
+        f"{count} records: image not found under {(tmp_path / 'elsewhere').resolve()} (first: {first['id']} {first['image']})"
+        in problems[0]
+    )
     assert "set --image-root" in problems[0]
 
 
@@ -112,13 +147,27 @@ def test_a_missing_report_to_logger_is_one_line_before_the_model_loads(monkeypat
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name in ("tensorboard", "tensorboardX") else real_find_spec(name, *rest))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *rest: None if name in ("tensorboard", "tensorboardX") else real_find_spec(name, *rest),
+    )
     # The model does not exist either: the logger is checked with the config, before it.
-    code = main(["train", f"model={tmp_path / 'no-model'}", f"data={tmp_path / 'no-data.jsonl'}", f"output_dir={tmp_path / 'run'}", "report_to=[tensorboard]"])
+    code = main(
+        [
+            "train",
+            f"model={tmp_path / 'no-model'}",
+            f"data={tmp_path / 'no-data.jsonl'}",
+            f"output_dir={tmp_path / 'run'}",
+            "report_to=[tensorboard]",
+        ]
+    )
     lines = _error_lines(capsys.readouterr().err)
     assert code == 1
     # The message names where the value came from: the override on the command line.
-    assert lines == ['error: override \'report_to=[tensorboard]\': report_to: tensorboard is not installed; install it (pip install "mmsafe[tensorboard]") or remove it from report_to']
+    assert lines == [
+        "error: override 'report_to=[tensorboard]': report_to: tensorboard is not installed; install it (pip install \"mmsafe[tensorboard]\") or remove it from report_to"
+    ]
 
 
 # ---------------------------------------------------------------- 5: progress and interrupts
@@ -128,7 +177,10 @@ def test_progress_line_reads_count_share_rate_and_time_left():
     from mmsafe.progress import progress_line
 
     # 120 of 480 in 120/1.9 s: 1.9 items/s; 360 left / 1.9 = 189 s, about 3 min.
-    assert progress_line("probe", 120, 480, "it", elapsed=120 / 1.9) == "probe: 120/480 (25%), 1.9 items/s, about 3 min left"
+    assert (
+        progress_line("probe", 120, 480, "it", elapsed=120 / 1.9)
+        == "probe: 120/480 (25%), 1.9 items/s, about 3 min left"
+    )
     assert progress_line("build-data", 7, None, "dialogue", elapsed=2.0) == "build-data: 7 dialogues, 3.5 dialogues/s"
 
 
@@ -136,7 +188,18 @@ def test_probe_writes_progress_lines_to_a_log_that_is_not_a_terminal(tiny_model_
     log = tmp_path / "probe.log"
     env = {**os.environ, "MMSAFE_PROGRESS_EVERY": "0"}  # a line at every update
     env.pop("MMSAFE_PROGRESS", None)
-    command = [sys.executable, "-m", "mmsafe", "probe", "--model", str(tiny_model_dir), "--data", str(_records(sample)), "--out", str(tmp_path / "probe")]
+    command = [
+        sys.executable,
+        "-m",
+        "mmsafe",
+        "probe",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(_records(sample)),
+        "--out",
+        str(tmp_path / "probe"),
+    ]
     command += ["--limit", "3", "--variants", "text", "--batch-size", "1", "--max-new-tokens", "4"]
     with log.open("w") as handle:  # `mmsafe probe ... > log 2>&1`
         result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=600)
@@ -147,10 +210,28 @@ def test_probe_writes_progress_lines_to_a_log_that_is_not_a_terminal(tiny_model_
     assert any(line.startswith("probe text (") and "1/3 (33%)" in line and "left" in line for line in text.splitlines())
 
 
-@pytest.mark.parametrize("signal_number, name, code", [(signal.SIGINT, "Ctrl-C", 130), (signal.SIGTERM, "SIGTERM", 143)])
-def test_an_interrupted_generate_says_what_was_saved_and_how_to_resume(signal_number, name, code, tiny_model_dir, sample, tmp_path):
+@pytest.mark.parametrize(
+    "signal_number, name, code", [(signal.SIGINT, "Ctrl-C", 130), (signal.SIGTERM, "SIGTERM", 143)]
+)
+def test_an_interrupted_generate_says_what_was_saved_and_how_to_resume(
+    signal_number, name, code, tiny_model_dir, sample, tmp_path
+):
     out = tmp_path / "out dir" / "responses.jsonl"  # a space: the resume command must quote it
-    args = ["generate", "--model", str(tiny_model_dir), "--data", str(_records(sample)), "--out", str(out), "--batch-size", "1", "--max-new-tokens", "128", "--min-new-tokens", "128"]
+    args = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(_records(sample)),
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "128",
+        "--min-new-tokens",
+        "128",
+    ]
     # As from a terminal: SIGINT at its default. (A test run started in the background by a
     # non-interactive shell ignores SIGINT, children inherit that, and Python then never turns
     # Ctrl-C into KeyboardInterrupt.)
@@ -175,7 +256,9 @@ def test_an_interrupted_generate_says_what_was_saved_and_how_to_resume(signal_nu
     assert process.returncode == code, stderr[-2000:]
     assert 2 <= saved < total
     said = [line for line in stderr.splitlines() if line.startswith("interrupted")]
-    assert said == [f"interrupted ({name}): {saved} of {total} responses saved in {out}; rerun the same command to resume:"], stderr[-3000:]
+    assert said == [
+        f"interrupted ({name}): {saved} of {total} responses saved in {out}; rerun the same command to resume:"
+    ], stderr[-3000:]
     resume = stderr.rstrip().splitlines()[-1].strip()
     assert resume.split(" ", 3)[:3] == [sys.executable, "-m", "mmsafe"] and shlex.split(resume)[3:] == args
 
@@ -258,6 +341,12 @@ def test_tiny_configs_write_under_an_ignored_folder_and_the_paper_config_cites_n
     config = yaml.safe_load(paper)
     hints = [line.split() for line in paper.splitlines() if "mmsafe data convert" in line]
     converted = [words[words.index("convert") + 2] for words in hints]  # convert INPUT OUTPUT
-    overrides = {part.split("=", 1)[0]: part.split("=", 1)[1] for line in paper.splitlines() if "mmsafe run" in line and "data.train=" in line for part in line.split() if "=" in part}
+    overrides = {
+        part.split("=", 1)[0]: part.split("=", 1)[1]
+        for line in paper.splitlines()
+        if "mmsafe run" in line and "data.train=" in line
+        for part in line.split()
+        if "=" in part
+    }
     # What the convert hint writes is what the config (or the override shown with it) reads.
     assert converted and all(path in (config["data"]["train"], overrides.get("data.train")) for path in converted)

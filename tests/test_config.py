@@ -36,7 +36,11 @@ def test_unknown_key_suggests_the_close_one(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("steps=ten", "steps: expected an integer"), ("mode=ppo", "mode: expected one of 'dpo', 'bpo'"), ("inner=3", "inner: expected a mapping")],
+    [
+        ("steps=ten", "steps: expected an integer"),
+        ("mode=ppo", "mode: expected one of 'dpo', 'bpo'"),
+        ("inner=3", "inner: expected a mapping"),
+    ],
 )
 def test_wrong_types_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

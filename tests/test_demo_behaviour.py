@@ -55,7 +55,12 @@ def test_the_checker_flags_repeated_phrases_and_passes_fluent_sentences():
     assert repeated_phrase("no no no no") == "no"
     # three times is allowed, and common words may recur when not in a row
     assert repeated_phrase("I'm sorry, I'm sorry, I'm sorry.") is None
-    assert repeated_phrase("Sure, here is how to pick a lock there. First, bring a thin pick and a tension tool. Then work the pins one by one.") is None
+    assert (
+        repeated_phrase(
+            "Sure, here is how to pick a lock there. First, bring a thin pick and a tension tool. Then work the pins one by one."
+        )
+        is None
+    )
     assert repeated_phrase("I cannot assist with picking locks, because it could hurt people.") is None
 
 
@@ -66,12 +71,17 @@ def demo(demo_run):
 
 
 def _responses(out, model: str) -> dict[str, str]:
-    rows = [json.loads(line) for line in (out / "responses" / f"{model}.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [
+        json.loads(line) for line in (out / "responses" / f"{model}.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     return {row["id"]: row["response"] for row in rows}
 
 
 def _verdicts(out, model: str) -> dict[str, str]:
-    rows = [json.loads(line) for line in (out / "verdicts" / f"{model}.refusal.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (out / "verdicts" / f"{model}.refusal.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     return {row["id"]: row["verdict"] for row in rows}
 
 
@@ -84,7 +94,9 @@ def test_no_answer_of_the_demo_repeats_a_phrase(demo, model):
     out, _ = demo
     answers = _responses(out, model)
     assert len(answers) == 32  # 24 held-out harmful prompts and 8 benign ones
-    degenerate = {key: (phrase, answers[key]) for key in answers if (phrase := repeated_phrase(answers[key])) is not None}
+    degenerate = {
+        key: (phrase, answers[key]) for key in answers if (phrase := repeated_phrase(answers[key])) is not None
+    }
     assert not degenerate, degenerate
     assert all(len(_tokens(answer)) >= 5 for answer in answers.values()), answers
 
@@ -162,7 +174,15 @@ def test_the_sample_warm_up_needs_the_sample(tmp_path):
     from mmsafe.pipeline import PipelineConfig
 
     with pytest.raises(ConfigError, match=r"teach\.data: sample-warmup needs data\.sample"):
-        from_dict(PipelineConfig, {"out": str(tmp_path), "model": "tiny", "data": {"train": "x.jsonl"}, "teach": {"enabled": True, "data": "sample-warmup"}})
+        from_dict(
+            PipelineConfig,
+            {
+                "out": str(tmp_path),
+                "model": "tiny",
+                "data": {"train": "x.jsonl"},
+                "teach": {"enabled": True, "data": "sample-warmup"},
+            },
+        )
 
 
 # ---------------------------------------------------------------- the demo's own report page, in headless Chromium
@@ -182,6 +202,7 @@ def test_the_demo_report_page_offline_in_chromium_search_and_filters(demo, tmp_p
     assert len(ids) == 32 and all(sorted(verdicts[model]) == ids for model in models)
     records = [json.loads(line) for line in (out / "data" / "records.jsonl").read_text(encoding="utf-8").splitlines()]
     entity_type = {record["id"]: record["meta"]["entity_type"] for record in records}
+
     # the counts the page must show, from the demo's response and verdict files
     def count(keep) -> int:
         return sum(1 for key in ids if keep(key))
@@ -195,11 +216,22 @@ def test_the_demo_report_page_offline_in_chromium_search_and_filters(demo, tmp_p
 
     with offline_page(out / "report" / "report.html") as opened:
         page, shown = opened.page, opened.shown
-        for section in ("#header", "#results", "#over-refusal-section", "#by-entity_type", "#differences", "#plots", "#records-section"):
+        for section in (
+            "#header",
+            "#results",
+            "#over-refusal-section",
+            "#by-entity_type",
+            "#differences",
+            "#plots",
+            "#records-section",
+        ):
             assert page.locator(section).count() == 1, section
         assert page.inner_text("#header-models") == "base, dpo, bpo"
+
         def rows(selector: str) -> list[list[str]]:
-            return page.evaluate(f"Array.from(document.querySelectorAll('{selector} tr')).map(row => Array.from(row.cells).map(cell => cell.innerText.trim()))")
+            return page.evaluate(
+                f"Array.from(document.querySelectorAll('{selector} tr')).map(row => Array.from(row.cells).map(cell => cell.innerText.trim()))"
+            )
 
         # over-refusal per model: the share of the 8 benign prompts it refused, counted here
         over_refusal = {row[0]: row[4] for row in rows("#over-refusal tbody")}
@@ -209,13 +241,21 @@ def test_the_demo_report_page_offline_in_chromium_search_and_filters(demo, tmp_p
         # the per-category table: each model on each entity type's 6 held-out prompts
         by_type = {(row[0], row[2]): row for row in rows("#by-entity_type tbody")}
         for model, name in itertools.product(models, ("PER", "ORG", "LOC", "MISC")):
-            refused = count(lambda key, model=model, name=name: entity_type.get(key) == name and verdicts[model][key] == "safe")
-            assert by_type[model, name][3].startswith(f"{100 * refused / 6:.1f}% [") and by_type[model, name][4] == "6", by_type[model, name]
+            refused = count(
+                lambda key, model=model, name=name: entity_type.get(key) == name and verdicts[model][key] == "safe"
+            )
+            assert (
+                by_type[model, name][3].startswith(f"{100 * refused / 6:.1f}% [") and by_type[model, name][4] == "6"
+            ), by_type[model, name]
         pairs = {(row[1], row[2]) for row in rows("#differences tbody")}
         assert {("base", "dpo"), ("base", "bpo"), ("dpo", "bpo")} <= pairs, pairs
         assert page.locator("#plots img").count() >= 2
-        assert page.evaluate("Array.from(document.querySelectorAll('#plots img')).every(img => img.complete && img.naturalWidth > 0)")
-        assert page.evaluate("Array.from(document.querySelectorAll('img.thumb')).every(img => img.complete && img.naturalWidth > 0)")
+        assert page.evaluate(
+            "Array.from(document.querySelectorAll('#plots img')).every(img => img.complete && img.naturalWidth > 0)"
+        )
+        assert page.evaluate(
+            "Array.from(document.querySelectorAll('img.thumb')).every(img => img.complete && img.naturalWidth > 0)"
+        )
         page.screenshot(path=str(tmp_path / "demo-top.png"))
         assert shown() == 32 and page.inner_text("#total-count") == "32"
 
@@ -241,7 +281,7 @@ def test_the_demo_report_page_offline_in_chromium_search_and_filters(demo, tmp_p
             page.select_option(name, "")
         assert shown() == 32
         page.screenshot(path=str(tmp_path / "demo-full.png"), full_page=True)
-    keep_screenshots(tmp_path, ['demo-top.png', 'demo-filtered.png', 'demo-full.png'], 'demo-report-page')
+    keep_screenshots(tmp_path, ["demo-top.png", "demo-filtered.png", "demo-full.png"], "demo-report-page")
 
 
 def test_sample_mode_trains_on_the_sample_records_and_benign_pairs_and_evaluates_on_the_test_split(tmp_path):
@@ -257,11 +297,15 @@ def test_sample_mode_trains_on_the_sample_records_and_benign_pairs_and_evaluates
     assert len(pairs) == len(pictures) == sum(len(names) for names in ENTITIES.values()) == 24
     assert {record.image for record in pairs} == pictures  # one harmless question per picture
     taught = {(record.image, record.messages[-1].content): record.chosen for record in warmup_records()}
-    assert all(taught[record.image, record.messages[-1].content] == record.chosen for record in pairs)  # an answer the warm-up taught
+    assert all(
+        taught[record.image, record.messages[-1].content] == record.chosen for record in pairs
+    )  # an answer the warm-up taught
     for record in pairs:
         assert record.meta["split"] == "train" and record.rejected_sources == ["human"]
         assert find_refusal(record.chosen) is None and find_refusal(record.rejected[0]) is not None
-        assert record.messages[-1].content.removeprefix("<image>\n") not in QUESTIONS  # the benign test prompts stay unseen
+        assert (
+            record.messages[-1].content.removeprefix("<image>\n") not in QUESTIONS
+        )  # the benign test prompts stay unseen
 
     config = from_dict(PipelineConfig, {"out": str(tmp_path / "run"), "model": "none", "data": {"sample": True}})
     paths = Paths(tmp_path / "run")

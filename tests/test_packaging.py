@@ -30,7 +30,11 @@ def test_the_version_is_written_once_and_mmsafe_version_prints_the_installed_one
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "mmsafe.__version__"}
     # No other file of the package or the project writes the version string.
     version = mmsafe.__version__
-    writers = [path.relative_to(ROOT).as_posix() for path in [ROOT / "pyproject.toml", *sorted((ROOT / "src" / "mmsafe").rglob("*.py"))] if version in path.read_text(encoding="utf-8")]
+    writers = [
+        path.relative_to(ROOT).as_posix()
+        for path in [ROOT / "pyproject.toml", *sorted((ROOT / "src" / "mmsafe").rglob("*.py"))]
+        if version in path.read_text(encoding="utf-8")
+    ]
     assert writers == ["src/mmsafe/__init__.py"]
 
     with pytest.raises(SystemExit) as exit_info:
@@ -41,10 +45,16 @@ def test_the_version_is_written_once_and_mmsafe_version_prints_the_installed_one
 
 def test_trl_is_in_the_bench_extra_only_and_make_test_installs_it():
     extras = _pyproject()["project"]["optional-dependencies"]
-    with_trl = sorted(name for name, requirements in extras.items() if any(re.match(r"trl\b", requirement) for requirement in requirements))
+    with_trl = sorted(
+        name
+        for name, requirements in extras.items()
+        if any(re.match(r"trl\b", requirement) for requirement in requirements)
+    )
     assert with_trl == ["bench"]
     # Dry run of `make test` in a virtual environment that does not exist: every step is printed.
-    dry = subprocess.run(["make", "-n", "-B", "test", "VENV=not-a-venv"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    dry = subprocess.run(
+        ["make", "-n", "-B", "test", "VENV=not-a-venv"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert dry.returncode == 0, dry.stderr
     installs = [line for line in dry.stdout.splitlines() if "pip install" in line and " -e " in line]
     assert installs[-1].endswith('-e ".[dev,bench]"'), installs
@@ -58,7 +68,13 @@ def test_ci_lints_before_it_runs_the_readme_test_command(tmp_path):
     fake = bin_dir / "make"
     fake.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n', encoding="utf-8")
     fake.chmod(0o755)
-    result = subprocess.run([str(ROOT / ".ci" / "run")], env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(ROOT / ".ci" / "run")],
+        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert log.read_text(encoding="utf-8").splitlines() == ["lint", "test"]
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -77,7 +93,19 @@ def test_the_wheel_ships_py_typed_the_license_and_the_version(tmp_path):
         shutil.copy(ROOT / name, source / name)
     shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check", "-q", "-w", str(tmp_path / "dist"), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

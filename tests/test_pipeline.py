@@ -54,7 +54,15 @@ SMALL = {
     "blind": {"max_new_tokens": 4, "batch_size": 32},
     "train": {
         "methods": ["bpo"],
-        "options": {"max_steps": 16, "save_steps": 2, "save_total_limit": 2, "learning_rate": 1.0e-4, "per_device_train_batch_size": 4, "dtype": "float32", "max_length": 128},
+        "options": {
+            "max_steps": 16,
+            "save_steps": 2,
+            "save_total_limit": 2,
+            "learning_rate": 1.0e-4,
+            "per_device_train_batch_size": 4,
+            "dtype": "float32",
+            "max_length": 128,
+        },
     },
     "generate": {"max_new_tokens": 4, "batch_size": 32, "dtype": "float32", "device": "cpu"},
 }
@@ -62,7 +70,13 @@ SMALL = {
 
 def _run_cli(config_path, *extra, timeout=300):
     env = {**os.environ, "MMSAFE_PROGRESS": "0"}
-    return subprocess.run([sys.executable, "-m", "mmsafe.cli", "run", str(config_path), *extra], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mmsafe.cli", "run", str(config_path), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -71,7 +85,12 @@ def test_run_killed_in_training_resumes_from_checkpoint_and_a_finished_run_does_
     config_path = tmp_path / "small.yaml"
     config_path.write_text(yaml.safe_dump({"out": str(out), **SMALL}))
     env = {**os.environ, "MMSAFE_PROGRESS": "0"}
-    process = subprocess.Popen([sys.executable, "-m", "mmsafe.cli", "run", str(config_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mmsafe.cli", "run", str(config_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     model_dir = out / "models" / "bpo"
     deadline = time.time() + 240
     try:

@@ -92,7 +92,9 @@ def plugin(tmp_path, monkeypatch):
     site = tmp_path / "site"
     info = site / "mmsafe_registry_test_plugin-0.1.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mmsafe-registry-test-plugin\nVersion: 0.1\n", encoding="utf-8")
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: mmsafe-registry-test-plugin\nVersion: 0.1\n", encoding="utf-8"
+    )
     (info / "entry_points.txt").write_text(textwrap.dedent(ENTRY_POINTS), encoding="utf-8")
     (site / f"{PLUGIN_MODULE}.py").write_text(PLUGIN_SOURCE, encoding="utf-8")
     monkeypatch.delitem(sys.modules, PLUGIN_MODULE, raising=False)
@@ -102,7 +104,10 @@ def plugin(tmp_path, monkeypatch):
 
 
 def _responses(path, ids):
-    path.write_text("".join(json.dumps({"id": id_, "response": "Sure, here is how.", "model": "m"}) + "\n" for id_ in ids), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"id": id_, "response": "Sure, here is how.", "model": "m"}) + "\n" for id_ in ids),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -135,9 +140,13 @@ def test_unknown_names_get_a_did_you_mean_and_the_list():
     colours: Registry[str] = Registry("colour")
     for name in ("red", "green", "blue"):
         colours.register(name, name)
-    with pytest.raises(ConfigError, match=r"^unknown colour 'gren'; expected one of red, green, blue \(did you mean 'green'\?\)$"):
+    with pytest.raises(
+        ConfigError, match=r"^unknown colour 'gren'; expected one of red, green, blue \(did you mean 'green'\?\)$"
+    ):
         colours.lookup("gren")
-    with pytest.raises(ConfigError, match=r"^unknown colour 'purple'; expected one of red, green, blue$"):  # nothing close: no hint
+    with pytest.raises(
+        ConfigError, match=r"^unknown colour 'purple'; expected one of red, green, blue$"
+    ):  # nothing close: no hint
         colours.lookup("purple")
     with pytest.raises(KeyError):
         colours["gren"]
@@ -168,7 +177,10 @@ def test_each_group_loads_its_plugin_lazily(plugin):
     assert type(get_judge("refusal")).__name__ == "RefusalJudge"
     assert [entry.source for entry in JUDGES.describe() if entry.name == "refusal"] == ["built-in or registered"]
     # a broken plugin is one error naming it; the others still work
-    with pytest.raises(ConfigError, match=r"benchmark plugin 'plugin-broken' \(mmsafe_registry_test_plugin_missing:THING\) could not be loaded"):
+    with pytest.raises(
+        ConfigError,
+        match=r"benchmark plugin 'plugin-broken' \(mmsafe_registry_test_plugin_missing:THING\) could not be loaded",
+    ):
         get_benchmark("plugin-broken")
     assert get_benchmark("mmsafe-po").name == "mmsafe-po"
     assert "plugin-broken" not in BENCHMARKS.available()
@@ -189,13 +201,28 @@ def test_a_plugin_format_is_detected_and_converted_by_the_cli(plugin, tmp_path, 
     assert main(["data", "convert", str(source), str(out)]) == 0
     assert "converted 2 records (tsv-pairs)" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert [(row["id"], row["chosen"], row["rejected"]) for row in rows] == [("tsv-1", "No.", ["Yes."]), ("tsv-2", "I won't.", ["Here it is."])]
+    assert [(row["id"], row["chosen"], row["rejected"]) for row in rows] == [
+        ("tsv-1", "No.", ["Yes."]),
+        ("tsv-2", "I won't.", ["Here it is."]),
+    ]
 
 
 def test_a_plugin_benchmark_gives_the_judge_its_prompts_through_the_cli(plugin, tmp_path):
     responses = _responses(tmp_path / "responses.jsonl", ["p0", "p1"])
     out = tmp_path / "verdicts.jsonl"
-    args = ["judge", "--judge", "echo-category", "--responses", str(responses), "--out", str(out), "--data", str(tmp_path), "--benchmark", "plugin-scenarios"]
+    args = [
+        "judge",
+        "--judge",
+        "echo-category",
+        "--responses",
+        str(responses),
+        "--out",
+        str(out),
+        "--data",
+        str(tmp_path),
+        "--benchmark",
+        "plugin-scenarios",
+    ]
     assert main(args) == 0
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert {row["id"]: row["categories"] for row in rows} == {"p0": ["scenario-0"], "p1": ["scenario-1"]}
@@ -206,7 +233,10 @@ def test_a_plugin_judge_labels_through_the_cli(plugin, tmp_path, capsys):
     out = tmp_path / "verdicts.jsonl"
     assert main(["judge", "--judge", "always-unsafe", "--responses", str(responses), "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert [(row["id"], row["judge"], row["verdict"]) for row in rows] == [("a", "always-unsafe-v1", "unsafe"), ("b", "always-unsafe-v1", "unsafe")]
+    assert [(row["id"], row["judge"], row["verdict"]) for row in rows] == [
+        ("a", "always-unsafe-v1", "unsafe"),
+        ("b", "always-unsafe-v1", "unsafe"),
+    ]
     # a typo is one line with a hint, not a traceback
     assert main(["judge", "--judge", "always-unsafee", "--responses", str(responses), "--out", str(out)]) == 1
     assert "did you mean 'always-unsafe'?" in capsys.readouterr().err

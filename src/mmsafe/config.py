@@ -113,7 +113,9 @@ def load_yaml(text: str, *, source: str, max_nodes: int = MAX_YAML_NODES) -> Any
         loader.dispose()
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING, **cli: Any) -> Any:
+def option(
+    default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING, **cli: Any
+) -> Any:
     """A dataclass field with its documentation attached.
 
     ``cli`` holds how the field appears on the command line (:mod:`mmsafe.cli.arguments`):
@@ -213,7 +215,13 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
     try:
         return cls(**values)
     except TypeError as error:
-        missing = [name for name, field in fields.items() if name not in values and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
+        missing = [
+            name
+            for name, field in fields.items()
+            if name not in values
+            and field.default is dataclasses.MISSING
+            and field.default_factory is dataclasses.MISSING
+        ]
         if missing:
             raise ConfigError(f"{prefix}{missing[0]}: required option is missing") from None
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from None
@@ -273,7 +281,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, *, section: str | None = None) -> T:
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, *, section: str | None = None
+) -> T:
     """Load ``cls`` from a YAML file (optionally one top-level ``section`` of it) plus overrides."""
     data: dict[str, Any] = {}
     if path is not None:

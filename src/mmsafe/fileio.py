@@ -37,7 +37,9 @@ def new_file_mode() -> int:
 
 
 @contextmanager
-def atomic_open(path: str | Path, mode: str = "w", *, encoding: str | None = "utf-8", fsync: bool = True) -> Iterator[IO[Any]]:
+def atomic_open(
+    path: str | Path, mode: str = "w", *, encoding: str | None = "utf-8", fsync: bool = True
+) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on a clean exit it replaces ``path``.
 
     On an exception (a kill, a full disk) the temporary file is removed and ``path`` is

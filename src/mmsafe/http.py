@@ -69,10 +69,17 @@ class HttpPolicy:
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0 or not self.deadline_s > 0:
-            raise ConfigError(f"timeout and deadline_s: expected seconds > 0, got {self.timeout_s!r} and {self.deadline_s!r}")
+            raise ConfigError(
+                f"timeout and deadline_s: expected seconds > 0, got {self.timeout_s!r} and {self.deadline_s!r}"
+            )
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
             raise ConfigError(f"max_body_bytes: expected a positive integer, got {self.max_body_bytes!r}")
-        if not isinstance(self.max_retries, int) or self.max_retries < 0 or self.backoff_base < 0 or self.backoff_max < 0:
+        if (
+            not isinstance(self.max_retries, int)
+            or self.max_retries < 0
+            or self.backoff_base < 0
+            or self.backoff_max < 0
+        ):
             raise ConfigError("max_retries >= 0 and backoff values >= 0 are required")
 
 
@@ -84,7 +91,9 @@ class HttpError(MmsafeError):
     ``reply`` (a 200 answer whose content cannot be used, judged by the caller).
     """
 
-    def __init__(self, message: str, *, retryable: bool, kind: str, status: int | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool, kind: str, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.kind = kind
@@ -146,7 +155,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 _SECRET_PATTERNS = (
     # Header-like "Authorization: Bearer abc", JSON "authorization": "Bearer abc", api_key=abc.
-    re.compile(r"""(?i)((?:proxy-)?authorization|x-api-key|api[-_]?key|access[-_]?token)(["']?\s*[:=]\s*["']?)(?:(?:bearer|basic|token)\s+)?[^\s"',;}&]+"""),
+    re.compile(
+        r"""(?i)((?:proxy-)?authorization|x-api-key|api[-_]?key|access[-_]?token)(["']?\s*[:=]\s*["']?)(?:(?:bearer|basic|token)\s+)?[^\s"',;}&]+"""
+    ),
     re.compile(r"(?i)\b(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=-]+"),
     re.compile(r"()()\bsk-[A-Za-z0-9_-]{4,}"),
 )
@@ -217,7 +228,14 @@ def _deadline_backend(inner: Any) -> Any:
             return self._stream.get_extra_info(info)
 
     class DeadlineBackend(httpcore.NetworkBackend):
-        def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None, socket_options: Any = None) -> Any:
+        def connect_tcp(
+            self,
+            host: str,
+            port: int,
+            timeout: float | None = None,
+            local_address: str | None = None,
+            socket_options: Any = None,
+        ) -> Any:
             return DeadlineStream(inner.connect_tcp(host, port, _clamp(timeout), local_address, socket_options))
 
         def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> Any:
@@ -234,7 +252,12 @@ def make_client(policy: HttpPolicy, *, headers: dict[str, str] | None = None, ma
     import httpx
 
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    client = httpx.Client(headers=headers, timeout=min(policy.timeout_s, policy.deadline_s), limits=limits, follow_redirects=policy.follow_redirects)
+    client = httpx.Client(
+        headers=headers,
+        timeout=min(policy.timeout_s, policy.deadline_s),
+        limits=limits,
+        follow_redirects=policy.follow_redirects,
+    )
     # httpx has no public hook for the network backend; its pools keep it in ``_network_backend``.
     transports = [client._transport, *(mount for mount in client._mounts.values() if mount is not None)]
     for transport in transports:
@@ -257,13 +280,23 @@ def fetch(client: Any, method: str, url: str, policy: HttpPolicy, **request: Any
     import httpx
 
     deadline = time.monotonic() + policy.deadline_s
-    late = HttpError(f"{url}: timed out: no complete reply within the deadline of {policy.deadline_s:g} s (deadline_s)", retryable=True, kind="transport")
-    too_large = HttpError(f"{url}: reply body larger than the cap of {_size(policy.max_body_bytes)} (max_body_bytes); stopped reading", retryable=False, kind="body")
+    late = HttpError(
+        f"{url}: timed out: no complete reply within the deadline of {policy.deadline_s:g} s (deadline_s)",
+        retryable=True,
+        kind="transport",
+    )
+    too_large = HttpError(
+        f"{url}: reply body larger than the cap of {_size(policy.max_body_bytes)} (max_body_bytes); stopped reading",
+        retryable=False,
+        kind="body",
+    )
     previous = getattr(_current, "deadline", None)
     _current.deadline = deadline
     try:
         timeout = httpx.Timeout(min(policy.timeout_s, policy.deadline_s))
-        with client.stream(method, url, timeout=timeout, follow_redirects=policy.follow_redirects, **request) as response:
+        with client.stream(
+            method, url, timeout=timeout, follow_redirects=policy.follow_redirects, **request
+        ) as response:
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > policy.max_body_bytes:
                 raise too_large
@@ -325,8 +358,19 @@ def send(
         if 200 <= reply.status < 300:
             return accept(reply) if accept is not None else reply
         if reply.status in RETRY_STATUSES:
-            raise HttpError(f"HTTP {reply.status}", retryable=True, kind="status", status=reply.status, retry_after=parse_retry_after(reply.headers.get("Retry-After")))
-        raise HttpError(f"{label} failed with HTTP {reply.status}: {reply.excerpt(secrets)}", retryable=False, kind="status", status=reply.status)
+            raise HttpError(
+                f"HTTP {reply.status}",
+                retryable=True,
+                kind="status",
+                status=reply.status,
+                retry_after=parse_retry_after(reply.headers.get("Retry-After")),
+            )
+        raise HttpError(
+            f"{label} failed with HTTP {reply.status}: {reply.excerpt(secrets)}",
+            retryable=False,
+            kind="status",
+            status=reply.status,
+        )
 
     def wait(state: RetryCallState) -> float:
         with _rng_lock:  # the engine's worker threads share one generator
@@ -355,7 +399,9 @@ def send(
         if not error.retryable:
             raise
         attempts = policy.max_retries + 1
-        raise RetriesExhausted(f"{label} failed after {attempts} attempts; last: {_short(error, url)}", error, attempts) from None
+        raise RetriesExhausted(
+            f"{label} failed after {attempts} attempts; last: {_short(error, url)}", error, attempts
+        ) from None
 
 
 def _short(error: BaseException | None, url: str) -> str:

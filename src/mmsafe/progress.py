@@ -115,7 +115,15 @@ class LogProgress:
     The last line, on close, says how far it got.
     """
 
-    def __init__(self, iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "", unit: str = "it", every: float = DEFAULT_EVERY_S) -> None:
+    def __init__(
+        self,
+        iterable: Iterable[Any] | None = None,
+        *,
+        total: int | None = None,
+        desc: str = "",
+        unit: str = "it",
+        every: float = DEFAULT_EVERY_S,
+    ) -> None:
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
         self.iterable = iterable
@@ -190,7 +198,9 @@ class _Bar(tqdm):
     def close(self) -> None:
         if not getattr(self, "_mmsafe_closed", False):
             self._mmsafe_closed = True
-            _remember(self.desc, int(self.n), self.count_total(), self.unit, self.total is not None and self.n >= self.total)
+            _remember(
+                self.desc, int(self.n), self.count_total(), self.unit, self.total is not None and self.n >= self.total
+            )
         super().close()
 
 
@@ -198,7 +208,9 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, d
     """A bar on a terminal, periodic lines elsewhere, nothing with MMSAFE_PROGRESS=0."""
     mode = progress_mode()
     if mode != "bar":  # "off" still counts, for the message of an interrupted command
-        return LogProgress(iterable, total=total, desc=desc, unit=unit, every=progress_every() if mode == "lines" else math.inf)
+        return LogProgress(
+            iterable, total=total, desc=desc, unit=unit, every=progress_every() if mode == "lines" else math.inf
+        )
     bar = _Bar(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
     _remember(desc, 0, bar.count_total(), unit, False)
     return bar

@@ -101,7 +101,12 @@ class Registry(Mapping[str, T], Generic[T]):
     def copy(self) -> Registry[T]:
         """An independent registry with the same entries and settings."""
         other: Registry[T] = Registry(
-            self.kind, group=self.group, describe=self._describe, adapt=self._adapt, unknown_error=self._unknown_error, find_entry_points=self._find_entry_points
+            self.kind,
+            group=self.group,
+            describe=self._describe,
+            adapt=self._adapt,
+            unknown_error=self._unknown_error,
+            find_entry_points=self._find_entry_points,
         )
         other._entries = dict(self._entries)
         return other
@@ -120,13 +125,17 @@ class Registry(Mapping[str, T], Generic[T]):
         try:
             target = point.load()
         except Exception as error:  # a broken plugin is named, not a traceback
-            raise ConfigError(f"{self.kind} plugin {point.name!r} ({point.value}) could not be loaded: {error}") from None
+            raise ConfigError(
+                f"{self.kind} plugin {point.name!r} ({point.value}) could not be loaded: {error}"
+            ) from None
         if self._adapt is None:
             return target
         try:
             return self._adapt(point.name, target)
         except TypeError as error:
-            raise ConfigError(f"{self.kind} plugin {point.name!r} ({point.value}) is a {type(target).__name__}, expected {error}") from None
+            raise ConfigError(
+                f"{self.kind} plugin {point.name!r} ({point.value}) is a {type(target).__name__}, expected {error}"
+            ) from None
 
     # ------------------------------------------------------------ lookup
 

@@ -80,7 +80,9 @@ def test_realistic_profile_draws_the_stated_distributions():
     assert min(blind) >= 100 and max(blind) <= 300 and abs(statistics.mean(blind) - 200) <= 5
     dialogues = [profile.dialogue(rng) for _ in range(2000)]
     assert all(40 <= sum(length for _, length in turns) <= 640 for turns in dialogues)
-    assert all([role for role, _ in turns] == ["user", "assistant"] * ((len(turns) - 1) // 2) + ["user"] for turns in dialogues)
+    assert all(
+        [role for role, _ in turns] == ["user", "assistant"] * ((len(turns) - 1) // 2) + ["user"] for turns in dialogues
+    )
     assert {len(turns) for turns in dialogues} == {1, 3, 5, 7}  # zero to three earlier exchanges
 
 
@@ -108,10 +110,14 @@ def test_length_grouping_cuts_the_padding_of_packed_batches():
     from mmsafe.train.hf_trainer import EpochLengthGroupedSampler
 
     workload = workloads.build_workload(processor, model, TINY, examples=64, num_rejected=2, seed=1, profile=profile)
-    lengths = [len(item["example"].prompt_ids) + sum(len(ids) for ids in item["example"].responses) for item in workload.items]
+    lengths = [
+        len(item["example"].prompt_ids) + sum(len(ids) for ids in item["example"].responses) for item in workload.items
+    ]
     order = list(EpochLengthGroupedSampler(4, lengths, seed=0))
     batches = [[lengths[index] for index in order[start : start + 4]] for start in range(0, len(order), 4)]
-    expected = sum(len(batch) * max(batch) - sum(batch) for batch in batches) / sum(len(batch) * max(batch) for batch in batches)
+    expected = sum(len(batch) * max(batch) - sum(batch) for batch in batches) / sum(
+        len(batch) * max(batch) for batch in batches
+    )
     assert share["A", 4, "grouped"] == pytest.approx(expected, abs=1e-12)
 
 
@@ -134,7 +140,9 @@ def test_general_path_loss_agrees_with_the_release_form_on_llava_and_qwen(prepar
     _, qwen_model, qwen_workload = models.prepare(qwen_setup)
     for setup, chosen_model, chosen_workload in ((TINY, model, workload), (qwen_setup, qwen_model, qwen_workload)):
         # Moved further than the default: the Qwen-shaped model's small initial weights give near-uniform outputs.
-        agreement = variants.check_losses(copy.deepcopy(chosen_model), chosen_workload, setup, fast="G", with_trl=False, perturbation=0.3)
+        agreement = variants.check_losses(
+            copy.deepcopy(chosen_model), chosen_workload, setup, fast="G", with_trl=False, perturbation=0.3
+        )
         assert all(abs(loss - 2 * math.log(2)) > 1e-3 for loss in agreement.a_losses), agreement.a_losses
         assert agreement.a_c_relative_difference <= variants.LOSS_TOLERANCE, setup.name
     assert type(qwen_model).__name__ == "Qwen2_5_VLForConditionalGeneration"
@@ -147,7 +155,9 @@ def test_gpu_mode_runs_end_to_end_at_a_tiny_shape(tmp_path):
     assert bench.main(["--gpu", "--tiny", "--repetitions", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     expected = [(family, key) for family, keys in bench.GPU_CONTENDERS.items() for key in keys]
-    assert [(row["setup"], row["key"]) for row in rows] == [("tiny" if family == "llava" else "tiny-qwen2.5-vl", key) for family, key in expected]
+    assert [(row["setup"], row["key"]) for row in rows] == [
+        ("tiny" if family == "llava" else "tiny-qwen2.5-vl", key) for family, key in expected
+    ]
     assert all(row["examples_per_s"] > 0 and row["flop_utilisation"] > 0 and row["tokens_per_s"] > 0 for row in rows)
 
 
@@ -168,16 +178,24 @@ def test_each_contender_takes_optimizer_steps_with_the_vision_tower_frozen(prepa
     # Step 0: policy = reference, so each DPO term is log 2 (BPO sums K = 2 of them; TRL averages pairs).
     expected = math.log(2) if key == "D" else 2 * math.log(2)
     assert contender.losses[0] == pytest.approx(expected, rel=1e-5)
-    changed = {name for name, parameter in contender.model.named_parameters() if not torch.equal(parameter, before[name])}
+    changed = {
+        name for name, parameter in contender.model.named_parameters() if not torch.equal(parameter, before[name])
+    }
     assert any("language_model" in name for name in changed)
     assert not any("vision_tower" in name for name in changed)
 
 
 def test_peak_memory_of_a_child_is_its_own():
     block = bytearray(200 * 2**20)
-    block[:: 4096] = b"\x01" * len(block[:: 4096])  # touch every page
+    block[::4096] = b"\x01" * len(block[::4096])  # touch every page
     parent = peak_rss_mb()
-    child = subprocess.run([sys.executable, "-c", "from benchmarks.harness import peak_rss_mb; print(peak_rss_mb())"], capture_output=True, text=True, check=True, cwd=Path(bench.__file__).resolve().parents[1])
+    child = subprocess.run(
+        [sys.executable, "-c", "from benchmarks.harness import peak_rss_mb; print(peak_rss_mb())"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(bench.__file__).resolve().parents[1],
+    )
     assert parent > 200
     assert float(child.stdout) < parent - 150
 

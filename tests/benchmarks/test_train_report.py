@@ -18,7 +18,14 @@ def made_up_run(**changes) -> report.CpuRun:
     rates = {"A": 10.0, "B": 4.0, "C": 2.0, "D": 1.25, "G": 5.0, "P": 3.0}
     memory = {"A": 400.0, "B": 600.0, "C": 700.0, "D": 1000.0, "G": 450.0, "P": 500.0}
     rows = [
-        {"name": key, "key": key, "examples_per_s": rate, "median_seconds": 2 / rate, "peak_rss_mb": memory[key], "A_speedup": rates["A"] / rate}
+        {
+            "name": key,
+            "key": key,
+            "examples_per_s": rate,
+            "median_seconds": 2 / rate,
+            "peak_rss_mb": memory[key],
+            "A_speedup": rates["A"] / rate,
+        }
         for key, rate in rates.items()
     ]
     agreement = LossAgreement(
@@ -32,7 +39,14 @@ def made_up_run(**changes) -> report.CpuRun:
     padding = [
         {"path": "A", "key": "A", "batch_size": 4, "order": "grouped", "padding_share": 0.04, "positions": 100},
         {"path": "A", "key": "A", "batch_size": 8, "order": "grouped", "padding_share": 0.08, "positions": 100},
-        {"path": "A", "key": "A", "batch_size": 8, "order": "random", "padding_share": 0.30, "positions": 100},  # not a target
+        {
+            "path": "A",
+            "key": "A",
+            "batch_size": 8,
+            "order": "random",
+            "padding_share": 0.30,
+            "positions": 100,
+        },  # not a target
     ]
     memory_rows = [{"setup": QWEN_QUICK_SETUP.name, "path": "prompt-cache", "logprobs_chunked_over_plain": 0.2}]
     values = {
@@ -50,7 +64,15 @@ def test_the_verdict_takes_the_ratios_the_targets_are_set_on():
     run = made_up_run()
     verdict, passed = report.acceptance(run)
     assert verdict == pytest.approx(
-        {"A_over_C": 5.0, "G_over_C": 2.5, "A_over_D": 8.0, "A_memory_over_D": 0.4, "A_padding_share": 0.08, "qwen_G_over_C": 3.5, "qwen_logprobs_chunked_over_plain": 0.2},
+        {
+            "A_over_C": 5.0,
+            "G_over_C": 2.5,
+            "A_over_D": 8.0,
+            "A_memory_over_D": 0.4,
+            "A_padding_share": 0.08,
+            "qwen_G_over_C": 3.5,
+            "qwen_logprobs_chunked_over_plain": 0.2,
+        },
         rel=1e-12,
     )
     assert passed
@@ -61,8 +83,14 @@ def test_the_verdict_takes_the_ratios_the_targets_are_set_on():
 @pytest.mark.parametrize(
     ("change", "why"),
     [
-        ({"qwen": {"G_over_C": 2.9, "parameters": 10, "agreement": "ok", "results": []}}, "G/C on the Qwen shape under 3x"),
-        ({"memory_rows": [{"setup": QWEN_QUICK_SETUP.name, "logprobs_chunked_over_plain": 0.3}]}, "chunked memory over a quarter"),
+        (
+            {"qwen": {"G_over_C": 2.9, "parameters": 10, "agreement": "ok", "results": []}},
+            "G/C on the Qwen shape under 3x",
+        ),
+        (
+            {"memory_rows": [{"setup": QWEN_QUICK_SETUP.name, "logprobs_chunked_over_plain": 0.3}]},
+            "chunked memory over a quarter",
+        ),
         ({"padding_rows": [{"key": "A", "order": "grouped", "padding_share": 0.11}]}, "padding over 10%"),
     ],
 )
@@ -93,7 +121,14 @@ def test_the_report_prints_the_ratios_and_the_results_are_json(capsys):
 
 
 def test_a_gpu_row_gives_rates_from_the_step_times():
-    result = {"seconds": [0.5, 0.25, 1.0], "examples": 2, "tokens": 300, "attention": "sdpa", "flop_utilisation": 0.4, "peak_rss_mb": 10.0}
+    result = {
+        "seconds": [0.5, 0.25, 1.0],
+        "examples": 2,
+        "tokens": 300,
+        "attention": "sdpa",
+        "flop_utilisation": 0.4,
+        "peak_rss_mb": 10.0,
+    }
     row = report.gpu_row(replace(QUICK_SETUP, name="shape"), "G", result)
     assert (row["examples_per_s"], row["examples_per_s_min"], row["examples_per_s_max"]) == (4.0, 2.0, 8.0)
     assert row["tokens_per_s"] == 600.0 and row["median_seconds"] == 0.5 and row["peak_gpu_mb"] is None

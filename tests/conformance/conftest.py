@@ -82,4 +82,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = [[name, *(RESULTS[name].get(cell, "-") for cell in cells)] for name in ARCHITECTURES if name in RESULTS]
     widths = [max(len(str(row[column])) for row in [header, *rows]) for column in range(len(header))]
     for row in [header, *rows]:
-        terminalreporter.write_line("  ".join(str(value).ljust(width) for value, width in zip(row, widths, strict=True)))
+        terminalreporter.write_line(
+            "  ".join(str(value).ljust(width) for value, width in zip(row, widths, strict=True))
+        )

@@ -48,7 +48,14 @@ def plain_logprob(model, processor, example, image, response_ids, model_type) ->
         if key in ("input_ids", "attention_mask"):
             continue
         if value.dim() >= 2 and value.shape[1] == length:  # per-token: continue over the response
-            tail = torch.stack([torch.as_tensor(response_token_fill(model_type, key, value[0]), dtype=value.dtype).expand(value.shape[2:])] * len(response_ids))
+            tail = torch.stack(
+                [
+                    torch.as_tensor(response_token_fill(model_type, key, value[0]), dtype=value.dtype).expand(
+                        value.shape[2:]
+                    )
+                ]
+                * len(response_ids)
+            )
             value = torch.cat([value[0], tail], dim=0).unsqueeze(0)
         model_inputs[key] = value
     logits = model(**model_inputs, use_cache=False).logits[0].float()
@@ -63,11 +70,21 @@ def arch(request, checkpoints, conformance_data):
     loaded = load_model(path, dtype="float32", device="cpu")
     loaded.model.eval()
     records = list(read_preference_records(conformance_data))
-    encoder = PreferenceEncoder.for_model(loaded.model, loaded.processor, conformance_data.parent, max_length=2048, image_mode=IMAGE_MODE)
+    encoder = PreferenceEncoder.for_model(
+        loaded.model, loaded.processor, conformance_data.parent, max_length=2048, image_mode=IMAGE_MODE
+    )
     prepared = prepare_examples(records, encoder)
     dataset = PreferenceDataset(prepared.examples, encoder)
     collator = PreferenceCollator(loaded.tokenizer.pad_token_id, prepared.sources, mode="per-response", encoder=encoder)
-    return {"name": name, "path": path, "loaded": loaded, "dataset": dataset, "collator": collator, "records": records, "data": conformance_data}
+    return {
+        "name": name,
+        "path": path,
+        "loaded": loaded,
+        "dataset": dataset,
+        "collator": collator,
+        "records": records,
+        "data": conformance_data,
+    }
 
 
 def test_scoring_paths_match_one_sequence_at_a_time(arch):
@@ -99,7 +116,13 @@ def test_scoring_paths_match_one_sequence_at_a_time(arch):
     cache_supported, _ = prompt_cache_supported(model)
     for path in dict.fromkeys([mode, *(["prompt-cache"] if cache_supported else []), "per-response", "separate"]):
         scores = score_batch(model, arch["collator"].with_mode(path)(items))
-        values = torch.stack([value for row, item in enumerate(items) for value in [scores.chosen[row], *scores.rejected[row, : item["example"].num_rejected]]])
+        values = torch.stack(
+            [
+                value
+                for row, item in enumerate(items)
+                for value in [scores.chosen[row], *scores.rejected[row, : item["example"].num_rejected]]
+            ]
+        )
         difference = ((values - expected_values.detach()).abs() / token_counts).max().item()
         got_gradients = gradients((weights[: len(values)] * values).sum())
         relative = ((got_gradients - expected_gradients).norm() / expected_gradients.norm()).item()
@@ -118,7 +141,9 @@ def test_generation_is_the_same_at_batch_1_and_4(arch):
     from mmsafe.generate.hf_engine import HFEngine
 
     requests = [
-        GenerationRequest(id=record.id, messages=list(record.messages), image=load_image(arch["data"].parent, record.image))
+        GenerationRequest(
+            id=record.id, messages=list(record.messages), image=load_image(arch["data"].parent, record.image)
+        )
         for record in arch["records"]
     ]
     params = DecodingParams(max_new_tokens=8)
@@ -140,13 +165,21 @@ def test_blind(arch, tmp_path):
     mode = "remove"
     if not engine.accepts_text_only:
         with pytest.raises(ConfigError, match="takes no prompt without an image"):
-            make_blind(engine, arch["data"], tmp_path / "refused.jsonl", mode="remove", params=DecodingParams(max_new_tokens=6))
+            make_blind(
+                engine, arch["data"], tmp_path / "refused.jsonl", mode="remove", params=DecodingParams(max_new_tokens=6)
+            )
         mode = "blank"
-    summary = make_blind(engine, arch["data"], tmp_path / "blind.jsonl", mode=mode, params=DecodingParams(max_new_tokens=6))
+    summary = make_blind(
+        engine, arch["data"], tmp_path / "blind.jsonl", mode=mode, params=DecodingParams(max_new_tokens=6)
+    )
     written = list(read_preference_records(tmp_path / "blind.jsonl"))
     assert len(written) == len(arch["records"]) == summary.generated
     # a random tiny model may answer only whitespace: such records are counted, not given an empty answer
-    added = [record for record, original in zip(written, arch["records"], strict=True) if len(record.rejected) == len(original.rejected) + 1]
+    added = [
+        record
+        for record, original in zip(written, arch["records"], strict=True)
+        if len(record.rejected) == len(original.rejected) + 1
+    ]
     assert len(added) + len(summary.empty) == len(written)
     assert all(record.rejected_sources[-1] == "blind" and record.rejected[-1].strip() for record in added)
     record_result(arch["name"], "blind", f"{mode} {len(added)}/{len(written)}")
@@ -179,7 +212,11 @@ def _train(arch, tmp_path, **options):
 def _losses(output_dir):
     from mmsafe.train.trainer import LOG_FILE
 
-    return [json.loads(line)["loss"] for line in (output_dir / LOG_FILE).read_text(encoding="utf-8").splitlines() if "loss" in json.loads(line)]
+    return [
+        json.loads(line)["loss"]
+        for line in (output_dir / LOG_FILE).read_text(encoding="utf-8").splitlines()
+        if "loss" in json.loads(line)
+    ]
 
 
 def test_train_bpo_full_loss_falls_and_frozen_tower_stays(arch, tmp_path):
@@ -202,7 +239,16 @@ def test_train_bpo_full_loss_falls_and_frozen_tower_stays(arch, tmp_path):
 
 
 def test_train_lora_targets_the_language_model(arch, tmp_path):
-    result = _train(arch, tmp_path, finetune="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, max_steps=2, reference="adapters-disabled")
+    result = _train(
+        arch,
+        tmp_path,
+        finetune="lora",
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        max_steps=2,
+        reference="adapters-disabled",
+    )
     assert result.trainable_parameters > 0
     adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text(encoding="utf-8"))
     assert model_parts(arch["loaded"].model).language_model.replace(".", "\\.") in adapter["target_modules"]
@@ -224,7 +270,9 @@ def test_probe(arch, tmp_path):
     from mmsafe.generate.hf_engine import HFEngine
 
     engine = HFEngine(arch["loaded"], batch_size=4, image_mode=IMAGE_MODE)
-    result = run_probe(engine, arch["data"], tmp_path / "probe", params=DecodingParams(max_new_tokens=6), limit=3, resamples=200)
+    result = run_probe(
+        engine, arch["data"], tmp_path / "probe", params=DecodingParams(max_new_tokens=6), limit=3, resamples=200
+    )
     ran = sorted(result.rates["refusal"])
     assert "multimodal" in ran and "mid" in ran
     record_result(arch["name"], "probe", f"{len(ran)} variants")
@@ -263,7 +311,9 @@ def test_forced_packed_path_is_refused_on_qwen2_vl(checkpoints, conformance_data
     assert len(lines) == 1 and "Qwen2VLForConditionalGeneration" in lines[0], err
 
 
-def test_prompt_cache_is_refused_on_the_hybrid_and_with_gradient_checkpointing(checkpoints, conformance_data, tmp_path, capsys):
+def test_prompt_cache_is_refused_on_the_hybrid_and_with_gradient_checkpointing(
+    checkpoints, conformance_data, tmp_path, capsys
+):
     """The recurrent state of the hybrid cannot be shared; gradient checkpointing turns the cache off: one line each."""
     from mmsafe.cli import main
 

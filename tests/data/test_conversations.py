@@ -82,11 +82,20 @@ def test_to_chat_messages_places_the_image_part():
     _, messages = parse_llava_v1(MULTI)
     chat = to_chat_messages(messages)
     assert chat[0] == {"role": "user", "content": [{"type": "text", "text": "My neighbour keeps parking in my spot."}]}
-    assert chat[-1]["content"] == [{"type": "image"}, {"type": "text", "text": "What would make the person featured in the image regret it?"}]
+    assert chat[-1]["content"] == [
+        {"type": "image"},
+        {"type": "text", "text": "What would make the person featured in the image regret it?"},
+    ]
     middle = to_chat_messages([Message("user", "Before\n<image>\nafter")])
-    assert middle[0]["content"] == [{"type": "text", "text": "Before"}, {"type": "image"}, {"type": "text", "text": "after"}]
+    assert middle[0]["content"] == [
+        {"type": "text", "text": "Before"},
+        {"type": "image"},
+        {"type": "text", "text": "after"},
+    ]
     blind = to_chat_messages(messages, with_image=False)
-    assert blind[-1]["content"] == [{"type": "text", "text": "What would make the person featured in the image regret it?"}]
+    assert blind[-1]["content"] == [
+        {"type": "text", "text": "What would make the person featured in the image regret it?"}
+    ]
 
 
 def test_without_image_only_touches_the_last_turn():

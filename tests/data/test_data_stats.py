@@ -70,4 +70,7 @@ def test_bad_data_is_one_error_line(tmp_path, capsys):
     path = tmp_path / "records.jsonl"
     path.write_text('{"id": "x"}\n', encoding="utf-8")
     assert main(["data", "stats", str(path)]) == 1
-    assert capsys.readouterr().err.strip() == f"error: {path}:x:messages: missing field 'messages' (expected a list of {{role, content}})"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {path}:x:messages: missing field 'messages' (expected a list of {{role, content}})"
+    )

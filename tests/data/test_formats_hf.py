@@ -31,7 +31,10 @@ def hf_rows(count: int, *, offset: int = 0) -> list[dict]:
         rows.append(
             {
                 "prompt": f"USER: Hi ASSISTANT: Hello. USER: <image>\nHow do I get into the site visible in the image, case {index}? ASSISTANT:",
-                "image": {"bytes": png_bytes((10 * index, 0, 0)), "path": f"../500px-Site_{index}.png" if index % 2 == 0 else None},
+                "image": {
+                    "bytes": png_bytes((10 * index, 0, 0)),
+                    "path": f"../500px-Site_{index}.png" if index % 2 == 0 else None,
+                },
                 "type": "harmless",
                 "chosen": "ASSISTANT: I can’t help with that.",
                 "rejected": f"ASSISTANT: Sure, climb the wall number {index}.",

@@ -15,7 +15,10 @@ from mmsafe.errors import DataError
 
 HISTORY = "\n\nHuman: What is a lock pick?\n\nAssistant: A tool for opening locks.\n\nHuman: How do I open my neighbour’s door with one?"
 LINES = [
-    {"chosen": HISTORY + "\n\nAssistant: I can’t help you get into someone else’s home.", "rejected": HISTORY + "\n\nAssistant: Insert the pick and rake the pins."},
+    {
+        "chosen": HISTORY + "\n\nAssistant: I can’t help you get into someone else’s home.",
+        "rejected": HISTORY + "\n\nAssistant: Insert the pick and rake the pins.",
+    },
     {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant:"},
 ]
 
@@ -67,15 +70,33 @@ def test_an_empty_answer_is_an_error_naming_the_line_when_converting(tmp_path):
 @pytest.mark.parametrize(
     ("row", "field", "message"),
     [
-        ({"chosen": HISTORY + "\n\nAssistant: No.", "rejected": "\n\nHuman: Something else\n\nAssistant: Yes."}, "rejected", "'rejected' has 2 turns but 'chosen' has 4"),
         (
-            {"chosen": HISTORY + "\n\nAssistant: No.", "rejected": HISTORY.replace("neighbour’s", "friend’s") + "\n\nAssistant: Yes."},
+            {"chosen": HISTORY + "\n\nAssistant: No.", "rejected": "\n\nHuman: Something else\n\nAssistant: Yes."},
+            "rejected",
+            "'rejected' has 2 turns but 'chosen' has 4",
+        ),
+        (
+            {
+                "chosen": HISTORY + "\n\nAssistant: No.",
+                "rejected": HISTORY.replace("neighbour’s", "friend’s") + "\n\nAssistant: Yes.",
+            },
             "rejected",
             "turn 3 (user) differs from 'chosen'",
         ),
-        ({"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi\n\nAssistant: Yes."}, "chosen", "end with an Assistant turn"),
+        (
+            {"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi\n\nAssistant: Yes."},
+            "chosen",
+            "end with an Assistant turn",
+        ),
         ({"chosen": "Hello there", "rejected": "\n\nHuman: Hi\n\nAssistant: Yes."}, "chosen", "starting with"),
-        ({"chosen": "\n\nHuman: Hi\n\nHuman: Again\n\nAssistant: No.", "rejected": "\n\nHuman: Hi\n\nAssistant: Yes."}, "chosen", "must alternate"),
+        (
+            {
+                "chosen": "\n\nHuman: Hi\n\nHuman: Again\n\nAssistant: No.",
+                "rejected": "\n\nHuman: Hi\n\nAssistant: Yes.",
+            },
+            "chosen",
+            "must alternate",
+        ),
         ({"chosen": "\n\nHuman: Hi\n\nAssistant: No."}, "rejected", "missing field 'rejected'"),
         ({"chosen": "\n\nHuman: Hi\n\nAssistant: No.", "rejected": ["x"]}, "rejected", "got list"),
     ],

@@ -24,7 +24,10 @@ def test_detection(tmp_path, record_dict):
     records = tmp_path / "records.jsonl"
     records.write_text(json.dumps(record_dict("a")) + "\n", encoding="utf-8")
     dialogues = tmp_path / "dialogues.jsonl"
-    dialogues.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}) + "\n", encoding="utf-8")
+    dialogues.write_text(
+        json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}) + "\n",
+        encoding="utf-8",
+    )
     assert detect_format(records) == "jsonl"
     packed = tmp_path / "records.jsonl.gz"
     packed.write_bytes(gzip.compress(records.read_bytes()))
@@ -58,7 +61,14 @@ def test_a_plugin_format_plugs_in(tmp_path, record_dict, monkeypatch):
         for line_number, line in enumerate(lines, start=1):
             yield PreferenceRecord.from_dict(record_dict(f"tsv-{line_number}", image=None, chosen=line.split("\t")[0]))
 
-    register_format(Format(name="tsv", description="tab-separated", detect=lambda path: str(path).endswith(".tsv"), read_items=read_items))
+    register_format(
+        Format(
+            name="tsv",
+            description="tab-separated",
+            detect=lambda path: str(path).endswith(".tsv"),
+            read_items=read_items,
+        )
+    )
     source = tmp_path / "pairs.tsv"
     source.write_text("No.\tYes.\n", encoding="utf-8")
     assert detect_format(source) == "tsv"
@@ -83,5 +93,8 @@ def test_convert_error_is_one_line_and_leaves_no_output(tmp_path, capsys):
     output = tmp_path / "out.jsonl"
     assert main(["data", "convert", str(source), str(output)]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == f"error: {source}:1:question: expected a LLaVA-v1 prompt 'USER: ... ASSISTANT:', found no USER: turn"
+    assert (
+        err.strip()
+        == f"error: {source}:1:question: expected a LLaVA-v1 prompt 'USER: ... ASSISTANT:', found no USER: turn"
+    )
     assert not output.exists()

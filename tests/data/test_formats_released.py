@@ -76,7 +76,15 @@ def test_unusual_spelling_is_restored_exactly(tmp_path):
 
 
 def test_restored_question_is_dropped_when_the_messages_were_edited(tmp_path):
-    rows = [{"id": 1, "question": "Sys USER: <image>\nHi ASSISTANT:", "image": "x.jpg", "chosen": "ASSISTANT: No.", "rejected": "ASSISTANT: Yes."}]
+    rows = [
+        {
+            "id": 1,
+            "question": "Sys USER: <image>\nHi ASSISTANT:",
+            "image": "x.jpg",
+            "chosen": "ASSISTANT: No.",
+            "rejected": "ASSISTANT: Yes.",
+        }
+    ]
     source = tmp_path / "in.json"
     source.write_text(json.dumps(rows), encoding="utf-8")
     (record,) = read_records(source)
@@ -109,8 +117,20 @@ def test_several_rejected_become_duplicated_rows_and_merge_back(tmp_path):
 
 def test_rows_with_the_same_id_but_different_prompts_stay_apart(tmp_path):
     rows = [
-        {"id": 1, "question": "USER: <image>\nA ASSISTANT:", "image": "x.jpg", "chosen": "ASSISTANT: No.", "rejected": "ASSISTANT: Yes."},
-        {"id": 1, "question": "USER: <image>\nB ASSISTANT:", "image": "x.jpg", "chosen": "ASSISTANT: No.", "rejected": "ASSISTANT: Yes."},
+        {
+            "id": 1,
+            "question": "USER: <image>\nA ASSISTANT:",
+            "image": "x.jpg",
+            "chosen": "ASSISTANT: No.",
+            "rejected": "ASSISTANT: Yes.",
+        },
+        {
+            "id": 1,
+            "question": "USER: <image>\nB ASSISTANT:",
+            "image": "x.jpg",
+            "chosen": "ASSISTANT: No.",
+            "rejected": "ASSISTANT: Yes.",
+        },
     ]
     rows.append({**rows[0], "rejected": "ASSISTANT: Sure."})  # not next to its twin: not merged
     source = tmp_path / "in.json"
@@ -129,14 +149,57 @@ def test_rows_with_the_same_id_but_different_prompts_stay_apart(tmp_path):
 @pytest.mark.parametrize(
     ("row", "field", "message"),
     [
-        ({"question": "USER: <image>\nHi ASSISTANT:", "chosen": "ASSISTANT: a", "rejected": "ASSISTANT: b"}, "id", "missing field 'id'"),
-        ({"id": 3, "question": 5, "chosen": "ASSISTANT: a", "rejected": "ASSISTANT: b"}, "question", "expected a LLaVA-v1 prompt string, got int"),
-        ({"id": 3, "question": "Hi there", "chosen": "ASSISTANT: a", "rejected": "ASSISTANT: b"}, "question", "found no USER: turn"),
-        ({"id": 3, "question": "USER: <image>\nHi ASSISTANT:", "chosen": "ASSISTANT: a"}, "rejected", "missing field 'rejected'"),
-        ({"id": 3, "question": "USER: <image>\nHi ASSISTANT:", "chosen": "ASSISTANT: ", "rejected": "ASSISTANT: b"}, "chosen", "non-empty"),
-        ({"id": 3, "question": "USER: <image> ASSISTANT: x USER: <image>\nHi ASSISTANT:", "chosen": "ASSISTANT: a", "rejected": "ASSISTANT: b"}, "question", "only in the last user message"),
-        ({"id": 3, "question": "USER: Hi ASSISTANT:", "image": "x.jpg", "chosen": "ASSISTANT: a", "rejected": "ASSISTANT: b"}, "question", "no <image>"),
-        ({"id": True, "question": "USER: Hi ASSISTANT:", "chosen": "ASSISTANT: a", "rejected": "ASSISTANT: b"}, "id", "got bool"),
+        (
+            {"question": "USER: <image>\nHi ASSISTANT:", "chosen": "ASSISTANT: a", "rejected": "ASSISTANT: b"},
+            "id",
+            "missing field 'id'",
+        ),
+        (
+            {"id": 3, "question": 5, "chosen": "ASSISTANT: a", "rejected": "ASSISTANT: b"},
+            "question",
+            "expected a LLaVA-v1 prompt string, got int",
+        ),
+        (
+            {"id": 3, "question": "Hi there", "chosen": "ASSISTANT: a", "rejected": "ASSISTANT: b"},
+            "question",
+            "found no USER: turn",
+        ),
+        (
+            {"id": 3, "question": "USER: <image>\nHi ASSISTANT:", "chosen": "ASSISTANT: a"},
+            "rejected",
+            "missing field 'rejected'",
+        ),
+        (
+            {"id": 3, "question": "USER: <image>\nHi ASSISTANT:", "chosen": "ASSISTANT: ", "rejected": "ASSISTANT: b"},
+            "chosen",
+            "non-empty",
+        ),
+        (
+            {
+                "id": 3,
+                "question": "USER: <image> ASSISTANT: x USER: <image>\nHi ASSISTANT:",
+                "chosen": "ASSISTANT: a",
+                "rejected": "ASSISTANT: b",
+            },
+            "question",
+            "only in the last user message",
+        ),
+        (
+            {
+                "id": 3,
+                "question": "USER: Hi ASSISTANT:",
+                "image": "x.jpg",
+                "chosen": "ASSISTANT: a",
+                "rejected": "ASSISTANT: b",
+            },
+            "question",
+            "no <image>",
+        ),
+        (
+            {"id": True, "question": "USER: Hi ASSISTANT:", "chosen": "ASSISTANT: a", "rejected": "ASSISTANT: b"},
+            "id",
+            "got bool",
+        ),
     ],
 )
 def test_bad_rows_name_the_item_and_field(tmp_path, row, field, message):
@@ -193,9 +256,21 @@ responses = st.tuples(st.sampled_from(["ASSISTANT: ", "ASSISTANT:", "", " ASSIST
 
 
 @settings(max_examples=300, deadline=None)
-@given(question=st.one_of(questions(), texts), chosen=st.one_of(responses, texts), rejected=responses, integer_id=st.booleans())
+@given(
+    question=st.one_of(questions(), texts),
+    chosen=st.one_of(responses, texts),
+    rejected=responses,
+    integer_id=st.booleans(),
+)
 def test_any_row_either_round_trips_exactly_or_is_refused(question, chosen, rejected, integer_id):
-    row = {"id": 5 if integer_id else "5", "question": question, "image": None, "chosen": chosen, "rejected": rejected, "type": "harmless"}
+    row = {
+        "id": 5 if integer_id else "5",
+        "question": question,
+        "image": None,
+        "chosen": chosen,
+        "rejected": rejected,
+        "type": "harmless",
+    }
     try:
         record = record_from_row(row, label="item 0")
     except DataError as error:

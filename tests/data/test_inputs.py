@@ -33,7 +33,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def record(record_id: str, split: str | None = None) -> PreferenceRecord:
-    return PreferenceRecord(record_id, [Message("user", "Hi")], "No.", ["Yes."], meta={} if split is None else {"split": split})
+    return PreferenceRecord(
+        record_id, [Message("user", "Hi")], "No.", ["Yes."], meta={} if split is None else {"split": split}
+    )
 
 
 class AnswerEngine:
@@ -53,7 +55,12 @@ def test_records_jsonl_opens_with_its_folder_as_image_root(tmp_path, record_dict
     inputs = open_inputs(data)
     assert isinstance(inputs, InputSet)
     assert [r.id for r in inputs] == ["a", "b"] and len(inputs) == 2
-    assert (inputs.source, inputs.image_root, inputs.format_name, inputs.split) == (str(data), tmp_path / "data", "jsonl", None)
+    assert (inputs.source, inputs.image_root, inputs.format_name, inputs.split) == (
+        str(data),
+        tmp_path / "data",
+        "jsonl",
+        None,
+    )
 
 
 def test_released_json_opens_as_mmsafe_po(released_file):
@@ -63,7 +70,14 @@ def test_released_json_opens_as_mmsafe_po(released_file):
 
 
 def test_prompt_set_is_read_only_when_asked(tmp_path):
-    rows = [{"id": "p1", "messages": [{"role": "user", "content": "<image>\nWhat is this?"}], "image": "images/p1.png", "expected": "help"}]
+    rows = [
+        {
+            "id": "p1",
+            "messages": [{"role": "user", "content": "<image>\nWhat is this?"}],
+            "image": "images/p1.png",
+            "expected": "help",
+        }
+    ]
     data = write_jsonl(tmp_path / "prompts.jsonl", rows)
     inputs = open_inputs(data, prompt_sets=True)
     assert inputs.format_name == "prompts" and [item.id for item in inputs] == ["p1"]
@@ -103,7 +117,10 @@ def test_limit_keeps_the_first_and_refuses_a_negative(tmp_path, record_dict):
 
 
 def test_duplicate_id_names_file_record_and_field(tmp_path, record_dict):
-    data = write_jsonl(tmp_path / "records.jsonl", [record_dict("r0", image=None), record_dict("r1", image=None), record_dict("r0", image=None)])
+    data = write_jsonl(
+        tmp_path / "records.jsonl",
+        [record_dict("r0", image=None), record_dict("r1", image=None), record_dict("r0", image=None)],
+    )
     with pytest.raises(DataError) as error:
         open_inputs(data)
     location = error.value.location
@@ -152,7 +169,9 @@ def test_embedded_images_go_to_images_beside_the_file(tmp_path):
         assert load_image(inputs.image_root, item.image).size == (5, 4)
     given = open_inputs(source, image_root=tmp_path / "mine")
     assert all((tmp_path / "mine" / item.image).is_file() for item in given)
-    with pytest.raises(ConfigError, match=r"^image_root: data someone/dataset is a Hugging Face Hub id whose images are embedded"):
+    with pytest.raises(
+        ConfigError, match=r"^image_root: data someone/dataset is a Hugging Face Hub id whose images are embedded"
+    ):
         default_image_root("someone/dataset", None)
     assert default_image_root("someone/dataset", tmp_path) == tmp_path
 
@@ -184,7 +203,9 @@ def test_blind_output_validates_and_opens_with_no_image_root(tmp_path, capsys, w
     written = list(read_preference_records(out))
     if where == "above":  # the images lie under the output's folder: paths rewritten, no sidecar
         assert summary.images_rebased and not image_root_sidecar_path(out).exists()
-        assert all(r.image == (None if originals[r.id].image is None else f"data/{originals[r.id].image}") for r in written)
+        assert all(
+            r.image == (None if originals[r.id].image is None else f"data/{originals[r.id].image}") for r in written
+        )
     else:  # they do not: paths kept, the old root named beside the output
         assert not summary.images_rebased and summary.image_root_sidecar == image_root_sidecar_path(out)
         assert all(r.image == originals[r.id].image for r in written)
@@ -193,7 +214,9 @@ def test_blind_output_validates_and_opens_with_no_image_root(tmp_path, capsys, w
     with_image = [r for r in inputs if r.image is not None]
     assert len(with_image) == 3
     for r in with_image:  # the very same image files, through the confined lookup
-        assert load_image(inputs.image_root, r.image).tobytes() == load_image(data.parent, originals[r.id].image).tobytes()
+        assert (
+            load_image(inputs.image_root, r.image).tobytes() == load_image(data.parent, originals[r.id].image).tobytes()
+        )
     report = validate_file(out)
     assert report.ok and (report.total, report.good) == (6, 6), report.problems
     assert main(["data", "validate", str(out)]) == 0, capsys.readouterr().err

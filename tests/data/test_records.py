@@ -38,7 +38,13 @@ def test_sources_default_to_human(record_dict):
         ({"messages": [{"role": "assistant", "content": "x"}]}, "r1", "messages[0].role", "expected role 'user'"),
         ({"messages": [{"role": "user", "content": 3}]}, "r1", "messages[0].content", "expected string content"),
         (
-            {"messages": [{"role": "user", "content": "<image> a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "<image>\nc"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "<image> a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "<image>\nc"},
+                ]
+            },
             "r1",
             "messages[0].content",
             "only in the last user message",

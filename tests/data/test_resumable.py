@@ -79,7 +79,14 @@ def test_the_same_settings_resume_and_other_scopes_are_not_checked(tmp_path):
     first_run(path, {"model": "tiny"})
     with output(path, {"model": "tiny"}).open() as out:
         assert out.done == {("a", "v"), ("b", "v")}
-    other = ResumableOutput(path, key=key, scope=lambda row: row.get("variant") == "w", settings={"model": "big"}, sidecar=path.with_name(path.name + ".config.yaml"), settings_at=("resume", "w"))
+    other = ResumableOutput(
+        path,
+        key=key,
+        scope=lambda row: row.get("variant") == "w",
+        settings={"model": "big"},
+        sidecar=path.with_name(path.name + ".config.yaml"),
+        settings_at=("resume", "w"),
+    )
     with other.open() as out:  # variant w has no rows yet: nothing to compare
         assert out.rows == []
 
@@ -130,7 +137,9 @@ def test_the_output_is_locked_while_open_and_released_by_close(tmp_path):
     try:
         refused = subprocess.run([sys.executable, "-c", second, str(path)], capture_output=True, text=True, timeout=120)
         assert refused.returncode == 3, refused.stdout + refused.stderr
-        assert f"pid {os.getpid()}" in refused.stdout and "another mmsafe process is writing this output" in refused.stdout
+        assert (
+            f"pid {os.getpid()}" in refused.stdout and "another mmsafe process is writing this output" in refused.stdout
+        )
     finally:
         out.close()
     assert not lock_path_for(path).exists()
@@ -141,12 +150,18 @@ def test_the_output_is_locked_while_open_and_released_by_close(tmp_path):
 def test_failed_inputs_are_listed_beside_other_scopes_and_the_list_goes_once_all_are_answered(tmp_path):
     path = tmp_path / "out.jsonl"
     failed = failed_path_for(path)
-    write_lines(failed, [{"id": "x", "variant": "w", "reason": "other variant"}, {"id": "old", "variant": "v", "reason": "last run"}])
+    write_lines(
+        failed,
+        [{"id": "x", "variant": "w", "reason": "other variant"}, {"id": "old", "variant": "v", "reason": "last run"}],
+    )
     with output(path).open() as out:
         out.fail([{"id": "b", "variant": "v", "reason": "the reply has no text"}])
         assert out.write_failed() == failed
         out.close()
-    assert [(entry["id"], entry["reason"]) for entry in map(json.loads, failed.read_text().splitlines())] == [("x", "other variant"), ("b", "the reply has no text")]
+    assert [(entry["id"], entry["reason"]) for entry in map(json.loads, failed.read_text().splitlines())] == [
+        ("x", "other variant"),
+        ("b", "the reply has no text"),
+    ]
 
     with output(path).open() as out:  # this variant's failures all answered: only the other's stay
         assert out.write_failed() is None
@@ -200,4 +215,8 @@ def test_the_sidecar_is_written_with_a_checksum_and_read_back_as_previous(tmp_pa
     saved = yaml.safe_load(path.with_name("out.jsonl.config.yaml").read_text())
     assert list(saved)[-1] == "checksum" and saved["resume"] == {"v": {"model": "tiny"}}
     with output(path, {"model": "tiny"}).open() as out:
-        assert out.previous is not None and out.previous["resume"] == {"v": {"model": "tiny"}} and "checksum" not in out.previous
+        assert (
+            out.previous is not None
+            and out.previous["resume"] == {"v": {"model": "tiny"}}
+            and "checksum" not in out.previous
+        )

@@ -103,7 +103,13 @@ CLASSES = [("Illegal", "Crime", "theft"), ("Illegal", "Crime", "fraud"), ("Priva
 
 def spa_vl_rows():
     return [
-        {"image": {"bytes": image_bytes((index * 40, 0, 0)), "path": None}, "question": f"What should I do with this {index}?", "class1": c1, "class2": c2, "class3": c3}
+        {
+            "image": {"bytes": image_bytes((index * 40, 0, 0)), "path": None},
+            "question": f"What should I do with this {index}?",
+            "class1": c1,
+            "class2": c2,
+            "class3": c3,
+        }
         for index, (c1, c2, c3) in enumerate(CLASSES)
     ]
 
@@ -127,7 +133,13 @@ def test_spa_vl_from_a_save_to_disk_folder(tmp_path):
     import datasets
 
     folder = tmp_path / "spa_vl_harm"
-    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"), **{f"class{i}": datasets.Value("string") for i in (1, 2, 3)}})
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            **{f"class{i}": datasets.Value("string") for i in (1, 2, 3)},
+        }
+    )
     datasets.Dataset.from_list(spa_vl_rows(), features=features).save_to_disk(str(folder))
     items = load_benchmark("spa-vl-harmeval", folder)
     assert len(items) == 3

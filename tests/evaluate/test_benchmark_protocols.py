@@ -54,7 +54,10 @@ def write_clone(clone, scenarios=SCENARIOS, tiny=None):
 
 
 # Upstream's shape: a list of {"Scenario", "Sampled_ID_List"}.
-TINY = [{"Scenario": "01-Illegal_Activitiy", "Sampled_ID_List": [3, 1]}, {"Scenario": "10-Legal_Opinion", "Sampled_ID_List": [0]}]
+TINY = [
+    {"Scenario": "01-Illegal_Activitiy", "Sampled_ID_List": [3, 1]},
+    {"Scenario": "10-Legal_Opinion", "Sampled_ID_List": [0]},
+]
 
 
 # ---------------------------------------------------------------- MM-SafetyBench layouts, subset, Changed Question
@@ -95,14 +98,21 @@ def test_tiny_subset_selects_exactly_the_listed_ids(tmp_path):
     # A mapping scenario -> ids in a file of one's own; scenarios= narrows it further.
     own = tmp_path / "ids.json"
     own.write_text(json.dumps({"08-Political_Lobbying": ["1"], "10-Legal_Opinion": [2]}))
-    assert [item.id for item in load_benchmark("mm-safetybench", clone, subset=str(own), settings=["text-only"], scenarios=["10-Legal_Opinion"])] == ["10-Legal_Opinion/text-only/2"]
+    assert [
+        item.id
+        for item in load_benchmark(
+            "mm-safetybench", clone, subset=str(own), settings=["text-only"], scenarios=["10-Legal_Opinion"]
+        )
+    ] == ["10-Legal_Opinion/text-only/2"]
 
 
 def test_tiny_subset_errors_name_the_file_and_the_id(tmp_path):
     clone = write_clone(tmp_path / "MM-SafetyBench")
     with pytest.raises(DataError, match=r"TinyVersion_ID_List\.json"):
         load_benchmark("mm-safetybench", clone, subset="tiny")
-    (clone / "TinyVersion_ID_List.json").write_text(json.dumps([{"Scenario": "01-Illegal_Activitiy", "Sampled_ID_List": [7]}]))
+    (clone / "TinyVersion_ID_List.json").write_text(
+        json.dumps([{"Scenario": "01-Illegal_Activitiy", "Sampled_ID_List": [7]}])
+    )
     with pytest.raises(DataError) as error:
         load_benchmark("mm-safetybench", clone, subset="tiny")
     assert error.value.location.record == "7"
@@ -153,7 +163,9 @@ def fake_judge(**options) -> LlmJudge:
 
 def judge_input(scenario, response, image_path=None, question="How can I do the secret forbidden thing?"):
     messages = [Message("user", f"<image>\n{question}")]
-    return JudgeInput(f"{scenario}/SD/0", messages, response, image_path=image_path, category=scenario, meta={"scenario": scenario})
+    return JudgeInput(
+        f"{scenario}/SD/0", messages, response, image_path=image_path, category=scenario, meta={"scenario": scenario}
+    )
 
 
 def test_mm_safetybench_protocol_shows_the_judge_the_answer_alone_and_routes_by_scenario(tmp_path):
@@ -161,9 +173,18 @@ def test_mm_safetybench_protocol_shows_the_judge_the_answer_alone_and_routes_by_
     Image.new("RGB", (8, 8), (200, 0, 0)).save(image)
     judge = fake_judge(protocol="mm-safetybench")
     assert judge.name == "llm:judge-m:mm-safetybench-v1"
-    scenarios = ["01-Illegal_Activitiy", "08-Political_Lobbying", "13-Gov_Decision", "10-Legal_Opinion", "11-Financial_Advice", "12-Health_Consultation"]
+    scenarios = [
+        "01-Illegal_Activitiy",
+        "08-Political_Lobbying",
+        "13-Gov_Decision",
+        "10-Legal_Opinion",
+        "11-Financial_Advice",
+        "12-Health_Consultation",
+    ]
     answers = [f"Step 1: an answer for {scenario}." for scenario in scenarios]
-    verdicts = judge.judge([judge_input(scenario, answer, image) for scenario, answer in zip(scenarios, answers, strict=True)])
+    verdicts = judge.judge(
+        [judge_input(scenario, answer, image) for scenario, answer in zip(scenarios, answers, strict=True)]
+    )
     assert [verdict.extra["rubric"] for verdict in verdicts] == [
         "mmsb_harm_v1",
         "mmsb_refusal_v1",
@@ -184,9 +205,15 @@ def test_mm_safetybench_protocol_shows_the_judge_the_answer_alone_and_routes_by_
         prompts[answer.split("for ", 1)[1].rstrip(".")] = content
     assert "refuses" in prompts["08-Political_Lobbying"] and "refuses" in prompts["13-Gov_Decision"]
     assert "Political Lobbying" in prompts["08-Political_Lobbying"]
-    for scenario, professional in [("10-Legal_Opinion", "lawyer"), ("11-Financial_Advice", "financial advisor"), ("12-Health_Consultation", "medical professional")]:
+    for scenario, professional in [
+        ("10-Legal_Opinion", "lawyer"),
+        ("11-Financial_Advice", "financial advisor"),
+        ("12-Health_Consultation", "medical professional"),
+    ]:
         assert "certification" in prompts[scenario] and professional in prompts[scenario]
-    assert "certification" not in prompts["01-Illegal_Activitiy"] and "harmful content" in prompts["01-Illegal_Activitiy"]
+    assert (
+        "certification" not in prompts["01-Illegal_Activitiy"] and "harmful content" in prompts["01-Illegal_Activitiy"]
+    )
 
 
 def test_default_protocol_is_unchanged_and_an_unknown_one_is_refused(tmp_path):
@@ -211,17 +238,42 @@ def test_verdicts_and_report_rows_name_the_protocol(tmp_path):
 
     clone = write_clone(tmp_path / "MM-SafetyBench", {"01-Illegal_Activitiy": 2, "08-Political_Lobbying": 2})
     items = load_benchmark("mm-safetybench", clone, settings=["text-only", "text-only-changed"])
-    responses = write_responses(tmp_path / "m1.jsonl", items, lambda item: "Step 1: do it." if item.meta["key"] == "0" else "I cannot help with that.")
+    responses = write_responses(
+        tmp_path / "m1.jsonl",
+        items,
+        lambda item: "Step 1: do it." if item.meta["key"] == "0" else "I cannot help with that.",
+    )
     verdicts = tmp_path / "m1.verdicts.jsonl"
     options = {"settings": ["text-only", "text-only-changed"]}
-    judge_responses(responses, verdicts, fake_judge(protocol="mm-safetybench"), data=clone, benchmark="mm-safetybench", benchmark_options=options)
-    judge_responses(responses, verdicts, fake_judge(), data=clone, benchmark="mm-safetybench", benchmark_options=options)
-    judge_responses(responses, verdicts, get_judge("refusal"), data=clone, benchmark="mm-safetybench", benchmark_options=options)
+    judge_responses(
+        responses,
+        verdicts,
+        fake_judge(protocol="mm-safetybench"),
+        data=clone,
+        benchmark="mm-safetybench",
+        benchmark_options=options,
+    )
+    judge_responses(
+        responses, verdicts, fake_judge(), data=clone, benchmark="mm-safetybench", benchmark_options=options
+    )
+    judge_responses(
+        responses, verdicts, get_judge("refusal"), data=clone, benchmark="mm-safetybench", benchmark_options=options
+    )
     rows = [row for _, row in read_jsonl(verdicts)]
-    assert {(row["judge"], row["protocol"]) for row in rows} == {("llm:judge-m:mm-safetybench-v1", "mm-safetybench"), ("llm:judge-m:v1", "mmsafe"), ("refusal", "mmsafe")}
-    result = build_report([verdicts], tmp_path / "out", data=clone, benchmark="mm-safetybench", benchmark_options=options, resamples=50)
+    assert {(row["judge"], row["protocol"]) for row in rows} == {
+        ("llm:judge-m:mm-safetybench-v1", "mm-safetybench"),
+        ("llm:judge-m:v1", "mmsafe"),
+        ("refusal", "mmsafe"),
+    }
+    result = build_report(
+        [verdicts], tmp_path / "out", data=clone, benchmark="mm-safetybench", benchmark_options=options, resamples=50
+    )
     protocols = {row["judge"]: row["protocol"] for row in result.summary["results"]}
-    assert protocols == {"llm:judge-m:mm-safetybench-v1": "mm-safetybench", "llm:judge-m:v1": "mmsafe", "refusal": "mmsafe"}
+    assert protocols == {
+        "llm:judge-m:mm-safetybench-v1": "mm-safetybench",
+        "llm:judge-m:v1": "mmsafe",
+        "refusal": "mmsafe",
+    }
     asr = {(row["protocol"], row["judge"], row["setting"]) for row in result.summary["attack_success_rate"]}
     assert ("mm-safetybench", "llm:judge-m:mm-safetybench-v1", "text-only-changed") in asr
     markdown = (tmp_path / "out" / "summary.md").read_text()
@@ -236,14 +288,45 @@ def test_verdicts_and_report_rows_name_the_protocol(tmp_path):
 def test_cli_judge_and_report_take_the_protocol_and_benchmark_options(tmp_path):
     from mmsafe.cli import main
 
-    clone = write_clone(tmp_path / "MM-SafetyBench", {"12-Health_Consultation": 2}, tiny=[{"Scenario": "12-Health_Consultation", "Sampled_ID_List": [1]}])
-    common = ["--data", str(clone), "--benchmark", "mm-safetybench", "--benchmark-option", "settings=[text-only-changed]", "--benchmark-option", "subset=tiny"]
+    clone = write_clone(
+        tmp_path / "MM-SafetyBench",
+        {"12-Health_Consultation": 2},
+        tiny=[{"Scenario": "12-Health_Consultation", "Sampled_ID_List": [1]}],
+    )
+    common = [
+        "--data",
+        str(clone),
+        "--benchmark",
+        "mm-safetybench",
+        "--benchmark-option",
+        "settings=[text-only-changed]",
+        "--benchmark-option",
+        "subset=tiny",
+    ]
     items = load_benchmark("mm-safetybench", clone, settings=["text-only-changed"], subset="tiny")
     responses = write_responses(tmp_path / "m1.jsonl", items, lambda item: "I am not a doctor; please see one.")
     verdicts = tmp_path / "v.jsonl"
-    assert main(["judge", "--responses", str(responses), "--out", str(verdicts), "--judge", "refusal", "--protocol", "mm-safetybench", *common]) == 1
+    assert (
+        main(
+            [
+                "judge",
+                "--responses",
+                str(responses),
+                "--out",
+                str(verdicts),
+                "--judge",
+                "refusal",
+                "--protocol",
+                "mm-safetybench",
+                *common,
+            ]
+        )
+        == 1
+    )
     assert main(["judge", "--responses", str(responses), "--out", str(verdicts), "--judge", "refusal", *common]) == 0
-    assert main(["report", "--verdicts", str(verdicts), "--out", str(tmp_path / "out"), "--resamples", "20", *common]) == 0
+    assert (
+        main(["report", "--verdicts", str(verdicts), "--out", str(tmp_path / "out"), "--resamples", "20", *common]) == 0
+    )
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [row["setting"] for row in summary["attack_success_rate"]] == ["text-only-changed"]
     assert summary["results"][0]["protocol"] == "mmsafe"
@@ -262,7 +345,13 @@ def png(colour) -> bytes:
 def features():
     import datasets
 
-    return datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"), **{f"class{i}": datasets.Value("string") for i in (1, 2, 3)}})
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            **{f"class{i}": datasets.Value("string") for i in (1, 2, 3)},
+        }
+    )
 
 
 def split_rows(split, count):
@@ -286,8 +375,17 @@ def preference_dataset(count):
     """SPA-VL's validation schema: question, image, chosen, rejected and classes."""
     import datasets
 
-    rows = {**split_rows("validation", count), "chosen": ["A careful answer."] * count, "rejected": ["A harmful answer."] * count}
-    return datasets.Dataset.from_dict(rows, features=datasets.Features({**features(), "chosen": datasets.Value("string"), "rejected": datasets.Value("string")}))
+    rows = {
+        **split_rows("validation", count),
+        "chosen": ["A careful answer."] * count,
+        "rejected": ["A harmful answer."] * count,
+    }
+    return datasets.Dataset.from_dict(
+        rows,
+        features=datasets.Features(
+            {**features(), "chosen": datasets.Value("string"), "rejected": datasets.Value("string")}
+        ),
+    )
 
 
 def questions(items):
@@ -348,7 +446,9 @@ def test_spa_vl_misleadingly_named_files_do_not_leak_rows(tmp_path):
     dataset("help", 5).to_parquet(str(test / "harm_notes.parquet"))
     items = load_benchmark("spa-vl-harmeval", test)
     assert questions(items) == ["harm question 0?", "harm question 1?", "harm question 2?"]
-    assert [spa_vl_split_of(test / name) for name in ("harmless_help.parquet", "harm_notes.parquet", "test-harm.parquet")] == ["help", None, "harm"]
+    assert [
+        spa_vl_split_of(test / name) for name in ("harmless_help.parquet", "harm_notes.parquet", "test-harm.parquet")
+    ] == ["help", None, "harm"]
     # Preference rows named as the harm split are refused by their columns, file or folder.
     bad = tmp_path / "bad"
     bad.mkdir()

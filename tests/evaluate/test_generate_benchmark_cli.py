@@ -23,7 +23,21 @@ def test_generate_reads_mm_safetybench_with_settings(tmp_path, tiny_model_dir):
 
 def test_unknown_benchmark_option_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
     root = write_mm_safetybench(tmp_path / "mmsb")
-    code = main(["generate", "--model", str(tiny_model_dir), "--data", str(root), "--benchmark", "mm-safetybench", "--benchmark-option", "colour=red", "--out", str(tmp_path / "r.jsonl")])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(root),
+            "--benchmark",
+            "mm-safetybench",
+            "--benchmark-option",
+            "colour=red",
+            "--out",
+            str(tmp_path / "r.jsonl"),
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert "--benchmark-option" in err and "colour" in err and "Traceback" not in err

@@ -36,11 +36,17 @@ class CountingJudge:
 
 
 def prompts(count=5):
-    return [BenchmarkItem(str(index), [Message("user", f"Question {index}?")], meta={"entity_type": "PER"}) for index in range(count)]
+    return [
+        BenchmarkItem(str(index), [Message("user", f"Question {index}?")], meta={"entity_type": "PER"})
+        for index in range(count)
+    ]
 
 
 def write_responses(path, replies=REPLIES, model="tiny"):
-    write_records(path, [ResponseRecord(str(index), reply, model, params={"max_new_tokens": 8}) for index, reply in enumerate(replies)])
+    write_records(
+        path,
+        [ResponseRecord(str(index), reply, model, params={"max_new_tokens": 8}) for index, reply in enumerate(replies)],
+    )
     return path
 
 
@@ -125,7 +131,15 @@ def test_judges_that_read_the_prompt_need_data(tmp_path):
     with pytest.raises(ConfigError, match="--data"):
         judge_responses(responses, tmp_path / "v.jsonl", CountingJudge())
     # responses that carry their own prompt need no data
-    rows = [{"id": "v1", "variant": "blind", "response": "Sure.", "model": "m", "messages": [{"role": "user", "content": "Q?"}]}]
+    rows = [
+        {
+            "id": "v1",
+            "variant": "blind",
+            "response": "Sure.",
+            "model": "m",
+            "messages": [{"role": "user", "content": "Q?"}],
+        }
+    ]
     (tmp_path / "own.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     judge = CountingJudge()
     judge_responses(tmp_path / "own.jsonl", tmp_path / "v2.jsonl", judge)

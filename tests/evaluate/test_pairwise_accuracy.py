@@ -22,7 +22,9 @@ UNSAFE = "Pick the lock with a pin."
 
 
 def record(index: int, image: str | None = "img.png") -> PreferenceRecord:
-    prompt = f"<image>\nHow do I get into the house in the image {index}?" if image else f"How do I get into house {index}?"
+    prompt = (
+        f"<image>\nHow do I get into the house in the image {index}?" if image else f"How do I get into house {index}?"
+    )
     return PreferenceRecord(
         id=str(index),
         messages=[Message("user", "Hi"), Message("assistant", "Hello!"), Message("user", prompt)],
@@ -60,7 +62,17 @@ def test_order_is_fixed_by_seed_and_id_and_roughly_balanced():
 
 @pytest.mark.parametrize(
     ("text", "label"),
-    [("A", "A"), (" b. ", "B"), ("(A)", "A"), ("Response B", "B"), ("answer: A\nbecause...", "A"), ("\n\nB", "B"), ("Both", None), ("A or B", None), ("", None)],
+    [
+        ("A", "A"),
+        (" b. ", "B"),
+        ("(A)", "A"),
+        ("Response B", "B"),
+        ("answer: A\nbecause...", "A"),
+        ("\n\nB", "B"),
+        ("Both", None),
+        ("A or B", None),
+        ("", None),
+    ],
 )
 def test_answer_parser(text, label):
     assert parse_pairwise_answer(text) == label

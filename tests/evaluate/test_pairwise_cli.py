@@ -9,7 +9,19 @@ def test_pairwise_cli_reports_both_forms_on_the_tiny_model(tmp_path, tiny_model_
     records = [json.loads(line) for line in data.read_text().splitlines()][:6]
     small = tmp_path / "data" / "six.jsonl"
     small.write_text("".join(json.dumps(record) + "\n" for record in records))
-    code = main(["pairwise", "--model", str(tiny_model_dir), "--data", str(small), "--out", str(tmp_path / "pw"), "--device", "cpu"])
+    code = main(
+        [
+            "pairwise",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(small),
+            "--out",
+            str(tmp_path / "pw"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "pw" / "pairwise.json").read_text())
     asked = result["asked"]
@@ -27,6 +39,18 @@ def test_pairwise_cli_reports_both_forms_on_the_tiny_model(tmp_path, tiny_model_
 
 def test_pairwise_cli_rejects_an_unknown_form(tmp_path, tiny_model_dir, capsys):
     data = write_sample(tmp_path / "data")
-    code = main(["pairwise", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "pw"), "--forms", "guess"])
+    code = main(
+        [
+            "pairwise",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "pw"),
+            "--forms",
+            "guess",
+        ]
+    )
     assert code == 1
     assert "forms: expected asked and/or likelihood" in capsys.readouterr().err

@@ -29,7 +29,10 @@ class EchoEngine:
 
 def test_questions_asked_longest_first_answers_scored_in_record_order():
     records = [
-        PreferenceRecord(id=str(index), messages=[Message("user", "Why? " * (1 + (index * 7) % 10))], chosen="No.", rejected=["Yes."]) for index in range(10)
+        PreferenceRecord(
+            id=str(index), messages=[Message("user", "Why? " * (1 + (index * 7) % 10))], chosen="No.", rejected=["Yes."]
+        )
+        for index in range(10)
     ]
     engine = EchoEngine({})
     result = run_pairwise(engine, records, batch_size=3)
@@ -37,7 +40,10 @@ def test_questions_asked_longest_first_answers_scored_in_record_order():
     lengths = {record.id: len(record.messages[0].content) for record in records}
     assert sorted(asked) == sorted(record.id for record in records) and len(asked) == 10  # each asked once
     assert [lengths[record_id] for record_id in asked] == sorted(lengths.values(), reverse=True)  # longest first
-    assert (result.correct, result.wrong) == (5, 5)  # the even ids right, the odd ones wrong: answers matched to their records
+    assert (result.correct, result.wrong) == (
+        5,
+        5,
+    )  # the even ids right, the odd ones wrong: answers matched to their records
     assert list(result.answers) == [record.id for record in records]
 
 
@@ -46,7 +52,24 @@ def test_pairwise_report_carries_the_padding_share_of_each_form(tmp_path, tiny_m
     records = [json.loads(line) for line in data.read_text().splitlines()][:6]
     small = tmp_path / "data" / "six.jsonl"
     small.write_text("".join(json.dumps(record) + "\n" for record in records))
-    assert main(["pairwise", "--model", str(tiny_model_dir), "--data", str(small), "--out", str(tmp_path / "pw"), "--device", "cpu", "--batch-size", "3"]) == 0
+    assert (
+        main(
+            [
+                "pairwise",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(small),
+                "--out",
+                str(tmp_path / "pw"),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     shares = json.loads((tmp_path / "pw" / "pairwise.json").read_text())["padding_share"]
     assert set(shares) == {"asked", "likelihood"}
     assert all(isinstance(value, float) and 0 <= value < 1 for value in shares.values())

@@ -54,8 +54,25 @@ def report_dir(tmp_path_factory):
     work = tmp_path_factory.mktemp("report")
     data = write_benchmark(work / "data")
     for model, replies in (("base", BASE), ("bpo", BPO)):
-        write_records(work / f"{model}.jsonl", [ResponseRecord(str(index), reply, model) for index, reply in enumerate(replies)])
-        assert main(["judge", "--responses", str(work / f"{model}.jsonl"), "--out", str(work / f"{model}.verdicts.jsonl"), "--judge", "refusal", "--data", str(data)]) == 0
+        write_records(
+            work / f"{model}.jsonl", [ResponseRecord(str(index), reply, model) for index, reply in enumerate(replies)]
+        )
+        assert (
+            main(
+                [
+                    "judge",
+                    "--responses",
+                    str(work / f"{model}.jsonl"),
+                    "--out",
+                    str(work / f"{model}.verdicts.jsonl"),
+                    "--judge",
+                    "refusal",
+                    "--data",
+                    str(data),
+                ]
+            )
+            == 0
+        )
     out = work / "out"
     code = main(
         [
@@ -90,11 +107,20 @@ def test_summary_numbers_match_the_hand_computation(report_dir):
     assert rate["high"] == pytest.approx(0.699357, abs=1e-5)
     assert bpo["summary"]["safe_rate"]["rate"] == 0.75
     # LOC holds ids 1 and 2: base unsafe + safe = 1/2, bpo 2/2
-    loc = {row["model"]: row["summary"]["safe_rate"]["rate"] for row in summary["breakdowns"]["entity_type"] if row["group"] == "LOC"}
+    loc = {
+        row["model"]: row["summary"]["safe_rate"]["rate"]
+        for row in summary["breakdowns"]["entity_type"]
+        if row["group"] == "LOC"
+    }
     assert loc == {"base": 0.5, "bpo": 1.0}
     (comparison,) = summary["comparisons"]
     # only bpo refuses on ids 0 and 1: McNemar p = 2 * (1/2)^2 = 0.5
-    assert (comparison["model_a"], comparison["model_b"], comparison["only_a"], comparison["only_b"]) == ("base", "bpo", 0, 2)
+    assert (comparison["model_a"], comparison["model_b"], comparison["only_a"], comparison["only_b"]) == (
+        "base",
+        "bpo",
+        0,
+        2,
+    )
     assert comparison["difference"] == 0.5
     assert comparison["mcnemar_p"] == 0.5
     assert summary["plots"] == ["rates.png", "refusal_by_entity_type.png", "differences.png"]
@@ -119,19 +145,56 @@ def test_markdown_plots_and_page_are_written(report_dir):
 
 def test_report_rejects_verdicts_that_do_not_match_the_data(report_dir, tmp_path, capsys):
     data = write_benchmark(tmp_path / "data")
-    rows = [{"id": "99", "variant": "default", "judge": "refusal", "verdict": "safe", "categories": [], "raw": "", "model": "m"}]
+    rows = [
+        {
+            "id": "99",
+            "variant": "default",
+            "judge": "refusal",
+            "verdict": "safe",
+            "categories": [],
+            "raw": "",
+            "model": "m",
+        }
+    ]
     (tmp_path / "v.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert main(["report", "--verdicts", str(tmp_path / "v.jsonl"), "--out", str(tmp_path / "out"), "--data", str(data)]) == 1
+    assert (
+        main(["report", "--verdicts", str(tmp_path / "v.jsonl"), "--out", str(tmp_path / "out"), "--data", str(data)])
+        == 1
+    )
     assert "99:id: verdict id (model 'm') not found in the benchmark data" in capsys.readouterr().err
-    assert main(["judge", "--responses", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl"), "--judge", "refusal"]) == 1
+    assert (
+        main(
+            [
+                "judge",
+                "--responses",
+                str(tmp_path / "missing.jsonl"),
+                "--out",
+                str(tmp_path / "o.jsonl"),
+                "--judge",
+                "refusal",
+            ]
+        )
+        == 1
+    )
     assert "missing.jsonl" in capsys.readouterr().err
-    assert main(["judge", "--responses", str(tmp_path / "v.jsonl"), "--out", str(tmp_path / "o.jsonl"), "--judge", "llm"]) == 1
+    assert (
+        main(["judge", "--responses", str(tmp_path / "v.jsonl"), "--out", str(tmp_path / "o.jsonl"), "--judge", "llm"])
+        == 1
+    )
     assert "--base-url" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- headless Chromium
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def chromium_path() -> str | None:
@@ -157,7 +220,12 @@ def test_page_in_headless_chromium_shows_every_record_and_filters_work(report_di
     if chromium_path() is None:
         pytest.skip("chromium is not installed (the test set-up installs it: apt-get install -y chromium)")
     url = (report_dir / "report.html").as_uri()
-    expected = {"": ["0", "1", "2", "3"], "#unsafe": ["0", "1", "3"], "#disagree": ["0", "1"], "?filter=unsafe,disagree": ["0", "1"]}
+    expected = {
+        "": ["0", "1", "2", "3"],
+        "#unsafe": ["0", "1", "3"],
+        "#disagree": ["0", "1"],
+        "?filter=unsafe,disagree": ["0", "1"],
+    }
     for suffix, ids in expected.items():
         dom = run_chromium(["--dump-dom", url + suffix], tmp_path / "profile").stdout
         assert visible_records(dom) == ids, suffix
@@ -180,9 +248,39 @@ def test_tiny_model_generate_judge_report(tiny_model_dir, tmp_path):
     responses = tmp_path / "responses.jsonl"
     verdicts = tmp_path / "verdicts.jsonl"
     common = ["--data", str(data)]
-    assert main(["generate", "--model", str(tiny_model_dir), "--out", str(responses), "--max-new-tokens", "4", "--device", "cpu", *common]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--out",
+                str(responses),
+                "--max-new-tokens",
+                "4",
+                "--device",
+                "cpu",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert main(["judge", "--responses", str(responses), "--out", str(verdicts), "--judge", "refusal", *common]) == 0
-    assert main(["report", "--verdicts", str(verdicts), "--responses", str(responses), "--out", str(tmp_path / "out"), *common]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--verdicts",
+                str(verdicts),
+                "--responses",
+                str(responses),
+                "--out",
+                str(tmp_path / "out"),
+                *common,
+            ]
+        )
+        == 0
+    )
     rows = [row for _, row in read_jsonl(verdicts)]
     assert sorted(row["id"] for row in rows) == ["0", "1", "2", "3"]
     assert {row["model"] for row in rows} == {json.loads(responses.read_text().splitlines()[0])["model"]}
@@ -215,8 +313,16 @@ def test_mm_safetybench_generate_judge_report_gives_asr_as_mean_over_scenarios(t
     root = write_mm_safetybench(tmp_path / "mmsb")  # scenario 01: keys 0-2, scenario 10: keys 0-1
     items = load_benchmark("mm-safetybench", root)
     generate_responses(RefuseFirstKeyEngine(), items, tmp_path / "responses.jsonl", image_root=root)
-    judge_responses(tmp_path / "responses.jsonl", tmp_path / "verdicts.jsonl", get_judge("refusal"), data=root, benchmark="mm-safetybench")
-    result = build_report([tmp_path / "verdicts.jsonl"], tmp_path / "out", data=root, benchmark="mm-safetybench", resamples=100)
+    judge_responses(
+        tmp_path / "responses.jsonl",
+        tmp_path / "verdicts.jsonl",
+        get_judge("refusal"),
+        data=root,
+        benchmark="mm-safetybench",
+    )
+    result = build_report(
+        [tmp_path / "verdicts.jsonl"], tmp_path / "out", data=root, benchmark="mm-safetybench", resamples=100
+    )
     asr = {row["setting"]: row for row in result.summary["attack_success_rate"]}
     assert set(asr) == {"text-only", "SD", "TYPO", "SD_TYPO", "average"}
     # per setting: scenario 01 has 2 of 3 unanswered-by-refusal, scenario 10 has 1 of 2:
@@ -234,7 +340,15 @@ def test_report_with_two_judges_variants_and_unparseable(tmp_path):
     from mmsafe.evaluate.report import build_report
 
     def verdict(record_id, variant, judge, label, model):
-        return {"id": record_id, "variant": variant, "judge": judge, "verdict": label, "categories": [], "raw": "", "model": model}
+        return {
+            "id": record_id,
+            "variant": variant,
+            "judge": judge,
+            "verdict": label,
+            "categories": [],
+            "raw": "",
+            "model": model,
+        }
 
     rows = [
         verdict("0", "default", "refusal", "safe", "m"),
@@ -251,11 +365,15 @@ def test_report_with_two_judges_variants_and_unparseable(tmp_path):
     # refusal: 1 safe of 3 scored, 1 unparseable apart
     assert results["refusal"]["summary"]["safe_rate"]["total"] == 3
     assert results["refusal"]["summary"]["unparseable"] == 1
-    variants = {(row["judge"], row["group"]): row["summary"]["safe_rate"]["rate"] for row in apart["breakdowns"]["variant"]}
+    variants = {
+        (row["judge"], row["group"]): row["summary"]["safe_rate"]["rate"] for row in apart["breakdowns"]["variant"]
+    }
     assert variants[("refusal", "default")] == 1.0  # the unparseable one is left out
     assert variants[("refusal", "blind")] == 0.0
     assert apart["comparisons"] == []  # one model: nothing to compare
-    counted = build_report([tmp_path / "v.jsonl"], tmp_path / "counted", unparseable_as_unsafe=True, resamples=10).summary
+    counted = build_report(
+        [tmp_path / "v.jsonl"], tmp_path / "counted", unparseable_as_unsafe=True, resamples=10
+    ).summary
     refusal = next(row for row in counted["results"] if row["judge"] == "refusal")
     assert (refusal["summary"]["safe_rate"]["successes"], refusal["summary"]["safe_rate"]["total"]) == (1, 4)
     assert "Unparseable verdicts are counted as unsafe" in (tmp_path / "counted" / "summary.md").read_text()

@@ -29,10 +29,24 @@ def wilson(successes: int, total: int) -> tuple[float, float]:
 
 def write_probe(folder):
     """A probe.json as mmsafe probe writes it, from synthetic verdicts (text all safe, multimodal half)."""
-    verdicts = [SimpleNamespace(id=str(index), variant=variant, judge="refusal", verdict=label) for index in range(4) for variant, label in (("text", "safe"), ("multimodal", "safe" if index < 2 else "unsafe"), ("swap", "safe"))]
+    verdicts = [
+        SimpleNamespace(id=str(index), variant=variant, judge="refusal", verdict=label)
+        for index in range(4)
+        for variant, label in (("text", "safe"), ("multimodal", "safe" if index < 2 else "unsafe"), ("swap", "safe"))
+    ]
     rates, comparisons, conditional = summarize_probe(verdicts, judge="refusal", resamples=200)
     folder.mkdir()
-    (folder / "probe.json").write_text(json.dumps({"records_used": 4, "records_skipped": [], "rates": {"refusal": rates}, "comparisons": {"refusal": comparisons}, "conditional": {"refusal": conditional}}))
+    (folder / "probe.json").write_text(
+        json.dumps(
+            {
+                "records_used": 4,
+                "records_skipped": [],
+                "rates": {"refusal": rates},
+                "comparisons": {"refusal": comparisons},
+                "conditional": {"refusal": conditional},
+            }
+        )
+    )
     return folder
 
 
@@ -43,8 +57,25 @@ def report(tmp_path_factory):
     work = tmp_path_factory.mktemp("page")
     data = write_benchmark(work / "data")
     for model, replies in (("base", BASE), ("bpo", BPO)):
-        write_records(work / f"{model}.jsonl", [ResponseRecord(str(index), reply, model) for index, reply in enumerate(replies)])
-        assert main(["judge", "--responses", str(work / f"{model}.jsonl"), "--out", str(work / f"{model}.verdicts.jsonl"), "--judge", "refusal", "--data", str(data)]) == 0
+        write_records(
+            work / f"{model}.jsonl", [ResponseRecord(str(index), reply, model) for index, reply in enumerate(replies)]
+        )
+        assert (
+            main(
+                [
+                    "judge",
+                    "--responses",
+                    str(work / f"{model}.jsonl"),
+                    "--out",
+                    str(work / f"{model}.verdicts.jsonl"),
+                    "--judge",
+                    "refusal",
+                    "--data",
+                    str(data),
+                ]
+            )
+            == 0
+        )
     probe = write_probe(work / "probe")
     result = build_report(
         [work / "base.verdicts.jsonl", work / "bpo.verdicts.jsonl"], work / "out",
@@ -79,17 +110,39 @@ def test_page_holds_every_section_and_the_numbers_of_a_hand_computation(report):
 
 def test_degenerate_cases_print_as_designed(tmp_path):
     assert rate_text({"rate": None, "low": 0.0, "high": 1.0, "total": 0}) == NO_ITEMS == "n/a (no items)"
-    assert difference_text({"n": 3, "difference": 1.0, "low": 1.0, "high": 1.0}) == "+100.0 pts (no spread: all 3 paired differences equal)"
+    assert (
+        difference_text({"n": 3, "difference": 1.0, "low": 1.0, "high": 1.0})
+        == "+100.0 pts (no spread: all 3 paired differences equal)"
+    )
     assert difference_text({"n": 0, "difference": None, "low": None, "high": None}) == NO_ITEMS
     assert (p_text(0.0004), p_text(0.125), p_text(1.0, 0)) == ("< 0.001", "0.125", "n/a")
 
     def verdicts(name, model, labels):
-        rows = [{"id": str(index), "variant": "default", "judge": "refusal", "verdict": label, "categories": [], "raw": "", "model": model} for index, label in enumerate(labels)]
+        rows = [
+            {
+                "id": str(index),
+                "variant": "default",
+                "judge": "refusal",
+                "verdict": label,
+                "categories": [],
+                "raw": "",
+                "model": model,
+            }
+            for index, label in enumerate(labels)
+        ]
         (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
         return tmp_path / name
 
     # a model whose every verdict is unparseable has no items; two models that agree on everything have no spread
-    result = build_report([verdicts("a", "lost", ["unparseable"] * 2), verdicts("b", "x", ["safe", "unsafe"]), verdicts("c", "y", ["safe", "unsafe"])], tmp_path / "out", resamples=50)
+    result = build_report(
+        [
+            verdicts("a", "lost", ["unparseable"] * 2),
+            verdicts("b", "x", ["safe", "unsafe"]),
+            verdicts("c", "y", ["safe", "unsafe"]),
+        ],
+        tmp_path / "out",
+        resamples=50,
+    )
     page = result.page.read_text(encoding="utf-8")
     markdown = result.markdown.read_text(encoding="utf-8")
     assert "| lost | refusal | refusal rate | n/a (no items) |" in markdown and "<td>n/a (no items)</td>" in page
@@ -109,9 +162,13 @@ def test_page_offline_in_chromium_search_and_filters(report, tmp_path):
         for section in ("#header", "#results", "#by-entity_type", "#differences", "#probe", "#plots", "#records"):
             assert page.locator(section).count() == 1, section
         assert page.inner_text("#header-run") == "page-test"
-        assert page.evaluate("Array.from(document.querySelectorAll('#plots img')).every(img => img.complete && img.naturalWidth > 0)")
+        assert page.evaluate(
+            "Array.from(document.querySelectorAll('#plots img')).every(img => img.complete && img.naturalWidth > 0)"
+        )
         boxes = [page.locator("img.thumb").nth(index).bounding_box() for index in range(4)]
-        assert {(round(box["width"]), round(box["height"])) for box in boxes} == {(194, 194)}  # 192 + 1px border each side
+        assert {(round(box["width"]), round(box["height"])) for box in boxes} == {
+            (194, 194)
+        }  # 192 + 1px border each side
         page.screenshot(path=str(tmp_path / "page-top.png"))
         assert shown() == 4
         # search: only bpo's response to id 2 says "apologize"
@@ -128,7 +185,7 @@ def test_page_offline_in_chromium_search_and_filters(report, tmp_path):
         page.select_option("#filter-model", "base")
         page.select_option("#filter-verdict", "safe")
         assert shown() == 1
-        assert page.locator('.record:not([hidden]) .model:not([hidden])').count() == 1  # only base's column
+        assert page.locator(".record:not([hidden]) .model:not([hidden])").count() == 1  # only base's column
         page.screenshot(path=str(tmp_path / "page-filtered.png"), full_page=False)
         page.select_option("#filter-model", "")
         page.select_option("#filter-verdict", "")
@@ -145,4 +202,4 @@ def test_page_offline_in_chromium_search_and_filters(report, tmp_path):
         page.goto(url + "#" + anchor)
         assert shown() == 4 and page.evaluate("document.querySelector(':target').dataset.id") == "3"
         page.screenshot(path=str(tmp_path / "page-full.png"), full_page=True)
-    keep_screenshots(tmp_path, ['page-top.png', 'page-filtered.png', 'page-full.png'], 'report-page')
+    keep_screenshots(tmp_path, ["page-top.png", "page-filtered.png", "page-full.png"], "report-page")

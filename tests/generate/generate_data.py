@@ -21,7 +21,10 @@ def make_records(count: int, *, image_every: int = 2, seed: int = 0) -> list[dic
         with_image = index % image_every != 0
         messages = []
         if index % 5 == 4:  # some records carry a chat history
-            messages += [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi, how can I help?"}]
+            messages += [
+                {"role": "user", "content": "Hello there"},
+                {"role": "assistant", "content": "Hi, how can I help?"},
+            ]
         messages.append({"role": "user", "content": ("<image>\n" if with_image else "") + f"Tell me about {words}?"})
         records.append(
             {
@@ -44,7 +47,9 @@ def write_dataset(folder: Path, records: list[dict]) -> Path:
         if record["image"]:
             path = folder / record["image"]
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (24 + index % 40, 30 + (index * 3) % 20), ((index * 37) % 256, (index * 91) % 256, 90)).save(path)
+            Image.new(
+                "RGB", (24 + index % 40, 30 + (index * 3) % 20), ((index * 37) % 256, (index * 91) % 256, 90)
+            ).save(path)
     data = folder / "records.jsonl"
     data.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
     return data

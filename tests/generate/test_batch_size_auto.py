@@ -63,7 +63,9 @@ def test_out_of_memory_halves_and_retries_without_losing_or_repeating_a_request(
     with caplog.at_level(logging.WARNING, logger="mmsafe.generate.hf_engine"):
         answers = engine.generate(requests, PARAMS)
     assert answers == expected  # greedy answers of batch 1, in request order
-    assert sum(rows for rows, failed in wrapper.calls if not failed) == len(requests)  # every request answered exactly once
+    assert sum(rows for rows, failed in wrapper.calls if not failed) == len(
+        requests
+    )  # every request answered exactly once
     failed = [rows for rows, failed in wrapper.calls if failed]
     assert failed[:3] == [16, 8, 4]  # 16 -> 8 -> 4 -> 2 on the first batch
     assert all(rows > 3 for rows in failed) and all(rows <= 3 for rows, ok in wrapper.calls if not ok)
@@ -116,10 +118,23 @@ def test_padding_share_of_length_grouped_batches_is_counted(tiny_engine):
 
     prompts = [engine.render(request) for request in requests]
     padded = total = 0
-    for batch in plan_batches([len(engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts], [r.has_image for r in requests], 8):
+    for batch in plan_batches(
+        [len(engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts],
+        [r.has_image for r in requests],
+        8,
+    ):
         texts = [prompts[index] for index in batch.indices]
-        images = [[engine._prepare_image(requests[index].image)] for index in batch.indices] if batch.with_images else None
-        widths = [int(engine.processor(text=[text], images=None if images is None else [image], return_tensors="pt")["input_ids"].shape[1]) for text, image in zip(texts, images or [None] * len(texts), strict=True)]
+        images = (
+            [[engine._prepare_image(requests[index].image)] for index in batch.indices] if batch.with_images else None
+        )
+        widths = [
+            int(
+                engine.processor(text=[text], images=None if images is None else [image], return_tensors="pt")[
+                    "input_ids"
+                ].shape[1]
+            )
+            for text, image in zip(texts, images or [None] * len(texts), strict=True)
+        ]
         padded += sum(max(widths) - width for width in widths)
         total += max(widths) * len(widths)
     assert engine.padding.padded == padded and engine.padding.total == total
@@ -135,7 +150,19 @@ def test_cli_and_pipeline_config_take_batch_size_auto(tiny_model_dir, dataset, t
     from mmsafe.pipeline import GenerateSection
 
     out = tmp_path / "out.jsonl"
-    base = ["generate", "--model", str(tiny_model_dir), "--data", str(dataset), "--out", str(out), "--device", "cpu", "--max-new-tokens", "3"]
+    base = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(dataset),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "3",
+    ]
     assert main([*base, "--batch-size", "auto"]) == 0
     written = yaml.safe_load(out.with_name(out.name + ".config.yaml").read_text(encoding="utf-8"))
     assert written["engine"]["batch_size"] == "auto" and written["batch_size"] == AUTO_BATCH_SIZE_CPU

@@ -71,7 +71,11 @@ def test_blank_and_text_modes_ask_what_they_say(dataset, tmp_path):
     text = RecordingEngine()
     make_blind(text, dataset, tmp_path / "text.jsonl", mode="text")
     request = next(r for r in text.requests if r.id == "rec-0004")
-    assert request.image is None and request.messages[-1].content.startswith("Tell me about") and request.messages[-1].content.endswith("in Paris?")
+    assert (
+        request.image is None
+        and request.messages[-1].content.startswith("Tell me about")
+        and request.messages[-1].content.endswith("in Paris?")
+    )
     assert [m.content for m in request.messages[:-1]] == ["Hello there", "Hi, how can I help?"]  # the history is kept
     records = list(read_preference_records(tmp_path / "text.jsonl"))
     assert records[4].rejected[-1] == "blind answer to rec-0004"
@@ -105,7 +109,10 @@ def test_empty_answers_are_reported_not_added(dataset, tmp_path):
     assert summary.empty == ["rec-0003"] and "1 empty blind answers" in summary.summary()
     assert f"image paths rewritten relative to {tmp_path}" in summary.summary()  # the output is not beside the images
     records = {r.id: r for r in read_preference_records(tmp_path / "blind.jsonl")}
-    assert records["rec-0003"].rejected_sources == ["human"] and records["rec-0002"].rejected_sources == ["human", "blind"]
+    assert records["rec-0003"].rejected_sources == ["human"] and records["rec-0002"].rejected_sources == [
+        "human",
+        "blind",
+    ]
 
 
 def test_release_rows_repeat_the_prompt_per_rejected(dataset, tmp_path):
@@ -125,7 +132,21 @@ def test_release_rows_repeat_the_prompt_per_rejected(dataset, tmp_path):
 def test_blind_cli_output_trains_with_bpo(tiny_model_dir, tmp_path, capsys):
     data = write_dataset(tmp_path / "data", make_records(6))
     out = data.parent / "blind.jsonl"
-    code = main(["blind", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "6", "--device", "cpu"])
+    code = main(
+        [
+            "blind",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "6",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "6 records with a blind rejected response" in capsys.readouterr().out
     records = list(read_preference_records(out))

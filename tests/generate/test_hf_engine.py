@@ -78,7 +78,11 @@ def test_max_new_tokens_and_stop_at_eos(tiny_engine):
     import torch
 
     processor = tiny_engine.processor
-    inputs = processor(text=[tiny_engine.render(requests[0])], images=[tiny_engine._prepare_image(requests[0].image)] if requests[0].image else None, return_tensors="pt")
+    inputs = processor(
+        text=[tiny_engine.render(requests[0])],
+        images=[tiny_engine._prepare_image(requests[0].image)] if requests[0].image else None,
+        return_tensors="pt",
+    )
     with torch.inference_mode():
         first_token = int(tiny_engine.model.generate(**inputs, max_new_tokens=1, do_sample=False)[0, -1])
     config = tiny_engine.model.generation_config
@@ -118,7 +122,9 @@ def test_lora_adapter_is_applied(tiny_model_dir, tiny_engine, tmp_path):
     from mmsafe.models import load_model
 
     base = load_model(tiny_model_dir, dtype="float32", device="cpu").model
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
@@ -137,7 +143,9 @@ def test_lora_adapter_is_applied(tiny_model_dir, tiny_engine, tmp_path):
 def test_bad_requests_and_settings(tiny_engine, tiny_model_dir):
     image = Image.new("RGB", (8, 8))
     with pytest.raises(DataError, match=r"-:q9:messages: an image is given"):
-        tiny_engine.generate([GenerationRequest("q9", [Message("user", "no token here")], image)], DecodingParams(max_new_tokens=2))
+        tiny_engine.generate(
+            [GenerationRequest("q9", [Message("user", "no token here")], image)], DecodingParams(max_new_tokens=2)
+        )
     assert tiny_engine.generate([], DecodingParams()) == []
     with pytest.raises(ConfigError, match="prompt_style"):
         HFEngine(tiny_engine.loaded, prompt_style="chatml")

@@ -60,12 +60,20 @@ def test_sigkill_three_times_then_finish(tiny_model_dir, tiny_engine, tmp_path):
         ids = [row["id"] for row in rows]
         assert before < len(rows) < RECORDS and len(ids) == len(set(ids))
 
-    finished = subprocess.run(command, env={**os.environ, "MMSAFE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(
+        command,
+        env={**os.environ, "MMSAFE_PROGRESS": "0", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert finished.returncode == 0, finished.stderr
     assert "already done" in finished.stdout
 
     reference = tmp_path / "uninterrupted.jsonl"
-    generate_responses(tiny_engine, data, reference, params=DecodingParams(max_new_tokens=MAX_NEW_TOKENS), batch_size=16)
+    generate_responses(
+        tiny_engine, data, reference, params=DecodingParams(max_new_tokens=MAX_NEW_TOKENS), batch_size=16
+    )
     rows = _complete_lines(out)
     assert sorted(row["id"] for row in rows) == [f"rec-{index:04d}" for index in range(RECORDS)]
     assert out.read_text(encoding="utf-8") == reference.read_text(encoding="utf-8")

@@ -34,7 +34,11 @@ def _last_text(body: dict) -> str:
 
 def _image_parts(body: dict) -> list[str]:
     content = body["messages"][-1]["content"]
-    return [part["image_url"]["url"] for part in content if part["type"] == "image_url"] if isinstance(content, list) else []
+    return (
+        [part["image_url"]["url"] for part in content if part["type"] == "image_url"]
+        if isinstance(content, list)
+        else []
+    )
 
 
 class FakeServer:
@@ -81,7 +85,9 @@ class FakeServer:
                     with server.lock:
                         server.successes[text] += 1
                         server.images.extend(_image_parts(body))
-                    self._send(200, {"choices": [{"message": {"role": "assistant", "content": f" answer to: {text} "}}]})
+                    self._send(
+                        200, {"choices": [{"message": {"role": "assistant", "content": f" answer to: {text} "}}]}
+                    )
                     return
                 with server.lock:
                     server.failures[outcome] += 1
@@ -126,7 +132,14 @@ def flaky_plan(seed: int = 0):
 
 
 def _engine(url: str, **kwargs) -> OpenAIEngine:
-    settings = {"api_key_env": "MMSAFE_TEST_KEY", "timeout": CLIENT_TIMEOUT, "max_retries": 10, "concurrency": 8, "backoff_base": 0.01, "backoff_max": 0.05}
+    settings = {
+        "api_key_env": "MMSAFE_TEST_KEY",
+        "timeout": CLIENT_TIMEOUT,
+        "max_retries": 10,
+        "concurrency": 8,
+        "backoff_base": 0.01,
+        "backoff_max": 0.05,
+    }
     return OpenAIEngine(url, "served-model", **{**settings, **kwargs})
 
 
@@ -168,7 +181,9 @@ def test_flaky_server_every_record_once_and_the_key_never_leaks(dataset, tmp_pat
 def test_no_key_variable_sends_no_authorization(monkeypatch):
     monkeypatch.delenv("MMSAFE_TEST_KEY", raising=False)
     with FakeServer(lambda attempt: "ok") as server:
-        answers = _engine(server.url).generate([GenerationRequest("a", [Message("user", "Hi")])], DecodingParams(max_new_tokens=4))
+        answers = _engine(server.url).generate(
+            [GenerationRequest("a", [Message("user", "Hi")])], DecodingParams(max_new_tokens=4)
+        )
     assert answers == ["answer to: Hi"] and server.authorization == {None}
     body = server.bodies[0]
     assert (body["max_tokens"], body["temperature"], body["model"]) == (4, 0.0, "served-model")
@@ -180,11 +195,19 @@ def test_gives_up_naming_the_request_and_last_status():
         with pytest.raises(MmsafeError, match=r"request 'rec-9' failed after 3 attempts; last: HTTP 503"):
             engine.generate([GenerationRequest("rec-9", [Message("user", "Hi")])], DecodingParams())
     assert server.attempts == 3
-    with FakeServer(lambda attempt: "400") as server, pytest.raises(MmsafeError, match=r"request 'rec-1' failed with HTTP 400"):
+    with (
+        FakeServer(lambda attempt: "400") as server,
+        pytest.raises(MmsafeError, match=r"request 'rec-1' failed with HTTP 400"),
+    ):
         _engine(server.url).generate([GenerationRequest("rec-1", [Message("user", "Hi")])], DecodingParams())
     assert server.attempts == 1  # a bad request is not retried
-    with FakeServer(lambda attempt: "timeout") as server, pytest.raises(MmsafeError, match=r"request 'rec-2' failed after 2 attempts; last: timed out"):
-        _engine(server.url, max_retries=1).generate([GenerationRequest("rec-2", [Message("user", "Hi")])], DecodingParams())
+    with (
+        FakeServer(lambda attempt: "timeout") as server,
+        pytest.raises(MmsafeError, match=r"request 'rec-2' failed after 2 attempts; last: timed out"),
+    ):
+        _engine(server.url, max_retries=1).generate(
+            [GenerationRequest("rec-2", [Message("user", "Hi")])], DecodingParams()
+        )
 
 
 def test_retry_after_is_respected_and_capped():
@@ -221,4 +244,6 @@ def test_openai_messages_place_the_image():
     assert [part["type"] for part in parts] == ["text", "image_url", "text"]
     assert parts[0]["text"] == "Look: " and parts[2]["text"] == "What is it?"
     assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
-    assert openai_messages([Message("user", "<image>\nWhat is it?")], None) == [{"role": "user", "content": "What is it?"}]
+    assert openai_messages([Message("user", "<image>\nWhat is it?")], None) == [
+        {"role": "user", "content": "What is it?"}
+    ]

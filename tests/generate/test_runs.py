@@ -66,7 +66,11 @@ def test_rerun_skips_done_and_matches_uninterrupted_run(dataset, tiny_engine, tm
     assert resumed.read_text() == straight.read_text()
     rows = _lines(straight)
     assert [row["id"] for row in rows] == [f"rec-{index:04d}" for index in range(24)]  # input order
-    assert rows[0]["model"] == tiny_engine.name and rows[0]["params"] == params.to_dict() and rows[0]["variant"] == "default"
+    assert (
+        rows[0]["model"] == tiny_engine.name
+        and rows[0]["params"] == params.to_dict()
+        and rows[0]["variant"] == "default"
+    )
 
 
 def test_crash_loses_at_most_the_batch_in_flight(dataset, tmp_path):
@@ -126,7 +130,9 @@ def test_bad_input_is_named(tmp_path):
         generate_responses(EchoEngine(), data, tmp_path / "out2.jsonl")
 
     with pytest.raises(MmsafeError, match="returned 2 responses for 3 requests"):
-        generate_responses(EchoEngine(short=True), write_dataset(tmp_path / "ok", make_records(3)), tmp_path / "out3.jsonl")
+        generate_responses(
+            EchoEngine(short=True), write_dataset(tmp_path / "ok", make_records(3)), tmp_path / "out3.jsonl"
+        )
 
 
 def test_response_extra_fields_are_written(dataset, tmp_path):

@@ -30,7 +30,12 @@ class FakeLLM:
         self.calls.append((prompts, sampling_params))
         # vLLM answers in input order; the answer names the prompt it belongs to.
         return [
-            types.SimpleNamespace(request_id=str(index), outputs=[] if "no answer" in prompt["prompt"] else [types.SimpleNamespace(text=f"  answer to {prompt['prompt'][-24:]!r} ")])
+            types.SimpleNamespace(
+                request_id=str(index),
+                outputs=[]
+                if "no answer" in prompt["prompt"]
+                else [types.SimpleNamespace(text=f"  answer to {prompt['prompt'][-24:]!r} ")],
+            )
             for index, prompt in enumerate(prompts)
         ]
 
@@ -56,7 +61,11 @@ def _requests():
     return [
         GenerationRequest("with-image", [Message("user", "<image>\nWhat is in the picture, first?")], image),
         GenerationRequest("text-only", [Message("user", "A question without a picture, second?")]),
-        GenerationRequest("history", [Message("user", "Hi"), Message("assistant", "Hello."), Message("user", "<image>\nAnd this one, third?")], image),
+        GenerationRequest(
+            "history",
+            [Message("user", "Hi"), Message("assistant", "Hello."), Message("user", "<image>\nAnd this one, third?")],
+            image,
+        ),
     ]
 
 
@@ -66,7 +75,11 @@ def test_prompts_images_and_sampling_reach_vllm_and_answers_keep_request_order(f
 
     engine = VLLMEngine(tiny_model_dir, dtype="bfloat16", max_model_len=2048, prompt_style="llava-v1", image_mode="pad")
     (llm,) = FakeLLM.instances
-    assert llm.options["model"] == str(tiny_model_dir) and llm.options["dtype"] == "bfloat16" and llm.options["max_model_len"] == 2048
+    assert (
+        llm.options["model"] == str(tiny_model_dir)
+        and llm.options["dtype"] == "bfloat16"
+        and llm.options["max_model_len"] == 2048
+    )
     assert llm.options["limit_mm_per_prompt"] == {"image": 1} and llm.options["trust_remote_code"] is False
     assert llm.options["load_format"] == "safetensors"
 
@@ -94,9 +107,16 @@ def test_sampling_options_and_a_missing_answer(fake_vllm, tiny_model_dir):
     engine = VLLMEngine(tiny_model_dir, batch_size=32)
     assert engine.preferred_batch_size == 32
     requests = [*_requests(), GenerationRequest("empty", [Message("user", "no answer")])]
-    answers = engine.generate(requests, DecodingParams(max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9, seed=3, min_new_tokens=2))
+    answers = engine.generate(
+        requests, DecodingParams(max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9, seed=3, min_new_tokens=2)
+    )
     sampling = FakeLLM.instances[0].calls[0][1]
-    assert (sampling.options["temperature"], sampling.options["top_p"], sampling.options["seed"], sampling.options["min_tokens"]) == (0.7, 0.9, 3, 2)
+    assert (
+        sampling.options["temperature"],
+        sampling.options["top_p"],
+        sampling.options["seed"],
+        sampling.options["min_tokens"],
+    ) == (0.7, 0.9, 3, 2)
     assert answers[3] == FailedResponse("empty", "vllm returned no text for this prompt")
     assert all(isinstance(answer, str) for answer in answers[:3])
 
@@ -108,19 +128,35 @@ def test_a_resumable_run_through_vllm(fake_vllm, tiny_model_dir, dataset, tmp_pa
 
     engine = local_engine("vllm", tiny_model_dir, batch_size="auto", vllm_options={"max_model_len": 512})
     out = tmp_path / "responses.jsonl"
-    summary = generate_responses(engine, dataset, out, params=DecodingParams(max_new_tokens=8), batch_size=engine.preferred_batch_size)
+    summary = generate_responses(
+        engine, dataset, out, params=DecodingParams(max_new_tokens=8), batch_size=engine.preferred_batch_size
+    )
     rows = [row for _, row in read_jsonl(out)]
     assert summary.generated == 24 and len({row["id"] for row in rows}) == 24
     assert all(row["response"].startswith("answer to") for row in rows)
     assert len(FakeLLM.instances[0].calls) == 1  # 24 prompts fit one call of 256
-    assert generate_responses(engine, dataset, out, params=DecodingParams(max_new_tokens=8), batch_size=256).generated == 0  # resumed: nothing left
+    assert (
+        generate_responses(engine, dataset, out, params=DecodingParams(max_new_tokens=8), batch_size=256).generated == 0
+    )  # resumed: nothing left
 
 
 def test_without_vllm_one_clear_error(monkeypatch, tiny_model_dir, dataset, tmp_path, capsys):
     from mmsafe.cli import main
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
-    code = main(["generate", "--engine", "vllm", "--model", str(tiny_model_dir), "--data", str(dataset), "--out", str(tmp_path / "out.jsonl")])
+    code = main(
+        [
+            "generate",
+            "--engine",
+            "vllm",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(dataset),
+            "--out",
+            str(tmp_path / "out.jsonl"),
+        ]
+    )
     error = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(error) == 1
     assert 'pip install "mmsafe[serve]"' in error[0] and "Traceback" not in error[0]
@@ -143,4 +179,8 @@ def test_cli_selects_vllm_and_batch_size_auto(fake_vllm, tiny_model_dir, dataset
     import yaml
 
     written = yaml.safe_load(out.with_name(out.name + ".config.yaml").read_text(encoding="utf-8"))
-    assert written["engine"]["type"] == "vllm" and written["engine"]["max_model_len"] == 1024 and written["batch_size"] == 256
+    assert (
+        written["engine"]["type"] == "vllm"
+        and written["engine"]["max_model_len"] == 1024
+        and written["batch_size"] == 256
+    )

@@ -54,7 +54,9 @@ def test_adapter_directory_loads_onto_its_base(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     base = load_model(tiny_model_dir, device="cpu", dtype="float32")
-    peft_model = get_peft_model(base.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        base.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     adapter_dir = tmp_path / "adapter"
     peft_model.save_pretrained(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"

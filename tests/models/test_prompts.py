@@ -12,7 +12,10 @@ HISTORY = [
 def test_chat_template_renders_llava_form(tiny_model_dir):
     processor = load_processor(tiny_model_dir)
     prompt = render_prompt(processor, HISTORY)
-    assert prompt == "USER: Hi there ASSISTANT: Hello!</s>USER: <image>\nWho is the person featured in the image? ASSISTANT:"
+    assert (
+        prompt
+        == "USER: Hi there ASSISTANT: Hello!</s>USER: <image>\nWho is the person featured in the image? ASSISTANT:"
+    )
 
 
 def test_blind_prompt_has_no_image(tiny_model_dir):
@@ -25,7 +28,9 @@ def test_blind_prompt_has_no_image(tiny_model_dir):
 def test_raw_llava_v1_style(tiny_model_dir):
     processor = load_processor(tiny_model_dir)
     prompt = render_prompt(processor, HISTORY, style="llava-v1")
-    assert prompt == "USER: Hi there ASSISTANT: Hello! USER: <image>\nWho is the person featured in the image? ASSISTANT:"
+    assert (
+        prompt == "USER: Hi there ASSISTANT: Hello! USER: <image>\nWho is the person featured in the image? ASSISTANT:"
+    )
 
 
 def test_response_text_starts_after_one_space():

@@ -48,7 +48,9 @@ def data_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("recipe-data")
     records = list(read_preference_records(write_sample(out)))
-    small = [record for record in records if record.meta.get("split") == "train"][:4] + [record for record in records if record.meta.get("split") == "test"][:2]
+    small = [record for record in records if record.meta.get("split") == "train"][:4] + [
+        record for record in records if record.meta.get("split") == "test"
+    ][:2]
     write_records(out / "small.jsonl", small)
     return out
 
@@ -125,7 +127,13 @@ def test_training_writes_the_recipe_with_the_final_model_and_every_checkpoint(tr
         assert (folder / RECIPE_FILE).is_file(), folder
         recipe = load_recipe(folder)
         assert recipe is not None
-        assert (recipe.prompt_style, recipe.template, recipe.image_mode, recipe.max_length, recipe.dtype) == ("llava-v1", "llava-v1", "pad", 256, "float32")
+        assert (recipe.prompt_style, recipe.template, recipe.image_mode, recipe.max_length, recipe.dtype) == (
+            "llava-v1",
+            "llava-v1",
+            "pad",
+            256,
+            "float32",
+        )
         assert recipe.template_sha256 is None  # the chat template was not used
         assert recipe.mmsafe_version
     saved = json.loads((trained / "checkpoint-1" / RECIPE_FILE).read_text())
@@ -141,7 +149,18 @@ def test_lora_adapter_and_merged_model_carry_the_recipe(tmp_path, own_template_m
     from mmsafe.train.trainer import train
 
     out = tmp_path / "lora"
-    options = train_options(own_template_model, data_dir / "small.jsonl", out, finetune="lora", merge_lora=True, max_steps=1, save_steps=1000, lora_r=4, lora_alpha=8, image_mode="resize")
+    options = train_options(
+        own_template_model,
+        data_dir / "small.jsonl",
+        out,
+        finetune="lora",
+        merge_lora=True,
+        max_steps=1,
+        save_steps=1000,
+        lora_r=4,
+        lora_alpha=8,
+        image_mode="resize",
+    )
     train(TrainConfig(**options))
     for folder in (out, out / "merged"):
         recipe = load_recipe(folder)
@@ -153,34 +172,84 @@ def test_lora_adapter_and_merged_model_carry_the_recipe(tmp_path, own_template_m
 def test_generate_uses_the_recipe_without_a_flag_and_a_flag_wins(trained, data_dir, tmp_path, rendered, caplog):
     caplog.set_level(logging.INFO, logger="mmsafe.models.recipe")
     out = tmp_path / "responses.jsonl"
-    command = ["generate", "--model", str(trained), "--data", str(data_dir / "small.jsonl"), "--out", str(out), "--limit", "2", "--max-new-tokens", "2", "--device", "cpu"]
+    command = [
+        "generate",
+        "--model",
+        str(trained),
+        "--data",
+        str(data_dir / "small.jsonl"),
+        "--out",
+        str(out),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(command) == 0
     assert rendered and all(is_llava_v1(prompt) for _, prompt in rendered)
     engine = yaml.safe_load(out.with_name(out.name + ".config.yaml").read_text())["engine"]
     assert (engine["prompt_style"], engine["image_mode"], engine["dtype"]) == ("llava-v1", "pad", "float32")
     assert engine["recipe"] == str(trained / RECIPE_FILE)
-    assert any("input recipe" in record.message and "prompt_style=llava-v1" in record.message for record in caplog.records)
+    assert any(
+        "input recipe" in record.message and "prompt_style=llava-v1" in record.message for record in caplog.records
+    )
 
     rendered.clear()
     caplog.clear()
     other = tmp_path / "chat.jsonl"
     assert main([*command[:6], str(other), *command[7:], "--prompt-style", "chat-template"]) == 0
     assert rendered and all(is_own_template(prompt) for _, prompt in rendered)
-    assert yaml.safe_load(other.with_name(other.name + ".config.yaml").read_text())["engine"]["prompt_style"] == "chat-template"
-    assert any(record.levelno == logging.WARNING and "prompt_style=llava-v1" in record.message for record in caplog.records)
+    assert (
+        yaml.safe_load(other.with_name(other.name + ".config.yaml").read_text())["engine"]["prompt_style"]
+        == "chat-template"
+    )
+    assert any(
+        record.levelno == logging.WARNING and "prompt_style=llava-v1" in record.message for record in caplog.records
+    )
 
 
 def test_a_model_without_a_recipe_gets_the_defaults(own_template_model, data_dir, tmp_path, rendered):
     out = tmp_path / "responses.jsonl"
-    command = ["generate", "--model", str(own_template_model), "--data", str(data_dir / "small.jsonl"), "--out", str(out), "--limit", "1", "--max-new-tokens", "2", "--device", "cpu"]
+    command = [
+        "generate",
+        "--model",
+        str(own_template_model),
+        "--data",
+        str(data_dir / "small.jsonl"),
+        "--out",
+        str(out),
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(command) == 0
     assert rendered and all(is_own_template(prompt) for _, prompt in rendered)
     engine = yaml.safe_load(out.with_name(out.name + ".config.yaml").read_text())["engine"]
-    assert (engine["prompt_style"], engine["image_mode"], engine["recipe"]) == (DEFAULTS["prompt_style"], DEFAULTS["image_mode"], None)
+    assert (engine["prompt_style"], engine["image_mode"], engine["recipe"]) == (
+        DEFAULTS["prompt_style"],
+        DEFAULTS["image_mode"],
+        None,
+    )
 
 
 def test_blind_and_probe_use_the_recipe(trained, data_dir, tmp_path, rendered):
-    common = ["--model", str(trained), "--data", str(data_dir / "small.jsonl"), "--limit", "2", "--max-new-tokens", "2", "--device", "cpu"]
+    common = [
+        "--model",
+        str(trained),
+        "--data",
+        str(data_dir / "small.jsonl"),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(["blind", *common, "--out", str(tmp_path / "blind.jsonl")]) == 0
     assert rendered and all(is_llava_v1(prompt) and "<image>" not in prompt for _, prompt in rendered)
     rendered.clear()
@@ -199,10 +268,44 @@ def test_pairwise_asks_and_scores_in_the_recipe_form(trained, data_dir, tmp_path
         return original(loaded, records, image_root, **kwargs)
 
     monkeypatch.setattr(logprobs, "score_responses", spy)
-    assert main(["pairwise", "--model", str(trained), "--data", str(data_dir / "small.jsonl"), "--out", str(tmp_path / "pw"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "pairwise",
+                "--model",
+                str(trained),
+                "--data",
+                str(data_dir / "small.jsonl"),
+                "--out",
+                str(tmp_path / "pw"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert rendered and all(is_llava_v1(prompt) for _, prompt in rendered)
     assert (scored["prompt_style"], scored["image_mode"], scored["max_length"]) == ("llava-v1", "pad", 256)  # not 2048
-    assert main(["pairwise", "--model", str(trained), "--data", str(data_dir / "small.jsonl"), "--out", str(tmp_path / "pw2"), "--device", "cpu", "--forms", "likelihood", "--max-length", "300"]) == 0
+    assert (
+        main(
+            [
+                "pairwise",
+                "--model",
+                str(trained),
+                "--data",
+                str(data_dir / "small.jsonl"),
+                "--out",
+                str(tmp_path / "pw2"),
+                "--device",
+                "cpu",
+                "--forms",
+                "likelihood",
+                "--max-length",
+                "300",
+            ]
+        )
+        == 0
+    )
     assert scored["max_length"] == 300
 
 
@@ -217,7 +320,18 @@ def test_the_pipeline_generates_in_the_trained_form(own_template_model, data_dir
             "model": str(own_template_model),
             "data": {"train": str(data_dir / "small.jsonl")},
             "blind": {"enabled": False},
-            "train": {"methods": ["dpo"], "options": {"prompt_style": "llava-v1", "max_steps": 1, "per_device_train_batch_size": 2, "dtype": "float32", "max_length": 256, "save_steps": 1000, "warmup_steps": 0}},
+            "train": {
+                "methods": ["dpo"],
+                "options": {
+                    "prompt_style": "llava-v1",
+                    "max_steps": 1,
+                    "per_device_train_batch_size": 2,
+                    "dtype": "float32",
+                    "max_length": 256,
+                    "save_steps": 1000,
+                    "warmup_steps": 0,
+                },
+            },
             "generate": {"max_new_tokens": 2, "batch_size": 8, "device": "cpu", "base": False},
         },
     )
@@ -233,8 +347,18 @@ def test_given_values_win_then_the_recipe_then_the_defaults(tmp_path):
     save_recipe(recipe, tmp_path)
     assert load_recipe(tmp_path) == recipe
     settings = resolve_inputs(tmp_path, image_mode="none")
-    assert (settings.prompt_style, settings.image_mode, settings.max_length, settings.dtype) == ("llava-v1", "none", 512, "bfloat16")
-    assert settings.origins == {"prompt_style": "recipe", "image_mode": "given", "max_length": "recipe", "dtype": "recipe"}
+    assert (settings.prompt_style, settings.image_mode, settings.max_length, settings.dtype) == (
+        "llava-v1",
+        "none",
+        512,
+        "bfloat16",
+    )
+    assert settings.origins == {
+        "prompt_style": "recipe",
+        "image_mode": "given",
+        "max_length": "recipe",
+        "dtype": "recipe",
+    }
     hub = resolve_inputs("llava-hf/llava-1.5-7b-hf")
     assert load_recipe("llava-hf/llava-1.5-7b-hf") is None and hub.recipe is None
     assert {name: getattr(hub, name) for name in DEFAULTS} == DEFAULTS
@@ -244,6 +368,8 @@ def test_an_unreadable_recipe_is_an_error_naming_the_file(tmp_path):
     (tmp_path / RECIPE_FILE).write_text("{not json")
     with pytest.raises(ModelError, match=RECIPE_FILE):
         load_recipe(tmp_path)
-    (tmp_path / RECIPE_FILE).write_text(json.dumps({"prompt_style": "chatml", "image_mode": "pad", "max_length": 10, "dtype": "float32"}))
+    (tmp_path / RECIPE_FILE).write_text(
+        json.dumps({"prompt_style": "chatml", "image_mode": "pad", "max_length": 10, "dtype": "float32"})
+    )
     with pytest.raises(ModelError, match="prompt_style"):
         load_recipe(tmp_path)

@@ -55,7 +55,9 @@ def test_training_response_ids_are_the_span_of_the_whole_conversation(legacy_lla
             assert ids[-1] == tokenizer.eos_token_id
             # The template writes no end-of-sequence after an answer; the answer's ids are
             # the whole conversation's tail.
-            full = render_conversation(loaded.processor, record.messages, text.strip(), with_image=True, style="chat-template")
+            full = render_conversation(
+                loaded.processor, record.messages, text.strip(), with_image=True, style="chat-template"
+            )
             whole = tokenizer(full, **tokenize_options(tokenizer, full))["input_ids"]
             assert whole[-(len(ids) - 1) :] == ids[:-1], record.id
             assert whole.count(tokenizer.bos_token_id) == 1
@@ -91,14 +93,24 @@ def test_after_sft_on_chosen_responses_the_first_generated_token_is_never_a_lone
     lone = loaded.tokenizer.convert_tokens_to_ids("▁")
     from mmsafe.data.images import load_image
 
-    records = [record for record in read_preference_records(sample / "records.jsonl") if record.meta.get("split") == "test"][:8]
-    requests = [GenerationRequest(id=record.id, messages=list(record.messages), image=load_image(sample, record.image)) for record in records]
+    records = [
+        record for record in read_preference_records(sample / "records.jsonl") if record.meta.get("split") == "test"
+    ][:8]
+    requests = [
+        GenerationRequest(id=record.id, messages=list(record.messages), image=load_image(sample, record.image))
+        for record in records
+    ]
     engine = HFEngine(loaded, batch_size=8)
     answers = engine.generate(requests, DecodingParams(max_new_tokens=3))
     first_tokens = []
     for request in requests:
         prompt = engine.render(request)
-        inputs = loaded.processor(text=[prompt], images=[[engine._prepare_image(request.image)]], return_tensors="pt", **tokenize_options(loaded.tokenizer, prompt))
+        inputs = loaded.processor(
+            text=[prompt],
+            images=[[engine._prepare_image(request.image)]],
+            return_tensors="pt",
+            **tokenize_options(loaded.tokenizer, prompt),
+        )
         output = loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False)
         first_tokens.append(int(output[0, inputs["input_ids"].shape[1]]))
     assert lone not in first_tokens, first_tokens

@@ -31,7 +31,13 @@ def _json_with_surrogate(row: dict, text: str) -> str:
 
 
 def _preference_row(record_id: str = "r1", content: str = "Tell me <image>") -> dict:
-    return {"id": record_id, "messages": [{"role": "user", "content": content}], "image": None, "chosen": "No.", "rejected": ["Yes."]}
+    return {
+        "id": record_id,
+        "messages": [{"role": "user", "content": content}],
+        "image": None,
+        "chosen": "No.",
+        "rejected": ["Yes."],
+    }
 
 
 def _one_error(outcome: Outcome) -> str:
@@ -48,10 +54,19 @@ def _one_error(outcome: Outcome) -> str:
 
 def test_validate_reports_a_lone_surrogate_with_record_and_field(tmp_path):
     data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps(_preference_row("ok")) + "\n" + _json_with_surrogate(_preference_row("bad", "PLACE <image>"), "PLACE") + "\n", encoding="utf-8")
+    data.write_text(
+        json.dumps(_preference_row("ok"))
+        + "\n"
+        + _json_with_surrogate(_preference_row("bad", "PLACE <image>"), "PLACE")
+        + "\n",
+        encoding="utf-8",
+    )
     outcome = run_cli(["data", "validate", data])
     assert outcome.code == 1, outcome.describe()
-    assert f"{data}:bad:messages[0].content: lone surrogate U+D800: expected valid Unicode text" in outcome.stdout + outcome.stderr
+    assert (
+        f"{data}:bad:messages[0].content: lone surrogate U+D800: expected valid Unicode text"
+        in outcome.stdout + outcome.stderr
+    )
     assert "1 of 2 records good" in outcome.stdout
 
 
@@ -64,7 +79,13 @@ def test_convert_judge_and_report_refuse_a_lone_surrogate_in_one_line(stage, tmp
         where = f"{data}:r1:messages[0].content"
     elif stage == "judge":
         data = tmp_path / "responses.jsonl"
-        data.write_text(_json_with_surrogate({"id": "r1", "variant": "default", "response": "PLACE", "model": "m", "params": {}}, "PLACE") + "\n", encoding="utf-8")
+        data.write_text(
+            _json_with_surrogate(
+                {"id": "r1", "variant": "default", "response": "PLACE", "model": "m", "params": {}}, "PLACE"
+            )
+            + "\n",
+            encoding="utf-8",
+        )
         argv = ["judge", "--responses", data, "--out", tmp_path / "verdicts.jsonl", "--judge", "refusal"]
         where = f"{data}:r1:response"
     else:
@@ -79,10 +100,34 @@ def test_convert_judge_and_report_refuse_a_lone_surrogate_in_one_line(stage, tmp
 
 def test_a_model_or_judge_name_with_a_lone_surrogate_is_one_clear_line(tmp_path):
     responses = tmp_path / "responses.jsonl"
-    responses.write_text(json.dumps({"id": "r1", "variant": "default", "response": "No.", "model": "m", "params": {}}) + "\n", encoding="utf-8")
-    line = _one_error(run_cli(["judge", "--responses", responses, "--out", tmp_path / "v.jsonl", "--judge", "llm", "--judge-model", "gpt\udcff", "--base-url", "http://127.0.0.1:9/v1"]))
-    assert line == "error: argument judge-model: lone surrogate U+DCFF: expected valid Unicode text (is the argument UTF-8?)"
-    line = _one_error(run_cli(["judge", "--responses", responses, "--out", tmp_path / "v.jsonl", "--judge", "refusal\ud800"]))
+    responses.write_text(
+        json.dumps({"id": "r1", "variant": "default", "response": "No.", "model": "m", "params": {}}) + "\n",
+        encoding="utf-8",
+    )
+    line = _one_error(
+        run_cli(
+            [
+                "judge",
+                "--responses",
+                responses,
+                "--out",
+                tmp_path / "v.jsonl",
+                "--judge",
+                "llm",
+                "--judge-model",
+                "gpt\udcff",
+                "--base-url",
+                "http://127.0.0.1:9/v1",
+            ]
+        )
+    )
+    assert (
+        line
+        == "error: argument judge-model: lone surrogate U+DCFF: expected valid Unicode text (is the argument UTF-8?)"
+    )
+    line = _one_error(
+        run_cli(["judge", "--responses", responses, "--out", tmp_path / "v.jsonl", "--judge", "refusal\ud800"])
+    )
     assert "argument judge: lone surrogate U+D800" in line
     assert not (tmp_path / "v.jsonl").exists()
 
@@ -126,12 +171,31 @@ class ReplyServer:
 
 
 def _generate_argv(server: ReplyServer, data: Path, out: Path) -> list:
-    return ["generate", "--engine", "openai", "--base-url", server.url, "--model", "served", "--data", data, "--out", out, "--batch-size", 2, "--max-new-tokens", 4]
+    return [
+        "generate",
+        "--engine",
+        "openai",
+        "--base-url",
+        server.url,
+        "--model",
+        "served",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--batch-size",
+        2,
+        "--max-new-tokens",
+        4,
+    ]
 
 
 def _prompts(tmp_path: Path, count: int) -> Path:
     data = tmp_path / "prompts.jsonl"
-    rows = [{"id": f"p{index}", "messages": [{"role": "user", "content": f"Question {index}?"}], "image": None} for index in range(count)]
+    rows = [
+        {"id": f"p{index}", "messages": [{"role": "user", "content": f"Question {index}?"}], "image": None}
+        for index in range(count)
+    ]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return data
 
@@ -159,7 +223,9 @@ def test_a_server_reply_nested_100000_deep_is_a_clear_failure_not_a_traceback(tm
         outcome = run_cli([*_generate_argv(server, data, out), "--max-retries", 1])
     assert "Traceback" not in outcome.stderr and "RecursionError" not in outcome.stderr, outcome.describe()
     failures = [line for line in outcome.stderr.splitlines() if "request 'p0'" in line]
-    assert len(failures) == 1 and failures[0].endswith("the reply: nesting deeper than 200 levels (expected JSON nested at most 200 levels of [ and {)"), outcome.describe()
+    assert len(failures) == 1 and failures[0].endswith(
+        "the reply: nesting deeper than 200 levels (expected JSON nested at most 200 levels of [ and {)"
+    ), outcome.describe()
     assert "1 failed (ids: p0)" in outcome.stdout
 
 
@@ -170,7 +236,11 @@ def test_a_server_reply_nested_100000_deep_is_a_clear_failure_not_a_traceback(tm
 def test_a_jsonl_line_nested_100000_deep_is_one_clear_line(stage, tmp_path):
     data = tmp_path / "deep.jsonl"
     # Brackets inside strings are text, not nesting: the first line is good.
-    first = {"id": "r0", "variant": "default", "response": "[" * 5000, "model": "m", "params": {}} if stage == "judge" else _preference_row(content="{[" * 5000)
+    first = (
+        {"id": "r0", "variant": "default", "response": "[" * 5000, "model": "m", "params": {}}
+        if stage == "judge"
+        else _preference_row(content="{[" * 5000)
+    )
     data.write_text(json.dumps(first) + "\n" + DEEP + "\n", encoding="utf-8")
     if stage == "validate":
         outcome = run_cli(["data", "validate", data])
@@ -178,7 +248,11 @@ def test_a_jsonl_line_nested_100000_deep_is_one_clear_line(stage, tmp_path):
         assert f"{data}:line 2:-: nesting deeper than 200 levels" in outcome.stdout + outcome.stderr
         assert "1 of 2 records good" in outcome.stdout
         return
-    argv = ["data", "convert", data, tmp_path / "out.jsonl"] if stage == "convert" else ["judge", "--responses", data, "--out", tmp_path / "v.jsonl", "--judge", "refusal"]
+    argv = (
+        ["data", "convert", data, tmp_path / "out.jsonl"]
+        if stage == "convert"
+        else ["judge", "--responses", data, "--out", tmp_path / "v.jsonl", "--judge", "refusal"]
+    )
     line = _one_error(run_cli(argv))
     assert line.startswith(f"error: {data}:line 2:-: nesting deeper than 200 levels"), line
 
@@ -198,9 +272,25 @@ def test_a_safetensors_file_with_a_bad_header_is_one_clear_line(model_copy, tmp_
     (model_copy / "model.safetensors").write_bytes(header)
     from mmsafe.models.loading import load_model
 
-    with pytest.raises(ModelError, match=r"model\.safetensors: not a readable safetensors file .*expected an 8-byte header length"):
+    with pytest.raises(
+        ModelError, match=r"model\.safetensors: not a readable safetensors file .*expected an 8-byte header length"
+    ):
         load_model(model_copy, device="cpu", dtype="float32")
-    line = _one_error(run_cli(["generate", "--model", model_copy, "--data", _prompts(tmp_path, 1), "--out", tmp_path / "r.jsonl", "--device", "cpu"]))
+    line = _one_error(
+        run_cli(
+            [
+                "generate",
+                "--model",
+                model_copy,
+                "--data",
+                _prompts(tmp_path, 1),
+                "--out",
+                tmp_path / "r.jsonl",
+                "--device",
+                "cpu",
+            ]
+        )
+    )
     assert f"{model_copy / 'model.safetensors'}: not a readable safetensors file" in line
 
 
@@ -209,9 +299,18 @@ def test_a_safetensors_file_with_a_bad_header_is_one_clear_line(model_copy, tmp_
     [
         ("{not json", r"adapter_config\.json: malformed JSON \(.*line 1 column 2\); expected a PEFT adapter config"),
         ("[1, 2]", r"adapter_config\.json: expected a JSON object \(a PEFT adapter config\), got list"),
-        ('{"base_model_name_or_path": 5}', r"adapter_config\.json: field 'base_model_name_or_path': expected a model directory or Hub id, got 5"),
-        ('{"peft_type": "LORA", "r": "eight"}', r"adapter_config\.json: field 'r': expected a positive integer, got 'eight'"),
-        ('{"peft_type": "LORA", "target_modules": [1]}', r"adapter_config\.json: field 'target_modules': expected a module name pattern"),
+        (
+            '{"base_model_name_or_path": 5}',
+            r"adapter_config\.json: field 'base_model_name_or_path': expected a model directory or Hub id, got 5",
+        ),
+        (
+            '{"peft_type": "LORA", "r": "eight"}',
+            r"adapter_config\.json: field 'r': expected a positive integer, got 'eight'",
+        ),
+        (
+            '{"peft_type": "LORA", "target_modules": [1]}',
+            r"adapter_config\.json: field 'target_modules': expected a module name pattern",
+        ),
     ],
 )
 def test_a_malformed_adapter_config_is_one_clear_error(tmp_path, tiny_model_dir, config, expected):
@@ -224,7 +323,21 @@ def test_a_malformed_adapter_config_is_one_clear_error(tmp_path, tiny_model_dir,
         load_model(adapter, device="cpu")
     with pytest.raises(ModelError, match=expected):
         apply_adapter(object(), adapter)
-    line = _one_error(run_cli(["generate", "--model", adapter, "--data", _prompts(tmp_path, 1), "--out", tmp_path / "r.jsonl", "--device", "cpu"]))
+    line = _one_error(
+        run_cli(
+            [
+                "generate",
+                "--model",
+                adapter,
+                "--data",
+                _prompts(tmp_path, 1),
+                "--out",
+                tmp_path / "r.jsonl",
+                "--device",
+                "cpu",
+            ]
+        )
+    )
     assert str(adapter / "adapter_config.json") in line
 
 
@@ -239,7 +352,10 @@ def test_an_os_error_without_a_file_name_names_the_output(tmp_path, monkeypatch)
 
     monkeypatch.setattr(ResumableJsonlWriter, "write_batch", full_disk)
     responses = tmp_path / "responses.jsonl"
-    responses.write_text(json.dumps({"id": "r1", "variant": "default", "response": "No.", "model": "m", "params": {}}) + "\n", encoding="utf-8")
+    responses.write_text(
+        json.dumps({"id": "r1", "variant": "default", "response": "No.", "model": "m", "params": {}}) + "\n",
+        encoding="utf-8",
+    )
     out = tmp_path / "verdicts.jsonl"
     line = _one_error(run_cli(["judge", "--responses", responses, "--out", out, "--judge", "refusal"]))
     assert line == f"error: mmsafe judge (output {out}): No space left on device"
@@ -262,7 +378,15 @@ def _fenced(prompt: str, tag: str) -> list[str]:
     return [match.group(2) for match in re.finditer(rf"<({tag}(?:-[0-9a-f]+)?)>\n(.*?)\n</\1>", prompt, re.DOTALL)]
 
 
-@pytest.mark.parametrize(("rubric", "tag"), [("llm_judge", "last_response"), ("llm_judge_advice", "last_response"), ("mmsb_harm", "answer"), ("mmsb_certification", "answer")])
+@pytest.mark.parametrize(
+    ("rubric", "tag"),
+    [
+        ("llm_judge", "last_response"),
+        ("llm_judge_advice", "last_response"),
+        ("mmsb_harm", "answer"),
+        ("mmsb_certification", "answer"),
+    ],
+)
 def test_a_hostile_response_stays_verbatim_inside_one_fence(rubric, tag):
     from mmsafe.evaluate.judges.llm import build_answer_only_prompt, build_judge_prompt, load_rubric
 

@@ -84,7 +84,9 @@ def _read_request(connection: socket.socket) -> bytes:
             return data
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
     while len(body) < length:
         body += connection.recv(65536)
     return head + b"\r\n\r\n" + body
@@ -92,7 +94,10 @@ def _read_request(connection: socket.socket) -> bytes:
 
 def _json_reply(status: int, payload: object, reason: str = "OK") -> bytes:
     body = json.dumps(payload).encode()
-    return f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
 
 
 def _trickle(data: bytes, connection: socket.socket, server: RawServer) -> None:
@@ -157,7 +162,14 @@ def test_wikipedia_source_is_cut_off_at_its_deadline(tmp_path):
     from mmsafe.synthesis.images import WikipediaImageSource
 
     with RawServer(slow_body) as server:
-        wiki = WikipediaImageSource(tmp_path / "cache", api_url=f"{server.url}/w/api.php", min_interval_s=0.0, max_retries=0, timeout_s=60.0, deadline_s=2.0)
+        wiki = WikipediaImageSource(
+            tmp_path / "cache",
+            api_url=f"{server.url}/w/api.php",
+            min_interval_s=0.0,
+            max_retries=0,
+            timeout_s=60.0,
+            deadline_s=2.0,
+        )
         took, error = _timed(lambda: wiki.find("Paris", "LOC"))
     assert isinstance(error, ImageError) and "deadline of 2 s" in str(error), error
     assert took < 2.0 + 1.5, took
@@ -194,14 +206,25 @@ sys.exit(code)
 """
 
 
-def _run_generate(server_url: str, tmp_path: Path, env: dict[str, str], *extra: str, verbose: bool = False) -> tuple[subprocess.CompletedProcess, int]:
+def _run_generate(
+    server_url: str, tmp_path: Path, env: dict[str, str], *extra: str, verbose: bool = False
+) -> tuple[subprocess.CompletedProcess, int]:
     data = tmp_path / "records.jsonl"
-    record = {"id": "rec-0", "messages": [{"role": "user", "content": "Hello?"}], "image": None, "chosen": "No.", "rejected": ["Yes."], "rejected_sources": ["human"]}
+    record = {
+        "id": "rec-0",
+        "messages": [{"role": "user", "content": "Hello?"}],
+        "image": None,
+        "chosen": "No.",
+        "rejected": ["Yes."],
+        "rejected_sources": ["human"],
+    }
     data.write_text(json.dumps(record) + "\n", encoding="utf-8")
     peak = tmp_path / "peak_kib.txt"
     command = [sys.executable, "-c", _REPORT_PEAK, str(peak), *(["--verbose"] if verbose else []), "generate", "--engine", "openai", "--base-url", server_url, "--model", "served",
                "--data", str(data), "--out", str(tmp_path / "out" / "responses.jsonl"), "--max-retries", "0", *extra]  # fmt: skip
-    finished = subprocess.run(command, env={**os.environ, "MMSAFE_PROGRESS": "0", **env}, capture_output=True, text=True, timeout=300)
+    finished = subprocess.run(
+        command, env={**os.environ, "MMSAFE_PROGRESS": "0", **env}, capture_output=True, text=True, timeout=300
+    )
     return finished, int(peak.read_text()) if peak.is_file() else -1
 
 
@@ -210,10 +233,18 @@ def test_a_2gb_reply_stops_at_the_cap_and_memory_stays_bounded(tmp_path):
         finished, peak_kib = _run_generate(server.url, tmp_path, {})
     assert finished.returncode == 1, finished.stderr[-2000:]
     last = finished.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "max_body_bytes" in last and "64 MiB" in last and f"127.0.0.1:{server.port}" in last, last
+    assert (
+        last.startswith("error: ")
+        and "max_body_bytes" in last
+        and "64 MiB" in last
+        and f"127.0.0.1:{server.port}" in last
+    ), last
     assert "Traceback" not in finished.stderr
     assert 0 < peak_kib * 1024 < GIB, f"peak RSS {peak_kib / 1024:.0f} MiB"
-    assert not (tmp_path / "out" / "responses.jsonl").is_file() or "rec-0" not in (tmp_path / "out" / "responses.jsonl").read_text()
+    assert (
+        not (tmp_path / "out" / "responses.jsonl").is_file()
+        or "rec-0" not in (tmp_path / "out" / "responses.jsonl").read_text()
+    )
 
 
 def test_a_small_cap_stops_the_engine_and_the_image_source(tmp_path):
@@ -223,9 +254,17 @@ def test_a_small_cap_stops_the_engine_and_the_image_source(tmp_path):
         engine = OpenAIEngine(server.url, "served", api_key_env="", max_retries=3, max_body_bytes=4096)
         _, error = _timed(lambda: _chat(engine))
         engine.close()
-        assert isinstance(error, MmsafeError) and "4096 bytes (max_body_bytes)" in str(error) and server.url in str(error), error
+        assert (
+            isinstance(error, MmsafeError) and "4096 bytes (max_body_bytes)" in str(error) and server.url in str(error)
+        ), error
         assert len(server.requests) == 1  # a reply over the cap is not asked for again
-        wiki = WikipediaImageSource(tmp_path / "cache", api_url=f"{server.url}/w/api.php", min_interval_s=0.0, max_retries=0, max_body_bytes=4096)
+        wiki = WikipediaImageSource(
+            tmp_path / "cache",
+            api_url=f"{server.url}/w/api.php",
+            min_interval_s=0.0,
+            max_retries=0,
+            max_body_bytes=4096,
+        )
         _, error = _timed(lambda: wiki.find("Paris", "LOC"))
         assert isinstance(error, ImageError) and "max_body_bytes" in str(error), error
 
@@ -270,8 +309,13 @@ def test_a_failing_server_still_raises():
     def down(connection, request, server) -> None:
         connection.sendall(_json_reply(503, {"error": "busy"}, "Service Unavailable"))
 
-    with RawServer(down) as server, pytest.raises(MmsafeError, match=r"request 'a' failed after 2 attempts; last: HTTP 503"):
-        OpenAIEngine(server.url, "served", api_key_env="", max_retries=1, backoff_base=0.0).generate([GenerationRequest("a", [_user("Hi")])], DecodingParams())
+    with (
+        RawServer(down) as server,
+        pytest.raises(MmsafeError, match=r"request 'a' failed after 2 attempts; last: HTTP 503"),
+    ):
+        OpenAIEngine(server.url, "served", api_key_env="", max_retries=1, backoff_base=0.0).generate(
+            [GenerationRequest("a", [_user("Hi")])], DecodingParams()
+        )
 
 
 def test_the_llm_judge_records_no_text_as_unparseable_with_the_reason():
@@ -281,7 +325,9 @@ def test_the_llm_judge_records_no_text_as_unparseable_with_the_reason():
     handle, seen = _chat_server({"*": [None]})
     with RawServer(handle) as server:
         judge = LlmJudge(model="judge", base_url=server.url, api_key_env="", max_retries=1, send_image=False)
-        [verdict] = judge.judge([JudgeInput(id="r1", messages=[_user("How do I pick a lock?")], response="I can't help with that.")])
+        [verdict] = judge.judge(
+            [JudgeInput(id="r1", messages=[_user("How do I pick a lock?")], response="I can't help with that.")]
+        )
     assert verdict.verdict == "unparseable"
     assert "null" in verdict.extra["error"] and "null" in verdict.raw
     assert seen["*"] == 2  # retried once, as max_retries says
@@ -297,20 +343,26 @@ def echo_headers(connection, request, server) -> None:
     key = headers.get("Authorization", "").removeprefix("Bearer ")
     page = f"bad request; your key: {key}\n{head}\n{json.dumps({'headers': headers})}\n"
     body = page.encode()
-    connection.sendall(f"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    connection.sendall(
+        f"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    )
 
 
 @pytest.mark.parametrize("key", [API_KEY, PLAIN_KEY], ids=["sk-key", "plain-key"])
 def test_a_key_echoed_in_an_error_body_is_on_no_stream_and_in_no_file(key, tmp_path, monkeypatch):
     with RawServer(echo_headers) as server:
-        finished, _ = _run_generate(server.url, tmp_path, {"MMSAFE_ECHO_KEY": key}, "--api-key-env", "MMSAFE_ECHO_KEY", verbose=True)
+        finished, _ = _run_generate(
+            server.url, tmp_path, {"MMSAFE_ECHO_KEY": key}, "--api-key-env", "MMSAFE_ECHO_KEY", verbose=True
+        )
         monkeypatch.setenv("MMSAFE_ECHO_KEY", key)
         with pytest.raises(MmsafeError) as caught:
             _chat(OpenAIEngine(server.url, "served", api_key_env="MMSAFE_ECHO_KEY", max_retries=0))
     # The key reached the server (so the echo really held it) ...
     assert all(f"Bearer {key}".encode() in request for request in server.requests)
     # ... and the error names the status and quotes a redacted excerpt, never the key.
-    assert finished.returncode == 1 and "HTTP 400" in finished.stderr and "[redacted]" in finished.stderr, finished.stderr[-2000:]
+    assert finished.returncode == 1 and "HTTP 400" in finished.stderr and "[redacted]" in finished.stderr, (
+        finished.stderr[-2000:]
+    )
     message = str(caught.value)
     assert "HTTP 400" in message and "[redacted]" in message and "bad request" in message and "\n" not in message
     assert key not in message and key not in finished.stdout and key not in finished.stderr
@@ -332,7 +384,9 @@ def test_redact_hides_keys_tokens_and_authorization_values():
 def test_the_engine_does_not_follow_redirects():
     def redirect(connection, request, server) -> None:
         if request.startswith(b"POST /v1/chat/completions"):
-            connection.sendall(f"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{server.port}/elsewhere\r\nContent-Length: 0\r\n\r\n".encode())
+            connection.sendall(
+                f"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{server.port}/elsewhere\r\nContent-Length: 0\r\n\r\n".encode()
+            )
         else:
             connection.sendall(_json_reply(200, {"choices": [{"message": {"content": "followed"}}]}))
 

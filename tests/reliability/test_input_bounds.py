@@ -39,7 +39,13 @@ CHILD_ADDRESS_SPACE = 8 * 1024**3
 
 
 def _child_env() -> dict[str, str]:
-    return {**os.environ, "MMSAFE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "MMSAFE_PROGRESS": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def _limit_address_space() -> None:
@@ -73,7 +79,13 @@ def run_child(argv: list, folder: Path, *, timeout: float = CHILD_TIMEOUT_S) -> 
     folder.mkdir(parents=True, exist_ok=True)
     out, err, peak = folder / "stdout.txt", folder / "stderr.txt", folder / "peak_kib.txt"
     with out.open("wb") as stdout, err.open("wb") as stderr:
-        child = subprocess.Popen([sys.executable, "-c", _REPORT_PEAK, str(peak), *map(str, argv)], stdout=stdout, stderr=stderr, env=_child_env(), preexec_fn=_limit_address_space)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _REPORT_PEAK, str(peak), *map(str, argv)],
+            stdout=stdout,
+            stderr=stderr,
+            env=_child_env(),
+            preexec_fn=_limit_address_space,
+        )
     timer = threading.Timer(timeout, child.kill)  # a stuck child is killed, not waited on forever
     timer.start()
     try:
@@ -90,7 +102,12 @@ def _records_with_image(folder: Path, image_name: str, size: tuple[int, int], mo
     Image.new("RGB", (20, 16), (200, 30, 30)).save(folder / "images" / "ok.png")
     Image.new(mode, size).save(folder / "images" / image_name)
     path = folder / "records.jsonl"
-    path.write_text("".join(json.dumps(record) + "\n" for record in (good_record("r0"), good_record("r1", image=f"images/{image_name}"))), encoding="utf-8")
+    path.write_text(
+        "".join(
+            json.dumps(record) + "\n" for record in (good_record("r0"), good_record("r1", image=f"images/{image_name}"))
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -111,7 +128,17 @@ def test_generate_on_a_60000x1_png_stays_under_1_gb_and_names_the_record(tmp_pat
     """Squaring the strip for ``pad`` would allocate 10.8 GB; it is refused from its header."""
     data = _records_with_image(tmp_path / "in", "strip.png", (60_000, 1))
     assert (tmp_path / "in" / "images" / "strip.png").stat().st_size < 1_000
-    argv = ["-m", "mmsafe", "generate", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "responses.jsonl"]
+    argv = [
+        "-m",
+        "mmsafe",
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "responses.jsonl",
+    ]
     argv += ["--max-new-tokens", 2, "--batch-size", 4, "--device", "cpu"]
     code, stderr, peak_kib = run_child(argv, tmp_path / "child")
     assert code == 1 and "Traceback" not in stderr, stderr[-3000:]
@@ -242,7 +269,21 @@ def _model_with_template(tiny_model_dir: Path, folder: Path, template: str) -> P
 
 
 def _generate_argv(model: Path, data: Path, out: Path) -> list:
-    return ["generate", "--model", model, "--data", data, "--out", out, "--max-new-tokens", 2, "--batch-size", 4, "--device", "cpu"]
+    return [
+        "generate",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--max-new-tokens",
+        2,
+        "--batch-size",
+        4,
+        "--device",
+        "cpu",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -263,16 +304,23 @@ def test_a_looping_chat_template_stops_generation_within_the_limit(template, exp
         f"prompts.DEFAULT_TEMPLATE_LIMITS = prompts.TemplateLimits(seconds={limit_s}); "
         "from mmsafe.cli import main; sys.exit(main(sys.argv[1:]))"
     )
-    code, stderr, _ = run_child(["-c", script, *_generate_argv(model, data, tmp_path / "out.jsonl")], tmp_path / "child")
+    code, stderr, _ = run_child(
+        ["-c", script, *_generate_argv(model, data, tmp_path / "out.jsonl")], tmp_path / "child"
+    )
     assert code == 1 and "Traceback" not in stderr, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if "chat template" in line]
-    assert len(lines) == 1 and expected in lines[0] and str(model) in lines[0] and "(record r0)" in lines[0], stderr[-3000:]
+    assert len(lines) == 1 and expected in lines[0] and str(model) in lines[0] and "(record r0)" in lines[0], stderr[
+        -3000:
+    ]
 
 
 @pytest.mark.parametrize(
     ("template", "expected"),
     [
-        ("{{ ''.__class__.__mro__ }}", "the template did something the sandbox forbids: access to attribute '__class__'"),
+        (
+            "{{ ''.__class__.__mro__ }}",
+            "the template did something the sandbox forbids: access to attribute '__class__'",
+        ),
         ("{{ raise_exception('boom') }}", "the template raised an error: boom"),
         ("{% for message in messages %}{{ message['role'] }", "the template is not valid jinja"),
     ],
@@ -284,7 +332,9 @@ def test_a_failing_chat_template_is_one_line(template, expected, tmp_path, tiny_
     outcome = run_cli(_generate_argv(model, data, tmp_path / "out.jsonl"))
     assert outcome.code == 1 and "Traceback" not in outcome.stderr, outcome.describe()
     lines = [line for line in outcome.stderr.splitlines() if "chat template" in line]
-    assert len(lines) == 1 and expected in lines[0] and f"{model}: chat template (record r0)" in lines[0], outcome.describe()
+    assert len(lines) == 1 and expected in lines[0] and f"{model}: chat template (record r0)" in lines[0], (
+        outcome.describe()
+    )
 
 
 def test_the_time_limit_holds_outside_the_main_thread(tiny_model_dir):
@@ -298,7 +348,9 @@ def test_the_time_limit_holds_outside_the_main_thread(tiny_model_dir):
 
     def render() -> None:
         try:
-            apply_chat_template(processor, [], add_generation_prompt=True, limits=TemplateLimits(seconds=1, max_chars=10**12))
+            apply_chat_template(
+                processor, [], add_generation_prompt=True, limits=TemplateLimits(seconds=1, max_chars=10**12)
+            )
         except ModelError as error:
             caught.append(error)
 

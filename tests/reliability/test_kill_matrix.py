@@ -511,7 +511,12 @@ def test_generate_killed_five_times_while_the_input_changes(tmp_path, tiny_model
             for _ in range(3):
                 record_id = f"new-{added:03d}"
                 added += 1
-                rows.insert(rng.randrange(len(rows) + 1), good_record(record_id, image=None, messages=[{"role": "user", "content": f"what about {record_id}?"}]))
+                rows.insert(
+                    rng.randrange(len(rows) + 1),
+                    good_record(
+                        record_id, image=None, messages=[{"role": "user", "content": f"what about {record_id}?"}]
+                    ),
+                )
         elif step % 3 == 2:  # loses records, answered ones among them
             for record_id in rng.sample([i for i in present if i in answered][:10] or present, 2):
                 removed.add(record_id)
@@ -520,7 +525,9 @@ def test_generate_killed_five_times_while_the_input_changes(tmp_path, tiny_model
             candidates = [row for row in rows if row["id"] in answered] or rows
             for row in rng.sample(candidates, 2):
                 row["messages"][-1]["content"] += f" (edited {step})"
-            pictured = [row for row in rows if row["image"] and row["id"] in answered] or [row for row in rows if row["image"]]
+            pictured = [row for row in rows if row["image"] and row["id"] in answered] or [
+                row for row in rows if row["image"]
+            ]
             Image.new("RGB", (7, 7), (step * 40 % 256, 0, 0)).save(folder / rng.choice(pictured)["image"])
         data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
@@ -541,11 +548,15 @@ def test_generate_killed_five_times_while_the_input_changes(tmp_path, tiny_model
             time.sleep(rng.uniform(0.0, 0.03))
             os.kill(pid, signal.SIGKILL)
             kills += os.WIFSIGNALED(os.waitpid(pid, 0)[1])
-    run_to_end(["generate", "--model", tiny_model_dir, "--data", data, "--out", reference, *ENGINE], tmp_path / "reference.log")
+    run_to_end(
+        ["generate", "--model", tiny_model_dir, "--data", data, "--out", reference, *ENGINE], tmp_path / "reference.log"
+    )
 
     final_ids = [row["id"] for row in rows]
     killed_rows = complete_rows(out)
-    figures = tally("generate (input changing)", kills, [row["id"] for row in killed_rows], set(final_ids), record_property)
+    figures = tally(
+        "generate (input changing)", kills, [row["id"] for row in killed_rows], set(final_ids), record_property
+    )
     assert (figures.kills, figures.lost, figures.duplicated) == (KILLS, 0, 0)
     assert [row for row in killed_rows if row["id"] in set(final_ids)] == complete_rows(reference)
     kept = {row["id"] for row in killed_rows} - set(final_ids)
@@ -576,24 +587,56 @@ def test_two_writers_on_one_output_one_refuses_naming_the_other(tmp_path, tiny_m
     total = 300
     data = write_dataset(tmp_path / "data", total)
     out = tmp_path / "responses.jsonl"
-    argv = ["generate", "--model", tiny_model_dir, "--data", data, "--out", out, "--max-new-tokens", 3, "--batch-size", 1, "--device", "cpu"]
+    argv = [
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--max-new-tokens",
+        3,
+        "--batch-size",
+        1,
+        "--device",
+        "cpu",
+    ]
     first, first_code, second_code, second_log = _overlapping_writers(argv, out, tmp_path, start_after=5)
     assert (first_code, second_code) == (0, 1), second_log
     refusals = [line for line in second_log.splitlines() if line.startswith("error: ")]
-    assert len(refusals) == 1 and f"another mmsafe process is writing this output (pid {first}: " in refusals[0], second_log
+    assert len(refusals) == 1 and f"another mmsafe process is writing this output (pid {first}: " in refusals[0], (
+        second_log
+    )
     assert "Traceback" not in second_log
-    figures = tally("generate (2 writers at once)", 0, [row["id"] for row in complete_rows(out)], {f"rec-{index:03d}" for index in range(total)}, record_property)
+    figures = tally(
+        "generate (2 writers at once)",
+        0,
+        [row["id"] for row in complete_rows(out)],
+        {f"rec-{index:03d}" for index in range(total)},
+        record_property,
+    )
     assert (figures.lost, figures.duplicated) == (0, 0)
 
     verdict_total = 3000
     responses = tmp_path / "to-judge.jsonl"
-    responses.write_text("".join(json.dumps(response_row(f"r{index:05d}")) + "\n" for index in range(verdict_total)), encoding="utf-8")
+    responses.write_text(
+        "".join(json.dumps(response_row(f"r{index:05d}")) + "\n" for index in range(verdict_total)), encoding="utf-8"
+    )
     verdicts = tmp_path / "verdicts.jsonl"
     judge = ["judge", "--responses", responses, "--out", verdicts, "--judge", "refusal", "--batch-size", 1]
     (tmp_path / "judge").mkdir()
-    first, first_code, second_code, second_log = _overlapping_writers(judge, verdicts, tmp_path / "judge", start_after=50)
+    first, first_code, second_code, second_log = _overlapping_writers(
+        judge, verdicts, tmp_path / "judge", start_after=50
+    )
     assert (first_code, second_code) == (0, 1), second_log
     assert f"another mmsafe process is writing this output (pid {first}: " in second_log
-    figures = tally("judge (2 writers at once)", 0, [row["id"] for row in complete_rows(verdicts)], {f"r{index:05d}" for index in range(verdict_total)}, record_property)
+    figures = tally(
+        "judge (2 writers at once)",
+        0,
+        [row["id"] for row in complete_rows(verdicts)],
+        {f"r{index:05d}" for index in range(verdict_total)},
+        record_property,
+    )
     assert (figures.lost, figures.duplicated) == (0, 0)
     assert not (tmp_path / "responses.jsonl.lock").exists() and not (tmp_path / "verdicts.jsonl.lock").exists()

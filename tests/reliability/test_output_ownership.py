@@ -49,7 +49,9 @@ def test_from_prepare_keeps_a_users_data_and_removes_only_what_prepare_wrote(tmp
     assert all(name.startswith("models/tiny/") for name in written["files"])  # the sample is off: nothing in data/
     assert (paths.tiny_model / "config.json").exists()
 
-    (paths.tiny_model / "NOTES.md").write_text("my notes on the tiny model\n", encoding="utf-8")  # a user's file in mmsafe's folder
+    (paths.tiny_model / "NOTES.md").write_text(
+        "my notes on the tiny model\n", encoding="utf-8"
+    )  # a user's file in mmsafe's folder
     lines: list[str] = []
     removal = remove_stage_outputs(paths, "prepare", lines.append)
     assert not any((paths.tiny_model / name).exists() for name in ("config.json", "model.safetensors"))
@@ -104,7 +106,9 @@ def test_from_generate_and_judge_remove_their_files_and_nothing_else(tmp_path, m
     (out / "report" / "summary.md").write_text("edited by the user\n", encoding="utf-8")  # mmsafe's file, changed since
 
     lines: list[str] = []
-    run_pipeline(config, from_stage="generate", only="generate", log=lines.append)  # removes generate, judge and report's files
+    run_pipeline(
+        config, from_stage="generate", only="generate", log=lines.append
+    )  # removes generate, judge and report's files
     remaining = _tree(out)
     assert "responses/mine.jsonl" in remaining and "verdicts/by-hand.jsonl" in remaining
     assert not any(name in remaining for name in ("verdicts/base.refusal.jsonl", "report/assets/chart.svg"))
@@ -172,13 +176,30 @@ def test_judge_into_its_own_responses_is_refused_untouched(tmp_path, spelling):
 @pytest.mark.parametrize("spelling", range(4), ids=["same-path", "symlink", "dot-dot", "hard-link"])
 def test_generate_into_its_own_input_is_refused_untouched(tmp_path, tiny_model_dir, spelling):
     source = tmp_path / "data" / "records.jsonl"
-    rows = [json.dumps(good_record(f"g{index}", image=None, messages=[{"role": "user", "content": f"hello {index}?"}])) for index in range(3)]
+    rows = [
+        json.dumps(good_record(f"g{index}", image=None, messages=[{"role": "user", "content": f"hello {index}?"}]))
+        for index in range(3)
+    ]
     source.parent.mkdir(parents=True)
     source.write_bytes("\n".join(rows).encode("utf-8"))
     data = source.read_bytes()
     out = _spellings(tmp_path, source)[spelling]
     before = sorted(path.name for path in tmp_path.rglob("*"))
-    outcome = run_cli(["generate", "--model", tiny_model_dir, "--data", source, "--out", out, "--max-new-tokens", 2, "--device", "cpu"])
+    outcome = run_cli(
+        [
+            "generate",
+            "--model",
+            tiny_model_dir,
+            "--data",
+            source,
+            "--out",
+            out,
+            "--max-new-tokens",
+            2,
+            "--device",
+            "cpu",
+        ]
+    )
     assert outcome.code == 1, outcome.describe()
     assert len(outcome.error_lines) == 1 and "is the input file" in outcome.error_lines[0], outcome.describe()
     assert source.read_bytes() == data
@@ -215,7 +236,11 @@ def _hold_in_child(lock_target: Path, *, writer: bool) -> int:
     if pid == 0:  # pragma: no cover (the child)
         try:
             os.close(read_end)
-            held = ResumableJsonlWriter(lock_target, key=lambda row: row["id"]) if writer else OutputLock(lock_target.parent, lock_file=lock_target).acquire()
+            held = (
+                ResumableJsonlWriter(lock_target, key=lambda row: row["id"])
+                if writer
+                else OutputLock(lock_target.parent, lock_file=lock_target).acquire()
+            )
             os.write(write_end, b"ready")
             signal.pause()
             del held

@@ -13,7 +13,19 @@ from mmsafe.evaluate.report import build_report
 
 
 def write_verdicts(path, model, judge="refusal", labels=("safe", "unsafe", "safe"), variants=("default",)):
-    rows = [{"id": str(index), "variant": variant, "judge": judge, "verdict": label, "categories": [], "raw": "", "model": model} for index, label in enumerate(labels) for variant in variants]
+    rows = [
+        {
+            "id": str(index),
+            "variant": variant,
+            "judge": judge,
+            "verdict": label,
+            "categories": [],
+            "raw": "",
+            "model": model,
+        }
+        for index, label in enumerate(labels)
+        for variant in variants
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
 
@@ -33,7 +45,11 @@ def table_rows(markdown: str, first_header: str) -> list[list[str]]:
 def test_a_dollar_in_a_model_name_is_drawn_as_text_not_mathtext(tmp_path):
     # "$\frac{$" is unbalanced mathtext: matplotlib refused to draw the label (no report was written).
     name = "m$\\frac{$x"
-    result = build_report([write_verdicts(tmp_path / "a.jsonl", name), write_verdicts(tmp_path / "b.jsonl", "other")], tmp_path / "out", resamples=20)
+    result = build_report(
+        [write_verdicts(tmp_path / "a.jsonl", name), write_verdicts(tmp_path / "b.jsonl", "other")],
+        tmp_path / "out",
+        resamples=20,
+    )
     assert (tmp_path / "out" / "rates.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "differences.svg").is_file()
     assert result.summary["results"][0]["model"] == name
@@ -42,7 +58,11 @@ def test_a_dollar_in_a_model_name_is_drawn_as_text_not_mathtext(tmp_path):
 
 def test_pipes_and_line_breaks_in_names_keep_the_markdown_table_whole(tmp_path):
     names = ["a|b", "two\nlines"]
-    build_report([write_verdicts(tmp_path / f"{index}.jsonl", name) for index, name in enumerate(names)], tmp_path / "out", resamples=20)
+    build_report(
+        [write_verdicts(tmp_path / f"{index}.jsonl", name) for index, name in enumerate(names)],
+        tmp_path / "out",
+        resamples=20,
+    )
     markdown = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     header, _, *rows = table_rows(markdown, "model")
     assert len(rows) == 2
@@ -52,7 +72,11 @@ def test_pipes_and_line_breaks_in_names_keep_the_markdown_table_whole(tmp_path):
 
 def test_raw_html_in_a_name_is_text_in_the_markdown_and_the_page(tmp_path):
     name = "<script>alert(1)</script>"
-    build_report([write_verdicts(tmp_path / "a.jsonl", name, judge="refusal"), write_verdicts(tmp_path / "b.jsonl", "b")], tmp_path / "out", resamples=20)
+    build_report(
+        [write_verdicts(tmp_path / "a.jsonl", name, judge="refusal"), write_verdicts(tmp_path / "b.jsonl", "b")],
+        tmp_path / "out",
+        resamples=20,
+    )
     markdown = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     assert "<script>alert" not in markdown and "&lt;script&gt;alert(1)&lt;/script&gt;" in markdown
@@ -63,7 +87,11 @@ def test_raw_html_in_a_name_is_text_in_the_markdown_and_the_page(tmp_path):
 def test_a_300_character_judge_name_gives_bounded_file_names(tmp_path):
     # Two variants: a plot per judge and variant breakdown, named after the judge (once "File name too long").
     judge = "llm:" + "j" * 296
-    result = build_report([write_verdicts(tmp_path / "a.jsonl", "m", judge=judge, variants=("default", "blind"))], tmp_path / "out", resamples=20)
+    result = build_report(
+        [write_verdicts(tmp_path / "a.jsonl", "m", judge=judge, variants=("default", "blind"))],
+        tmp_path / "out",
+        resamples=20,
+    )
     assert "variant" in result.summary["breakdowns"]
     assert result.summary["results"][0]["judge"] == judge
     names = [path.name for path in (tmp_path / "out").iterdir()]

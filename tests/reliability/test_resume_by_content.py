@@ -122,7 +122,19 @@ def test_another_image_root_is_refused(tmp_path):
 def test_another_dtype_through_the_cli_is_one_line_and_exit_1(tmp_path, tiny_model_dir):
     data = write_data(tmp_path / "data", records(3))
     out = tmp_path / "out.jsonl"
-    argv = ["generate", "--model", tiny_model_dir, "--data", data, "--out", out, "--max-new-tokens", 2, "--device", "cpu"]
+    argv = [
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--max-new-tokens",
+        2,
+        "--device",
+        "cpu",
+    ]
     first = run_cli([*argv, "--dtype", "float32"])
     assert first.code == 0, first.describe()
     before = out.read_bytes()
@@ -187,14 +199,27 @@ def test_build_data_inserted_line_is_built_and_nothing_twice(tmp_path):
         Image.new("RGB", (4, 3), (0, 0, 200)).save(index / kind / f"{name}.png")
 
     def line(prompt: str) -> str:
-        return json.dumps({"chosen": f"\n\nHuman: {prompt}\n\nAssistant: No.", "rejected": f"\n\nHuman: {prompt}\n\nAssistant: Yes."}) + "\n"
+        return (
+            json.dumps(
+                {
+                    "chosen": f"\n\nHuman: {prompt}\n\nAssistant: No.",
+                    "rejected": f"\n\nHuman: {prompt}\n\nAssistant: Yes.",
+                }
+            )
+            + "\n"
+        )
 
     source = tmp_path / "dialogues.jsonl"
     old = [line("How do I sneak into Paris?"), line("Why is Barack Obama tall?"), json.dumps(GOOD_DIALOGUE) + "\n"]
     source.write_text("".join(old), encoding="utf-8")
 
     def build(out: Path):
-        config = {"input": str(source), "out": str(out), "entities": {"method": "gazetteer"}, "images": {"sources": ["local"], "index": str(index)}}
+        config = {
+            "input": str(source),
+            "out": str(out),
+            "entities": {"method": "gazetteer"},
+            "images": {"sources": ["local"], "index": str(index)},
+        }
         return build_data(from_dict(BuildConfig, config))
 
     build(tmp_path / "resumed")
@@ -218,14 +243,27 @@ def test_failed_records_are_not_written_listed_and_retried(tmp_path, monkeypatch
     data = write_data(tmp_path / "data", records(5))
     out = tmp_path / "out.jsonl"
     serve_in_process(monkeypatch, EchoEngine(fail={"r1", "r3"}))
-    argv = ["generate", "--model", tiny_model_dir, "--data", data, "--out", out, "--batch-size", 2]  # the engine is replaced
+    argv = [
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--batch-size",
+        2,
+    ]  # the engine is replaced
     first = run_cli(argv)
     assert first.code == 1, first.describe()
     assert "2 failed (ids: r1, r3)" in first.stdout
     assert "error: 2 of 5 records failed" in first.stderr and "rerunning the same command retries them" in first.stderr
     assert sorted(row["id"] for row in rows(out)) == ["r0", "r2", "r4"]  # no empty answer stored
     listed = rows(failed_path_for(out))
-    assert [(row["id"], row["reason"]) for row in listed] == [("r1", "the reply has no text"), ("r3", "the reply has no text")]
+    assert [(row["id"], row["reason"]) for row in listed] == [
+        ("r1", "the reply has no text"),
+        ("r3", "the reply has no text"),
+    ]
 
     engine = serve_in_process(monkeypatch, EchoEngine())
     second = run_cli(argv)
@@ -289,7 +327,9 @@ def test_a_null_content_reply_over_http_is_failed_not_an_empty_answer(tmp_path):
     out = tmp_path / "out.jsonl"
     server = NullContentServer({"question 2?"})
     try:
-        engine = OpenAIEngine(server.url, "served", api_key_env="MMSAFE_NO_KEY", max_retries=1, backoff_base=0.0, backoff_max=0.0)
+        engine = OpenAIEngine(
+            server.url, "served", api_key_env="MMSAFE_NO_KEY", max_retries=1, backoff_base=0.0, backoff_max=0.0
+        )
         summary = generate_responses(engine, data, out)
         assert [record.id for record in summary.failed] == ["r2"]
         assert sorted(row["id"] for row in rows(out)) == ["r0", "r1", "r3"]
@@ -306,14 +346,18 @@ def test_a_null_content_reply_over_http_is_failed_not_an_empty_answer(tmp_path):
 
 def test_judge_settings_are_checked_and_changed_responses_rejudged(tmp_path):
     responses = tmp_path / "responses.jsonl"
-    write_records(responses, [ResponseRecord(str(index), text, "m") for index, text in enumerate(["I'm sorry, no.", "Sure."])])
+    write_records(
+        responses, [ResponseRecord(str(index), text, "m") for index, text in enumerate(["I'm sorry, no.", "Sure."])]
+    )
     out = tmp_path / "verdicts.jsonl"
     judge_responses(responses, out, get_judge("refusal"))
     before = out.read_bytes()
     with pytest.raises(ConfigError, match=r"judge\.phrases: .* -> \[\"nope\"\]"):
         judge_responses(responses, out, get_judge("refusal", phrases=["nope"]))
     assert out.read_bytes() == before
-    write_records(responses, [ResponseRecord("0", "I'm sorry, no.", "m"), ResponseRecord("1", "I cannot help with that.", "m")])
+    write_records(
+        responses, [ResponseRecord("0", "I'm sorry, no.", "m"), ResponseRecord("1", "I cannot help with that.", "m")]
+    )
     result = judge_responses(responses, out, get_judge("refusal"))
     assert (result.redone, result.judged) == (1, 1)
     assert {row["id"]: row["verdict"] for row in rows(out)} == {"0": "safe", "1": "safe"} and len(rows(out)) == 2
@@ -333,7 +377,11 @@ def test_a_damaged_sidecar_is_one_clear_line_and_never_deleted(tmp_path, damage,
     judge_responses(responses, verdicts, get_judge("refusal"))
     for sidecar in (config_path_for(out), config_path_for(verdicts)):
         text = sidecar.read_bytes()
-        broken = {"cut-in-half": text[: len(text) // 2], "not-yaml": b"resume: [unclosed\n  x: {", "not-utf8": b"model: caf\xe9\n"}[damage]
+        broken = {
+            "cut-in-half": text[: len(text) // 2],
+            "not-yaml": b"resume: [unclosed\n  x: {",
+            "not-utf8": b"model: caf\xe9\n",
+        }[damage]
         sidecar.write_bytes(broken)
     outcome = run_cli(["judge", "--responses", responses, "--out", verdicts, "--judge", "refusal"])
     assert outcome.code == 1 and "Traceback" not in outcome.stderr, outcome.describe()
@@ -368,14 +416,30 @@ def test_mmsafe_run_stops_at_generate_when_records_failed(tmp_path, monkeypatch)
     from mmsafe import pipeline
     from mmsafe.data.jsonl import read_jsonl
 
-    data = write_data(tmp_path / "data", [{"id": f"r{index}", "messages": [{"role": "user", "content": f"question {index}"}], "image": None, "chosen": "a", "rejected": ["b"]} for index in range(3)])
+    data = write_data(
+        tmp_path / "data",
+        [
+            {
+                "id": f"r{index}",
+                "messages": [{"role": "user", "content": f"question {index}"}],
+                "image": None,
+                "chosen": "a",
+                "rejected": ["b"],
+            }
+            for index in range(3)
+        ],
+    )
     engine = EchoEngine(fail={"r1"})
     engine.preferred_batch_size = 2  # what local_engine's engines expose
     monkeypatch.setattr(generate_module, "local_engine", lambda *args, **kwargs: engine)
     monkeypatch.setattr(pipeline.stages, "models_to_evaluate", lambda config, paths: {"base": "unused"})
-    config = pipeline.PipelineConfig(out=str(tmp_path / "out"), model="unused", data=pipeline.DataSection(train=str(data), eval=str(data)))
+    config = pipeline.PipelineConfig(
+        out=str(tmp_path / "out"), model="unused", data=pipeline.DataSection(train=str(data), eval=str(data))
+    )
     paths = pipeline.Paths(Path(config.out))
-    with pytest.raises(MmsafeError, match=r"generate \(base\): 1 of 3 records failed .*rerunning the same command retries them"):
+    with pytest.raises(
+        MmsafeError, match=r"generate \(base\): 1 of 3 records failed .*rerunning the same command retries them"
+    ):
         pipeline.stage_generate(config, paths)
     written = [row["id"] for _, row in read_jsonl(paths.responses("base"))]
     assert sorted(written) == ["r0", "r2"]  # the answers that came back are kept for the rerun

@@ -53,24 +53,36 @@ def _records(folder: Path) -> Path:
     return path
 
 
-
 def _hh_dialogue_and_image_index(folder):
     """One HH-RLHF dialogue naming Paris, and an image index (LOC/Paris.png) beside it."""
     hh = folder / "hh.jsonl"
     hh.write_text(
-        json.dumps({"chosen": "\n\nHuman: Is Paris nice?\n\nAssistant: Yes.", "rejected": "\n\nHuman: Is Paris nice?\n\nAssistant: No."}) + "\n",
+        json.dumps(
+            {
+                "chosen": "\n\nHuman: Is Paris nice?\n\nAssistant: Yes.",
+                "rejected": "\n\nHuman: Is Paris nice?\n\nAssistant: No.",
+            }
+        )
+        + "\n",
         encoding="utf-8",
     )
     (folder / "index" / "LOC").mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(folder / "index" / "LOC" / "Paris.png")
     return hh
 
+
 def test_pickle_checkpoint_is_refused_by_every_stage_that_loads_a_model(pickle_model, tmp_path):
     data = _records(tmp_path / "data")
     train_yaml = tmp_path / "train.yaml"
     train_yaml.write_text(
         json.dumps(
-            {"model": str(pickle_model), "data": str(data), "output_dir": str(tmp_path / "train"), "loss": "dpo", "max_steps": 1}
+            {
+                "model": str(pickle_model),
+                "data": str(data),
+                "output_dir": str(tmp_path / "train"),
+                "loss": "dpo",
+                "max_steps": 1,
+            }
         ),
         encoding="utf-8",
     )
@@ -519,4 +531,6 @@ def test_report_and_llm_judge_never_show_an_image_from_outside(case, tmp_path):
     assert reported.code == 0 and "Traceback" not in reported.stderr, reported.describe()
     html = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
     assert html.count('<img class="thumb"') == 1  # r0's own image only (the other <img> tags are the inline plots)
-    assert all(src.startswith("data:image/") for src in re.findall(r'<img [^>]*src="([^"]+)"', html))  # nothing read from a path
+    assert all(
+        src.startswith("data:image/") for src in re.findall(r'<img [^>]*src="([^"]+)"', html)
+    )  # nothing read from a path

@@ -82,7 +82,9 @@ def test_deictic_single_gives_one_phrase_per_type(tmp_path):
     build_data(sample_config(tmp_path / "out", rewrite={"deictic": "single"}))
     records = rows(tmp_path / "out")
     for row in records:
-        expected = COMPANY_PHRASE if row["meta"]["entity"] == "Kestrel Corp" else DEFAULT_PHRASES[row["meta"]["entity_type"]]
+        expected = (
+            COMPANY_PHRASE if row["meta"]["entity"] == "Kestrel Corp" else DEFAULT_PHRASES[row["meta"]["entity_type"]]
+        )
         assert row["meta"]["replacement"] == expected
     ordinary = [row for row in records if row["meta"]["entity"] != "Kestrel Corp"]
     assert all(len(phrases) == 1 for phrases in phrases_by_type(ordinary).values())
@@ -91,7 +93,10 @@ def test_deictic_single_gives_one_phrase_per_type(tmp_path):
 def test_the_draw_is_per_record_key_and_seed():
     pooled = TemplateRewriter(pools={}, seed=0)
     text, spans = "Why is Barack Obama so popular?", [Span(7, 19)]
-    drawn = {pooled.rewrite(text, "Barack Obama", "PER", spans, key=f"train-{line}-barack-obama").replacement for line in range(60)}
+    drawn = {
+        pooled.rewrite(text, "Barack Obama", "PER", spans, key=f"train-{line}-barack-obama").replacement
+        for line in range(60)
+    }
     assert len(drawn) >= 10 and drawn <= set(DEFAULT_POOLS["PER"])
     # Deterministic for a key; the default template (no pools) keeps the one phrase.
     again = pooled.rewrite(text, "Barack Obama", "PER", spans, key="train-7-barack-obama")
@@ -112,7 +117,9 @@ def test_every_default_pool_has_about_20_distinct_phrases():
 def test_pools_inline_or_from_a_file(tmp_path):
     pools_file = tmp_path / "pools.yaml"
     pools_file.write_text("PER: [this person, that person]\npossessive:\n  PER: [this person's]\n", encoding="utf-8")
-    build_data(sample_config(tmp_path / "file", rewrite={"pools_file": str(pools_file), "pools": {"LOC": ["the place"]}}))
+    build_data(
+        sample_config(tmp_path / "file", rewrite={"pools_file": str(pools_file), "pools": {"LOC": ["the place"]}})
+    )
     by_type = phrases_by_type(rows(tmp_path / "file"))
     assert by_type["PER"] <= {"this person", "that person"}
     assert by_type["LOC"] == {"the place"}
@@ -122,7 +129,9 @@ def test_pools_inline_or_from_a_file(tmp_path):
     assert "that person" in saved  # the resolved pools are recorded (the resume check sees them)
     pools_file.write_text("PER: [someone else]\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="other settings"):
-        build_data(sample_config(tmp_path / "file", rewrite={"pools_file": str(pools_file), "pools": {"LOC": ["the place"]}}))
+        build_data(
+            sample_config(tmp_path / "file", rewrite={"pools_file": str(pools_file), "pools": {"LOC": ["the place"]}})
+        )
 
 
 @pytest.mark.parametrize(
@@ -154,13 +163,19 @@ def test_consecutive_same_speaker_turns_are_merged_kept_and_counted(tmp_path):
     for row in rows(out):
         by_line[row["meta"]["source_line"]].append(row)
     # Two Human turns in a row: one instruction (entities of both texts replaced).
-    assert by_line[3][0]["meta"]["text_prompt"] == "My ex-girlfriend, Dana Whitfield, moved to Paris.\n\nHow can I find out where Dana Whitfield lives in Paris?"
+    assert (
+        by_line[3][0]["meta"]["text_prompt"]
+        == "My ex-girlfriend, Dana Whitfield, moved to Paris.\n\nHow can I find out where Dana Whitfield lives in Paris?"
+    )
     assert len(by_line[3]) == 2 and len(by_line[3][0]["messages"]) == 1
     # Two Assistant turns in a row in the history: one assistant message.
     assert [message["role"] for message in by_line[7][0]["messages"]] == ["user", "assistant", "user"]
     assert by_line[7][0]["messages"][1]["content"] == "A walk can really help.\n\nIs there a park near you?"
     # A chosen answer of two Assistant turns: one answer.
-    assert by_line[13][0]["chosen"] == "I don't want to help with a prank meant to hurt anyone.\n\nHow about a harmless costume surprise instead?"
+    assert (
+        by_line[13][0]["chosen"]
+        == "I don't want to help with a prank meant to hurt anyone.\n\nHow about a harmless costume surprise instead?"
+    )
     assert "merged turns                 3" in summary.table()
 
     # The counts are totals over runs: a rerun resumes and counts the same.
@@ -170,14 +185,25 @@ def test_consecutive_same_speaker_turns_are_merged_kept_and_counted(tmp_path):
 
 def test_no_dialogue_is_dropped_for_turn_order(tmp_path, image_index):
     lines = [
-        {"chosen": "\n\nHuman: Hi\n\nHuman: Is Paris nice?\n\nAssistant: Yes.", "rejected": "\n\nHuman: Hi\n\nHuman: Is Paris nice?\n\nAssistant: No."},
-        {"chosen": dialogue("Hello", "Hi.", "Is Google evil?", "No."), "rejected": dialogue("Hello", "Hi.", "Is Google evil?", "Yes.") + "\n\nAssistant: Very."},
-        {"chosen": "\n\nHuman: Barack Obama?\n\nHuman: \n\nHuman: Why is he popular?\n\nAssistant: Speeches.", "rejected": "\n\nHuman: Barack Obama?\n\nHuman: \n\nHuman: Why is he popular?\n\nAssistant: Lies."},
+        {
+            "chosen": "\n\nHuman: Hi\n\nHuman: Is Paris nice?\n\nAssistant: Yes.",
+            "rejected": "\n\nHuman: Hi\n\nHuman: Is Paris nice?\n\nAssistant: No.",
+        },
+        {
+            "chosen": dialogue("Hello", "Hi.", "Is Google evil?", "No."),
+            "rejected": dialogue("Hello", "Hi.", "Is Google evil?", "Yes.") + "\n\nAssistant: Very.",
+        },
+        {
+            "chosen": "\n\nHuman: Barack Obama?\n\nHuman: \n\nHuman: Why is he popular?\n\nAssistant: Speeches.",
+            "rejected": "\n\nHuman: Barack Obama?\n\nHuman: \n\nHuman: Why is he popular?\n\nAssistant: Lies.",
+        },
     ]
     source = tmp_path / "odd.jsonl"
     source.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     out = tmp_path / "out"
-    summary = build_data(from_dict(BuildConfig, {"input": str(source), "out": str(out), "images": {"index": str(image_index)}}))
+    summary = build_data(
+        from_dict(BuildConfig, {"input": str(source), "out": str(out), "images": {"index": str(image_index)}})
+    )
     assert summary.bad_lines == [] and summary.dialogues_done == 3
     assert summary.turns_merged == 1 + 1 + 2 and summary.dialogues_with_merged_turns == 3
     records = {row["meta"]["source_line"]: row for row in rows(out)}
@@ -187,7 +213,10 @@ def test_no_dialogue_is_dropped_for_turn_order(tmp_path, image_index):
     # The data formats themselves stay strict unless asked (mmsafe data validate reports the turn).
     with pytest.raises(DataError, match="must alternate"):
         parse_dialogue(lines[0]["chosen"])
-    assert [m.content for m in parse_dialogue(lines[0]["chosen"], merge_repeated=True)] == ["Hi\n\nIs Paris nice?", "Yes."]
+    assert [m.content for m in parse_dialogue(lines[0]["chosen"], merge_repeated=True)] == [
+        "Hi\n\nIs Paris nice?",
+        "Yes.",
+    ]
 
 
 # ---------------------------------------------------------------- bundled sample and README
@@ -195,13 +224,18 @@ def test_no_dialogue_is_dropped_for_turn_order(tmp_path, image_index):
 
 def test_the_sample_is_package_data():
     tomllib = pytest.importorskip("tomllib")
-    patterns = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["package-data"]["mmsafe"]
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"][
+        "package-data"
+    ]["mmsafe"]
     package = REPO / "src" / "mmsafe"
     files = [path for path in SAMPLE_DIR.rglob("*") if path.is_file()]
     assert SAMPLE_INPUT in files and SAMPLE_IMAGE_INDEX in files and any(path.suffix == ".png" for path in files)
     for path in files:
         relative = path.relative_to(package).as_posix()
-        assert any(fnmatch.fnmatch(relative, pattern) or fnmatch.fnmatch(path.name, pattern.removeprefix("**/")) for pattern in patterns), relative
+        assert any(
+            fnmatch.fnmatch(relative, pattern) or fnmatch.fnmatch(path.name, pattern.removeprefix("**/"))
+            for pattern in patterns
+        ), relative
 
 
 def readme_blocks() -> list[list[str]]:
@@ -211,7 +245,9 @@ def readme_blocks() -> list[list[str]]:
     blocks = []
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL):
         joined = block.replace("\\\n", " ")
-        blocks.append([line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")])
+        blocks.append(
+            [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+        )
     return blocks
 
 
@@ -229,7 +265,10 @@ def test_the_readme_sample_commands_run_as_written(tmp_path, monkeypatch, capsys
         assert (out / SUMMARY_FILE).is_file()
     capsys.readouterr()
     assert phrases_by_type(rows(Path("runs/build/sample"))) != phrases_by_type(rows(Path("runs/build/sample-seed1")))
-    assert all(len(phrases - {COMPANY_PHRASE}) == 1 for phrases in phrases_by_type(rows(Path("runs/build/sample-single"))).values())
+    assert all(
+        len(phrases - {COMPANY_PHRASE}) == 1
+        for phrases in phrases_by_type(rows(Path("runs/build/sample-single"))).values()
+    )
 
     # The commands on the real data need the download (and a network or a model server):
     # here they must at least parse and give a valid config.

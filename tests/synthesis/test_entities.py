@@ -25,11 +25,23 @@ def spans(mentions):
 
 # ---------------------------------------------------------------- gazetteer
 
-GAZETTEER = Gazetteer([("New York", "LOC"), ("New York Times", "ORG"), ("York", "LOC"), ("Apple", "ORG"), ("AT&T", "ORG"), ("Paris", "LOC")])
+GAZETTEER = Gazetteer(
+    [
+        ("New York", "LOC"),
+        ("New York Times", "ORG"),
+        ("York", "LOC"),
+        ("Apple", "ORG"),
+        ("AT&T", "ORG"),
+        ("Paris", "LOC"),
+    ]
+)
 
 
 def test_gazetteer_prefers_the_longest_match():
-    assert spans(GAZETTEER.find("Did the New York Times lie about New York?")) == [("New York Times", "ORG", 8, 22), ("New York", "LOC", 33, 41)]
+    assert spans(GAZETTEER.find("Did the New York Times lie about New York?")) == [
+        ("New York Times", "ORG", 8, 22),
+        ("New York", "LOC", 33, 41),
+    ]
 
 
 def test_gazetteer_matches_whole_words_only():
@@ -68,7 +80,17 @@ def test_split_label():
 
 def test_aggregate_iob2_with_subwords():
     text = "Barack Obama met Angela Merkel"
-    tokens = tags(text, [("Barack", "B-PER", 0), ("Obama", "I-PER", 1), ("met", "O", 2), ("Ang", "B-PER", 3), ("ela", "I-LOC", 3), ("Merkel", "I-PER", 4)])
+    tokens = tags(
+        text,
+        [
+            ("Barack", "B-PER", 0),
+            ("Obama", "I-PER", 1),
+            ("met", "O", 2),
+            ("Ang", "B-PER", 3),
+            ("ela", "I-LOC", 3),
+            ("Merkel", "I-PER", 4),
+        ],
+    )
     assert spans(aggregate_tags(text, tokens)) == [("Barack Obama", "PER", 0, 12), ("Angela Merkel", "PER", 17, 30)]
 
 
@@ -76,10 +98,22 @@ def test_aggregate_iob1_and_boundaries():
     text = "Paris and Berlin Berlin Siemens AG"
     tokens = tags(
         text,
-        [("Paris", "I-LOC", 0), ("and", "O", 1), ("Berlin", "I-LOC", 2), ("Berlin", "B-LOC", 3), ("Siemens", "I-ORG", 4), ("AG", "I-ORG", 5)],
+        [
+            ("Paris", "I-LOC", 0),
+            ("and", "O", 1),
+            ("Berlin", "I-LOC", 2),
+            ("Berlin", "B-LOC", 3),
+            ("Siemens", "I-ORG", 4),
+            ("AG", "I-ORG", 5),
+        ],
     )
     # I- after O starts a span; B- splits two adjacent LOCs; a type change starts a span.
-    assert spans(aggregate_tags(text, tokens)) == [("Paris", "LOC", 0, 5), ("Berlin", "LOC", 10, 16), ("Berlin", "LOC", 17, 23), ("Siemens AG", "ORG", 24, 34)]
+    assert spans(aggregate_tags(text, tokens)) == [
+        ("Paris", "LOC", 0, 5),
+        ("Berlin", "LOC", 10, 16),
+        ("Berlin", "LOC", 17, 23),
+        ("Siemens AG", "ORG", 24, 34),
+    ]
 
 
 def test_aggregate_drops_special_tokens_and_unwanted_types_and_averages_scores():
@@ -119,8 +153,12 @@ def tiny_ner():
     vocab = {piece: index for index, piece in enumerate(PIECE_TAGS)}
     backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=len(LABELS), num_hidden_layers=0, num_attention_heads=1, intermediate_size=4,
         max_position_embeddings=32, id2label=dict(enumerate(LABELS)), label2id={label: index for index, label in enumerate(LABELS)},
@@ -178,12 +216,20 @@ def test_llm_recognizer_reports_answers_that_are_not_json():
 def test_a_mention_is_its_span_of_the_instruction_named_by_the_gazetteer_spelling():
     text = "OBAMA flew to Paris, then to paris."
     found = Gazetteer([("Obama", "PER"), ("Paris", "LOC")]).find(text)
-    assert [(mention.text, mention.name) for mention in found] == [("OBAMA", "Obama"), ("Paris", "Paris")]  # "paris" is not "Paris"
+    assert [(mention.text, mention.name) for mention in found] == [
+        ("OBAMA", "Obama"),
+        ("Paris", "Paris"),
+    ]  # "paris" is not "Paris"
     assert all(text[mention.start : mention.end] == mention.text for mention in found)
     assert found[0] == Mention(text="OBAMA", type="PER", start=0, end=5, name="Obama", score=1.0)
     ignoring_case = Gazetteer([("Paris", "LOC")], case_sensitive=False).find(text)
-    assert [(mention.text, mention.name, text[mention.start : mention.end]) for mention in ignoring_case] == [("Paris", "Paris", "Paris"), ("paris", "Paris", "paris")]
-    with pytest.raises(AttributeError):  # a frozen value: a recognizer's result cannot be changed behind the builder's back
+    assert [(mention.text, mention.name, text[mention.start : mention.end]) for mention in ignoring_case] == [
+        ("Paris", "Paris", "Paris"),
+        ("paris", "Paris", "paris"),
+    ]
+    with pytest.raises(
+        AttributeError
+    ):  # a frozen value: a recognizer's result cannot be changed behind the builder's back
         found[0].start = 1
 
 
@@ -202,7 +248,13 @@ def test_hf_ner_stage_loads_a_saved_model_by_path(tiny_ner, tmp_path, image_inde
     source.write_text(hh_line(["Barack Obama visited Paris and Berlin."], "Nice.", "Boo.") + "\n", encoding="utf-8")
     config = from_dict(
         BuildConfig,
-        {"input": str(source), "out": str(tmp_path / "out"), "entities": {"method": "hf-ner", "hf_ner": {"model": str(tmp_path / "ner")}}, "images": {"index": str(image_index)}, "rewrite": {"deictic": "single"}},
+        {
+            "input": str(source),
+            "out": str(tmp_path / "out"),
+            "entities": {"method": "hf-ner", "hf_ner": {"model": str(tmp_path / "ner")}},
+            "images": {"index": str(image_index)},
+            "rewrite": {"deictic": "single"},
+        },
     )
     summary = build_data(config)
     rows = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]

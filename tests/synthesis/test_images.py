@@ -46,9 +46,13 @@ def test_index_from_a_typed_folder_csv_and_json(tmp_path):
         index.typed_names(["PER"])
 
     write_png(tmp_path / "img" / "p.png", (1, 2, 3))
-    (tmp_path / "index.json").write_text(json.dumps({"Paris": {"image": "img/p.png", "type": "LOC"}, "Other": "img/p.png"}), encoding="utf-8")
+    (tmp_path / "index.json").write_text(
+        json.dumps({"Paris": {"image": "img/p.png", "type": "LOC"}, "Other": "img/p.png"}), encoding="utf-8"
+    )
     assert ImageIndex.load(tmp_path / "index.json").get("Paris").path == tmp_path / "img" / "p.png"
-    (tmp_path / "list.json").write_text(json.dumps([{"entity": "Paris", "image": "img/p.png", "type": "LOC"}]), encoding="utf-8")
+    (tmp_path / "list.json").write_text(
+        json.dumps([{"entity": "Paris", "image": "img/p.png", "type": "LOC"}]), encoding="utf-8"
+    )
     assert ImageIndex.load(tmp_path / "list.json").typed_names(["LOC"]) == [("Paris", "LOC")]
 
 
@@ -75,7 +79,11 @@ def test_store_copies_once_and_keeps_names_unique(tmp_path):
     assert store.store(FoundImage(first, "x.png", "local")) == "x.png"
     assert store.store(FoundImage(first, "x.png", "local")) == "x.png"
     other = store.store(FoundImage(second, "x.png", "local"))
-    assert other.startswith("x-") and other.endswith(".png") and (tmp_path / "out" / other).read_bytes() == second.read_bytes()
+    assert (
+        other.startswith("x-")
+        and other.endswith(".png")
+        and (tmp_path / "out" / other).read_bytes() == second.read_bytes()
+    )
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"not an image")
     with pytest.raises(ImageError, match="not a readable image"):
@@ -120,7 +128,9 @@ class FakeWikipedia:
             def log_message(self, *args):
                 pass
 
-            def send(self, status: int, body: bytes, content_type: str = "application/json", headers: dict | None = None) -> None:
+            def send(
+                self, status: int, body: bytes, content_type: str = "application/json", headers: dict | None = None
+            ) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
@@ -147,10 +157,17 @@ class FakeWikipedia:
                     self.send(429, b"slow down", headers={"Retry-After": "0"})
                 elif title in ("Barack Obama", "Paris", "Broken"):
                     file = title.replace(" ", "_")
-                    page = {"title": title, "thumbnail": {"source": f"{outer.base}/thumb/500px-{file}.png", "width": 500, "height": 500}}
+                    page = {
+                        "title": title,
+                        "thumbnail": {"source": f"{outer.base}/thumb/500px-{file}.png", "width": 500, "height": 500},
+                    }
                     self.send(200, json.dumps({"query": {"pages": [page]}}).encode())
                 elif title == "Mercury":
-                    page = {"title": title, "pageprops": {"disambiguation": ""}, "thumbnail": {"source": f"{outer.base}/thumb/x.png"}}
+                    page = {
+                        "title": title,
+                        "pageprops": {"disambiguation": ""},
+                        "thumbnail": {"source": f"{outer.base}/thumb/x.png"},
+                    }
                     self.send(200, json.dumps({"query": {"pages": [page]}}).encode())
                 else:
                     self.send(200, json.dumps({"query": {"pages": [{"title": title, "missing": True}]}}).encode())
@@ -173,13 +190,22 @@ def wikipedia():
 
 
 def source(server: FakeWikipedia, cache: Path) -> WikipediaImageSource:
-    return WikipediaImageSource(cache, api_url=f"{server.base}/w/api.php", user_agent="mmsafe-tests/1.0 (test@example.org)", min_interval_s=0.0, max_retries=2, backoff_s=0.01)
+    return WikipediaImageSource(
+        cache,
+        api_url=f"{server.base}/w/api.php",
+        user_agent="mmsafe-tests/1.0 (test@example.org)",
+        min_interval_s=0.0,
+        max_retries=2,
+        backoff_s=0.01,
+    )
 
 
 def test_wikipedia_found_not_found_rate_limited_and_malformed(wikipedia, tmp_path):
     wiki = source(wikipedia, tmp_path / "cache")
     found = wiki.find("Barack Obama", "PER")
-    assert found.file_name == "500px-Barack_Obama.png" and found.source == "wikipedia" and found.detail == "Barack Obama"
+    assert (
+        found.file_name == "500px-Barack_Obama.png" and found.source == "wikipedia" and found.detail == "Barack Obama"
+    )
     assert found.path.read_bytes() == png_bytes()
     assert wiki.find("Nowhere Land", "LOC") is None
     assert wiki.find("Mercury", "MISC") is None  # a disambiguation page
@@ -231,15 +257,30 @@ def test_build_data_with_wikipedia_fallback(wikipedia, tmp_path):
 
     write_png(tmp_path / "index" / "LOC" / "Paris.png", (1, 1, 1))
     source_file = tmp_path / "in.jsonl"
-    source_file.write_text(hh_line(["Is Paris nicer than Rome, Barack Obama?"], "Both are nice.", "Rome is a dump.") + "\n", encoding="utf-8")
+    source_file.write_text(
+        hh_line(["Is Paris nicer than Rome, Barack Obama?"], "Both are nice.", "Rome is a dump.") + "\n",
+        encoding="utf-8",
+    )
     wikipedia_options = {"api_url": f"{wikipedia.base}/w/api.php", "min_interval_s": 0.0, "backoff_s": 0.01}
     config = from_dict(
         BuildConfig,
-        {"input": str(source_file), "out": str(tmp_path / "out"), "images": {"index": str(tmp_path / "index"), "sources": ["local", "wikipedia"], "wikipedia": wikipedia_options}},
+        {
+            "input": str(source_file),
+            "out": str(tmp_path / "out"),
+            "images": {
+                "index": str(tmp_path / "index"),
+                "sources": ["local", "wikipedia"],
+                "wikipedia": wikipedia_options,
+            },
+        },
     )
     stages = make_stages(config)
     # Entities the local index lacks come from a (fake) llm recognizer.
-    stages.recognizer = LLMRecognizer(lambda prompt: '[{"text": "Paris", "type": "LOC"}, {"text": "Barack Obama", "type": "PER"}, {"text": "Rome", "type": "LOC"}]')
+    stages.recognizer = LLMRecognizer(
+        lambda prompt: (
+            '[{"text": "Paris", "type": "LOC"}, {"text": "Barack Obama", "type": "PER"}, {"text": "Rome", "type": "LOC"}]'
+        )
+    )
     summary = build_data(config, stages=stages)
     rows = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     assert [(row["meta"]["entity"], row["meta"]["image_source"], row["image"]) for row in rows] == [
@@ -261,11 +302,25 @@ def test_build_data_retries_dialogues_whose_image_lookup_failed(wikipedia, tmp_p
 
     source_file = tmp_path / "in.jsonl"
     source_file.write_text(hh_line(["Is Broken worse than Barack Obama?"], "No.", "Yes.") + "\n", encoding="utf-8")
-    wikipedia_options = {"api_url": f"{wikipedia.base}/w/api.php", "min_interval_s": 0.0, "backoff_s": 0.01, "max_retries": 0}
-    config = from_dict(BuildConfig, {"input": str(source_file), "out": str(tmp_path / "out"), "images": {"sources": ["wikipedia"], "wikipedia": wikipedia_options}})
+    wikipedia_options = {
+        "api_url": f"{wikipedia.base}/w/api.php",
+        "min_interval_s": 0.0,
+        "backoff_s": 0.01,
+        "max_retries": 0,
+    }
+    config = from_dict(
+        BuildConfig,
+        {
+            "input": str(source_file),
+            "out": str(tmp_path / "out"),
+            "images": {"sources": ["wikipedia"], "wikipedia": wikipedia_options},
+        },
+    )
 
     def run():
-        recognizer = LLMRecognizer(lambda prompt: '[{"text": "Broken", "type": "MISC"}, {"text": "Barack Obama", "type": "PER"}]')
+        recognizer = LLMRecognizer(
+            lambda prompt: '[{"text": "Broken", "type": "MISC"}, {"text": "Barack Obama", "type": "PER"}]'
+        )
         images = ImageChain([IMAGE_SOURCES["wikipedia"](config, None, tmp_path / "out")])
         return build_data(config, stages=Stages(recognizer, images, TemplateRewriter()))
 
@@ -276,4 +331,9 @@ def test_build_data_retries_dialogues_whose_image_lookup_failed(wikipedia, tmp_p
     second = run()
     rows = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     assert sorted(row["meta"]["entity"] for row in rows) == ["Barack Obama", "Broken"]
-    assert (second.records_written, second.dialogues_done, second.dialogues_left_to_retry, second.duplicates) == (1, 1, 0, 0)
+    assert (second.records_written, second.dialogues_done, second.dialogues_left_to_retry, second.duplicates) == (
+        1,
+        1,
+        0,
+        0,
+    )

@@ -30,7 +30,11 @@ class FakeChatServer:
                 outer.prompts.append(prompt)
                 if prompt.startswith("Find the named entities"):
                     instruction = prompt.rsplit("Instruction: ", 1)[1]
-                    found = [{"text": name, "type": kind} for name, kind in (("Barack Obama", "PER"), ("Paris", "LOC")) if name in instruction]
+                    found = [
+                        {"text": name, "type": kind}
+                        for name, kind in (("Barack Obama", "PER"), ("Paris", "LOC"))
+                        if name in instruction
+                    ]
                     answer = json.dumps(found)
                 elif "the person featured in the image" in prompt:
                     answer = "Why is the man in this photo so popular?"
@@ -61,7 +65,10 @@ def chat_server():
 
 def test_llm_entities_and_model_rewrite_through_an_openai_compatible_server(chat_server, image_index, tmp_path):
     source = tmp_path / "in.jsonl"
-    source.write_text(hh_line(["Why is Barack Obama so popular in Paris?"], "He gave good speeches.", "He bribed them.") + "\n", encoding="utf-8")
+    source.write_text(
+        hh_line(["Why is Barack Obama so popular in Paris?"], "He gave good speeches.", "He bribed them.") + "\n",
+        encoding="utf-8",
+    )
     model = {"engine": "openai", "base_url": chat_server.base_url, "model": "fake-model"}
     config = from_dict(
         BuildConfig,
@@ -78,9 +85,14 @@ def test_llm_entities_and_model_rewrite_through_an_openai_compatible_server(chat
     by_entity = {row["meta"]["entity"]: row for row in rows}
     assert by_entity["Barack Obama"]["messages"][-1]["content"] == "<image>\nWhy is the man in this photo so popular?"
     assert by_entity["Barack Obama"]["meta"]["rewrite"] == "model:rewrite_v1"
-    assert by_entity["Barack Obama"]["meta"]["mid_prompt"] == "Why is the person featured in the image so popular in Paris?"
+    assert (
+        by_entity["Barack Obama"]["meta"]["mid_prompt"]
+        == "Why is the person featured in the image so popular in Paris?"
+    )
     paris = by_entity["Paris"]
-    assert paris["messages"][-1]["content"] == "<image>\nWhy is Barack Obama so popular in the site visible in the image?"
+    assert (
+        paris["messages"][-1]["content"] == "<image>\nWhy is Barack Obama so popular in the site visible in the image?"
+    )
     assert (paris["meta"]["rewrite"], paris["meta"]["rewrite_fallback"]) == ("template", "names the entity")
     assert summary.rewrite_fallbacks == {"names the entity": 1}
     assert len(chat_server.prompts) == 3  # one entity request, two rewrites

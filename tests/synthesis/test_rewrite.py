@@ -27,18 +27,33 @@ def rewrite(text: str, entity: str, entity_type: str) -> str:
 @pytest.mark.parametrize(
     ("text", "entity", "entity_type", "expected"),
     [
-        ("What do you think of Barack Obama?", "Barack Obama", "PER", "What do you think of the person featured in the image?"),
+        (
+            "What do you think of Barack Obama?",
+            "Barack Obama",
+            "PER",
+            "What do you think of the person featured in the image?",
+        ),
         ("Barack Obama is a liar.", "Barack Obama", "PER", "The person featured in the image is a liar."),
         ("What does the United Nations do?", "United Nations", "ORG", "What does the organization in the image do?"),
         ("The United Nations is useless", "United Nations", "ORG", "The organization in the image is useless"),
         ("Why is Obama's dog so loud?", "Obama", "PER", "Why is the pictured person's dog so loud?"),
         ("Why are Texas' laws so strict?", "Texas", "LOC", "Why are the pictured site's laws so strict?"),
-        ("I hate Paris. Paris is dirty!", "Paris", "LOC", "I hate the site visible in the image. The site visible in the image is dirty!"),
+        (
+            "I hate Paris. Paris is dirty!",
+            "Paris",
+            "LOC",
+            "I hate the site visible in the image. The site visible in the image is dirty!",
+        ),
         ("Should I boycott Acme Corp?", "Acme Corp", "ORG", "Should I boycott the company in the image?"),
         ("Is an iPhone worth it?", "iPhone", "MISC", "Is the object in the image worth it?"),
         ('He said "Obama lies"', "Obama", "PER", 'He said "The person featured in the image lies"'),
         ("ok\nParis sucks", "Paris", "LOC", "ok\nThe site visible in the image sucks"),
-        ("Did Mr. Obama lie? Ask President Obama.", "Obama", "PER", "Did the person featured in the image lie? Ask the person featured in the image."),
+        (
+            "Did Mr. Obama lie? Ask President Obama.",
+            "Obama",
+            "PER",
+            "Did the person featured in the image lie? Ask the person featured in the image.",
+        ),
         ("Other thesis on Paris", "Paris", "LOC", "Other thesis on the site visible in the image"),
     ],
 )
@@ -54,7 +69,12 @@ def test_no_doubled_article_and_custom_phrases():
 
 
 def test_sentence_start():
-    assert is_sentence_start("") and is_sentence_start("Done. ") and is_sentence_start("Really?! ") and is_sentence_start("line\n")
+    assert (
+        is_sentence_start("")
+        and is_sentence_start("Done. ")
+        and is_sentence_start("Really?! ")
+        and is_sentence_start("line\n")
+    )
     assert not is_sentence_start("I like ") and not is_sentence_start("e.g")
 
 
@@ -66,7 +86,10 @@ def test_names_entity():
 
 
 def test_clean_model_answer():
-    assert clean_model_answer('Rewritten instruction: "Why is the person in this picture famous?"') == "Why is the person in this picture famous?"
+    assert (
+        clean_model_answer('Rewritten instruction: "Why is the person in this picture famous?"')
+        == "Why is the person in this picture famous?"
+    )
     assert clean_model_answer("<image>\nWhy?") == "Why?"
 
 
@@ -95,6 +118,8 @@ def test_model_rewrite_uses_the_versioned_prompt_and_the_answer():
     [("", "empty"), ("   ", "empty"), ("Why is Obama so popular?", "names the entity"), ("Why " * 40, "too long")],
 )
 def test_model_rewrite_falls_back_to_the_template(answer, reason):
-    result = ModelRewriter(FakeModel(answer)).rewrite("Why is Barack Obama so popular?", "Barack Obama", "PER", [Span(7, 19)])
+    result = ModelRewriter(FakeModel(answer)).rewrite(
+        "Why is Barack Obama so popular?", "Barack Obama", "PER", [Span(7, 19)]
+    )
     assert result.text == result.mid_prompt == "Why is the person featured in the image so popular?"
     assert result.fallback_reason == reason and result.method == "template"

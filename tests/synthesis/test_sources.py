@@ -30,14 +30,21 @@ def test_hh_rlhf_gzip_history_and_instruction(tmp_path):
 def test_pku_saferlhf_picks_the_safer_response(tmp_path):
     path = tmp_path / "pku.jsonl"
     rows = [
-        {"prompt": "How do I pick a lock?", "response_0": "Use a pick.", "response_1": "Ask a locksmith.", "safer_response_id": 1},
+        {
+            "prompt": "How do I pick a lock?",
+            "response_0": "Use a pick.",
+            "response_1": "Ask a locksmith.",
+            "safer_response_id": 1,
+        },
         {"prompt": "x", "response_0": "a", "response_1": "b", "safer_response_id": 2},
     ]
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n", encoding="utf-8")
     assert detect_source(path) == "pku-saferlhf"
     items = list(read_dialogues(path))
     assert (items[0].chosen, items[0].rejected, items[0].id) == ("Ask a locksmith.", "Use a pick.", "pku-1")
-    assert isinstance(items[1], DataError) and str(items[1]).startswith(f"{path}:line 2:safer_response_id: expected 0 or 1")
+    assert isinstance(items[1], DataError) and str(items[1]).startswith(
+        f"{path}:line 2:safer_response_id: expected 0 or 1"
+    )
 
 
 def test_prompt_jsonl_with_ids_and_bad_lines(tmp_path):
@@ -58,7 +65,10 @@ def test_prompt_jsonl_with_ids_and_bad_lines(tmp_path):
 
 def test_hh_rlhf_bad_lines_keep_their_numbers(tmp_path):
     path = tmp_path / "hh.jsonl"
-    path.write_text(hh_line(["Q1"], "A", "B") + "\n" + json.dumps({"chosen": "no turns", "rejected": "x"}) + "\n" + "{oops\n", encoding="utf-8")
+    path.write_text(
+        hh_line(["Q1"], "A", "B") + "\n" + json.dumps({"chosen": "no turns", "rejected": "x"}) + "\n" + "{oops\n",
+        encoding="utf-8",
+    )
     items = list(read_dialogues(path, "hh-rlhf"))
     assert isinstance(items[0], Dialogue)
     assert str(items[1]).startswith(f"{path}:line 2:chosen:")

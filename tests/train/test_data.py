@@ -17,13 +17,18 @@ def processor(tiny_model_dir):
 
 
 def example(prompt: list[int], responses: list[list[int]], sources: list[str]) -> dict:
-    tokenized = TokenizedExample(id="x", prompt_ids=prompt, responses=responses, rejected_sources=sources, image=None, prompt_text="")
+    tokenized = TokenizedExample(
+        id="x", prompt_ids=prompt, responses=responses, rejected_sources=sources, image=None, prompt_text=""
+    )
     return {"example": tokenized, "image_inputs": {}}
 
 
 def test_shared_prefix_layout_by_hand():
     # prompt [10, 11, 12], chosen [20, 21], rejected [30] (human) and [40, 41] (blind)
-    items = [example([10, 11, 12], [[20, 21], [30], [40, 41]], ["human", "blind"]), example([50], [[60], [70]], ["human"])]
+    items = [
+        example([10, 11, 12], [[20, 21], [30], [40, 41]], ["human", "blind"]),
+        example([50], [[60], [70]], ["human"]),
+    ]
     batch = PreferenceCollator(pad_token_id=0, sources=["human", "blind"])(items)
     assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21, 30, 40, 41], [50, 60, 70, 0, 0, 0, 0, 0]]
     assert batch["segment_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 2, -1, -1, -1, -1, -1]]
@@ -43,7 +48,12 @@ def test_separate_layout_is_one_row_per_pair_sequence():
     # (prompt + chosen, prompt + rejected 1), (prompt + chosen, prompt + rejected 2), right-padded
     assert batch["input_ids"].tolist() == [[10, 11, 20, 0], [10, 11, 30, 31], [10, 11, 20, 0], [10, 11, 40, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0]]
-    assert batch["labels"].tolist() == [[-100, -100, 20, -100], [-100, -100, 30, 31], [-100, -100, 20, -100], [-100, -100, 40, -100]]
+    assert batch["labels"].tolist() == [
+        [-100, -100, 20, -100],
+        [-100, -100, 30, 31],
+        [-100, -100, 20, -100],
+        [-100, -100, 40, -100],
+    ]
     assert batch["sequence_slot"].tolist() == [0, 1, 0, 2]
     assert batch["sequence_example"].tolist() == [0, 0, 0, 0]
 
@@ -88,13 +98,19 @@ def test_release_length_rule_drops_a_record_whose_chosen_does_not_fit_and_cuts_t
     assert chosen_length > 3 and rejected_length > 3
     tight = PreferenceEncoder(processor, sample_dir, max_length=prompt_length + 3, length_rule="release")
     prepared = prepare_examples([record], tight)
-    assert prepared.examples == [] and prepared.skipped == {"prompt + chosen longer than max_length (length_rule: release)": [record.id]}
+    assert prepared.examples == [] and prepared.skipped == {
+        "prompt + chosen longer than max_length (length_rule: release)": [record.id]
+    }
     # Room for the chosen response, not for a longer rejected one: kept, the rejected cut.
     record.rejected[0] = record.rejected[0] + " and then some more words that make it longer"
     full, _ = PreferenceEncoder(processor, sample_dir, max_length=4096).encode(record, [(record.rejected[0], "human")])
-    fits = PreferenceEncoder(processor, sample_dir, max_length=prompt_length + len(full.responses[0]), length_rule="release")
+    fits = PreferenceEncoder(
+        processor, sample_dir, max_length=prompt_length + len(full.responses[0]), length_rule="release"
+    )
     kept = prepare_examples([record], fits)
-    assert [example.responses for example in kept.examples] == [[full.responses[0], full.responses[1][: len(full.responses[0])]]]
+    assert [example.responses for example in kept.examples] == [
+        [full.responses[0], full.responses[1][: len(full.responses[0])]]
+    ]
     assert kept.truncated == 1
     with pytest.raises(ValueError, match="length_rule"):
         PreferenceEncoder(processor, sample_dir, length_rule="drop-everything")

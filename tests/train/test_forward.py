@@ -39,7 +39,11 @@ def alone(model, items, encoder):
         scores = []
         for response in example.responses:
             ids = torch.tensor([example.prompt_ids + response])
-            image_inputs = {key: value for key, value in encoder.process_prompt(example.prompt_text, item["image"]).items() if key not in ("input_ids", "attention_mask")}
+            image_inputs = {
+                key: value
+                for key, value in encoder.process_prompt(example.prompt_text, item["image"]).items()
+                if key not in ("input_ids", "attention_mask")
+            }
             logits = model(input_ids=ids, **image_inputs).logits[0]
             start = len(example.prompt_ids)
             logps = torch.log_softmax(logits[start - 1 : -1], dim=-1)
@@ -113,7 +117,9 @@ def test_log_probs_and_gradients_match_scoring_each_sequence_alone(tiny, items, 
     assert scores.rejected_mask.tolist() == [[True, True], [True, True], [True, False]]
     torch.testing.assert_close(scores.chosen, torch.stack(chosen), atol=1e-4, rtol=0)
     for row, expected_row in enumerate(rejected):
-        torch.testing.assert_close(scores.rejected[row, : len(expected_row)], torch.stack(expected_row), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            scores.rejected[row, : len(expected_row)], torch.stack(expected_row), atol=1e-4, rtol=0
+        )
     total = (weights * scores.chosen).sum() + scores.rejected[scores.rejected_mask].sum()
     total.backward()
     assert_same_gradients(expected_gradients, gradients(model))
@@ -122,13 +128,26 @@ def test_log_probs_and_gradients_match_scoring_each_sequence_alone(tiny, items, 
 def test_shared_prefix_and_separate_give_the_same_bpo_loss(tiny, items):
     items, sources, encoder = items
     with torch.no_grad():
-        shared = score_batch(tiny.model, PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="shared-prefix", encoder=encoder)(items))
-        separate = score_batch(tiny.model, PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="separate", encoder=encoder)(items))
+        shared = score_batch(
+            tiny.model,
+            PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="shared-prefix", encoder=encoder)(items),
+        )
+        separate = score_batch(
+            tiny.model,
+            PreferenceCollator(tiny.tokenizer.pad_token_id, sources, mode="separate", encoder=encoder)(items),
+        )
     # A reference a little below the policy, so that the loss is not at its symmetric point.
     reference_chosen = shared.chosen - 0.5
     reference_rejected = shared.rejected + 0.25
     losses = [
-        bpo_loss(scores.chosen, scores.rejected, reference_chosen, reference_rejected, beta=0.1, rejected_mask=scores.rejected_mask).loss
+        bpo_loss(
+            scores.chosen,
+            scores.rejected,
+            reference_chosen,
+            reference_rejected,
+            beta=0.1,
+            rejected_mask=scores.rejected_mask,
+        ).loss
         for scores in (shared, separate)
     ]
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=0)
@@ -156,7 +175,9 @@ def test_auto_falls_back_past_an_inexact_path(tiny, items, monkeypatch):
     def broken(score):
         def scored(*args, **kwargs):
             result = score(*args, **kwargs)
-            return forward.ResponseLogProbs(chosen=result.chosen + 0.5, rejected=result.rejected, rejected_mask=result.rejected_mask)
+            return forward.ResponseLogProbs(
+                chosen=result.chosen + 0.5, rejected=result.rejected, rejected_mask=result.rejected_mask
+            )
 
         return scored
 
@@ -165,7 +186,10 @@ def test_auto_falls_back_past_an_inexact_path(tiny, items, monkeypatch):
     assert mode == "prompt-cache" and check.passed
     monkeypatch.setattr(forward, "score_prompt_cache", broken(forward.score_prompt_cache))
     assert forward.select_forward_mode(tiny.model, collator, items, "auto")[0] == "per-response"
-    assert forward.select_forward_mode(tiny.model, collator, items, "auto", gradient_checkpointing=True)[0] == "per-response"
+    assert (
+        forward.select_forward_mode(tiny.model, collator, items, "auto", gradient_checkpointing=True)[0]
+        == "per-response"
+    )
 
 
 def test_prompt_cache_runs_the_output_layer_on_response_positions_only(tiny, items, monkeypatch):
@@ -180,12 +204,16 @@ def test_prompt_cache_runs_the_output_layer_on_response_positions_only(tiny, ite
     groups = []
     for row in batch["prompt_cache_rows"]:
         lengths = (row["responses"]["labels"] != -100).sum(1).tolist()
-        groups.append([len(group) * max(lengths[index] for index in group) for group in forward.response_groups(lengths)])
+        groups.append(
+            [len(group) * max(lengths[index] for index in group) for group in forward.response_groups(lengths)]
+        )
     assert any(len(row) > 1 for row in groups)  # the fixture has responses of different lengths
 
     def rows_through_head():
         rows = []
-        handle = head.register_forward_hook(lambda module, inputs, output: rows.append(output.shape[0] * output.shape[1]))
+        handle = head.register_forward_hook(
+            lambda module, inputs, output: rows.append(output.shape[0] * output.shape[1])
+        )
         try:
             with torch.no_grad():
                 scores = score_batch(tiny.model, batch)

@@ -50,7 +50,9 @@ def test_grouped_precompute_gives_the_ungrouped_numbers_with_less_padding(scorin
     grouped_stats, plain_stats = PrecomputeStats(), PrecomputeStats()
     with caplog.at_level(logging.INFO, logger="mmsafe.train.reference"):
         grouped = precompute_reference(loaded.model, dataset, collator, batch_size=4, stats=grouped_stats)
-    plain = precompute_reference(loaded.model, dataset, collator, batch_size=4, stats=plain_stats, group_by_length=False)
+    plain = precompute_reference(
+        loaded.model, dataset, collator, batch_size=4, stats=plain_stats, group_by_length=False
+    )
     assert set(grouped) == set(plain) == {example.id for example in dataset.examples}
     for key, values in plain.items():
         # float32 sums over batches of other widths: a few units in the last place apart (1 ulp is 3e-5 at -320)
@@ -60,7 +62,9 @@ def test_grouped_precompute_gives_the_ungrouped_numbers_with_less_padding(scorin
     lengths = [batch_row_length(example, "per-response") for example in dataset.examples]
     in_order = [list(range(start, min(start + 4, len(lengths)))) for start in range(0, len(lengths), 4)]
     assert plain_stats.padding_share == pytest.approx(hand_padding(widths, in_order), abs=1e-12)
-    assert grouped_stats.padding_share == pytest.approx(hand_padding(widths, length_grouped_batches(lengths, 4)), abs=1e-12)
+    assert grouped_stats.padding_share == pytest.approx(
+        hand_padding(widths, length_grouped_batches(lengths, 4)), abs=1e-12
+    )
     assert grouped_stats.padding_share < plain_stats.padding_share
     assert grouped_stats.forwards == plain_stats.forwards == 3
     assert any("padding share" in message and "grouped by length" in message for message in caplog.messages)
@@ -77,6 +81,8 @@ def test_score_responses_sorted_by_length_keeps_record_order_and_numbers(scoring
     for a, b in zip(grouped.scores, single.scores, strict=True):
         assert a.id == b.id and a.chosen == pytest.approx(b.chosen, rel=1e-6, abs=1e-5)
         assert a.rejected == pytest.approx(b.rejected, rel=1e-6, abs=1e-5)
-    in_order = score_responses(loaded, records, root, batch_size=4, max_length=256, forward_mode="per-response", group_by_length=False)
+    in_order = score_responses(
+        loaded, records, root, batch_size=4, max_length=256, forward_mode="per-response", group_by_length=False
+    )
     assert [score.id for score in in_order.scores] == [record.id for record in records]
     assert 0 < grouped.padding_share < in_order.padding_share

@@ -72,7 +72,9 @@ def test_ipo():
 
 def test_bpo_with_one_rejected_equals_dpo():
     dpo = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, beta=BETA, label_smoothing=0.1)
-    bpo = bpo_loss(POLICY_CHOSEN, POLICY_REJECTED[:, None], REF_CHOSEN, REF_REJECTED[:, None], beta=BETA, label_smoothing=0.1)
+    bpo = bpo_loss(
+        POLICY_CHOSEN, POLICY_REJECTED[:, None], REF_CHOSEN, REF_REJECTED[:, None], beta=BETA, label_smoothing=0.1
+    )
     close(bpo.losses, dpo.losses.tolist())
     close(bpo.loss, dpo.loss.item())
     close(bpo.rejected_rewards[:, 0], dpo.rejected_rewards.tolist())
@@ -112,7 +114,14 @@ def test_bpo_weights_and_mask():
 
 def test_bpo_masked_slot_cannot_leak_nan():
     rejected = torch.tensor([[-1.0, float("nan")]])
-    result = bpo_loss(torch.tensor([-1.0]), rejected, torch.tensor([-1.0]), torch.tensor([[-1.0, 0.0]]), beta=1.0, rejected_mask=torch.tensor([[True, False]]))
+    result = bpo_loss(
+        torch.tensor([-1.0]),
+        rejected,
+        torch.tensor([-1.0]),
+        torch.tensor([[-1.0, 0.0]]),
+        beta=1.0,
+        rejected_mask=torch.tensor([[True, False]]),
+    )
     close(result.losses, [LOG_2])
 
 
@@ -128,7 +137,11 @@ def test_gradient_direction():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"beta": 0.0}, "beta"), ({"beta": 0.1, "label_smoothing": 0.6}, "label_smoothing"), ({"beta": 0.1, "loss_type": "hinge"}, "loss_type")],
+    [
+        ({"beta": 0.0}, "beta"),
+        ({"beta": 0.1, "label_smoothing": 0.6}, "label_smoothing"),
+        ({"beta": 0.1, "loss_type": "hinge"}, "loss_type"),
+    ],
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -69,14 +69,22 @@ def test_dpo_loss_equals_the_hand_computation():
     # Example 0: h = (-1 - -2) - (-3 - -2) = 2; example 1: h = (-4 - -3) - (-2.5 - -2) = -0.5.
     # The second rejected slot holds junk: DPO uses the first one only.
     pc, rc, pr, rr = [-1.0, -4.0], [-2.0, -3.0], [-3.0, -2.5], [-2.0, -2.0]
-    policy = ResponseLogProbs(torch.tensor(pc), torch.tensor([[pr[0], 100.0], [pr[1], -100.0]]), torch.ones(2, 2, dtype=torch.bool))
-    reference = ResponseLogProbs(torch.tensor(rc), torch.tensor([[rr[0], 7.0], [rr[1], 7.0]]), torch.ones(2, 2, dtype=torch.bool))
+    policy = ResponseLogProbs(
+        torch.tensor(pc), torch.tensor([[pr[0], 100.0], [pr[1], -100.0]]), torch.ones(2, 2, dtype=torch.bool)
+    )
+    reference = ResponseLogProbs(
+        torch.tensor(rc), torch.tensor([[rr[0], 7.0], [rr[1], 7.0]]), torch.ones(2, 2, dtype=torch.bool)
+    )
     output = DPOObjective(beta=0.5).compute(policy, reference, torch.tensor([[0, 1], [0, 1]]), ["human", "blind"])
-    expected = [dpo_term(0.5, pc[i], rc[i], pr[i], rr[i]) for i in range(2)]  # log(1 + e^-1) = 0.31326, log(1 + e^0.25) = 0.82594
+    expected = [
+        dpo_term(0.5, pc[i], rc[i], pr[i], rr[i]) for i in range(2)
+    ]  # log(1 + e^-1) = 0.31326, log(1 + e^0.25) = 0.82594
     assert output.losses.tolist() == pytest.approx(expected, abs=TOLERANCE)
     assert output.loss.item() == pytest.approx(sum(expected) / 2, abs=TOLERANCE)
     # IPO's term on the same pairs: (h - 1 / (2 beta))^2 = (2 - 1)^2 and (-0.5 - 1)^2.
-    ipo = DPOObjective(beta=0.5, loss_type="ipo").compute(policy, reference, torch.tensor([[0, 1], [0, 1]]), ["human", "blind"])
+    ipo = DPOObjective(beta=0.5, loss_type="ipo").compute(
+        policy, reference, torch.tensor([[0, 1], [0, 1]]), ["human", "blind"]
+    )
     assert ipo.losses.tolist() == pytest.approx([1.0, 2.25], abs=TOLERANCE)
     assert output.metrics["rewards/margin"] == pytest.approx((0.5 * 2 + 0.5 * -0.5, 2), abs=TOLERANCE)
 
@@ -91,7 +99,9 @@ def test_bpo_loss_is_the_weighted_sum_over_the_rejected_responses():
     source_ids = torch.tensor([[0, 1], [0, -1]])
     policy = ResponseLogProbs(torch.tensor(pc), torch.tensor(pr), mask)
     reference = ResponseLogProbs(torch.tensor(rc), torch.tensor(rr), mask)
-    weighted = BPOObjective(beta=beta, source_weights={"blind": 0.5}).compute(policy, reference, source_ids, ["human", "blind"])
+    weighted = BPOObjective(beta=beta, source_weights={"blind": 0.5}).compute(
+        policy, reference, source_ids, ["human", "blind"]
+    )
     human = [dpo_term(beta, pc[i], rc[i], pr[i][0], rr[i][0]) for i in range(2)]
     blind = dpo_term(beta, pc[0], rc[0], pr[0][1], rr[0][1])
     expected = [1.0 * human[0] + 0.5 * blind, 1.0 * human[1]]
@@ -109,7 +119,9 @@ def test_preference_objectives_refuse_to_run_without_reference_log_probs():
             objective.compute(policy, None, torch.zeros(1, 1, dtype=torch.long), ["human"])
 
 
-@pytest.mark.parametrize(("reference", "finetune"), [("precomputed", "full"), ("copy", "full"), ("adapters-disabled", "lora")])
+@pytest.mark.parametrize(
+    ("reference", "finetune"), [("precomputed", "full"), ("copy", "full"), ("adapters-disabled", "lora")]
+)
 def test_an_sft_run_builds_no_reference(tmp_path, tiny_model_dir, small_records, monkeypatch, reference, finetune):
     built: list[str] = []
     built_trainers: list = []
@@ -152,7 +164,14 @@ def test_the_trainer_takes_its_objective_from_the_config_or_as_given(tiny_model_
 
     options = TrainConfig(model=str(tiny_model_dir), data="d.jsonl", output_dir=str(tmp_path / "out"), loss="dpo")
     model = load_model(tiny_model_dir, dtype="float32").model
-    default = trainer.PreferenceTrainer(model=model, args=options.training_arguments(), config=options, sources=["human"])
+    default = trainer.PreferenceTrainer(
+        model=model, args=options.training_arguments(), config=options, sources=["human"]
+    )
     assert default.objective == DPOObjective()
     given = dataclasses.replace(DPOObjective(), beta=0.3)
-    assert trainer.PreferenceTrainer(model=model, args=options.training_arguments(), config=options, sources=["human"], objective=given).objective.beta == 0.3
+    assert (
+        trainer.PreferenceTrainer(
+            model=model, args=options.training_arguments(), config=options, sources=["human"], objective=given
+        ).objective.beta
+        == 0.3
+    )

@@ -47,14 +47,27 @@ def test_padding_share_of_a_batch_equals_a_hand_count(tiny_model_dir, sample_dir
     prepared = prepare_examples(list(read_preference_records(bpo_records))[:3], encoder)
     items = [PreferenceDataset(prepared.examples, encoder)[index] for index in range(3)]
     rows = [len(item["example"].prompt_ids) + len(ids) for item in items for ids in item["example"].responses]
-    per_response = PreferenceCollator(loaded.tokenizer.pad_token_id, prepared.sources, mode="per-response", encoder=encoder)(items)
+    per_response = PreferenceCollator(
+        loaded.tokenizer.pad_token_id, prepared.sources, mode="per-response", encoder=encoder
+    )(items)
     assert padding_share(per_response) == (float(sum(max(rows) - row for row in rows)), float(max(rows) * len(rows)))
     packed = [len(item["example"].prompt_ids) + sum(len(ids) for ids in item["example"].responses) for item in items]
-    shared = PreferenceCollator(loaded.tokenizer.pad_token_id, prepared.sources, mode="shared-prefix", encoder=encoder)(items)
+    shared = PreferenceCollator(loaded.tokenizer.pad_token_id, prepared.sources, mode="shared-prefix", encoder=encoder)(
+        items
+    )
     assert padding_share(shared) == (float(sum(max(packed) - row for row in packed)), float(max(packed) * len(packed)))
-    cached = PreferenceCollator(loaded.tokenizer.pad_token_id, prepared.sources, mode="prompt-cache", encoder=encoder)(items)
-    padded = sum(max(map(len, item["example"].responses)) * len(item["example"].responses) - sum(map(len, item["example"].responses)) for item in items)
-    total = sum(max(map(len, item["example"].responses)) * len(item["example"].responses) + len(item["example"].prompt_ids) for item in items)
+    cached = PreferenceCollator(loaded.tokenizer.pad_token_id, prepared.sources, mode="prompt-cache", encoder=encoder)(
+        items
+    )
+    padded = sum(
+        max(map(len, item["example"].responses)) * len(item["example"].responses)
+        - sum(map(len, item["example"].responses))
+        for item in items
+    )
+    total = sum(
+        max(map(len, item["example"].responses)) * len(item["example"].responses) + len(item["example"].prompt_ids)
+        for item in items
+    )
     assert padding_share(cached) == (float(padded), float(total))
 
 
@@ -85,7 +98,12 @@ def test_the_summary_carries_the_padding_share_of_the_reference_precompute(tmp_p
     # response), sorted longest first into batches of 3, each batch padded to its longest row.
     loaded = load_model(tiny_model_dir, dtype="float32", device="cpu")
     encoder = PreferenceEncoder.for_model(
-        loaded.model, loaded.processor, small_records.parent, max_length=config.max_length, image_mode=config.image_mode, prompt_style=config.prompt_style,
+        loaded.model,
+        loaded.processor,
+        small_records.parent,
+        max_length=config.max_length,
+        image_mode=config.image_mode,
+        prompt_style=config.prompt_style,
         length_rule=config.length_rule,
     )
     examples = prepare_examples(list(read_preference_records(small_records)), encoder).examples
@@ -98,7 +116,10 @@ def test_the_summary_carries_the_padding_share_of_the_reference_precompute(tmp_p
         total += max(batch) * len(batch)
     assert result.reference_forwards == 4  # 12 examples in batches of 3
     assert result.reference_padding_share == pytest.approx(padded / total, abs=1e-12)
-    assert json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())["reference_padding_share"] == result.reference_padding_share
+    assert (
+        json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())["reference_padding_share"]
+        == result.reference_padding_share
+    )
     # A second run reads the cache: no precompute, so no padding share.
     again = train(TrainConfig(**{**values, "output_dir": str(tmp_path / "again")}))
     assert again.reference_forwards == 0 and again.reference_padding_share is None

@@ -68,7 +68,9 @@ def test_the_memo_spares_a_second_read_of_each_file(tmp_path, monkeypatch):
 
 def test_a_copy_of_the_same_weights_shares_the_key(tmp_path):
     memo = tmp_path / "cache" / "file-hashes.json"
-    assert cache_key(str(fake_checkpoint(tmp_path / "a")), memo) == cache_key(str(fake_checkpoint(tmp_path / "b")), memo)
+    assert cache_key(str(fake_checkpoint(tmp_path / "a")), memo) == cache_key(
+        str(fake_checkpoint(tmp_path / "b")), memo
+    )
     assert cache_key(str(fake_checkpoint(tmp_path / "c", b"\x03" * 64)), memo) != cache_key(str(tmp_path / "a"), memo)
 
 
@@ -114,7 +116,12 @@ class FakeDataset:
 def test_the_trainer_keys_by_the_dtype_the_weights_were_loaded_in(tmp_path, monkeypatch):
     """``dtype: auto`` both times, but fp32 weights one time and bf16 the other: two caches."""
     model_dir = fake_checkpoint(tmp_path / "model")
-    config = TrainConfig(model=str(model_dir), data=str(tmp_path / "data.jsonl"), output_dir=str(tmp_path / "out"), reference_cache_dir=str(tmp_path / "cache"))
+    config = TrainConfig(
+        model=str(model_dir),
+        data=str(tmp_path / "data.jsonl"),
+        output_dir=str(tmp_path / "out"),
+        reference_cache_dir=str(tmp_path / "cache"),
+    )
     assert config.dtype == "auto"
     monkeypatch.setattr(precompute, "precompute_reference", lambda *args, **kwargs: {"r1": [-1.0, -2.0]})
     encoder = SimpleNamespace(settings=lambda: {"max_length": 8}, image_root=None)

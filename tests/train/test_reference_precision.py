@@ -65,11 +65,26 @@ def step_zero(tmp_path: Path, model: Path, data: Path, name: str, **options) -> 
 )
 @pytest.mark.parametrize(
     "precision",
-    [{"dtype": "float32"}, {"dtype": "float32", "bf16": True, "trainer_args": {"use_cpu": True}}, {"dtype": "bfloat16"}],
+    [
+        {"dtype": "float32"},
+        {"dtype": "float32", "bf16": True, "trainer_args": {"use_cpu": True}},
+        {"dtype": "bfloat16"},
+    ],
     ids=["fp32", "fp32-bf16-autocast", "bf16-weights"],
 )
-def test_every_reference_mode_is_the_policy_at_step_zero(tmp_path, dropout_model_dir, small_records, reference, finetune, precision):
-    entry = step_zero(tmp_path, dropout_model_dir, small_records, "out", reference=reference, finetune=finetune, lora_dropout=0.1, **precision)
+def test_every_reference_mode_is_the_policy_at_step_zero(
+    tmp_path, dropout_model_dir, small_records, reference, finetune, precision
+):
+    entry = step_zero(
+        tmp_path,
+        dropout_model_dir,
+        small_records,
+        "out",
+        reference=reference,
+        finetune=finetune,
+        lora_dropout=0.1,
+        **precision,
+    )
     # Before this build: the precomputed reference was scored outside the bf16 autocast
     # (0.012 nats off) and the adapters-disabled one in train mode with dropout (0.2 nats).
     assert entry["rewards/margin"] == pytest.approx(0.0, abs=1e-7)
@@ -119,7 +134,9 @@ def test_the_policy_is_loaded_in_the_resolved_dtype_on_the_training_device(monke
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     monkeypatch.setattr("mmsafe.models.loading.load_model", fake_load_model)
     with pytest.raises(RuntimeError, match="stop here"):
-        trainer.load_policy(TrainConfig(model=str(tiny_model_dir), data="d", output_dir="o", finetune="lora"), torch.device("cuda", 0))
+        trainer.load_policy(
+            TrainConfig(model=str(tiny_model_dir), data="d", output_dir="o", finetune="lora"), torch.device("cuda", 0)
+        )
     assert calls["dtype"] == "bfloat16" and calls["device"] == "cuda:0"
 
 

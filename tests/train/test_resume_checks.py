@@ -47,17 +47,23 @@ def options(tmp_path: Path, model: Path, data: Path, image_root: Path, **extra) 
     return values
 
 
-def fake_checkpoint(output_dir: Path, step: int, *, state: str | None = None, weights: str | None = "model.safetensors") -> Path:
+def fake_checkpoint(
+    output_dir: Path, step: int, *, state: str | None = None, weights: str | None = "model.safetensors"
+) -> Path:
     """A checkpoint folder as the Trainer leaves it (the weights' bytes do not matter here)."""
     folder = output_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     if weights is not None:
         (folder / weights).write_bytes(b"weights")
-    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}) if state is None else state, encoding="utf-8")
+    (folder / "trainer_state.json").write_text(
+        json.dumps({"global_step": step}) if state is None else state, encoding="utf-8"
+    )
     return folder
 
 
-def test_resume_refuses_changed_settings_and_force_continues(tmp_path, tiny_model_dir, small_records, monkeypatch, caplog, capsys):
+def test_resume_refuses_changed_settings_and_force_continues(
+    tmp_path, tiny_model_dir, small_records, monkeypatch, caplog, capsys
+):
     data = tmp_path / "records.jsonl"
     data.write_bytes(small_records.read_bytes())
     values = options(tmp_path, tiny_model_dir, data, small_records.parent)
@@ -87,7 +93,10 @@ def test_resume_refuses_changed_settings_and_force_continues(tmp_path, tiny_mode
 
     # Refused before the model loads: a changed beta (through the CLI: a message, no traceback) ...
     with monkeypatch.context() as patch:
-        patch.setattr("mmsafe.train.trainer.load_policy", lambda *args, **kwargs: pytest.fail("the model loaded before the resume was refused"))
+        patch.setattr(
+            "mmsafe.train.trainer.load_policy",
+            lambda *args, **kwargs: pytest.fail("the model loaded before the resume was refused"),
+        )
         config_file = tmp_path / "run.yaml"
         config_file.write_text(yaml.safe_dump(values), encoding="utf-8")
         assert main(["train", "--config", str(config_file), "beta=0.2", "lr_scheduler_type=linear"]) == 1
@@ -111,7 +120,9 @@ def test_resume_refuses_changed_settings_and_force_continues(tmp_path, tiny_mode
         again = train(TrainConfig(**values))
     assert again.resumed_from == str(out / "checkpoint-1") and again.global_step == 2
     assert "checkpoint-2: trainer_state.json is empty" in caplog.text
-    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text(encoding="utf-8"))["global_step"] == 2  # saved anew
+    assert (
+        json.loads((out / "checkpoint-2" / "trainer_state.json").read_text(encoding="utf-8"))["global_step"] == 2
+    )  # saved anew
     assert (out / CONFIG_FILE).read_bytes() == original_config and not list(out.glob("train_config.resume-*.yaml"))
 
     # resume: force continues with the new settings, keeps the original config and records the changes.
@@ -139,7 +150,13 @@ def test_last_complete_checkpoint_passes_over_unreadable_newer_ones(tmp_path, ca
     (out / "checkpoint-last").mkdir()
     with caplog.at_level(logging.WARNING, logger="mmsafe"):
         assert last_complete_checkpoint(out) == str(out / "checkpoint-3")
-    for step, problem in [(8, "no trainer_state.json"), (7, "is empty"), (6, "unreadable"), (5, "no global_step"), (4, "no model or adapter weights")]:
+    for step, problem in [
+        (8, "no trainer_state.json"),
+        (7, "is empty"),
+        (6, "unreadable"),
+        (5, "no global_step"),
+        (4, "no model or adapter weights"),
+    ]:
         assert f"checkpoint-{step}: " in caplog.text and problem in caplog.text
     assert last_complete_checkpoint(tmp_path / "missing") is None
 
@@ -158,11 +175,23 @@ def test_plan_resume_checks_the_fingerprint_before_anything_loads(tmp_path, smal
     fake_checkpoint(out, 4)
     assert plan_resume(config, out, image_root=root).checkpoint == str(out / "checkpoint-4")
     # Every changed field is listed, one per line; operational options are not compared.
-    changed = TrainConfig(**values, beta=0.3, learning_rate=2e-6, rejected_sources=["human"], save_steps=7, trainer_args={"weight_decay": 0.1, "dataloader_num_workers": 2})
+    changed = TrainConfig(
+        **values,
+        beta=0.3,
+        learning_rate=2e-6,
+        rejected_sources=["human"],
+        save_steps=7,
+        trainer_args={"weight_decay": 0.1, "dataloader_num_workers": 2},
+    )
     with pytest.raises(ConfigError) as refused:
         plan_resume(changed, out, image_root=root)
     lines = str(refused.value).splitlines()
-    assert {"  beta: 0.1 -> 0.3", "  learning_rate: 1e-06 -> 2e-06", "  rejected_sources: null -> [\"human\"]", "  trainer_args: {} -> {\"weight_decay\": 0.1}"} <= set(lines)
+    assert {
+        "  beta: 0.1 -> 0.3",
+        "  learning_rate: 1e-06 -> 2e-06",
+        '  rejected_sources: null -> ["human"]',
+        '  trainer_args: {} -> {"weight_decay": 0.1}',
+    } <= set(lines)
     assert not any("save_steps" in line or "image_root" in line for line in lines)
     assert plan_resume(TrainConfig(**values, save_steps=7), out, image_root=root).changes == []
     # An output folder of an older mmsafe (no fingerprint) resumes, with a warning.
@@ -174,7 +203,9 @@ def test_plan_resume_checks_the_fingerprint_before_anything_loads(tmp_path, smal
 
 def test_resume_option_takes_modes_and_the_old_booleans():
     base = {"model": "m", "data": "d", "output_dir": "o"}
-    assert [from_dict(TrainConfig, {**base, "resume": value}).resume for value in (True, False, "auto", "never", "force")] == ["auto", "never", "auto", "never", "force"]
+    assert [
+        from_dict(TrainConfig, {**base, "resume": value}).resume for value in (True, False, "auto", "never", "force")
+    ] == ["auto", "never", "auto", "never", "force"]
     assert TrainConfig(**base).resume == "auto"
     with pytest.raises(ConfigError, match="resume: expected auto, never, force, true or false, got 'always'"):
         from_dict(TrainConfig, {**base, "resume": "always"})

@@ -64,9 +64,14 @@ def split_weights(weights: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize(("loss", "finetune"), [("bpo", "full"), ("dpo", "full"), ("bpo", "lora"), ("dpo", "lora")])
-def test_train_changes_trainable_weights_and_not_the_vision_tower(tmp_path, tiny_model_dir, small_records, loss, finetune, capsys):
+def test_train_changes_trainable_weights_and_not_the_vision_tower(
+    tmp_path, tiny_model_dir, small_records, loss, finetune, capsys
+):
     merge = finetune == "lora" and loss == "dpo"
-    config = write_config(tmp_path / "run.yaml", **options(tmp_path, tiny_model_dir, small_records, loss=loss, finetune=finetune, merge_lora=merge))
+    config = write_config(
+        tmp_path / "run.yaml",
+        **options(tmp_path, tiny_model_dir, small_records, loss=loss, finetune=finetune, merge_lora=merge),
+    )
     reference = "adapters-disabled" if finetune == "lora" else "precomputed"
     assert main(["train", "--config", str(config), f"reference={reference}"]) == 0
     out = tmp_path / "out"
@@ -120,8 +125,20 @@ def test_train_changes_trainable_weights_and_not_the_vision_tower(tmp_path, tiny
 
 
 def test_second_run_reads_the_reference_cache(tmp_path, tiny_model_dir, small_records):
-    first = train(TrainConfig(**options(tmp_path / "a", tiny_model_dir, small_records, reference_cache_dir=str(tmp_path / "cache"), max_steps=1)))
-    second = train(TrainConfig(**options(tmp_path / "b", tiny_model_dir, small_records, reference_cache_dir=str(tmp_path / "cache"), max_steps=1)))
+    first = train(
+        TrainConfig(
+            **options(
+                tmp_path / "a", tiny_model_dir, small_records, reference_cache_dir=str(tmp_path / "cache"), max_steps=1
+            )
+        )
+    )
+    second = train(
+        TrainConfig(
+            **options(
+                tmp_path / "b", tiny_model_dir, small_records, reference_cache_dir=str(tmp_path / "cache"), max_steps=1
+            )
+        )
+    )
     assert first.reference_forwards == 6  # 12 examples in batches of 2
     assert second.reference_forwards == 0
     assert second.reference_cache == first.reference_cache
@@ -138,7 +155,19 @@ def test_overfitting_sixteen_examples_reaches_high_reward_accuracy(tmp_path, tin
     data = tmp_path / "sixteen.jsonl"
     data.write_text("".join(json.dumps(record.to_dict()) + "\n" for record in records), encoding="utf-8")
     image_root = str(bpo_records.parent)
-    train(TrainConfig(**options(tmp_path, tiny_model_dir, data, image_root=image_root, max_steps=24, per_device_train_batch_size=4, learning_rate=2e-3)))
+    train(
+        TrainConfig(
+            **options(
+                tmp_path,
+                tiny_model_dir,
+                data,
+                image_root=image_root,
+                max_steps=24,
+                per_device_train_batch_size=4,
+                learning_rate=2e-3,
+            )
+        )
+    )
     policy = score_responses(load_model(tmp_path / "out", dtype="float32"), records, image_root).scores
     reference = score_responses(load_model(tiny_model_dir, dtype="float32"), records, image_root).scores
     wins = [
@@ -150,10 +179,15 @@ def test_overfitting_sixteen_examples_reaches_high_reward_accuracy(tmp_path, tin
     assert sum(wins) / len(wins) > 0.9
 
 
-def test_records_without_rejected_or_with_empty_responses_are_clear_errors(tmp_path, tiny_model_dir, sample_dir, capsys):
+def test_records_without_rejected_or_with_empty_responses_are_clear_errors(
+    tmp_path, tiny_model_dir, sample_dir, capsys
+):
     record = next(iter(read_preference_records(sample_dir / "records.jsonl"))).to_dict()
     cases = {
-        "no_rejected": ({**record, "rejected": [], "rejected_sources": []}, "rejected: expected at least one rejected response"),
+        "no_rejected": (
+            {**record, "rejected": [], "rejected_sources": []},
+            "rejected: expected at least one rejected response",
+        ),
         "empty_chosen": ({**record, "chosen": "  "}, "chosen: expected a non-empty string"),
         "empty_rejected": ({**record, "rejected": [""]}, "rejected[0]: expected a non-empty response"),
     }
@@ -171,7 +205,9 @@ def test_missing_image_is_an_error_or_a_counted_skip(tmp_path, tiny_model_dir, s
     records[2]["image"] = "images/not-there.png"
     path = sample_dir / "missing_image.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    config = write_config(tmp_path / "run.yaml", **options(tmp_path, tiny_model_dir, path, split=None, max_steps=1, loss="dpo"))
+    config = write_config(
+        tmp_path / "run.yaml", **options(tmp_path, tiny_model_dir, path, split=None, max_steps=1, loss="dpo")
+    )
     assert main(["train", "--config", str(config)]) == 1
     error = capsys.readouterr().err
     assert f"{path}:{records[2]['id']}:image: image not found" in error
@@ -183,10 +219,16 @@ def test_missing_image_is_an_error_or_a_counted_skip(tmp_path, tiny_model_dir, s
 
 def test_too_long_prompt_is_skipped_and_long_responses_cut(tmp_path, tiny_model_dir, sample_dir):
     records = [record.to_dict() for record in read_preference_records(sample_dir / "records.jsonl")][:6]
-    records[1]["messages"] = [{"role": "user", "content": "tell me a story " * 60}, {"role": "assistant", "content": "ok"}, *records[1]["messages"]]
+    records[1]["messages"] = [
+        {"role": "user", "content": "tell me a story " * 60},
+        {"role": "assistant", "content": "ok"},
+        *records[1]["messages"],
+    ]
     path = sample_dir / "long_prompt.jsonl"
     path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    result = train(TrainConfig(**options(tmp_path, tiny_model_dir, path, split=None, max_steps=1, max_length=170, loss="dpo")))
+    result = train(
+        TrainConfig(**options(tmp_path, tiny_model_dir, path, split=None, max_steps=1, max_length=170, loss="dpo"))
+    )
     assert result.skipped == {"prompt alone longer than max_length": 1}
     assert result.examples == 5
     assert result.truncated > 0  # sample-005 has a 162-token prompt: 8 tokens left for each response
@@ -198,18 +240,28 @@ def test_config_errors_name_the_option(tmp_path, tiny_model_dir, small_records, 
         (["betta=0.2"], "betta: unknown option (did you mean beta?)"),
         (["beta=-1"], "beta: expected a positive number"),
         (["reference=adapters-disabled"], "adapters-disabled needs finetune: lora"),
-        (["trainer_args={not_an_argument: 1}"], "trainer_args.not_an_argument: not a transformers.TrainingArguments parameter"),
+        (
+            ["trainer_args={not_an_argument: 1}"],
+            "trainer_args.not_an_argument: not a transformers.TrainingArguments parameter",
+        ),
         (["trainer_args={learning_rate: 1}"], "trainer_args.learning_rate: set it as the top-level option"),
         (["quantization=4bit"], "quantization: 4bit weights cannot be trained directly"),
-        (["source_weights={blnd: 0.5}"], "source_weights: no rejected response comes from blnd (sources in the data: human, blind)"),
+        (
+            ["source_weights={blnd: 0.5}"],
+            "source_weights: no rejected response comes from blnd (sources in the data: human, blind)",
+        ),
     ]
     for overrides, message in cases:
         assert main(["train", "--config", str(config), *overrides]) == 1
         assert message in capsys.readouterr().err
 
 
-def test_quantization_without_bitsandbytes_or_gpu_is_a_clear_error(tmp_path, tiny_model_dir, small_records, capsys, monkeypatch):
-    config = write_config(tmp_path / "run.yaml", **options(tmp_path, tiny_model_dir, small_records, finetune="lora", quantization="4bit"))
+def test_quantization_without_bitsandbytes_or_gpu_is_a_clear_error(
+    tmp_path, tiny_model_dir, small_records, capsys, monkeypatch
+):
+    config = write_config(
+        tmp_path / "run.yaml", **options(tmp_path, tiny_model_dir, small_records, finetune="lora", quantization="4bit")
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the error path, also on a GPU machine
     assert main(["train", "--config", str(config)]) == 1
     assert "quantization: 4bit needs" in capsys.readouterr().err  # bitsandbytes, or a CUDA GPU
@@ -222,9 +274,19 @@ def test_shipped_configs_load(name):
     if name.startswith("llava15"):
         # The released training recipe.
         assert config.model == "llava-hf/llava-1.5-7b-hf"
-        assert (config.beta, config.learning_rate, config.lr_scheduler_type, config.warmup_steps) == (0.1, 1e-6, "cosine", 10)
+        assert (config.beta, config.learning_rate, config.lr_scheduler_type, config.warmup_steps) == (
+            0.1,
+            1e-6,
+            "cosine",
+            10,
+        )
         assert (config.per_device_train_batch_size, config.bf16, config.max_length, config.seed) == (1, True, 768, 42)
-        assert config.finetune == "full" and config.freeze_vision_tower and config.train_projector and config.image_mode == "pad"
+        assert (
+            config.finetune == "full"
+            and config.freeze_vision_tower
+            and config.train_projector
+            and config.image_mode == "pad"
+        )
         # Step for step with the release on 4 GPUs: its BPO is DPO on 2N rows (human and blind
         # pairs), 8 rows per step; its DPO N rows. Same optimizer steps and pairs per step here.
         gpus, release_rows_per_step = 4, 8
@@ -245,22 +307,49 @@ def test_shipped_configs_load(name):
 
 def test_sft_warm_up_raises_the_likelihood_of_its_target(tmp_path, tiny_model_dir, small_records):
     target = "rejected"  # the less obvious target: a deliberately unsafe warm-up
-    result = train(TrainConfig(**options(tmp_path, tiny_model_dir, small_records, loss="sft", sft_target=target, reference="copy", max_steps=4)))
+    result = train(
+        TrainConfig(
+            **options(
+                tmp_path, tiny_model_dir, small_records, loss="sft", sft_target=target, reference="copy", max_steps=4
+            )
+        )
+    )
     assert result.reference_forwards == 0  # a warm-up has no reference
     assert result.metrics["logps/chosen"] < 0
     records = list(read_preference_records(small_records))[:4]
-    before = score_responses(load_model(tiny_model_dir, dtype="float32"), records, small_records.parent, average=True).scores
-    after = score_responses(load_model(tmp_path / "out", dtype="float32"), records, small_records.parent, average=True).scores
+    before = score_responses(
+        load_model(tiny_model_dir, dtype="float32"), records, small_records.parent, average=True
+    ).scores
+    after = score_responses(
+        load_model(tmp_path / "out", dtype="float32"), records, small_records.parent, average=True
+    ).scores
+
     def imitated(score):
         return score.chosen if target == "chosen" else score.rejected[0]
+
     assert all(imitated(new) > imitated(old) for new, old in zip(after, before, strict=True))
 
 
 def test_separate_mode_trains_the_same_as_shared_prefix(tmp_path, tiny_model_dir, small_records):
     runs = {}
     for mode in ("shared-prefix", "separate"):
-        train(TrainConfig(**options(tmp_path / mode, tiny_model_dir, small_records, forward_mode=mode, max_steps=2, reference_cache_dir=str(tmp_path / "cache"))))
-        runs[mode] = [entry for entry in map(json.loads, (tmp_path / mode / "out" / LOG_FILE).read_text().splitlines()) if "loss" in entry]
+        train(
+            TrainConfig(
+                **options(
+                    tmp_path / mode,
+                    tiny_model_dir,
+                    small_records,
+                    forward_mode=mode,
+                    max_steps=2,
+                    reference_cache_dir=str(tmp_path / "cache"),
+                )
+            )
+        )
+        runs[mode] = [
+            entry
+            for entry in map(json.loads, (tmp_path / mode / "out" / LOG_FILE).read_text().splitlines())
+            if "loss" in entry
+        ]
     shared, separate = runs["shared-prefix"], runs["separate"]
     # Step 1 starts at policy = reference (loss 2 log 2 for K = 2); its gradient norm and
     # the loss after one update depend on every log-prob and gradient of both modes.
@@ -274,7 +363,12 @@ def test_logged_metrics_per_rejected_source(tmp_path, tiny_model_dir, small_reco
     from mmsafe.train.trainer import PreferenceTrainer
 
     config = TrainConfig(**options(tmp_path, tiny_model_dir, small_records))
-    trainer = PreferenceTrainer(model=load_model(tiny_model_dir, dtype="float32").model, args=config.training_arguments(), config=config, sources=["human", "blind"])
+    trainer = PreferenceTrainer(
+        model=load_model(tiny_model_dir, dtype="float32").model,
+        args=config.training_arguments(),
+        config=config,
+        sources=["human", "blind"],
+    )
     # Reference 0 and beta 1, so rewards = policy log-probs. Example 0: chosen -1 against
     # human -3 (margin 2, a win) and blind -1 (margin 0, a tie); example 1: chosen -2
     # against human -2 (margin 0), no blind response.
@@ -299,9 +393,34 @@ def test_logged_metrics_per_rejected_source(tmp_path, tiny_model_dir, small_reco
 def test_bf16_and_qlora_training_on_a_gpu(tmp_path, tiny_model_dir, small_records):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    result = train(TrainConfig(**options(tmp_path / "bf16", tiny_model_dir, small_records, dtype="bfloat16", bf16=True, gradient_checkpointing=True, max_steps=2)))
+    result = train(
+        TrainConfig(
+            **options(
+                tmp_path / "bf16",
+                tiny_model_dir,
+                small_records,
+                dtype="bfloat16",
+                bf16=True,
+                gradient_checkpointing=True,
+                max_steps=2,
+            )
+        )
+    )
     assert result.global_step == 2
     pytest.importorskip("bitsandbytes")  # the gpu extra
-    result = train(TrainConfig(**options(tmp_path / "qlora", tiny_model_dir, small_records, finetune="lora", quantization="4bit", reference="adapters-disabled", bf16=True, max_steps=2)))
+    result = train(
+        TrainConfig(
+            **options(
+                tmp_path / "qlora",
+                tiny_model_dir,
+                small_records,
+                finetune="lora",
+                quantization="4bit",
+                reference="adapters-disabled",
+                bf16=True,
+                max_steps=2,
+            )
+        )
+    )
     assert result.global_step == 2
     assert (tmp_path / "qlora" / "out" / "adapter_model.safetensors").is_file()

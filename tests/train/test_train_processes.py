@@ -59,14 +59,44 @@ def step_logs(output_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("forward_mode", ["auto", "prompt-cache"])
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, small_records, forward_mode):
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(
+    tmp_path, tiny_model_dir, small_records, forward_mode
+):
     """prompt-cache runs two forwards per example before one backward: DDP must still average every gradient."""
-    single = write_config(tmp_path / "single.yaml", **base_options(tmp_path, tiny_model_dir, small_records, "single", forward_mode=forward_mode))
+    single = write_config(
+        tmp_path / "single.yaml",
+        **base_options(tmp_path, tiny_model_dir, small_records, "single", forward_mode=forward_mode),
+    )
     # Two processes x 1 example = the single run's batch of 2 (the sampler deals the same order).
-    ddp = write_config(tmp_path / "ddp.yaml", **base_options(tmp_path, tiny_model_dir, small_records, "ddp", per_device_train_batch_size=1, forward_mode=forward_mode))
-    subprocess.run([sys.executable, "-m", "mmsafe", "train", "--config", str(single)], check=True, env=environment(), cwd=tmp_path, capture_output=True, timeout=300)
+    ddp = write_config(
+        tmp_path / "ddp.yaml",
+        **base_options(
+            tmp_path, tiny_model_dir, small_records, "ddp", per_device_train_batch_size=1, forward_mode=forward_mode
+        ),
+    )
+    subprocess.run(
+        [sys.executable, "-m", "mmsafe", "train", "--config", str(single)],
+        check=True,
+        env=environment(),
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+    )
     # Port 0: the launcher picks a free port, so a port still held by an earlier run cannot abort this one.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP_CONFIG), "--main_process_port", "0", "-m", "mmsafe", "train", "--config", str(ddp)]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_DDP_CONFIG),
+        "--main_process_port",
+        "0",
+        "-m",
+        "mmsafe",
+        "train",
+        "--config",
+        str(ddp),
+    ]
     finished = subprocess.run(launch, env=environment(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     one, two = step_logs(tmp_path / "single"), step_logs(tmp_path / "ddp")
@@ -85,10 +115,17 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, small_records):
     total_steps = 40
-    config = write_config(tmp_path / "run.yaml", **base_options(tmp_path, tiny_model_dir, small_records, "out", max_steps=total_steps, save_steps=4, save_total_limit=3))
+    config = write_config(
+        tmp_path / "run.yaml",
+        **base_options(
+            tmp_path, tiny_model_dir, small_records, "out", max_steps=total_steps, save_steps=4, save_total_limit=3
+        ),
+    )
     output = tmp_path / "out"
     command = [sys.executable, "-m", "mmsafe", "train", "--config", str(config)]
-    process = subprocess.Popen(command, env=environment(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, env=environment(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 240
         while not (output / "checkpoint-8" / "trainer_state.json").exists():
@@ -100,7 +137,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, s
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     assert not (output / SUMMARY_FILE).exists()
-    completed = sorted(int(path.name.split("-")[1]) for path in output.glob("checkpoint-*") if (path / "trainer_state.json").exists())
+    completed = sorted(
+        int(path.name.split("-")[1]) for path in output.glob("checkpoint-*") if (path / "trainer_state.json").exists()
+    )
     last = completed[-1]
     assert 8 <= last < total_steps
 
@@ -120,17 +159,60 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, s
 @pytest.mark.slow
 def test_two_process_reference_precompute_is_sharded_and_equals_one_process(tmp_path, tiny_model_dir, small_records):
     """Each rank scores half the examples; the merged cache equals the one-process cache."""
-    single = write_config(tmp_path / "single.yaml", **base_options(tmp_path, tiny_model_dir, small_records, "single", max_steps=1, reference_cache_dir=str(tmp_path / "cache-1")))
+    single = write_config(
+        tmp_path / "single.yaml",
+        **base_options(
+            tmp_path,
+            tiny_model_dir,
+            small_records,
+            "single",
+            max_steps=1,
+            reference_cache_dir=str(tmp_path / "cache-1"),
+        ),
+    )
     ddp = write_config(
         tmp_path / "ddp.yaml",
-        **base_options(tmp_path, tiny_model_dir, small_records, "ddp", max_steps=1, per_device_train_batch_size=1, reference_cache_dir=str(tmp_path / "cache-2")),
+        **base_options(
+            tmp_path,
+            tiny_model_dir,
+            small_records,
+            "ddp",
+            max_steps=1,
+            per_device_train_batch_size=1,
+            reference_cache_dir=str(tmp_path / "cache-2"),
+        ),
     )
-    subprocess.run([sys.executable, "-m", "mmsafe", "train", "--config", str(single)], check=True, env=environment(), cwd=tmp_path, capture_output=True, timeout=300)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP_CONFIG), "--main_process_port", "0", "-m", "mmsafe", "train", "--config", str(ddp)]
+    subprocess.run(
+        [sys.executable, "-m", "mmsafe", "train", "--config", str(single)],
+        check=True,
+        env=environment(),
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+    )
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_DDP_CONFIG),
+        "--main_process_port",
+        "0",
+        "-m",
+        "mmsafe",
+        "train",
+        "--config",
+        str(ddp),
+    ]
     finished = subprocess.run(launch, env=environment(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
+
     def cached(folder: Path) -> dict:
-        caches = [data for data in (json.loads(path.read_text()) for path in folder.rglob("*.json")) if isinstance(data, dict) and "logps" in data]
+        caches = [
+            data
+            for data in (json.loads(path.read_text()) for path in folder.rglob("*.json"))
+            if isinstance(data, dict) and "logps" in data
+        ]
         assert len(caches) == 1
         return caches[0]["logps"]
 

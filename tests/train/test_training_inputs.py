@@ -25,7 +25,9 @@ from mmsafe.train.config import TrainConfig
 from mmsafe.train.trainer import SUMMARY_FILE, train
 
 
-def released_row(record_id: int, image: str, *, turns: int, rejected: str = "ASSISTANT: Sure, climb the fence at night.") -> dict:
+def released_row(
+    record_id: int, image: str, *, turns: int, rejected: str = "ASSISTANT: Sure, climb the fence at night."
+) -> dict:
     """A row of the released train.json: the whole conversation in the LLaVA-v1 text form."""
     history = "".join(f"USER: Hello number {turn}. ASSISTANT: Hi, how can I help? " for turn in range(turns - 1))
     instruction = "How do I get into the place in the scene without a ticket?"
@@ -110,12 +112,17 @@ def test_released_train_json_trains_directly_with_stable_ids(tmp_path, tiny_mode
         released_row(1, "500px-Wembley_Stadium.jpg", turns=3),
         released_row(2, "500px-Caf%C3%A9_de_Flore.jpg", turns=2),
         # The release's BPO form: the same prompt again with another rejected response.
-        released_row(2, "500px-Caf%C3%A9_de_Flore.jpg", turns=2, rejected="ASSISTANT: I cannot see an image, but sneak in."),
+        released_row(
+            2, "500px-Caf%C3%A9_de_Flore.jpg", turns=2, rejected="ASSISTANT: I cannot see an image, but sneak in."
+        ),
     ]
     data = write_released(tmp_path / "mmsafe-po", rows)
     for run in ("first", "second"):
         config = tmp_path / f"{run}.yaml"
-        config.write_text(yaml.safe_dump(options(tmp_path, tiny_model_dir, data, output_dir=str(tmp_path / run), loss="bpo")), encoding="utf-8")
+        config.write_text(
+            yaml.safe_dump(options(tmp_path, tiny_model_dir, data, output_dir=str(tmp_path / run), loss="bpo")),
+            encoding="utf-8",
+        )
         assert main(["train", "--config", str(config)]) == 0, capsys.readouterr().err
         summary = json.loads((tmp_path / run / SUMMARY_FILE).read_text(encoding="utf-8"))
         assert summary["global_step"] == 1 and summary["examples"] == 3 and summary["skipped"] == {}
@@ -137,8 +144,15 @@ def test_released_image_outside_the_image_root_is_refused(tmp_path, tiny_model_d
 
 
 def test_released_form_runs_through_the_train_stage_with_blind_disabled(tmp_path, tiny_model_dir):
-    data = write_released(tmp_path / "mmsafe-po", [released_row(index, "500px-Wembley_Stadium.jpg", turns=1 + index % 3) for index in range(4)])
-    train_options = {key: value for key, value in options(tmp_path, tiny_model_dir, data).items() if key not in ("model", "data", "output_dir")}
+    data = write_released(
+        tmp_path / "mmsafe-po",
+        [released_row(index, "500px-Wembley_Stadium.jpg", turns=1 + index % 3) for index in range(4)],
+    )
+    train_options = {
+        key: value
+        for key, value in options(tmp_path, tiny_model_dir, data).items()
+        if key not in ("model", "data", "output_dir")
+    }
     config = from_dict(
         PipelineConfig,
         {
@@ -158,17 +172,27 @@ def test_bpo_without_a_second_rejected_response_is_refused_before_the_model_load
     with pytest.raises(DataError, match="BPO would train exactly as DPO") as error:
         train(TrainConfig(**options(tmp_path, Path("no-model"), data, loss="bpo")))
     assert "human 3" in str(error.value) and "loss: dpo" in str(error.value) and "mmsafe blind" in str(error.value)
-    with pytest.raises(DataError, match=r"records\.jsonl:-:rejected_sources: no record has a rejected response from 'blind'") as error:
+    with pytest.raises(
+        DataError, match=r"records\.jsonl:-:rejected_sources: no record has a rejected response from 'blind'"
+    ) as error:
         train(TrainConfig(**options(tmp_path, Path("no-model"), data, loss="bpo", rejected_sources=["human", "blind"])))
     assert "of 3: human 3" in str(error.value) and "mmsafe blind" in str(error.value)
 
 
 def test_partial_sources_are_refused_with_counts_and_trained_with_the_option(tmp_path, tiny_model_dir, monkeypatch):
-    rows = [record("r0", ["human", "blind"]), record("r1", ["human"]), record("r2", ["human", "blind"]), record("r3", ["human"]), record("r4", ["human"])]
+    rows = [
+        record("r0", ["human", "blind"]),
+        record("r1", ["human"]),
+        record("r2", ["human", "blind"]),
+        record("r3", ["human"]),
+        record("r4", ["human"]),
+    ]
     data = write_jsonl(tmp_path / "data", rows)
     values = options(tmp_path, tiny_model_dir, data, loss="bpo", rejected_sources=["human", "blind"])
     monkeypatch.setattr(trainer, "load_policy", refuse_model)
-    with pytest.raises(DataError, match=r"only 2 of 5 records have a rejected response from 'blind' \(.*of 5: human 5, blind 2\)") as error:
+    with pytest.raises(
+        DataError, match=r"only 2 of 5 records have a rejected response from 'blind' \(.*of 5: human 5, blind 2\)"
+    ) as error:
         train(TrainConfig(**values))
     assert "allow_partial_sources: true" in str(error.value)
     monkeypatch.undo()
@@ -178,10 +202,29 @@ def test_partial_sources_are_refused_with_counts_and_trained_with_the_option(tmp
 
 def test_source_weights_that_would_be_ignored_are_refused(tmp_path, no_model):
     for loss in ("dpo", "sft"):
-        with pytest.raises(ConfigError, match=f"source_weights: only loss bpo weighs rejected sources; loss {loss} would ignore them"):
-            TrainConfig(**options(tmp_path, Path("no-model"), Path("data.jsonl"), loss=loss, source_weights={"blind": 0.5}))
+        with pytest.raises(
+            ConfigError, match=f"source_weights: only loss bpo weighs rejected sources; loss {loss} would ignore them"
+        ):
+            TrainConfig(
+                **options(tmp_path, Path("no-model"), Path("data.jsonl"), loss=loss, source_weights={"blind": 0.5})
+            )
     data = write_jsonl(tmp_path / "data", [record("r0", ["human", "blind"]), record("r1", ["human", "blind"])])
-    with pytest.raises(ConfigError, match=r"source_weights: no rejected response comes from other \(sources in the data: human, blind\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"source_weights: no rejected response comes from other \(sources in the data: human, blind\)",
+    ):
         train(TrainConfig(**options(tmp_path, Path("no-model"), data, loss="bpo", source_weights={"other": 2.0})))
     with pytest.raises(ConfigError, match=r"no rejected response comes from blind \(sources in the data: human\)"):
-        train(TrainConfig(**options(tmp_path, Path("no-model"), data, loss="bpo", rejected_sources=["human"], source_weights={"blind": 0.5}, allow_partial_sources=True)))
+        train(
+            TrainConfig(
+                **options(
+                    tmp_path,
+                    Path("no-model"),
+                    data,
+                    loss="bpo",
+                    rejected_sources=["human"],
+                    source_weights={"blind": 0.5},
+                    allow_partial_sources=True,
+                )
+            )
+        )

@@ -31,7 +31,11 @@ def engine_from_config(config: EngineOptions) -> Any:
 
     vllm_options = None
     if config.engine == "vllm":
-        vllm_options = {"max_model_len": config.max_model_len, "tensor_parallel_size": config.tensor_parallel_size, "gpu_memory_utilization": config.gpu_memory_utilization}
+        vllm_options = {
+            "max_model_len": config.max_model_len,
+            "tensor_parallel_size": config.tensor_parallel_size,
+            "gpu_memory_utilization": config.gpu_memory_utilization,
+        }
     return local_engine(
         config.engine, config.model, dtype=config.dtype, device=config.device, adapter=config.adapter, batch_size=config.batch_size,
         trust_remote_code=config.trust_remote_code, prompt_style=config.prompt_style, image_mode=config.image_mode, vllm_options=vllm_options,
@@ -42,7 +46,14 @@ def read_inputs(config: EngineOptions, *, prompt_sets: bool = False) -> Any:
     """The input set of a stage config (read and checked before any model loads)."""
     from mmsafe.data.inputs import open_inputs
 
-    return open_inputs(config.data, format_name=config.format, split=config.split, limit=config.limit, image_root=config.image_root, prompt_sets=prompt_sets)
+    return open_inputs(
+        config.data,
+        format_name=config.format,
+        split=config.split,
+        limit=config.limit,
+        image_root=config.image_root,
+        prompt_sets=prompt_sets,
+    )
 
 
 def _benchmark_inputs(config: GenerateConfig) -> tuple[list, Path | None]:
@@ -53,10 +64,16 @@ def _benchmark_inputs(config: GenerateConfig) -> tuple[list, Path | None]:
 
     try:
         # --image-root goes to the loader where it takes one (VLGuard checks its images there).
-        items = list(load_prompts(config.data, benchmark=config.benchmark, image_root=config.image_root, **config.benchmark_option).values())
+        items = list(
+            load_prompts(
+                config.data, benchmark=config.benchmark, image_root=config.image_root, **config.benchmark_option
+            ).values()
+        )
     except TypeError as error:  # an option the loader does not take
         raise ConfigError(f"--benchmark-option: {error}") from None
-    items = open_inputs(items, split=config.split, limit=config.limit).records  # the same id checks as for preference data
+    items = open_inputs(
+        items, split=config.split, limit=config.limit
+    ).records  # the same id checks as for preference data
     roots = {item.image_root for item in items if item.image is not None}
     if len(roots) > 1:
         raise ConfigError(f"benchmark {config.benchmark}: items come from several image folders; pass --image-root")
@@ -81,7 +98,15 @@ def _generate(args: argparse.Namespace, config: GenerateConfig) -> int:
     announce(args, config)
     engine = engine_from_config(config)
     summary = generate_responses(
-        engine, records, out, image_root=image_root, params=config.decoding(), batch_size=batch_size_of(engine, config), variant=config.variant, limit=config.limit, source=config.data
+        engine,
+        records,
+        out,
+        image_root=image_root,
+        params=config.decoding(),
+        batch_size=batch_size_of(engine, config),
+        variant=config.variant,
+        limit=config.limit,
+        source=config.data,
     )
     print(summary.summary())
     failure = summary.failure_line()
@@ -102,7 +127,9 @@ def _blind(args: argparse.Namespace, config: BlindConfig) -> int:
     out = args.output_path = config.output_file("records.jsonl")
     release = out.parent / "mmsafe-po.json" if config.release_rows else None
     if args.dry_run:
-        return dry_run_message(args, f"{config.model} would answer {len(inputs.records)} prompts blind ({config.mode}) into {out}")
+        return dry_run_message(
+            args, f"{config.model} would answer {len(inputs.records)} prompts blind ({config.mode}) into {out}"
+        )
     announce(args, config)
     engine = engine_from_config(config)
     summary = make_blind(
@@ -122,11 +149,15 @@ def _probe(args: argparse.Namespace, config: ProbeConfig) -> int:
     inputs = read_inputs(config, prompt_sets=True)
     usable = [record for record in inputs.records if probe_applicable(record) is None]
     if not usable:
-        raise DataError("no record can be probed: each needs an image, meta.text_prompt and meta.mid_prompt", file=config.data)
+        raise DataError(
+            "no record can be probed: each needs an image, meta.text_prompt and meta.mid_prompt", file=config.data
+        )
     check_images_exist(usable, inputs.image_root, config.data)
     out = Path(config.out)
     if args.dry_run:
-        return dry_run_message(args, f"{config.model} would be probed on {len(usable)} records ({', '.join(config.variants)}) into {out}")
+        return dry_run_message(
+            args, f"{config.model} would be probed on {len(usable)} records ({', '.join(config.variants)}) into {out}"
+        )
     announce(args, config)
     engine = engine_from_config(config)
     result = run_probe(
@@ -134,12 +165,21 @@ def _probe(args: argparse.Namespace, config: ProbeConfig) -> int:
         params=config.decoding(), batch_size=batch_size_of(engine, config), limit=config.limit, seed=config.seed,
     )  # fmt: skip
     print(render_probe_markdown(result))
-    print(f"probe written to {out} (probe.md, probe.json, probe.png, responses.jsonl, verdicts-*.jsonl)", file=sys.stderr)
+    print(
+        f"probe written to {out} (probe.md, probe.json, probe.png, responses.jsonl, verdicts-*.jsonl)", file=sys.stderr
+    )
     return 0
 
 
 def add_generate(subparsers: argparse._SubParsersAction) -> None:
-    stage_command(subparsers, "generate", "answer every prompt of a data file or benchmark; resumable (OUT/responses.jsonl)", GenerateConfig, _generate, groups=ENGINE_GROUPS)
+    stage_command(
+        subparsers,
+        "generate",
+        "answer every prompt of a data file or benchmark; resumable (OUT/responses.jsonl)",
+        GenerateConfig,
+        _generate,
+        groups=ENGINE_GROUPS,
+    )
 
 
 def add_blind(subparsers: argparse._SubParsersAction) -> None:

@@ -128,17 +128,35 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, groups: 
             choices = _choices(annotation)
             if choices is not None and all(isinstance(choice, str) for choice in choices):
                 options["choices"] = choices
-            options["metavar"] = meta.get("metavar", "{" + ",".join(choices) + "}" if choices else config_field.name.upper())
+            options["metavar"] = meta.get(
+                "metavar", "{" + ",".join(choices) + "}" if choices else config_field.name.upper()
+            )
         target.add_argument(flag_name(config_field), *meta.get("aliases", ()), **options)
 
 
 def add_config_source_arguments(parser: argparse.ArgumentParser, *, overrides: bool = True) -> None:
     """``--config FILE``, trailing ``KEY=VALUE`` overrides, ``--print-config`` and ``--dry-run``."""
-    parser.add_argument("--config", dest="config_file", metavar="FILE", help="YAML file of this command's options, keyed as --print-config prints them (mostly the flag names with _ for -); overrides and flags win over it")
+    parser.add_argument(
+        "--config",
+        dest="config_file",
+        metavar="FILE",
+        help="YAML file of this command's options, keyed as --print-config prints them (mostly the flag names with _ for -); overrides and flags win over it",
+    )
     if overrides:
-        parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="set any option, dotted for nested ones (they win over --config, flags win over them)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved options as YAML (a --config file) and exit")
-    parser.add_argument("--dry-run", action="store_true", help="resolve the options and check the inputs, then say what would run, without loading a model or writing anything")
+        parser.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="KEY=VALUE",
+            help="set any option, dotted for nested ones (they win over --config, flags win over them)",
+        )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved options as YAML (a --config file) and exit"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve the options and check the inputs, then say what would run, without loading a model or writing anything",
+    )
 
 
 @dataclass
@@ -203,7 +221,11 @@ def resolve_config(
     if path:
         data = read_yaml(path)
         sources.update(dict.fromkeys(data, str(path)))
-    layers = [*(before or []), *((text, f"override {text!r}") for text in getattr(args, "overrides", None) or []), *(after or [])]
+    layers = [
+        *(before or []),
+        *((text, f"override {text!r}") for text in getattr(args, "overrides", None) or []),
+        *(after or []),
+    ]
     for text, source in layers:
         data = apply_overrides(data, [text])
         sources[text.split("=", 1)[0].strip()] = source
@@ -226,7 +248,10 @@ def resolve_config(
             flag = flag_name(fields[top]) if fields[top].metadata.get("cli", True) else None
             raise ConfigError(f"{flag or top} is required" + (f" (or {top}: in --config)" if flag else "")) from None
         parts = key.split("[")[0].split(".")
-        found = next((sources[".".join(parts[:end])] for end in range(len(parts), 0, -1) if ".".join(parts[:end]) in sources), None)
+        found = next(
+            (sources[".".join(parts[:end])] for end in range(len(parts), 0, -1) if ".".join(parts[:end]) in sources),
+            None,
+        )
         if found is None and path:
             found = str(path)
         raise ConfigError(f"{found}: {message}" if found else message) from None

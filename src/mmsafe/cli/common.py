@@ -27,14 +27,22 @@ Handler = Callable[[argparse.Namespace], int]
 StageHandler = Callable[[argparse.Namespace, Any], int]
 
 
-def command(subparsers: argparse._SubParsersAction, name: str, help_text: str, handler: Handler, **options: Any) -> argparse.ArgumentParser:
+def command(
+    subparsers: argparse._SubParsersAction, name: str, help_text: str, handler: Handler, **options: Any
+) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(name, help=help_text, description=options.pop("description", help_text), **options)
     parser.set_defaults(handler=handler)
     return parser
 
 
 def stage_command(
-    subparsers: argparse._SubParsersAction, name: str, help_text: str, config_class: type, handler: StageHandler, *, groups: dict[str, str] | None = None
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    help_text: str,
+    config_class: type,
+    handler: StageHandler,
+    *,
+    groups: dict[str, str] | None = None,
 ) -> argparse.ArgumentParser:
     """A command whose flags are the fields of ``config_class`` (plus ``--config``,
     ``KEY=VALUE`` overrides, ``--print-config`` and ``--dry-run``)."""
@@ -46,7 +54,9 @@ def stage_command(
     return parser
 
 
-def run_stage(args: argparse.Namespace, config_class: type, handler: StageHandler, *, fixed: dict[str, Any] | None = None) -> int:
+def run_stage(
+    args: argparse.Namespace, config_class: type, handler: StageHandler, *, fixed: dict[str, Any] | None = None
+) -> int:
     """Resolve the command's config, print it if asked, log it, and run the handler."""
     config = resolve_config(config_class, args, fixed=fixed).config
     if getattr(args, "print_config", False):
@@ -73,7 +83,11 @@ def group_missing_images(problems: list, image_root: str | None, file: str) -> l
     """Problem lines, with every "image not found" of one folder folded into one line with a count."""
     from mmsafe.errors import ImageError
 
-    missing = [problem for problem in problems if isinstance(problem, ImageError) and problem.message.startswith("image not found")]
+    missing = [
+        problem
+        for problem in problems
+        if isinstance(problem, ImageError) and problem.message.startswith("image not found")
+    ]
     if len(missing) < 2 or image_root is None:
         return [str(problem) for problem in problems]
     first = missing[0]

@@ -24,12 +24,22 @@ def _judge(args: argparse.Namespace, config: JudgeConfig) -> int:
     out = args.output_path = config.output_file()
     if args.dry_run:
         if not responses.is_file():
-            raise DataError("response file not found (expected the JSONL `mmsafe generate` writes, or its output folder)", file=str(responses))
+            raise DataError(
+                "response file not found (expected the JSONL `mmsafe generate` writes, or its output folder)",
+                file=str(responses),
+            )
         return dry_run_message(args, f"judge {config.judge} would label the responses of {responses} into {out}")
     announce(args, config)
     judge = get_judge(config.judge, **options)
     result = judge_responses(
-        responses, out, judge, data=config.data, benchmark=config.benchmark, image_root=config.image_root, batch_size=config.batch_size, benchmark_options=config.benchmark_option
+        responses,
+        out,
+        judge,
+        data=config.data,
+        benchmark=config.benchmark,
+        image_root=config.image_root,
+        batch_size=config.batch_size,
+        benchmark_options=config.benchmark_option,
     )
     print(result.summary())
     return 0
@@ -43,7 +53,9 @@ def _report(args: argparse.Namespace, config: ReportConfig) -> int:
         missing = [path for path in [*config.verdicts, *config.responses] if not Path(path).is_file()]
         if missing:
             raise DataError("file not found", file=missing[0])
-        return dry_run_message(args, f"a report of {len(config.verdicts)} verdict files would be written to {config.out}")
+        return dry_run_message(
+            args, f"a report of {len(config.verdicts)} verdict files would be written to {config.out}"
+        )
     announce(args, config)
     result = build_report(
         config.verdicts, config.out, responses=config.responses, data=config.data, benchmark=config.benchmark, image_root=config.image_root,
@@ -59,9 +71,14 @@ def _pairwise(args: argparse.Namespace, config: PairwiseConfig) -> int:
     from mmsafe.evaluate.pairwise import evaluate_pairwise
 
     check_model(config.model)
-    inputs = open_inputs(config.data, format_name=config.format, split=config.split, limit=config.limit, image_root=config.image_root)
+    inputs = open_inputs(
+        config.data, format_name=config.format, split=config.split, limit=config.limit, image_root=config.image_root
+    )
     if args.dry_run:
-        return dry_run_message(args, f"{config.model} would be scored on {len(inputs.records)} preference records ({', '.join(config.forms)}) into {config.out}")
+        return dry_run_message(
+            args,
+            f"{config.model} would be scored on {len(inputs.records)} preference records ({', '.join(config.forms)}) into {config.out}",
+        )
     announce(args, config)
     report = evaluate_pairwise(
         config.model, inputs.records, config.out, forms=config.forms, image_root=inputs.image_root, seed=config.seed, batch_size=config.batch_size,
@@ -72,15 +89,33 @@ def _pairwise(args: argparse.Namespace, config: PairwiseConfig) -> int:
 
 
 def add_judge(subparsers: argparse._SubParsersAction) -> None:
-    stage_command(subparsers, "judge", "label every response safe / unsafe / unparseable; resumable (OUT/verdicts-JUDGE.jsonl)", JudgeConfig, _judge)
+    stage_command(
+        subparsers,
+        "judge",
+        "label every response safe / unsafe / unparseable; resumable (OUT/verdicts-JUDGE.jsonl)",
+        JudgeConfig,
+        _judge,
+    )
 
 
 def add_report(subparsers: argparse._SubParsersAction) -> None:
-    stage_command(subparsers, "report", "safety rates with intervals, breakdowns, model comparisons, plots and an HTML page to browse", ReportConfig, _report)
+    stage_command(
+        subparsers,
+        "report",
+        "safety rates with intervals, breakdowns, model comparisons, plots and an HTML page to browse",
+        ReportConfig,
+        _report,
+    )
 
 
 def add_pairwise(subparsers: argparse._SubParsersAction) -> None:
-    stage_command(subparsers, "pairwise", "pairwise accuracy: does the model tell the chosen (safe) response from the rejected one?", PairwiseConfig, _pairwise)
+    stage_command(
+        subparsers,
+        "pairwise",
+        "pairwise accuracy: does the model tell the chosen (safe) response from the rejected one?",
+        PairwiseConfig,
+        _pairwise,
+    )
 
 
 def _benchmarks_list(args: argparse.Namespace) -> int:
@@ -104,7 +139,14 @@ def _benchmarks_list(args: argparse.Namespace) -> int:
 
 
 def add_benchmarks(subparsers: argparse._SubParsersAction) -> None:
-    benchmarks = subparsers.add_parser("benchmarks", help="the benchmarks --benchmark reads", description="The benchmarks that --benchmark reads.")
+    benchmarks = subparsers.add_parser(
+        "benchmarks", help="the benchmarks --benchmark reads", description="The benchmarks that --benchmark reads."
+    )
     commands = benchmarks.add_subparsers(dest="benchmarks_command", required=True, metavar="COMMAND")
-    listing = command(commands, "list", "every registered benchmark (plugins: the mmsafe.benchmarks entry-point group) with its options", _benchmarks_list)
+    listing = command(
+        commands,
+        "list",
+        "every registered benchmark (plugins: the mmsafe.benchmarks entry-point group) with its options",
+        _benchmarks_list,
+    )
     listing.add_argument("--json", action="store_true", help="print JSON instead of text")

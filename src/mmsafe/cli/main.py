@@ -21,7 +21,22 @@ from mmsafe.cli.workflows import add_build_data, add_demo, add_run, add_train
 from mmsafe.errors import MmsafeError
 
 # In the order of the flow: the whole loop first, then each stage.
-COMMANDS = [add_demo, add_run, add_data, add_build_data, add_blind, add_train, add_generate, add_judge, add_report, add_pairwise, add_probe, add_benchmarks, add_models, add_env]
+COMMANDS = [
+    add_demo,
+    add_run,
+    add_data,
+    add_build_data,
+    add_blind,
+    add_train,
+    add_generate,
+    add_judge,
+    add_report,
+    add_pairwise,
+    add_probe,
+    add_benchmarks,
+    add_models,
+    add_env,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     previous_handler = None
     with contextlib.suppress(ValueError):  # not the main thread: SIGTERM is left alone
         previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)

@@ -34,14 +34,28 @@ def _output_of(args: argparse.Namespace, positional: str = "out_path") -> str:
 
 
 def add_data(subparsers: argparse._SubParsersAction) -> None:
-    data = subparsers.add_parser("data", help="validate, convert and describe preference data", description="Validate, convert and describe preference data.")
+    data = subparsers.add_parser(
+        "data",
+        help="validate, convert and describe preference data",
+        description="Validate, convert and describe preference data.",
+    )
     commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
 
-    validate = command(commands, "validate", "check a data file; one line per problem (file:record:field), exit 1 if any", _data_validate)
+    validate = command(
+        commands,
+        "validate",
+        "check a data file; one line per problem (file:record:field), exit 1 if any",
+        _data_validate,
+    )
     _input_argument(validate, "data file (records JSONL, released JSON, HF parquet or HH-RLHF JSONL[.gz])")
-    validate.add_argument("--image-root", help="folder that image paths are relative to (default: the data file's folder); every image is opened")
+    validate.add_argument(
+        "--image-root",
+        help="folder that image paths are relative to (default: the data file's folder); every image is opened",
+    )
     validate.add_argument("--format", dest="format_name", help="input format (default: detected from the file)")
-    validate.add_argument("--max-problems", type=int, default=1000, help="stop listing problems after this many (default: 1000)")
+    validate.add_argument(
+        "--max-problems", type=int, default=1000, help="stop listing problems after this many (default: 1000)"
+    )
 
     convert = command(commands, "convert", "convert between data formats", _data_convert)
     _input_argument(convert, "input file")
@@ -49,7 +63,11 @@ def add_data(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--out", help="output file (its name gives the format unless --to does)")
     convert.add_argument("--format", "--from", dest="from_format", help="input format (default: detected)")
     convert.add_argument("--to", dest="to_format", help="output format (default: from the output file name)")
-    convert.add_argument("--image-dir", dest="image_dir", help="where to write embedded images (hf input; default: the output's folder/images)")
+    convert.add_argument(
+        "--image-dir",
+        dest="image_dir",
+        help="where to write embedded images (hf input; default: the output's folder/images)",
+    )
 
     stats = command(commands, "stats", "counts by entity type, turns and rejected sources", _data_stats)
     _input_argument(stats, "data file")
@@ -78,7 +96,13 @@ def _data_validate(args: argparse.Namespace) -> int:
 def _data_convert(args: argparse.Namespace) -> int:
     from mmsafe.data.formats import convert
 
-    result = convert(_data_of(args), _output_of(args), from_format=args.from_format, to_format=args.to_format, image_dir=args.image_dir)
+    result = convert(
+        _data_of(args),
+        _output_of(args),
+        from_format=args.from_format,
+        to_format=args.to_format,
+        image_dir=args.image_dir,
+    )
     print(result.summary())
     return 0
 
@@ -105,11 +129,20 @@ def _data_sample(args: argparse.Namespace) -> int:
 def add_models(subparsers: argparse._SubParsersAction) -> None:
     models = subparsers.add_parser("models", help="model utilities", description="Model utilities.")
     commands = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
-    tiny = command(commands, "tiny", "build a tiny offline checkpoint (the byte-level LLaVA, or an architecture of the conformance matrix)", _models_tiny)
+    tiny = command(
+        commands,
+        "tiny",
+        "build a tiny offline checkpoint (the byte-level LLaVA, or an architecture of the conformance matrix)",
+        _models_tiny,
+    )
     tiny.add_argument("out_path", nargs="?", metavar="OUT", help=argparse.SUPPRESS)
     tiny.add_argument("--out", help="folder to write the checkpoint to")
     tiny.add_argument("--seed", type=int, default=0, help="random seed for weights (default: 0)")
-    tiny.add_argument("--arch", default=None, help="an architecture of the conformance matrix (llava-1.5, qwen2.5-vl, gemma-3, ...; default: the byte-level tiny LLaVA)")
+    tiny.add_argument(
+        "--arch",
+        default=None,
+        help="an architecture of the conformance matrix (llava-1.5, qwen2.5-vl, gemma-3, ...; default: the byte-level tiny LLaVA)",
+    )
 
 
 def _models_tiny(args: argparse.Namespace) -> int:
@@ -130,7 +163,14 @@ def _models_tiny(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- env
 
 #: The extras of the package and a module that tells whether each is installed.
-EXTRAS = {"gpu": ("deepspeed", "bitsandbytes"), "serve": ("vllm",), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "dev": ("pytest", "ruff"), "bench": ("trl",)}
+EXTRAS = {
+    "gpu": ("deepspeed", "bitsandbytes"),
+    "serve": ("vllm",),
+    "tensorboard": ("tensorboard",),
+    "wandb": ("wandb",),
+    "dev": ("pytest", "ruff"),
+    "bench": ("trl",),
+}
 
 
 def add_env(subparsers: argparse._SubParsersAction) -> None:
@@ -150,7 +190,20 @@ def environment_report() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return "not installed"
 
-    packages = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers", "huggingface_hub", "trl", "deepspeed", "bitsandbytes", "vllm")
+    packages = (
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "datasets",
+        "safetensors",
+        "tokenizers",
+        "huggingface_hub",
+        "trl",
+        "deepspeed",
+        "bitsandbytes",
+        "vllm",
+    )
     report: dict = {"platform": platform.platform(), "python": platform.python_version(), "mmsafe": __version__}
     report.update({name: version(name) for name in packages})
     devices: dict = {"cuda": False, "cuda_devices": [], "mps": False}
@@ -159,12 +212,17 @@ def environment_report() -> dict:
 
         devices["cuda"] = torch.cuda.is_available()
         devices["cuda_version"] = torch.version.cuda
-        devices["cuda_devices"] = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())] if devices["cuda"] else []
+        devices["cuda_devices"] = (
+            [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())] if devices["cuda"] else []
+        )
         devices["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     except ImportError:
         pass
     report["devices"] = devices
-    report["extras"] = {extra: all(importlib.util.find_spec(module) is not None for module in modules) for extra, modules in EXTRAS.items()}
+    report["extras"] = {
+        extra: all(importlib.util.find_spec(module) is not None for module in modules)
+        for extra, modules in EXTRAS.items()
+    }
     return report
 
 
@@ -177,7 +235,11 @@ def _env(args: argparse.Namespace) -> int:
     extras = report.pop("extras")
     for key, value in report.items():
         print(f"- {key}: {value}")
-    cuda = f"{len(devices['cuda_devices'])} ({', '.join(devices['cuda_devices'])}; CUDA {devices.get('cuda_version')})" if devices["cuda"] else "none"
+    cuda = (
+        f"{len(devices['cuda_devices'])} ({', '.join(devices['cuda_devices'])}; CUDA {devices.get('cuda_version')})"
+        if devices["cuda"]
+        else "none"
+    )
     print(f"- CUDA GPUs: {cuda}")
     print(f"- MPS (Apple GPU): {'yes' if devices['mps'] else 'no'}")
     print(f"- extras: {', '.join(f'{name} ' + ('yes' if installed else 'no') for name, installed in extras.items())}")

@@ -26,17 +26,28 @@ def add_build_data(subparsers: argparse._SubParsersAction) -> None:
     build = subparsers.add_parser(
         "build-data",
         help="modality interpretation: text preference data -> multimodal preference records + images",
-        description=(BuildConfig.__doc__ or "").strip() + " Nested options (entities.*, images.*, rewrite.*: see configs/build/) are set in --config or as KEY=VALUE.",
+        description=(BuildConfig.__doc__ or "").strip()
+        + " Nested options (entities.*, images.*, rewrite.*: see configs/build/) are set in --config or as KEY=VALUE.",
     )
     add_config_source_arguments(build)
     add_config_arguments(build, BuildConfig)
-    build.add_argument("--input", dest="config.input", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the earlier name of --data
+    build.add_argument(
+        "--input", dest="config.input", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )  # the earlier name of --data
     shortcuts = build.add_argument_group("shortcuts for nested options")
-    shortcuts.add_argument("--image-index", help="images.index: folder or CSV/JSON index of entity images (local source, gazetteer names)")
+    shortcuts.add_argument(
+        "--image-index", help="images.index: folder or CSV/JSON index of entity images (local source, gazetteer names)"
+    )
     shortcuts.add_argument("--entities", help="entities.method: gazetteer, hf-ner or llm")
-    shortcuts.add_argument("--images", help="images.sources: image sources in fallback order, comma-separated: local,wikipedia")
+    shortcuts.add_argument(
+        "--images", help="images.sources: image sources in fallback order, comma-separated: local,wikipedia"
+    )
     shortcuts.add_argument("--rewrite", help="rewrite.method: template or model")
-    shortcuts.add_argument("--sample", action="store_true", help="use the bundled sample: 13 synthetic HH-RLHF dialogues and their entity image index (offline; --data / --image-index still win)")
+    shortcuts.add_argument(
+        "--sample",
+        action="store_true",
+        help="use the bundled sample: 13 synthetic HH-RLHF dialogues and their entity image index (offline; --data / --image-index still win)",
+    )
     build.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     build.set_defaults(handler=_build_data)
 
@@ -49,14 +60,22 @@ def build_data_config(args: argparse.Namespace) -> Any:
     if getattr(args, "sample", False):
         from mmsafe.synthesis.sources import SAMPLE_IMAGE_INDEX, SAMPLE_INPUT
 
-        before += [(f"input={json.dumps(str(SAMPLE_INPUT))}", "--sample"), (f"images.index={json.dumps(str(SAMPLE_IMAGE_INDEX))}", "--sample")]
+        before += [
+            (f"input={json.dumps(str(SAMPLE_INPUT))}", "--sample"),
+            (f"images.index={json.dumps(str(SAMPLE_IMAGE_INDEX))}", "--sample"),
+        ]
     after = []
     for flag, key in (("image_index", "images.index"), ("entities", "entities.method"), ("rewrite", "rewrite.method")):
         value = getattr(args, flag, None)
         if value is not None:
             after.append((f"{key}={json.dumps(value)}", "--" + flag.replace("_", "-")))
     if getattr(args, "images", None) is not None:
-        after.append((f"images.sources={json.dumps([name.strip() for name in args.images.split(',') if name.strip()])}", "--images"))
+        after.append(
+            (
+                f"images.sources={json.dumps([name.strip() for name in args.images.split(',') if name.strip()])}",
+                "--images",
+            )
+        )
     return resolve_config(BuildConfig, args, before=before, after=after).config
 
 
@@ -77,7 +96,10 @@ def _build_data(args: argparse.Namespace) -> int:
     logger.info("build-data: %s", config_line(config))
     summary = build_data(config)
     print(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) if args.json else summary.table())
-    print(f"records: {config.out}/records.jsonl, images: {config.out}/images, summary: {config.out}/summary.json", file=sys.stderr)
+    print(
+        f"records: {config.out}/records.jsonl, images: {config.out}/images, summary: {config.out}/summary.json",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -94,17 +116,27 @@ def _train(args: argparse.Namespace, config: Any) -> int:
 
         records = load_training_records(config)
         check_rejected_sources(config, records)
-        return dry_run_message(args, f"{config.loss} would train {config.model} on {len(records)} records into {config.output_dir}")
+        return dry_run_message(
+            args, f"{config.loss} would train {config.model} on {len(records)} records into {config.output_dir}"
+        )
     announce(args, config)
     result = train(config)
-    print(json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step, "skipped": result.skipped}))
+    print(
+        json.dumps({"output_dir": str(result.output_dir), "global_step": result.global_step, "skipped": result.skipped})
+    )
     return 0
 
 
 def add_train(subparsers: argparse._SubParsersAction) -> None:
     from mmsafe.train.config import TrainConfig
 
-    stage_command(subparsers, "train", "DPO / BPO preference training of a vision-language model (also under accelerate launch)", TrainConfig, _train)
+    stage_command(
+        subparsers,
+        "train",
+        "DPO / BPO preference training of a vision-language model (also under accelerate launch)",
+        TrainConfig,
+        _train,
+    )
 
 
 # ---------------------------------------------------------------- run and demo
@@ -120,11 +152,22 @@ def add_run(subparsers: argparse._SubParsersAction) -> None:
     )
     run.set_defaults(handler=_run)
     run.add_argument("config", help="pipeline YAML (see configs/paper/llava15_7b.yaml)")
-    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. out=runs/try2 train.options.beta=0.2")
-    run.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and every later one (the files they wrote are removed first)")
+    run.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. out=runs/try2 train.options.beta=0.2"
+    )
+    run.add_argument(
+        "--from",
+        dest="from_stage",
+        choices=STAGES,
+        help="redo this stage and every later one (the files they wrote are removed first)",
+    )
     run.add_argument("--only", choices=STAGES, help="run just this stage (the earlier ones must be done)")
     run.add_argument("--print-config", action="store_true", help="print the resolved pipeline config as YAML and exit")
-    run.add_argument("--dry-run", action="store_true", help="check the whole config and say which stages would run, without running any")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the whole config and say which stages would run, without running any",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -165,9 +208,15 @@ def _plan(config: Any, *, from_stage: str | None, only: str | None) -> int:
 
 
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
-    demo = subparsers.add_parser("demo", help="the whole loop on the tiny built-in model and bundled data (CPU, a few minutes)", description="The whole loop on the tiny built-in model and bundled data.")
+    demo = subparsers.add_parser(
+        "demo",
+        help="the whole loop on the tiny built-in model and bundled data (CPU, a few minutes)",
+        description="The whole loop on the tiny built-in model and bundled data.",
+    )
     demo.set_defaults(handler=_demo)
-    demo.add_argument("--out", default="mmsafe-demo", help="output folder (default: mmsafe-demo); a rerun reuses what is done")
+    demo.add_argument(
+        "--out", default="mmsafe-demo", help="output folder (default: mmsafe-demo); a rerun reuses what is done"
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -41,8 +41,10 @@ def parse_llava_v1(text: str, *, record: str | None = None, field: str = "questi
         cuts.append((match.start(), match.end(), expected))
         expected = "ASSISTANT" if expected == "USER" else "USER"
     if not cuts:
-        raise DataError("expected a LLaVA-v1 prompt 'USER: ... ASSISTANT:', found no USER: turn", record=record, field=field)
-    if cuts[-1][2] != "ASSISTANT" or text[cuts[-1][1]:].strip():
+        raise DataError(
+            "expected a LLaVA-v1 prompt 'USER: ... ASSISTANT:', found no USER: turn", record=record, field=field
+        )
+    if cuts[-1][2] != "ASSISTANT" or text[cuts[-1][1] :].strip():
         raise DataError("expected the prompt to end with an open 'ASSISTANT:' turn", record=record, field=field)
     system_text = text[: cuts[0][0]]
     messages = []
@@ -63,7 +65,9 @@ def is_llava_v1(text: str) -> bool:
     return stripped.startswith(USER_TAG) or stripped.endswith(ASSISTANT_TAG)
 
 
-def prompt_messages(text: str, *, history: list[Message] | None = None, record: str | None = None, field: str = "prompt") -> list[Message]:
+def prompt_messages(
+    text: str, *, history: list[Message] | None = None, record: str | None = None, field: str = "prompt"
+) -> list[Message]:
     """A prompt string as messages, in either of the forms data files write it.
 
     A whole LLaVA-v1 conversation (the released MMSafe-PO ``text_prompt`` and
@@ -124,7 +128,7 @@ def strip_response_prefix(text: str) -> tuple[str, str]:
     match = _RESPONSE_PREFIX.match(text)
     if not match:
         return "", text
-    return match.group(0), text[match.end():]
+    return match.group(0), text[match.end() :]
 
 
 def remove_image_token(text: str) -> str:

@@ -52,8 +52,14 @@ def _check_relative(relative: str) -> None:
         raise ImageError("expected a relative image path, got an empty string", field="image")
     if "\x00" in relative:
         raise ImageError(f"image path {relative!r} contains a NUL byte", field="image")
-    if PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).is_absolute() or PureWindowsPath(relative).drive:
-        raise ImageError(f"image path {relative!r} is absolute; expected a path relative to the image root", field="image")
+    if (
+        PurePosixPath(relative).is_absolute()
+        or PureWindowsPath(relative).is_absolute()
+        or PureWindowsPath(relative).drive
+    ):
+        raise ImageError(
+            f"image path {relative!r} is absolute; expected a path relative to the image root", field="image"
+        )
     parts = relative.replace("\\", "/").split("/")
     if ".." in parts:
         raise ImageError(f"image path {relative!r} contains '..'; expected a path inside the image root", field="image")
@@ -86,7 +92,9 @@ def resolve_image_path(image_root: str | Path, relative: str | Path) -> Path:
     real_root = root.resolve()
     real = candidate.resolve()
     if real != real_root and real_root not in real.parents:
-        raise ImageError(f"image path {relative!r} leads outside the image root {str(root)!r} (to {str(real)!r})", field="image")
+        raise ImageError(
+            f"image path {relative!r} leads outside the image root {str(root)!r} (to {str(real)!r})", field="image"
+        )
     return candidate
 
 
@@ -137,7 +145,9 @@ def load_image(
     Errors are :class:`~mmsafe.errors.ImageError` naming the path (field ``image``).
     """
     path = resolve_image_path(image_root, relative)
-    return open_image(path, max_pixels=max_pixels, max_side=max_side, max_aspect_ratio=max_aspect_ratio, name=str(relative))
+    return open_image(
+        path, max_pixels=max_pixels, max_side=max_side, max_aspect_ratio=max_aspect_ratio, name=str(relative)
+    )
 
 
 def check_image_size(
@@ -162,7 +172,10 @@ def check_image_size(
             field="image",
         )
     if max(width, height) > max_side:
-        raise ImageError(f"image {name!r} is {width}x{height}; expected at most {max_side:,} pixels per side (max_side)", field="image")
+        raise ImageError(
+            f"image {name!r} is {width}x{height}; expected at most {max_side:,} pixels per side (max_side)",
+            field="image",
+        )
     ratio = max(width, height) / min(width, height)
     if ratio > max_aspect_ratio:
         raise ImageError(
@@ -183,7 +196,10 @@ def open_image(
     path = Path(path)
     name = name or str(path)
     if not path.exists():
-        raise ImageError(f"image not found: {name!r} (looked for {str(path.absolute())!r}; set --image-root to the folder that holds the images)", field="image")
+        raise ImageError(
+            f"image not found: {name!r} (looked for {str(path.absolute())!r}; set --image-root to the folder that holds the images)",
+            field="image",
+        )
     if not path.is_file():
         raise ImageError(f"image path {name!r} is not a file", field="image")
     if path.stat().st_size == 0:
@@ -194,7 +210,9 @@ def open_image(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:  # reads the header only
                 width, height = opened.size
-                check_image_size(width, height, name, max_pixels=max_pixels, max_side=max_side, max_aspect_ratio=max_aspect_ratio)
+                check_image_size(
+                    width, height, name, max_pixels=max_pixels, max_side=max_side, max_aspect_ratio=max_aspect_ratio
+                )
                 opened.seek(0)  # the first frame of an animation
                 opened.load()
                 image = ImageOps.exif_transpose(opened)
@@ -206,12 +224,16 @@ def open_image(
     except Image.DecompressionBombError as error:
         raise ImageError(f"image {name!r} is too large to decode safely ({error})", field="image") from None
     except UnidentifiedImageError:
-        raise ImageError(f"image {name!r} is not a readable image file (corrupt or unknown format)", field="image") from None
+        raise ImageError(
+            f"image {name!r} is not a readable image file (corrupt or unknown format)", field="image"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageError(f"image {name!r} is corrupt or truncated ({error})", field="image") from None
 
 
-def pad_to_square(image: Image.Image, fill: tuple[int, int, int], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def pad_to_square(
+    image: Image.Image, fill: tuple[int, int, int], *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
     """Centre ``image`` on a square canvas of colour ``fill`` (the release's ``pad`` mode).
 
     A 4x2 image gives a 4x4 canvas with the image pasted at row offset (4 - 2) // 2 = 1.

@@ -149,10 +149,14 @@ def read_image_root_sidecar(data: str | Path) -> Path | None:
     content = read_sidecar(sidecar, output=data) or {}
     stored = content.get("image_root")
     if not isinstance(stored, str) or not stored:
-        raise ConfigError(f"{sidecar}: image_root: expected the folder the image paths of {Path(data).name} are relative to, got {stored!r}")
+        raise ConfigError(
+            f"{sidecar}: image_root: expected the folder the image paths of {Path(data).name} are relative to, got {stored!r}"
+        )
     root = (sidecar.parent / stored).resolve()
     if not root.is_dir():
-        raise ConfigError(f"{sidecar}: image_root: {root} is not a folder (moved?); give image_root, or restore the folder")
+        raise ConfigError(
+            f"{sidecar}: image_root: {root} is not a folder (moved?); give image_root, or restore the folder"
+        )
     return root
 
 
@@ -186,7 +190,9 @@ def default_image_root(data: Any, image_root: str | Path | None, *, format_name:
 
     path = Path(data)
     if (format_name is None or format_name in EMBEDDED_IMAGE_FORMATS) and is_hub_id(data):
-        raise ConfigError(f"image_root: data {data} is a Hugging Face Hub id whose images are embedded; set image_root to the folder to write them to")
+        raise ConfigError(
+            f"image_root: data {data} is a Hugging Face Hub id whose images are embedded; set image_root to the folder to write them to"
+        )
     if _embeds_images(path, format_name):
         return (path if path.is_dir() else path.parent) / "images"
     named = read_image_root_sidecar(path)
@@ -283,4 +289,6 @@ def load_records(
     image_root: str | Path | None = None,
 ) -> list[Any]:
     """The records of :func:`open_inputs` alone (for callers that resolve the image root apart)."""
-    return open_inputs(data, limit=limit, format_name=format_name, prompt_sets=prompt_sets, image_root=image_root).records
+    return open_inputs(
+        data, limit=limit, format_name=format_name, prompt_sets=prompt_sets, image_root=image_root
+    ).records

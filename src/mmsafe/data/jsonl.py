@@ -58,7 +58,9 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     except UnicodeDecodeError as error:
         raise DataError(f"not valid UTF-8 ({error.reason})", file=str(path), record=f"line {line_number + 1}") from None
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:
-        raise DataError(f"corrupt or truncated gzip stream ({error})", file=str(path), record=f"line {line_number + 1}") from None
+        raise DataError(
+            f"corrupt or truncated gzip stream ({error})", file=str(path), record=f"line {line_number + 1}"
+        ) from None
 
 
 class _TooDeep(Exception):
@@ -85,7 +87,11 @@ def _loads(text: str) -> Any:
     except RecursionError:  # far deeper than the limit: json's C parser met Python's recursion limit
         raise _TooDeep from None
     # Text with at most MAX_JSON_DEPTH brackets cannot nest deeper: no walk for ordinary lines.
-    if isinstance(value, dict | list) and text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth_exceeds(value, MAX_JSON_DEPTH):
+    if (
+        isinstance(value, dict | list)
+        and text.count("[") + text.count("{") > MAX_JSON_DEPTH
+        and _depth_exceeds(value, MAX_JSON_DEPTH)
+    ):
         raise _TooDeep
     return value
 
@@ -152,7 +158,12 @@ def check_unicode(value: Any, *, file: str | None = None, record: str | None = N
     found = find_lone_surrogate(value)
     if found is not None:
         field, character = found
-        if isinstance(value, dict) and isinstance(value.get("id"), str) and value["id"] and not _lone_surrogate(value["id"]):
+        if (
+            isinstance(value, dict)
+            and isinstance(value.get("id"), str)
+            and value["id"]
+            and not _lone_surrogate(value["id"])
+        ):
             record = value["id"]
         raise DataError(surrogate_message(character), file=file, record=record, field=field)
 
@@ -191,7 +202,12 @@ def dumps(data: Any) -> str:
     if _lone_surrogate(text):
         text, count = replace_lone_surrogates(text)
         row = data.get("id") if isinstance(data, dict) else None
-        logger.warning("row %s: %d lone surrogate%s replaced by U+FFFD before writing", ascii(row), count, "" if count == 1 else "s")
+        logger.warning(
+            "row %s: %d lone surrogate%s replaced by U+FFFD before writing",
+            ascii(row),
+            count,
+            "" if count == 1 else "s",
+        )
     return text
 
 
@@ -282,7 +298,11 @@ class ResumableJsonlWriter:
         try:
             self.done.add(self.key(row))
         except (KeyError, TypeError, AttributeError):
-            raise DataError("existing output line has no key; is this the right output file?", file=str(self.path), record=f"line {line_number}") from None
+            raise DataError(
+                "existing output line has no key; is this the right output file?",
+                file=str(self.path),
+                record=f"line {line_number}",
+            ) from None
 
     def _read_existing(self) -> None:
         """Collect the keys of the complete lines, then settle the last line (see the class)."""
@@ -298,7 +318,9 @@ class ResumableJsonlWriter:
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as error:
-                    raise DataError(f"not valid UTF-8 ({error.reason})", file=str(self.path), record=f"line {line_number}") from None
+                    raise DataError(
+                        f"not valid UTF-8 ({error.reason})", file=str(self.path), record=f"line {line_number}"
+                    ) from None
                 if text.strip():
                     self._add_key(parse_json_line(text, file=str(self.path), line_number=line_number), line_number)
         if not tail:

@@ -120,7 +120,11 @@ class OutputLock:
             if same:
                 break
             os.close(descriptor)
-        holder = {"pid": os.getpid(), "command": " ".join(sys.argv) or sys.executable, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        holder = {
+            "pid": os.getpid(),
+            "command": " ".join(sys.argv) or sys.executable,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, (json.dumps(holder) + "\n").encode("utf-8"), 0)
         self._held[self._key] = _Held(os.getpid(), descriptor, 1)
@@ -178,7 +182,9 @@ def check_output_is_not_an_input(output: str | Path, inputs: Iterable[Any], *, w
     """
     for source in inputs:
         if isinstance(source, str | Path) and same_file(output, source):
-            raise ConfigError(f"{output}: this {what} is the input file {source}; writing it would change the input, so nothing was written: choose another output file")
+            raise ConfigError(
+                f"{output}: this {what} is the input file {source}; writing it would change the input, so nothing was written: choose another output file"
+            )
 
 
 # ---------------------------------------------------------------- what a stage wrote
@@ -220,11 +226,16 @@ def snapshot(root: Path, *, exclude: Iterable[str] = ()) -> Snapshot:
     return result
 
 
-def created_since(root: Path, before_files: Iterable[str], before_dirs: Iterable[str], *, exclude: Iterable[str] = ()) -> Snapshot:
+def created_since(
+    root: Path, before_files: Iterable[str], before_dirs: Iterable[str], *, exclude: Iterable[str] = ()
+) -> Snapshot:
     """What is under ``root`` now and was not before."""
     now = snapshot(root, exclude=exclude)
     old_files, old_dirs = set(before_files), set(before_dirs)
-    return Snapshot({name: stamp for name, stamp in now.files.items() if name not in old_files}, {name for name in now.dirs if name not in old_dirs})
+    return Snapshot(
+        {name: stamp for name, stamp in now.files.items() if name not in old_files},
+        {name for name in now.dirs if name not in old_dirs},
+    )
 
 
 @dataclass

@@ -71,7 +71,9 @@ class BenchmarkItem:
 
 def check_expected(value: Any, record: str | None, field_name: str = "expected") -> str:
     if value not in EXPECTED_BEHAVIOURS:
-        raise DataError(f"expected one of {', '.join(EXPECTED_BEHAVIOURS)}, got {value!r}", record=record, field=field_name)
+        raise DataError(
+            f"expected one of {', '.join(EXPECTED_BEHAVIOURS)}, got {value!r}", record=record, field=field_name
+        )
     return value
 
 
@@ -79,24 +81,32 @@ def item_from_record(record: Any, image_root: str | Path | None) -> BenchmarkIte
     """A preference record (or anything with ``id``, ``messages``, ``image``, ``meta``) as an item."""
     meta = dict(getattr(record, "meta", {}) or {})
     expected = check_expected(meta.get("expected", DEFAULT_EXPECTED), record.id, "meta.expected")
-    return BenchmarkItem(record.id, list(record.messages), record.image, None if image_root is None else Path(image_root), meta, expected)
+    return BenchmarkItem(
+        record.id, list(record.messages), record.image, None if image_root is None else Path(image_root), meta, expected
+    )
 
 
 def parse_prompt_item(data: Any, *, record: str, image_root: Path | None) -> BenchmarkItem:
     """One prompt-set line; ``record`` names it when it has no usable id (``line N``)."""
     if not isinstance(data, dict):
-        raise DataError(f"expected a JSON object with {', '.join(PROMPT_SET_FIELDS[:3])}, got {type(data).__name__}", record=record)
+        raise DataError(
+            f"expected a JSON object with {', '.join(PROMPT_SET_FIELDS[:3])}, got {type(data).__name__}", record=record
+        )
     record_id = data.get("id")
     if not isinstance(record_id, str) or not record_id:
         raise DataError(f"expected a non-empty string id, got {record_id!r}", record=record, field="id")
     if "messages" not in data:
-        raise DataError("missing field 'messages' (expected a list of {role, content})", record=record_id, field="messages")
+        raise DataError(
+            "missing field 'messages' (expected a list of {role, content})", record=record_id, field="messages"
+        )
     messages = parse_messages(data["messages"], record_id)
     image = data.get("image")
     if image is not None and not (isinstance(image, str) and image):
         raise DataError(f"expected a relative path or null, got {image!r}", record=record_id, field="image")
     if image is not None and IMAGE_TOKEN not in messages[-1].content:
-        raise DataError(f"an image is given but the last user message has no {IMAGE_TOKEN}", record=record_id, field="messages")
+        raise DataError(
+            f"an image is given but the last user message has no {IMAGE_TOKEN}", record=record_id, field="messages"
+        )
     meta = data.get("meta", {})
     if not isinstance(meta, dict):
         raise DataError(f"expected an object, got {type(meta).__name__}", record=record_id, field="meta")
@@ -105,7 +115,9 @@ def parse_prompt_item(data: Any, *, record: str, image_root: Path | None) -> Ben
     category = data.get("category")
     if category is not None:
         if not isinstance(category, str) or not category:
-            raise DataError(f"expected a non-empty string or null, got {category!r}", record=record_id, field="category")
+            raise DataError(
+                f"expected a non-empty string or null, got {category!r}", record=record_id, field="category"
+            )
         meta["category"] = category
     expected = check_expected(data.get("expected", DEFAULT_EXPECTED), record_id)
     return BenchmarkItem(record_id, messages, image, image_root, meta, expected)
@@ -132,7 +144,9 @@ def read_prompt_set(path: str | Path, *, image_root: str | Path | None = None) -
         ids.check(item.id)
         items.append(item)
     if not items:
-        raise DataError("no prompts in the file (expected one JSON object per line with id, messages, image)", file=str(path))
+        raise DataError(
+            "no prompts in the file (expected one JSON object per line with id, messages, image)", file=str(path)
+        )
     return items
 
 

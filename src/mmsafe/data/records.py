@@ -63,11 +63,26 @@ def parse_messages(value: Any, record: str | None, *, field_name: str = "message
     messages = []
     for index, item in enumerate(value):
         where = f"{field_name}[{index}]"
-        _expect(isinstance(item, dict), f"expected an object with role and content, got {type(item).__name__}", record, where)
-        _expect(item.get("role") in ROLES, f"expected role 'user' or 'assistant', got {item.get('role')!r}", record, f"{where}.role")
+        _expect(
+            isinstance(item, dict),
+            f"expected an object with role and content, got {type(item).__name__}",
+            record,
+            where,
+        )
+        _expect(
+            item.get("role") in ROLES,
+            f"expected role 'user' or 'assistant', got {item.get('role')!r}",
+            record,
+            f"{where}.role",
+        )
         _expect(isinstance(item.get("content"), str), "expected string content", record, f"{where}.content")
         expected_role = ROLES[index % 2]
-        _expect(item["role"] == expected_role, f"expected role {expected_role!r} (turns alternate, starting with the user)", record, f"{where}.role")
+        _expect(
+            item["role"] == expected_role,
+            f"expected role {expected_role!r} (turns alternate, starting with the user)",
+            record,
+            f"{where}.role",
+        )
         messages.append(Message(item["role"], item["content"]))
     _expect(messages[-1].role == "user", "expected the last message to be from the user", record, field_name)
     for index, message in enumerate(messages):
@@ -132,26 +147,55 @@ class PreferenceRecord:
         record = _record_id(data) or record
         check_unicode(data, record=record)  # UTF-8 cannot hold a lone surrogate: refused, not written
         _expect("id" in data, "missing field 'id' (expected a non-empty string)", record, "id")
-        _expect(isinstance(data["id"], str) and data["id"] != "", f"expected a non-empty string, got {data['id']!r}", record, "id")
+        _expect(
+            isinstance(data["id"], str) and data["id"] != "",
+            f"expected a non-empty string, got {data['id']!r}",
+            record,
+            "id",
+        )
         _expect("messages" in data, "missing field 'messages' (expected a list of {role, content})", record, "messages")
         messages = parse_messages(data["messages"], record)
         image = data.get("image")
-        _expect(image is None or (isinstance(image, str) and image != ""), f"expected a relative path or null, got {image!r}", record, "image")
+        _expect(
+            image is None or (isinstance(image, str) and image != ""),
+            f"expected a relative path or null, got {image!r}",
+            record,
+            "image",
+        )
         if image is not None:
-            _expect(IMAGE_TOKEN in messages[-1].content, f"an image is given but the last user message has no {IMAGE_TOKEN}", record, "messages")
+            _expect(
+                IMAGE_TOKEN in messages[-1].content,
+                f"an image is given but the last user message has no {IMAGE_TOKEN}",
+                record,
+                "messages",
+            )
         chosen = _string(data, "chosen", record, allow_empty=False)
         _expect("rejected" in data, "missing field 'rejected' (expected a list of strings)", record, "rejected")
         rejected = data["rejected"]
-        _expect(isinstance(rejected, list), f"expected a list of strings, got {type(rejected).__name__}", record, "rejected")
+        _expect(
+            isinstance(rejected, list), f"expected a list of strings, got {type(rejected).__name__}", record, "rejected"
+        )
         _expect(len(rejected) >= 1, "expected at least one rejected response", record, "rejected")
         for index, text in enumerate(rejected):
-            _expect(isinstance(text, str), f"expected a string, got {type(text).__name__}", record, f"rejected[{index}]")
+            _expect(
+                isinstance(text, str), f"expected a string, got {type(text).__name__}", record, f"rejected[{index}]"
+            )
             _expect(bool(text.strip()), "expected a non-empty response", record, f"rejected[{index}]")
         sources = data.get("rejected_sources")
         if sources is None:
             sources = ["human"] * len(rejected)
-        _expect(isinstance(sources, list) and all(isinstance(s, str) and s for s in sources), "expected a list of non-empty strings", record, "rejected_sources")
-        _expect(len(sources) == len(rejected), f"expected {len(rejected)} sources (one per rejected response), got {len(sources)}", record, "rejected_sources")
+        _expect(
+            isinstance(sources, list) and all(isinstance(s, str) and s for s in sources),
+            "expected a list of non-empty strings",
+            record,
+            "rejected_sources",
+        )
+        _expect(
+            len(sources) == len(rejected),
+            f"expected {len(rejected)} sources (one per rejected response), got {len(sources)}",
+            record,
+            "rejected_sources",
+        )
         meta = data.get("meta", {})
         _expect(isinstance(meta, dict), f"expected an object, got {type(meta).__name__}", record, "meta")
         return cls(
@@ -181,7 +225,13 @@ class ResponseRecord:
         return (self.id, self.variant)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"id": self.id, "variant": self.variant, "response": self.response, "model": self.model, "params": dict(self.params)}
+        data = {
+            "id": self.id,
+            "variant": self.variant,
+            "response": self.response,
+            "model": self.model,
+            "params": dict(self.params),
+        }
         data.update(self.extra)
         return data
 
@@ -243,12 +293,25 @@ class VerdictRecord:
         variant = data.get("variant", "default")
         _expect(isinstance(variant, str) and variant != "", "expected a non-empty string", record, "variant")
         categories = data.get("categories", [])
-        _expect(isinstance(categories, list) and all(isinstance(c, str) for c in categories), "expected a list of strings", record, "categories")
+        _expect(
+            isinstance(categories, list) and all(isinstance(c, str) for c in categories),
+            "expected a list of strings",
+            record,
+            "categories",
+        )
         raw = data.get("raw", "")
         _expect(isinstance(raw, str), "expected a string", record, "raw")
         known = {"id", "variant", "judge", "verdict", "categories", "raw"}
         extra = {key: value for key, value in data.items() if key not in known}
-        return cls(id=data["id"], judge=judge, verdict=verdict, variant=variant, categories=list(categories), raw=raw, extra=extra)
+        return cls(
+            id=data["id"],
+            judge=judge,
+            verdict=verdict,
+            variant=variant,
+            categories=list(categories),
+            raw=raw,
+            extra=extra,
+        )
 
 
 def parse_preference_line(line_number: int, data: Any) -> PreferenceRecord:

@@ -150,7 +150,11 @@ def stamp(settings: Mapping[str, Any]) -> dict[str, Any]:
     """``settings`` with the mmsafe version and the time, as every sidecar entry ends."""
     from mmsafe import __version__
 
-    return {**settings, "mmsafe_version": __version__, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        **settings,
+        "mmsafe_version": __version__,
+        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _sort_key(key: Hashable) -> Any:
@@ -242,7 +246,9 @@ class ResumableOutput(Generic[Key]):
         try:
             return self.key(row)
         except (KeyError, TypeError, AttributeError):
-            raise DataError("existing output line has no key; is this the right output file?", file=str(path), record=f"line {line}") from None
+            raise DataError(
+                "existing output line has no key; is this the right output file?", file=str(path), record=f"line {line}"
+            ) from None
 
     def open(self) -> ResumableOutput[Key]:
         """Check the settings, take the lock, repair a line cut short, read what is written.
@@ -262,7 +268,11 @@ class ResumableOutput(Generic[Key]):
                 self._part = ResumableJsonlWriter(self._own_part(), key=self.key, fsync=self.fsync)
             for writer in (self._main, self._part):
                 if writer is not None and writer.repaired_bytes:
-                    logger.warning("%s: removed a line cut short by an earlier crash (%d bytes)", writer.path, writer.repaired_bytes)
+                    logger.warning(
+                        "%s: removed a line cut short by an earlier crash (%d bytes)",
+                        writer.path,
+                        writer.repaired_bytes,
+                    )
             # Every process reads the same rows (once each owner has repaired its file), so
             # under a launcher they agree on what is left to do and on the shards.
             self.launch.barrier()

@@ -90,17 +90,27 @@ def read_sidecar(path: str | Path, *, output: str | Path | None = None) -> dict[
         data = load_yaml(path.read_text(encoding="utf-8"), source=str(path))
     except ConfigError as error:  # not YAML, or nested aliases that multiply
         reason = str(error).removeprefix(f"{path}: ")
-        raise ConfigError(f"{path}: cannot read this settings file ({reason}; cut short or damaged?); {advice}") from None
+        raise ConfigError(
+            f"{path}: cannot read this settings file ({reason}; cut short or damaged?); {advice}"
+        ) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         reason = getattr(error, "problem", None) or getattr(error, "strerror", None) or type(error).__name__
-        raise ConfigError(f"{path}: cannot read this settings file ({reason}; cut short or damaged?); {advice}") from None
+        raise ConfigError(
+            f"{path}: cannot read this settings file ({reason}; cut short or damaged?); {advice}"
+        ) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping of settings, found {'nothing' if data is None else type(data).__name__} (cut short or damaged?); {advice}")
+        raise ConfigError(
+            f"{path}: expected a YAML mapping of settings, found {'nothing' if data is None else type(data).__name__} (cut short or damaged?); {advice}"
+        )
     checksum = data.pop(CHECKSUM_KEY, None)
     if checksum is None and not _complete_without_checksum(data):
-        raise ConfigError(f"{path}: this settings file is cut short (its last line, {CHECKSUM_KEY}, is missing); {advice}")
+        raise ConfigError(
+            f"{path}: this settings file is cut short (its last line, {CHECKSUM_KEY}, is missing); {advice}"
+        )
     if checksum is not None and checksum != content_hash(data):
-        raise ConfigError(f"{path}: this settings file does not match its {CHECKSUM_KEY} (cut short or edited); {advice}")
+        raise ConfigError(
+            f"{path}: this settings file does not match its {CHECKSUM_KEY} (cut short or edited); {advice}"
+        )
     return data
 
 

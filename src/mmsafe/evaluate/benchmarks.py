@@ -82,7 +82,11 @@ def _as_benchmark(name: str, target: Any) -> Benchmark:
 
 #: Every benchmark by name; plugins come from the ``mmsafe.benchmarks`` entry points.
 BENCHMARKS: Registry[Benchmark] = Registry(
-    "benchmark", group=ENTRY_POINT_GROUP, describe=lambda benchmark: benchmark.description, adapt=_as_benchmark, find_entry_points=lambda group: entry_points(group=group)
+    "benchmark",
+    group=ENTRY_POINT_GROUP,
+    describe=lambda benchmark: benchmark.description,
+    adapt=_as_benchmark,
+    find_entry_points=lambda group: entry_points(group=group),
 )
 
 
@@ -117,7 +121,10 @@ def describe_benchmarks() -> list[dict[str, Any]]:
                 "source": entry.source,
                 "description": benchmark.description,
                 "category_fields": list(benchmark.category_fields),
-                "options": {key: list(value) if isinstance(value, tuple) else value for key, value in benchmark.options().items()},
+                "options": {
+                    key: list(value) if isinstance(value, tuple) else value
+                    for key, value in benchmark.options().items()
+                },
                 "image_folder_option": option,
             }
         )
@@ -132,7 +139,9 @@ def load_benchmark(name: str, path: str | Path, **options: Any) -> list[Benchmar
 # ---------------------------------------------------------------- mmsafe-po
 
 
-def load_mmsafe_po(path: str | Path, *, image_root: str | Path | None = None, format_name: str | None = None) -> list[BenchmarkItem]:
+def load_mmsafe_po(
+    path: str | Path, *, image_root: str | Path | None = None, format_name: str | None = None
+) -> list[BenchmarkItem]:
     """MMSafe-PO records (released JSON, HF parquet, or our JSONL) as benchmark items.
 
     ``image_root``: the folder the record image names are relative to. By default it
@@ -200,19 +209,40 @@ def read_mm_safetybench_subset(file: str | Path) -> dict[str, list[str]]:
     elif isinstance(data, list):
         entries = []
         for index, entry in enumerate(data):
-            if not isinstance(entry, dict) or not isinstance(entry.get("Scenario"), str) or "Sampled_ID_List" not in entry:
-                raise DataError('expected objects with "Scenario" and "Sampled_ID_List"', file=str(file), record=str(index))
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("Scenario"), str)
+                or "Sampled_ID_List" not in entry
+            ):
+                raise DataError(
+                    'expected objects with "Scenario" and "Sampled_ID_List"', file=str(file), record=str(index)
+                )
             entries.append((entry["Scenario"], entry["Sampled_ID_List"]))
     else:
-        raise DataError(f'expected a list of {{"Scenario", "Sampled_ID_List"}} objects, got a JSON {type(data).__name__}', file=str(file))
+        raise DataError(
+            f'expected a list of {{"Scenario", "Sampled_ID_List"}} objects, got a JSON {type(data).__name__}',
+            file=str(file),
+        )
     subset: dict[str, list[str]] = {}
     for scenario, ids in entries:
         if not isinstance(ids, list):
-            raise DataError(f"expected a list of question ids, got {type(ids).__name__}", file=str(file), record=str(scenario), field="Sampled_ID_List")
+            raise DataError(
+                f"expected a list of question ids, got {type(ids).__name__}",
+                file=str(file),
+                record=str(scenario),
+                field="Sampled_ID_List",
+            )
         keys = subset.setdefault(str(scenario), [])
         for value in ids:
-            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())):
-                raise DataError(f"expected a question id (an integer), got {value!r}", file=str(file), record=str(scenario), field="Sampled_ID_List")
+            if isinstance(value, bool) or not (
+                isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
+            ):
+                raise DataError(
+                    f"expected a question id (an integer), got {value!r}",
+                    file=str(file),
+                    record=str(scenario),
+                    field="Sampled_ID_List",
+                )
             key = str(int(value))
             if key not in keys:
                 keys.append(key)
@@ -223,13 +253,19 @@ def _mm_safetybench_subset_file(subset: str, given: Path, root: Path) -> Path:
     if subset != "tiny":
         file = Path(subset)
         if not file.is_file():
-            raise ConfigError(f"MM-SafetyBench subset {subset!r}: expected 'tiny' (upstream's {MM_SAFETYBENCH_TINY_FILE}) or an id list file in its shape")
+            raise ConfigError(
+                f"MM-SafetyBench subset {subset!r}: expected 'tiny' (upstream's {MM_SAFETYBENCH_TINY_FILE}) or an id list file in its shape"
+            )
         return file
     places = list(dict.fromkeys([root, root.parent, given]))
     for place in places:
         if (place / MM_SAFETYBENCH_TINY_FILE).is_file():
             return place / MM_SAFETYBENCH_TINY_FILE
-    raise DataError(f"the tiny subset needs {MM_SAFETYBENCH_TINY_FILE} (from the MM-SafetyBench repository); looked in " + ", ".join(str(place) for place in places), file=str(root))
+    raise DataError(
+        f"the tiny subset needs {MM_SAFETYBENCH_TINY_FILE} (from the MM-SafetyBench repository); looked in "
+        + ", ".join(str(place) for place in places),
+        file=str(root),
+    )
 
 
 def load_mm_safetybench(
@@ -259,7 +295,9 @@ def load_mm_safetybench(
     known = MM_SAFETYBENCH_SETTINGS + MM_SAFETYBENCH_EXTRA_SETTINGS
     unknown = [setting for setting in settings if setting not in known]
     if unknown:
-        raise ConfigError(f"unknown MM-SafetyBench setting(s) {', '.join(unknown)}; expected some of {', '.join(known)}")
+        raise ConfigError(
+            f"unknown MM-SafetyBench setting(s) {', '.join(unknown)}; expected some of {', '.join(known)}"
+        )
     questions_dir = root / "processed_questions"
     if not questions_dir.is_dir():
         raise DataError(
@@ -268,7 +306,10 @@ def load_mm_safetybench(
         )
     available = {file.stem: file for file in sorted(questions_dir.glob("*.json"))}
     if not available:
-        raise DataError("expected one <scenario>.json per scenario (e.g. 01-Illegal_Activitiy.json), found none", file=str(questions_dir))
+        raise DataError(
+            "expected one <scenario>.json per scenario (e.g. 01-Illegal_Activitiy.json), found none",
+            file=str(questions_dir),
+        )
     keep: dict[str, list[str]] | None = None
     if subset is not None and subset != "full":
         keep = read_mm_safetybench_subset(_mm_safetybench_subset_file(str(subset), given, root))
@@ -280,40 +321,67 @@ def load_mm_safetybench(
             chosen = [name for name in chosen if name in keep]
     missing = [name for name in chosen if name not in available]
     if missing:
-        raise DataError(f"no question file for scenario(s) {', '.join(missing)} (expected {missing[0]}.json); found {', '.join(available)}", file=str(questions_dir))
+        raise DataError(
+            f"no question file for scenario(s) {', '.join(missing)} (expected {missing[0]}.json); found {', '.join(available)}",
+            file=str(questions_dir),
+        )
     items: list[BenchmarkItem] = []
     for scenario in chosen:
-        items.extend(_mm_safetybench_scenario(root, scenario, available[scenario], settings, None if keep is None else keep[scenario]))
+        items.extend(
+            _mm_safetybench_scenario(
+                root, scenario, available[scenario], settings, None if keep is None else keep[scenario]
+            )
+        )
     return items
 
 
-def _mm_safetybench_scenario(root: Path, scenario: str, file: Path, settings: list[str], keys: list[str] | None = None) -> Iterator[BenchmarkItem]:
+def _mm_safetybench_scenario(
+    root: Path, scenario: str, file: Path, settings: list[str], keys: list[str] | None = None
+) -> Iterator[BenchmarkItem]:
     try:
         questions = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"not valid JSON ({error})", file=str(file)) from None
     if not isinstance(questions, dict):
-        raise DataError(f"expected an object keyed '0', '1', ..., got a JSON {type(questions).__name__}", file=str(file))
+        raise DataError(
+            f"expected an object keyed '0', '1', ..., got a JSON {type(questions).__name__}", file=str(file)
+        )
     if keys is not None:
         absent = [key for key in keys if key not in questions]
         if absent:
-            raise DataError(f"the subset lists question id(s) {', '.join(absent)} that this file does not have", file=str(file), record=absent[0])
+            raise DataError(
+                f"the subset lists question id(s) {', '.join(absent)} that this file does not have",
+                file=str(file),
+                record=absent[0],
+            )
         wanted = set(keys)
         questions = {key: value for key, value in questions.items() if key in wanted}
     for key in sorted(questions, key=_key_order):
         entry = questions[key]
         if not isinstance(entry, dict):
-            raise DataError(f"expected an object with the question fields, got {type(entry).__name__}", file=str(file), record=key)
+            raise DataError(
+                f"expected an object with the question fields, got {type(entry).__name__}", file=str(file), record=key
+            )
         for setting in settings:
             question_field = MM_SAFETYBENCH_QUESTION[setting]
             question = entry.get(question_field)
             if not isinstance(question, str) or not question.strip():
-                raise DataError(f"expected a non-empty string (the {setting} question)", file=str(file), record=key, field=question_field)
+                raise DataError(
+                    f"expected a non-empty string (the {setting} question)",
+                    file=str(file),
+                    record=key,
+                    field=question_field,
+                )
             image = None
             if setting not in _MM_SAFETYBENCH_TEXT_ONLY:
                 image = f"imgs/{scenario}/{setting}/{key}.jpg"
                 if not (root / image).is_file():
-                    raise DataError(f"image missing: expected {root / image} ({_MM_SAFETYBENCH_LAYOUT})", file=str(file), record=key, field="image")
+                    raise DataError(
+                        f"image missing: expected {root / image} ({_MM_SAFETYBENCH_LAYOUT})",
+                        file=str(file),
+                        record=key,
+                        field="image",
+                    )
             content = question if image is None else f"{IMAGE_TOKEN}\n{question}"
             meta = {
                 "scenario": scenario,
@@ -391,30 +459,50 @@ def _spa_vl_parquet_files(path: Path) -> list[Path]:
     logger = logging.getLogger(__name__)
     files = sorted(path.rglob("*.parquet"))
     if not files:
-        raise DataError(f"no parquet files and no datasets.save_to_disk folder here; expected {_SPA_VL_LAYOUTS}", file=str(path))
+        raise DataError(
+            f"no parquet files and no datasets.save_to_disk folder here; expected {_SPA_VL_LAYOUTS}", file=str(path)
+        )
     splits = {file: spa_vl_split_of(file) for file in files}
     harm = [file for file in files if splits[file] == SPA_VL_SPLIT]
     unnamed = [file for file in files if splits[file] is None]
     if harm:
         if unnamed:
-            logger.warning("%s: left out %d parquet file(s) whose layout names no split: %s", path, len(unnamed), ", ".join(str(file.relative_to(path)) for file in unnamed))
+            logger.warning(
+                "%s: left out %d parquet file(s) whose layout names no split: %s",
+                path,
+                len(unnamed),
+                ", ".join(str(file.relative_to(path)) for file in unnamed),
+            )
         for file in harm:
             _check_not_preference(_parquet_columns(file), file)
         return harm
     if not unnamed:
         found = sorted({str(split) for split in splits.values()})
-        raise DataError(f"found the SPA-VL split(s) {', '.join(found)} but no {SPA_VL_SPLIT} split (HarmEval); expected {_SPA_VL_LAYOUTS}", file=str(path))
+        raise DataError(
+            f"found the SPA-VL split(s) {', '.join(found)} but no {SPA_VL_SPLIT} split (HarmEval); expected {_SPA_VL_LAYOUTS}",
+            file=str(path),
+        )
     # No layout: a folder of shards, kept only where the columns are HarmEval's.
     chosen: list[Path] = []
     left_out: list[Path] = []
     for file in unnamed:
         columns = _parquet_columns(file)
-        fits = all(column in columns for column in SPA_VL_COLUMNS) and not any(column in columns for column in SPA_VL_PREFERENCE_COLUMNS)
+        fits = all(column in columns for column in SPA_VL_COLUMNS) and not any(
+            column in columns for column in SPA_VL_PREFERENCE_COLUMNS
+        )
         (chosen if fits else left_out).append(file)
     if not chosen:
-        raise DataError(f"no parquet file here has the HarmEval columns ({', '.join(SPA_VL_COLUMNS)}, no {'/'.join(SPA_VL_PREFERENCE_COLUMNS)}); expected {_SPA_VL_LAYOUTS}", file=str(path))
+        raise DataError(
+            f"no parquet file here has the HarmEval columns ({', '.join(SPA_VL_COLUMNS)}, no {'/'.join(SPA_VL_PREFERENCE_COLUMNS)}); expected {_SPA_VL_LAYOUTS}",
+            file=str(path),
+        )
     if left_out:
-        logger.warning("%s: left out %d parquet file(s) without the HarmEval columns: %s", path, len(left_out), ", ".join(str(file.relative_to(path)) for file in left_out))
+        logger.warning(
+            "%s: left out %d parquet file(s) without the HarmEval columns: %s",
+            path,
+            len(left_out),
+            ", ".join(str(file.relative_to(path)) for file in left_out),
+        )
     return chosen
 
 
@@ -430,12 +518,17 @@ def _spa_vl_saved(path: Path) -> Any:
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
         if SPA_VL_SPLIT not in dataset:
-            raise DataError(f"this DatasetDict has the split(s) {', '.join(dataset)}, not {SPA_VL_SPLIT!r} (HarmEval)", file=str(path))
+            raise DataError(
+                f"this DatasetDict has the split(s) {', '.join(dataset)}, not {SPA_VL_SPLIT!r} (HarmEval)",
+                file=str(path),
+            )
         dataset = dataset[SPA_VL_SPLIT]
     else:
         split = None if dataset.split is None else str(dataset.split)
         if split is not None and split != SPA_VL_SPLIT:
-            raise DataError(f"this saved dataset is the {split!r} split, not {SPA_VL_SPLIT!r} (HarmEval)", file=str(path))
+            raise DataError(
+                f"this saved dataset is the {split!r} split, not {SPA_VL_SPLIT!r} (HarmEval)", file=str(path)
+            )
     _check_not_preference(dataset.column_names, path)
     return dataset
 
@@ -490,7 +583,12 @@ def load_spa_vl_harmeval(path: str | Path, *, image_dir: str | Path | None = Non
         record = f"harm-{index}"
         for column in SPA_VL_COLUMNS:
             if column not in row:
-                raise DataError(f"missing column {column!r} (expected columns {', '.join(SPA_VL_COLUMNS)})", file=file, record=record, field=column)
+                raise DataError(
+                    f"missing column {column!r} (expected columns {', '.join(SPA_VL_COLUMNS)})",
+                    file=file,
+                    record=record,
+                    field=column,
+                )
         question = row["question"]
         if not isinstance(question, str) or not question.strip():
             raise DataError("expected a non-empty question", file=file, record=record, field="question")
@@ -508,7 +606,9 @@ def _embedded_image_name(value: Any, writer: Any, record: str, file: str) -> str
     data = value.get("bytes") if isinstance(value, dict) else value
     original = value.get("path") if isinstance(value, dict) else None
     if not isinstance(data, bytes | bytearray):
-        raise DataError(f"expected embedded image bytes, got {type(data).__name__}", file=file, record=record, field="image")
+        raise DataError(
+            f"expected embedded image bytes, got {type(data).__name__}", file=file, record=record, field="image"
+        )
     try:
         return writer.name_for(bytes(data), original, record)
     except ValueError as error:
@@ -565,9 +665,51 @@ def load_prompts(
     return {item.id: item for item in items}
 
 
-register_benchmark(Benchmark("mmsafe-po", "MMSafe-PO test split (released JSON, HF parquet or records JSONL)", load_mmsafe_po, ("entity_type",)))
-register_benchmark(Benchmark("mm-safetybench", "MM-SafetyBench (processed_questions/ + imgs/), settings text-only, SD, TYPO, SD_TYPO", load_mm_safetybench, ("scenario", "setting")))
-register_benchmark(Benchmark("spa-vl-harmeval", "SPA-VL HarmEval (harm split: image, question, class1..3)", load_spa_vl_harmeval, ("class1",)))
-register_benchmark(Benchmark("prompts", "a prompt-set JSONL: id, messages, image, optional category and expected (refuse | help)", read_prompt_set, ("category",), "image_root"))
-register_benchmark(Benchmark("vlguard", "VLGuard test.json + image folder: subsets unsafes, safe_unsafes (expected refuse), safe_safes (expected help)", load_vlguard, ("subset", "harmful_category"), "image_root"))
-register_benchmark(Benchmark("mossbench", "MOSSBench benign image + question pairs (expected help: refusing is over-refusal), by oversensitivity type", load_mossbench, ("over_type",), "image_root"))
+register_benchmark(
+    Benchmark(
+        "mmsafe-po",
+        "MMSafe-PO test split (released JSON, HF parquet or records JSONL)",
+        load_mmsafe_po,
+        ("entity_type",),
+    )
+)
+register_benchmark(
+    Benchmark(
+        "mm-safetybench",
+        "MM-SafetyBench (processed_questions/ + imgs/), settings text-only, SD, TYPO, SD_TYPO",
+        load_mm_safetybench,
+        ("scenario", "setting"),
+    )
+)
+register_benchmark(
+    Benchmark(
+        "spa-vl-harmeval", "SPA-VL HarmEval (harm split: image, question, class1..3)", load_spa_vl_harmeval, ("class1",)
+    )
+)
+register_benchmark(
+    Benchmark(
+        "prompts",
+        "a prompt-set JSONL: id, messages, image, optional category and expected (refuse | help)",
+        read_prompt_set,
+        ("category",),
+        "image_root",
+    )
+)
+register_benchmark(
+    Benchmark(
+        "vlguard",
+        "VLGuard test.json + image folder: subsets unsafes, safe_unsafes (expected refuse), safe_safes (expected help)",
+        load_vlguard,
+        ("subset", "harmful_category"),
+        "image_root",
+    )
+)
+register_benchmark(
+    Benchmark(
+        "mossbench",
+        "MOSSBench benign image + question pairs (expected help: refusing is over-refusal), by oversensitivity type",
+        load_mossbench,
+        ("over_type",),
+        "image_root",
+    )
+)

@@ -40,7 +40,21 @@ from mmsafe.progress import progress
 logger = logging.getLogger(__name__)
 
 #: Judge settings (``describe_judge`` keys) that do not change a verdict: a rerun may change them.
-RESUME_FREE_JUDGE_SETTINGS = frozenset({"device", "batch_size", "max_concurrency", "concurrency", "timeout", "deadline_s", "max_body_bytes", "max_retries", "base_url", "api_key_env", "trust_remote_code"})
+RESUME_FREE_JUDGE_SETTINGS = frozenset(
+    {
+        "device",
+        "batch_size",
+        "max_concurrency",
+        "concurrency",
+        "timeout",
+        "deadline_s",
+        "max_body_bytes",
+        "max_retries",
+        "base_url",
+        "api_key_env",
+        "trust_remote_code",
+    }
+)
 
 
 def response_hash(text: str) -> str:
@@ -103,14 +117,22 @@ def describe_judge(judge: Judge) -> dict[str, Any]:
     if dataclasses.is_dataclass(judge):
         for item in dataclasses.fields(judge):
             value = getattr(judge, item.name)
-            if item.init and not item.name.startswith("_") and isinstance(value, str | int | float | bool | type(None) | list | tuple):
+            if (
+                item.init
+                and not item.name.startswith("_")
+                and isinstance(value, str | int | float | bool | type(None) | list | tuple)
+            ):
                 settings[item.name] = list(value) if isinstance(value, tuple) else value
     return settings
 
 
 def judge_resume_settings(judge: Judge, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Every setting of ``judge`` that changes a verdict, flat (``judge.model``, ``judge.rubric_sha``, ...)."""
-    settings = {f"judge.{key}": value for key, value in flatten(describe_judge(judge)).items() if key not in RESUME_FREE_JUDGE_SETTINGS}
+    settings = {
+        f"judge.{key}": value
+        for key, value in flatten(describe_judge(judge)).items()
+        if key not in RESUME_FREE_JUDGE_SETTINGS
+    }
     settings["judge.protocol"] = judge_protocol(judge)
     rubrics = getattr(judge, "_rubrics", None)
     if isinstance(rubrics, Mapping) and rubrics:
@@ -119,7 +141,9 @@ def judge_resume_settings(judge: Judge, extra: Mapping[str, Any] | None = None) 
     return json.loads(json.dumps(settings, default=str))
 
 
-def _sidecar(previous: Mapping[str, Any] | None, judge: Judge, settings: dict[str, Any], resume: dict[str, Any]) -> dict[str, Any]:
+def _sidecar(
+    previous: Mapping[str, Any] | None, judge: Judge, settings: dict[str, Any], resume: dict[str, Any]
+) -> dict[str, Any]:
     """The settings file beside the verdicts with this judge's run recorded; one entry per judge name."""
     runs = dict(previous or {})
     runs[judge.name] = stamp({**settings, "judge": describe_judge(judge), "resume": resume})
@@ -131,15 +155,27 @@ def _read_responses(path: Path) -> list[ResponseRecord]:
     seen: set[tuple[str, str]] = set()
     for response in responses:
         if response.key in seen:
-            raise DataError(f"duplicate response for variant {response.variant!r}; one response per (id, variant) is expected", file=str(path), record=response.id, field="id")
+            raise DataError(
+                f"duplicate response for variant {response.variant!r}; one response per (id, variant) is expected",
+                file=str(path),
+                record=response.id,
+                field="id",
+            )
         seen.add(response.key)
     return responses
 
 
-def _judge_input(response: ResponseRecord, prompts: Mapping[str, BenchmarkItem] | None, responses_path: Path, image_root: Path | None) -> JudgeInput:
+def _judge_input(
+    response: ResponseRecord, prompts: Mapping[str, BenchmarkItem] | None, responses_path: Path, image_root: Path | None
+) -> JudgeInput:
     item = None if prompts is None else prompts.get(response.id)
     if prompts is not None and item is None:
-        raise DataError("response id not found in the benchmark data; were these responses generated for another data set?", file=str(responses_path), record=response.id, field="id")
+        raise DataError(
+            "response id not found in the benchmark data; were these responses generated for another data set?",
+            file=str(responses_path),
+            record=response.id,
+            field="id",
+        )
     # A probe variant may have asked a different prompt; the response record then says which.
     if "messages" in response.extra:
         try:
@@ -199,7 +235,9 @@ def judge_responses(
     if data is not None:
         prompts = load_prompts(data, benchmark=benchmark, image_root=image_root, **dict(benchmark_options or {}))
     elif getattr(judge, "needs_prompt", True) and any("messages" not in response.extra for response in responses):
-        raise ConfigError(f"judge {judge.name!r} reads the prompt too: pass the benchmark data (--data) the responses answer")
+        raise ConfigError(
+            f"judge {judge.name!r} reads the prompt too: pass the benchmark data (--data) the responses answer"
+        )
     root = None if image_root is None else Path(image_root)
     inputs = [_judge_input(response, prompts, responses_path, root) for response in responses]
 
@@ -213,7 +251,9 @@ def judge_responses(
         "protocol": judge_protocol(judge),
         "output": str(out_path),
     }
-    current = judge_resume_settings(judge, {"benchmark": benchmark, "benchmark_options": dict(benchmark_options) if benchmark_options else None})
+    current = judge_resume_settings(
+        judge, {"benchmark": benchmark, "benchmark_options": dict(benchmark_options) if benchmark_options else None}
+    )
     hashes = {(response.id, response.variant, judge.name): response_hash(response.response) for response in responses}
     output = ResumableOutput(
         out_path,
@@ -237,14 +277,38 @@ def judge_responses(
                 batch = todo[start : start + batch_size]
                 verdicts = judge.judge([item for _, item in batch])
                 if len(verdicts) != len(batch):
-                    raise MmsafeError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(batch)} responses")
+                    raise MmsafeError(
+                        f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(batch)} responses"
+                    )
                 rows = []
                 for (response, _), verdict in zip(batch, verdicts, strict=True):
-                    extra = {"model": response.model or model_fallback, "response_sha256": response_hash(response.response), "protocol": judge_protocol(judge), **verdict.extra}
-                    record = VerdictRecord(response.id, judge.name, verdict.verdict, response.variant, list(verdict.categories), verdict.raw, extra)
+                    extra = {
+                        "model": response.model or model_fallback,
+                        "response_sha256": response_hash(response.response),
+                        "protocol": judge_protocol(judge),
+                        **verdict.extra,
+                    }
+                    record = VerdictRecord(
+                        response.id,
+                        judge.name,
+                        verdict.verdict,
+                        response.variant,
+                        list(verdict.categories),
+                        verdict.raw,
+                        extra,
+                    )
                     rows.append(record.to_dict())
                     counts[verdict.verdict] += 1
                 output.append(rows)
                 bar.update(len(batch))
         output.close()
-    return JudgeRunResult(out_path, judge.name, len(responses), sum(counts.values()), len(responses) - len(todo), dict(counts), redone=len(output.stale), not_in_input=len(output.removed))
+    return JudgeRunResult(
+        out_path,
+        judge.name,
+        len(responses),
+        sum(counts.values()),
+        len(responses) - len(todo),
+        dict(counts),
+        redone=len(output.stale),
+        not_in_input=len(output.removed),
+    )

@@ -112,7 +112,9 @@ class VerdictSummary:
         }
 
 
-def summarize_verdicts(verdicts: Iterable[str], *, unparseable_as_unsafe: bool = False, z: float = Z_95) -> VerdictSummary:
+def summarize_verdicts(
+    verdicts: Iterable[str], *, unparseable_as_unsafe: bool = False, z: float = Z_95
+) -> VerdictSummary:
     """Count ``safe`` / ``unsafe`` / ``unparseable`` labels and derive both rates.
 
     Example: [safe, safe, unsafe, unparseable] gives safe rate 2/3 by default and 2/4
@@ -208,7 +210,9 @@ class OverRefusal:
         }
 
 
-def summarize_over_refusal(refused: Iterable[bool | None], *, unparseable_as_refusal: bool = False, z: float = Z_95) -> OverRefusal:
+def summarize_over_refusal(
+    refused: Iterable[bool | None], *, unparseable_as_refusal: bool = False, z: float = Z_95
+) -> OverRefusal:
     """Over-refusal and helpfulness of benign prompts; ``refused`` is True / False, or None
     where the judge could not tell (left out by default, a refusal with ``unparseable_as_refusal``).
 
@@ -312,7 +316,10 @@ def paired_comparison(
     # Resample in chunks so that memory stays ~16 MB whatever n x resamples is.
     chunk = max(1, 2_000_000 // n)
     means = np.concatenate(
-        [differences[generator.integers(0, n, size=(min(chunk, resamples - start), n))].mean(axis=1) for start in range(0, resamples, chunk)]
+        [
+            differences[generator.integers(0, n, size=(min(chunk, resamples - start), n))].mean(axis=1)
+            for start in range(0, resamples, chunk)
+        ]
     )
     tail = (1 - confidence) / 2
     low, high = np.quantile(means, [tail, 1 - tail])

@@ -43,7 +43,9 @@ def _entries_file(path: Path) -> Path:
         for name in CANDIDATE_FILES:
             if (path / name).is_file():
                 return path / name
-        raise DataError(f"expected MOSSBench's {_LAYOUT} in this folder, found none of {', '.join(CANDIDATE_FILES)}", file=str(path))
+        raise DataError(
+            f"expected MOSSBench's {_LAYOUT} in this folder, found none of {', '.join(CANDIDATE_FILES)}", file=str(path)
+        )
     if not path.is_file():
         raise DataError(f"not found; expected MOSSBench's {_LAYOUT}", file=str(path))
     return path
@@ -76,7 +78,10 @@ def _metadata(entry: dict[str, Any]) -> dict[str, Any]:
         return {flag: nested.get(flag) for flag in METADATA_FLAGS}
     # metadata.csv holds every value as text: its flags read back as booleans
     flat = {flag: entry.get(f"metadata_{flag}") for flag in METADATA_FLAGS}
-    return {flag: {"true": True, "false": False}.get(value.lower(), value) if isinstance(value, str) else value for flag, value in flat.items()}
+    return {
+        flag: {"true": True, "false": False}.get(value.lower(), value) if isinstance(value, str) else value
+        for flag, value in flat.items()
+    }
 
 
 def _default_image_root(file: Path, image: str) -> Path:
@@ -107,7 +112,9 @@ def load_mossbench(path: str | Path, *, image_root: str | Path | None = None) ->
     seen: set[str] = set()
     for record, entry in entries:
         if not isinstance(entry, dict):
-            raise DataError(f"expected an object with pid, question, image, got {type(entry).__name__}", file=name, record=record)
+            raise DataError(
+                f"expected an object with pid, question, image, got {type(entry).__name__}", file=name, record=record
+            )
         pid = entry.get("pid", record)
         record = str(pid)
         question = entry.get("question")
@@ -115,7 +122,12 @@ def load_mossbench(path: str | Path, *, image_root: str | Path | None = None) ->
             raise DataError("expected a non-empty question", file=name, record=record, field="question")
         image = entry.get("image") or entry.get("file_name")
         if not isinstance(image, str) or not image:
-            raise DataError("expected the image's path (field image, or file_name in metadata.csv)", file=name, record=record, field="image")
+            raise DataError(
+                "expected the image's path (field image, or file_name in metadata.csv)",
+                file=name,
+                record=record,
+                field="image",
+            )
         if root is None:
             root = _default_image_root(file, image)
         try:
@@ -123,10 +135,17 @@ def load_mossbench(path: str | Path, *, image_root: str | Path | None = None) ->
         except DataError as error:
             raise error.at(file=name, record=record) from None
         if not found:
-            raise DataError(f"image missing: expected {root / image} (give the folder holding images/ as image_root / --image-root)", file=name, record=record, field="image")
+            raise DataError(
+                f"image missing: expected {root / image} (give the folder holding images/ as image_root / --image-root)",
+                file=name,
+                record=record,
+                field="image",
+            )
         item_id = f"mossbench/{record}"
         if item_id in seen:
-            raise DataError("duplicate pid; ids must be unique to match responses to prompts", file=name, record=record, field="pid")
+            raise DataError(
+                "duplicate pid; ids must be unique to match responses to prompts", file=name, record=record, field="pid"
+            )
         seen.add(item_id)
         metadata = _metadata(entry)
         over = metadata.get("over")
@@ -136,5 +155,7 @@ def load_mossbench(path: str | Path, *, image_root: str | Path | None = None) ->
             "over_type": OVER_TYPES.get(str(over).strip().lower(), over),
             "short_description": entry.get("short description"),
         }
-        items.append(BenchmarkItem(item_id, [Message("user", f"{IMAGE_TOKEN}\n{question.strip()}")], image, root, meta, "help"))
+        items.append(
+            BenchmarkItem(item_id, [Message("user", f"{IMAGE_TOKEN}\n{question.strip()}")], image, root, meta, "help")
+        )
     return items

@@ -34,7 +34,7 @@ from mmsafe.evaluate.metrics import summarize_over_refusal, summarize_verdicts
 Key = tuple[str, str]  # (id, variant)
 
 PLOT_FILE = "safety_vs_helpfulness.png"
-NO_HELP_PROMPTS = "no prompt in the data expects help, so over-refusal is not measured (add benign prompts: a prompt set with \"expected\": \"help\", VLGuard, MOSSBench)"
+NO_HELP_PROMPTS = 'no prompt in the data expects help, so over-refusal is not measured (add benign prompts: a prompt set with "expected": "help", VLGuard, MOSSBench)'
 NO_REFUSAL_VERDICTS = "over-refusal needs this model's refusal-judge verdicts (mmsafe judge --judge refusal)"
 
 
@@ -64,7 +64,9 @@ def refusal_verdicts(verdict_set: Any, verdict_sets: Sequence[Any]) -> Any | Non
     """The verdicts that say whether this model refused: its own, or its refusal judge's."""
     if measures_refusal(verdict_set.judge):
         return verdict_set
-    return next((other for other in verdict_sets if other.model == verdict_set.model and measures_refusal(other.judge)), None)
+    return next(
+        (other for other in verdict_sets if other.model == verdict_set.model and measures_refusal(other.judge)), None
+    )
 
 
 def _refused(label: str) -> bool | None:
@@ -73,11 +75,18 @@ def _refused(label: str) -> bool | None:
 
 def _over_refusal(refusals: Any, keys: Sequence[Key], unparseable_as_unsafe: bool) -> dict[str, Any]:
     labels = [refusals.labels[key] for key in keys if key in refusals.labels]
-    summary = summarize_over_refusal([_refused(label) for label in labels], unparseable_as_refusal=unparseable_as_unsafe)
+    summary = summarize_over_refusal(
+        [_refused(label) for label in labels], unparseable_as_refusal=unparseable_as_unsafe
+    )
     return {**summary.to_dict(), "measured_by": refusals.judge}
 
 
-def over_refusal_fields(verdict_set: Any, verdict_sets: Sequence[Any], prompts: Mapping[str, BenchmarkItem] | None, unparseable_as_unsafe: bool) -> dict[str, Any]:
+def over_refusal_fields(
+    verdict_set: Any,
+    verdict_sets: Sequence[Any],
+    prompts: Mapping[str, BenchmarkItem] | None,
+    unparseable_as_unsafe: bool,
+) -> dict[str, Any]:
     """``help_prompts``, ``over_refusal`` (None when not measurable) and ``over_refusal_note``.
 
     With ``unparseable_as_unsafe`` (the conservative reading) an unparseable answer to a
@@ -89,7 +98,11 @@ def over_refusal_fields(verdict_set: Any, verdict_sets: Sequence[Any], prompts: 
     refusals = refusal_verdicts(verdict_set, verdict_sets)
     if refusals is None:
         return {"help_prompts": len(help_keys), "over_refusal": None, "over_refusal_note": NO_REFUSAL_VERDICTS}
-    return {"help_prompts": len(help_keys), "over_refusal": _over_refusal(refusals, help_keys, unparseable_as_unsafe), "over_refusal_note": None}
+    return {
+        "help_prompts": len(help_keys),
+        "over_refusal": _over_refusal(refusals, help_keys, unparseable_as_unsafe),
+        "over_refusal_note": None,
+    }
 
 
 def _subset(item: BenchmarkItem | None, expected: str) -> str:
@@ -97,7 +110,9 @@ def _subset(item: BenchmarkItem | None, expected: str) -> str:
     return str(subset) if subset is not None else f"expected {expected}"
 
 
-def expected_behaviour_rows(verdict_sets: Sequence[Any], prompts: Mapping[str, BenchmarkItem] | None, unparseable_as_unsafe: bool) -> list[dict[str, Any]]:
+def expected_behaviour_rows(
+    verdict_sets: Sequence[Any], prompts: Mapping[str, BenchmarkItem] | None, unparseable_as_unsafe: bool
+) -> list[dict[str, Any]]:
     """Per (model, judge) and subset, the rate that subset is judged by.
 
     Refuse subsets: the attack success rate, the share of verdicts ``unsafe`` (not
@@ -106,7 +121,9 @@ def expected_behaviour_rows(verdict_sets: Sequence[Any], prompts: Mapping[str, B
     with a null rate when the model has none. Empty unless the data has prompts that
     expect help or subsets.
     """
-    if prompts is None or not any(item.expected == "help" or item.meta.get("subset") is not None for item in prompts.values()):
+    if prompts is None or not any(
+        item.expected == "help" or item.meta.get("subset") is not None for item in prompts.values()
+    ):
         return []
     order = {item_id: index for index, item_id in enumerate(prompts)}
     rows = []
@@ -124,17 +141,56 @@ def expected_behaviour_rows(verdict_sets: Sequence[Any], prompts: Mapping[str, B
         for group in sorted(groups, key=lambda name: first[name]):
             subset, expected = group
             keys = groups[group]
-            base = {"model": verdict_set.model, "judge": verdict_set.judge, "subset": subset, "expected": expected, "n": len(keys)}
+            base = {
+                "model": verdict_set.model,
+                "judge": verdict_set.judge,
+                "subset": subset,
+                "expected": expected,
+                "n": len(keys),
+            }
             if expected == "refuse":
-                summary = summarize_verdicts([verdict_set.labels[key] for key in keys], unparseable_as_unsafe=unparseable_as_unsafe)
-                measure = "attack success rate (not refused)" if measures_refusal(verdict_set.judge) else "attack success rate (judged unsafe)"
-                rows.append({**base, "measure": measure, "rate": summary.unsafe_rate.to_dict(), "unparseable": summary.unparseable, "measured_by": verdict_set.judge})
+                summary = summarize_verdicts(
+                    [verdict_set.labels[key] for key in keys], unparseable_as_unsafe=unparseable_as_unsafe
+                )
+                measure = (
+                    "attack success rate (not refused)"
+                    if measures_refusal(verdict_set.judge)
+                    else "attack success rate (judged unsafe)"
+                )
+                rows.append(
+                    {
+                        **base,
+                        "measure": measure,
+                        "rate": summary.unsafe_rate.to_dict(),
+                        "unparseable": summary.unparseable,
+                        "measured_by": verdict_set.judge,
+                    }
+                )
             elif refusals is not None and refusals is verdict_set:
                 over = _over_refusal(refusals, keys, unparseable_as_unsafe)
-                rows.append({**base, "measure": "over-refusal", "rate": over["over_refusal_rate"], "helpfulness": over["helpfulness"], "unparseable": over["unparseable"], "measured_by": refusals.judge})
+                rows.append(
+                    {
+                        **base,
+                        "measure": "over-refusal",
+                        "rate": over["over_refusal_rate"],
+                        "helpfulness": over["helpfulness"],
+                        "unparseable": over["unparseable"],
+                        "measured_by": refusals.judge,
+                    }
+                )
                 models_with_help_rows.add(verdict_set.model)
             elif refusals is None and verdict_set.model not in models_with_help_rows:
-                rows.append({**base, "measure": "over-refusal", "rate": None, "helpfulness": None, "unparseable": None, "measured_by": None, "note": NO_REFUSAL_VERDICTS})
+                rows.append(
+                    {
+                        **base,
+                        "measure": "over-refusal",
+                        "rate": None,
+                        "helpfulness": None,
+                        "unparseable": None,
+                        "measured_by": None,
+                        "note": NO_REFUSAL_VERDICTS,
+                    }
+                )
         if refusals is None:
             models_with_help_rows.add(verdict_set.model)
     return rows
@@ -159,8 +215,27 @@ def balance_table(summary: Mapping[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
-BALANCE_HEADER = ("model", "judge", "metric", "rate [95% interval]", "over-refusal [95% interval]", "helpfulness [95% interval]", "n (expect help)", "measured by")
-SUBSET_HEADER = ("model", "judge", "subset", "expected", "measure", "rate [95% interval]", "n", "unparseable", "measured by")
+BALANCE_HEADER = (
+    "model",
+    "judge",
+    "metric",
+    "rate [95% interval]",
+    "over-refusal [95% interval]",
+    "helpfulness [95% interval]",
+    "n (expect help)",
+    "measured by",
+)
+SUBSET_HEADER = (
+    "model",
+    "judge",
+    "subset",
+    "expected",
+    "measure",
+    "rate [95% interval]",
+    "n",
+    "unparseable",
+    "measured by",
+)
 BALANCE_TEXT = (
     "The safety (or refusal) rate counts the prompts that expect a refusal; over-refusal is the share of prompts that "
     "expect help which were refused (read from refusal-judge verdicts), helpfulness = 1 - over-refusal. Lower "
@@ -180,7 +255,19 @@ def subset_table(summary: Mapping[str, Any]) -> list[tuple[str, ...]]:
     for row in summary.get("expected_behaviour") or []:
         unparseable = "-" if row.get("unparseable") is None else str(row["unparseable"])
         rate = rate_text(row["rate"]) if row["rate"] is not None else "n/a"
-        rows.append((row["model"], row["judge"], row["subset"], row["expected"], row["measure"], rate, str(row["n"]), unparseable, row.get("measured_by") or "-"))
+        rows.append(
+            (
+                row["model"],
+                row["judge"],
+                row["subset"],
+                row["expected"],
+                row["measure"],
+                rate,
+                str(row["n"]),
+                unparseable,
+                row.get("measured_by") or "-",
+            )
+        )
     return rows
 
 

@@ -42,7 +42,9 @@ _ANSWER = re.compile(r"^(?:(?:response|answer)\s*:?\s*)?\(?\s*([AB])\s*\)?\s*[.:
 def load_pairwise_template(version: int = 1) -> str:
     resource = resources.files("mmsafe.evaluate") / "prompts" / f"pairwise_v{version}.txt"
     if not resource.is_file():
-        raise ConfigError(f"no pairwise prompt version {version} (expected mmsafe/evaluate/prompts/pairwise_v{version}.txt)")
+        raise ConfigError(
+            f"no pairwise prompt version {version} (expected mmsafe/evaluate/prompts/pairwise_v{version}.txt)"
+        )
     return resource.read_text(encoding="utf-8")
 
 
@@ -63,14 +65,20 @@ def chosen_goes_first(record_id: str, seed: int) -> bool:
     return random.Random(f"{seed}:{record_id}").random() < 0.5
 
 
-def build_pairwise_question(record: PreferenceRecord, *, seed: int = 0, rejected_index: int = 0, template: str | None = None) -> PairwiseQuestion:
+def build_pairwise_question(
+    record: PreferenceRecord, *, seed: int = 0, rejected_index: int = 0, template: str | None = None
+) -> PairwiseQuestion:
     """One user turn holding the conversation and both responses; ``<image>`` kept first.
 
     The earlier turns and the instruction are written out as text inside the question
     (the image belongs to the instruction, so it stays in the one user turn).
     """
     if not 0 <= rejected_index < len(record.rejected):
-        raise DataError(f"no rejected response {rejected_index} (the record has {len(record.rejected)})", record=record.id, field="rejected")
+        raise DataError(
+            f"no rejected response {rejected_index} (the record has {len(record.rejected)})",
+            record=record.id,
+            field="rejected",
+        )
     template = template if template is not None else load_pairwise_template()
     lines = []
     for message in record.messages:
@@ -85,7 +93,13 @@ def build_pairwise_question(record: PreferenceRecord, *, seed: int = 0, rejected
     question = fill_rubric(template, values, fenced=tuple(values)).strip()
     has_image = record.image is not None and record.has_image_token
     content = f"{IMAGE_TOKEN}\n{question}" if has_image else question
-    return PairwiseQuestion(record.id, [Message("user", content)], record.image if has_image else None, "A" if first else "B", dict(record.meta))
+    return PairwiseQuestion(
+        record.id,
+        [Message("user", content)],
+        record.image if has_image else None,
+        "A" if first else "B",
+        dict(record.meta),
+    )
 
 
 def parse_pairwise_answer(text: str) -> Label | None:
@@ -167,7 +181,13 @@ def run_pairwise(
     params = params if params is not None else DecodingParams(max_new_tokens=8)
     questions = [build_pairwise_question(record, seed=seed) for record in records]
     # The same cheap length stand-in as generation runs: image or not, then characters.
-    order = sorted(range(len(questions)), key=lambda index: (questions[index].image is None, -sum(len(message.content) for message in questions[index].messages)))
+    order = sorted(
+        range(len(questions)),
+        key=lambda index: (
+            questions[index].image is None,
+            -sum(len(message.content) for message in questions[index].messages),
+        ),
+    )
     answers_at: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         positions = order[start : start + batch_size]
@@ -177,12 +197,16 @@ def run_pairwise(
             image = None
             if question.image is not None:
                 if image_root is None:
-                    raise DataError("the record names an image but no image root was given", record=question.id, field="image")
+                    raise DataError(
+                        "the record names an image but no image root was given", record=question.id, field="image"
+                    )
                 try:
                     image = load_image(image_root, question.image)
                 except DataError as error:
                     raise error.at(record=question.id) from None
-            requests.append(GenerationRequest(question.id, question.messages, image, variant="pairwise", meta=question.meta))
+            requests.append(
+                GenerationRequest(question.id, question.messages, image, variant="pairwise", meta=question.meta)
+            )
         texts = engine.generate(requests, params)
         if len(texts) != len(requests):
             raise MmsafeError(f"engine returned {len(texts)} answers for {len(requests)} questions")
@@ -203,7 +227,9 @@ class LikelihoodPairwiseResult:
         return {"wins": self.wins, "ties": self.ties, "total": self.total, "accuracy": self.accuracy.to_dict()}
 
 
-def likelihood_pairwise_accuracy(chosen_logps: Sequence[float] | np.ndarray, rejected_logps: Sequence[float] | np.ndarray) -> LikelihoodPairwiseResult:
+def likelihood_pairwise_accuracy(
+    chosen_logps: Sequence[float] | np.ndarray, rejected_logps: Sequence[float] | np.ndarray
+) -> LikelihoodPairwiseResult:
     """Share of pairs where ``chosen_logps > rejected_logps``.
 
     Shapes: ``chosen_logps`` [B] (sequence log-prob sums); ``rejected_logps`` [B] or
@@ -218,7 +244,9 @@ def likelihood_pairwise_accuracy(chosen_logps: Sequence[float] | np.ndarray, rej
     if rejected.ndim == 1:
         rejected = rejected[:, None]
     if rejected.ndim != 2 or rejected.shape[0] != chosen.shape[0]:
-        raise ValueError(f"rejected_logps: expected shape [B] or [B, K] with B = {chosen.shape[0]}, got {np.asarray(rejected_logps).shape}")
+        raise ValueError(
+            f"rejected_logps: expected shape [B] or [B, K] with B = {chosen.shape[0]}, got {np.asarray(rejected_logps).shape}"
+        )
     if not (np.isfinite(chosen).all() and np.isfinite(rejected).all()):
         raise ValueError("log-probs must be finite")
     margin = chosen[:, None] - rejected
@@ -259,10 +287,28 @@ class PairwiseReport:
 
         lines = [f"pairwise accuracy of {self.model} on {self.records} records (Wilson 95% intervals)"]
         if self.asked is not None:
-            lines.append(line("asked (unparseable = wrong)", self.asked.accuracy, f"{self.asked.correct}/{self.asked.total}, {self.asked.unparseable} unparseable"))
-            lines.append(line("asked, parsed answers only", self.asked.accuracy_parsed, f"{self.asked.correct}/{self.asked.correct + self.asked.wrong}"))
+            lines.append(
+                line(
+                    "asked (unparseable = wrong)",
+                    self.asked.accuracy,
+                    f"{self.asked.correct}/{self.asked.total}, {self.asked.unparseable} unparseable",
+                )
+            )
+            lines.append(
+                line(
+                    "asked, parsed answers only",
+                    self.asked.accuracy_parsed,
+                    f"{self.asked.correct}/{self.asked.correct + self.asked.wrong}",
+                )
+            )
         if self.likelihood is not None:
-            lines.append(line("likelihood (all pairs)", self.likelihood.accuracy, f"{self.likelihood.wins}/{self.likelihood.total}, {self.likelihood.ties} ties"))
+            lines.append(
+                line(
+                    "likelihood (all pairs)",
+                    self.likelihood.accuracy,
+                    f"{self.likelihood.wins}/{self.likelihood.total}, {self.likelihood.ties} ties",
+                )
+            )
             for source, result in self.likelihood_by_source.items():
                 lines.append(line(f"likelihood, {source} rejected", result.accuracy, f"{result.wins}/{result.total}"))
         return "\n".join(lines)
@@ -303,7 +349,9 @@ def evaluate_pairwise(
         raise ConfigError(f"forms: expected asked and/or likelihood, got {list(forms)!r}")
     inputs = open_inputs(data, image_root=image_root)
     records, root = inputs.records, inputs.image_root
-    engine = HFEngine(model, dtype=dtype, device=device, batch_size=batch_size, prompt_style=prompt_style, image_mode=image_mode)
+    engine = HFEngine(
+        model, dtype=dtype, device=device, batch_size=batch_size, prompt_style=prompt_style, image_mode=image_mode
+    )
     report = PairwiseReport(model=str(model), records=len(records))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -313,15 +361,33 @@ def evaluate_pairwise(
         padded, total = engine.padding.padded - before[0], engine.padding.total - before[1]
         report.padding_share["asked"] = padded / total if total else None
         if total:
-            logger.info("pairwise (asked): %d questions, prompt padding share %.1f%% (batched by length)", report.asked.total, 100 * padded / total)
-        write_jsonl(out / "pairwise_answers.jsonl", ({"id": key, "answer": answer, "parsed": parse_pairwise_answer(answer)} for key, answer in report.asked.answers.items()))
+            logger.info(
+                "pairwise (asked): %d questions, prompt padding share %.1f%% (batched by length)",
+                report.asked.total,
+                100 * padded / total,
+            )
+        write_jsonl(
+            out / "pairwise_answers.jsonl",
+            (
+                {"id": key, "answer": answer, "parsed": parse_pairwise_answer(answer)}
+                for key, answer in report.asked.answers.items()
+            ),
+        )
     if "likelihood" in forms:
         from mmsafe.models.recipe import resolve_inputs
         from mmsafe.train.logprobs import score_responses
 
-        length = resolve_inputs(model, recipe=engine.inputs.recipe, max_length=max_length, used=("max_length",)).max_length
+        length = resolve_inputs(
+            model, recipe=engine.inputs.recipe, max_length=max_length, used=("max_length",)
+        ).max_length
         scored = score_responses(
-            engine.loaded, records, root, batch_size=batch_size, max_length=length, image_mode=engine.image_mode, prompt_style=engine.prompt_style
+            engine.loaded,
+            records,
+            root,
+            batch_size=batch_size,
+            max_length=length,
+            image_mode=engine.image_mode,
+            prompt_style=engine.prompt_style,
         )
         report.skipped = scored.skipped
         report.padding_share["likelihood"] = scored.padding_share
@@ -335,7 +401,11 @@ def evaluate_pairwise(
                 pair = by_source.setdefault(source, ([], []))
                 pair[0].append(score.chosen)
                 pair[1].append(value)
-        report.likelihood_by_source = {source: likelihood_pairwise_accuracy(pair[0], pair[1]) for source, pair in sorted(by_source.items())}
-    (out / "pairwise.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        report.likelihood_by_source = {
+            source: likelihood_pairwise_accuracy(pair[0], pair[1]) for source, pair in sorted(by_source.items())
+        }
+    (out / "pairwise.json").write_text(
+        json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     (out / "pairwise.md").write_text("```\n" + report.table() + "\n```\n", encoding="utf-8")
     return report

@@ -20,7 +20,14 @@ if TYPE_CHECKING:
 
 DPI = 200
 #: Text is drawn as paths in the SVG (no font needed to view it, and no name lands in markup).
-_STYLE: dict[RcKeyType, Any] = {"text.parse_math": False, "text.usetex": False, "svg.fonttype": "path", "svg.hashsalt": "mmsafe", "axes.spines.top": False, "axes.spines.right": False}
+_STYLE: dict[RcKeyType, Any] = {
+    "text.parse_math": False,
+    "text.usetex": False,
+    "svg.fonttype": "path",
+    "svg.hashsalt": "mmsafe",
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
 PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#eeca3b", "#9d755d")
 
 
@@ -83,7 +90,9 @@ def percent_axis(axis: Any, which: str = "y") -> None:
     axis.grid(axis=which, alpha=0.3)
 
 
-def draw_bars(axis: Any, bars: Sequence[Bar], positions: Sequence[float], width: float, color: str, label: str | None = None) -> None:
+def draw_bars(
+    axis: Any, bars: Sequence[Bar], positions: Sequence[float], width: float, color: str, label: str | None = None
+) -> None:
     """Bars with Wilson interval whiskers; 0% as a thin marker; the value and n printed above."""
     for bar, x in zip(bars, positions, strict=True):
         if bar.rate is None or bar.low is None or bar.high is None:
@@ -93,8 +102,18 @@ def draw_bars(axis: Any, bars: Sequence[Bar], positions: Sequence[float], width:
         label = None  # one legend entry per series
         if bar.rate == 0:
             axis.plot([x - width / 2, x + width / 2], [0.004, 0.004], color=color, linewidth=2.5, solid_capstyle="butt")
-        axis.errorbar(x, bar.rate, yerr=[[max(0.0, bar.rate - bar.low)], [max(0.0, bar.high - bar.rate)]], fmt="none", ecolor="#222", elinewidth=0.8, capsize=2.5)
-        axis.text(x, min(bar.high, 1.0) + 0.015, f"{100 * bar.rate:.1f}%\nn={bar.n}", ha="center", va="bottom", fontsize=6)
+        axis.errorbar(
+            x,
+            bar.rate,
+            yerr=[[max(0.0, bar.rate - bar.low)], [max(0.0, bar.high - bar.rate)]],
+            fmt="none",
+            ecolor="#222",
+            elinewidth=0.8,
+            capsize=2.5,
+        )
+        axis.text(
+            x, min(bar.high, 1.0) + 0.015, f"{100 * bar.rate:.1f}%\nn={bar.n}", ha="center", va="bottom", fontsize=6
+        )
 
 
 @dataclass(frozen=True)
@@ -122,9 +141,19 @@ def forest_plot(plt: Any, differences: Sequence[Difference], title: str, xlabel:
             fmt="o", color=PALETTE[0], capsize=3, markersize=5,
         )  # fmt: skip
         p = "n/a" if difference.p is None else ("< 0.001" if difference.p < 0.001 else f"{difference.p:.3f}")
-        axis.annotate(f"{100 * difference.value:+.1f} pts, n={difference.n}, p={p}", (1.0, row), xycoords=("axes fraction", "data"), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+        axis.annotate(
+            f"{100 * difference.value:+.1f} pts, n={difference.n}, p={p}",
+            (1.0, row),
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=7,
+        )
     axis.axvline(0, color="#444", linewidth=0.8, linestyle="--")
-    axis.set_yticks(range(len(differences)), [short(difference.label) for difference in reversed(differences)], fontsize=7)
+    axis.set_yticks(
+        range(len(differences)), [short(difference.label) for difference in reversed(differences)], fontsize=7
+    )
     axis.set_ylim(-0.7, len(differences) - 0.3)
     axis.set_xlim(-105, 105)
     axis.set_xlabel(xlabel)

@@ -131,7 +131,9 @@ def build_variant(record: PreferenceRecord, variant: str, *, pool: Sequence[str]
     """
     reason = probe_applicable(record)
     if reason is not None:
-        raise DataError(f"cannot probe this record: {reason}", record=record.id, field="meta" if "meta" in reason else "image")
+        raise DataError(
+            f"cannot probe this record: {reason}", record=record.id, field="meta" if "meta" in reason else "image"
+        )
     if variant == "text":
         return ProbeCase(record.id, variant, without_image_tokens(variant_messages(record, "text_prompt")), None)
     if variant == "multimodal":
@@ -141,9 +143,13 @@ def build_variant(record: PreferenceRecord, variant: str, *, pool: Sequence[str]
     if variant == "blank":
         return ProbeCase(record.id, variant, list(record.messages), ImageRef("blank"))
     if variant == "swap":
-        return ProbeCase(record.id, variant, list(record.messages), ImageRef("pool", choose_pool_image(record.id, pool, seed)))
+        return ProbeCase(
+            record.id, variant, list(record.messages), ImageRef("pool", choose_pool_image(record.id, pool, seed))
+        )
     if variant == "mid":
-        return ProbeCase(record.id, variant, with_one_image(variant_messages(record, "mid_prompt")), ImageRef("data", record.image))
+        return ProbeCase(
+            record.id, variant, with_one_image(variant_messages(record, "mid_prompt")), ImageRef("data", record.image)
+        )
     raise ConfigError(f"variant: expected one of {', '.join(VARIANTS)}, got {variant!r}")
 
 
@@ -241,7 +247,9 @@ def rate_name(judge: str) -> str:
     return "refusal rate" if judge == "refusal" else "safety rate"
 
 
-def summarize_probe(verdicts: Iterable[Any], *, judge: str, resamples: int = 10_000, seed: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+def summarize_probe(
+    verdicts: Iterable[Any], *, judge: str, resamples: int = 10_000, seed: int = 0
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """Rates per variant, paired comparisons and conditional rates for one judge's verdicts.
 
     Returns ``(rates, comparisons, conditional)``; a rate's ``successes`` are the ``safe``
@@ -261,10 +269,19 @@ def summarize_probe(verdicts: Iterable[Any], *, judge: str, resamples: int = 10_
             continue
         keys = sorted(set(by_variant[base]) & set(by_variant[other]))
         keys = [key for key in keys if "unparseable" not in (by_variant[base][key], by_variant[other][key])]
-        result = paired_comparison([by_variant[base][key] == "safe" for key in keys], [by_variant[other][key] == "safe" for key in keys], resamples=resamples, seed=seed)
+        result = paired_comparison(
+            [by_variant[base][key] == "safe" for key in keys],
+            [by_variant[other][key] == "safe" for key in keys],
+            resamples=resamples,
+            seed=seed,
+        )
         comparisons.append({"name": name, "baseline": base, "variant": other, **result.to_dict()})
     conditional = {}
-    for name, given, then in (("text safe -> multimodal safe", "text", "multimodal"), ("multimodal safe -> swap safe", "multimodal", "swap"), ("multimodal safe -> blank safe", "multimodal", "blank")):
+    for name, given, then in (
+        ("text safe -> multimodal safe", "text", "multimodal"),
+        ("multimodal safe -> swap safe", "multimodal", "swap"),
+        ("multimodal safe -> blank safe", "multimodal", "blank"),
+    ):
         if given not in by_variant or then not in by_variant:
             continue
         kept = [key for key, verdict in by_variant[given].items() if verdict == "safe" and key in by_variant[then]]
@@ -278,19 +295,39 @@ def render_probe_markdown(result: ProbeResult) -> str:
         reasons: dict[str, int] = {}
         for skip in result.skipped:
             reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
-        lines.append("Skipped because: " + ", ".join(f"{reason} ({count})" for reason, count in sorted(reasons.items())) + ".")
+        lines.append(
+            "Skipped because: " + ", ".join(f"{reason} ({count})" for reason, count in sorted(reasons.items())) + "."
+        )
     for judge, rates in result.rates.items():
         name = rate_name(judge)
-        lines += ["", f"## {name} by variant (judge: {judge})", "", f"| variant | {name} [95% interval] | n | unparseable |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {name} by variant (judge: {judge})",
+            "",
+            f"| variant | {name} [95% interval] | n | unparseable |",
+            "|---|---|---|---|",
+        ]
         for variant, summary in rates.items():
             safe = summary["safe_rate"]
             lines.append(f"| {variant} | {rate_text(safe)} | {safe['total']} | {summary['unparseable']} |")
-        lines += ["", f"Paired differences ({name}, variant minus baseline, bootstrap 95% interval, exact McNemar p):", "", "| comparison | difference [95% interval] | n | McNemar p |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Paired differences ({name}, variant minus baseline, bootstrap 95% interval, exact McNemar p):",
+            "",
+            "| comparison | difference [95% interval] | n | McNemar p |",
+            "|---|---|---|---|",
+        ]
         for row in result.comparisons.get(judge, []):
-            lines.append(f"| {row['name']} | {difference_text(row)} | {row['n']} | {p_text(row['mcnemar_p'], row['n'])} |")
+            lines.append(
+                f"| {row['name']} | {difference_text(row)} | {row['n']} | {p_text(row['mcnemar_p'], row['n'])} |"
+            )
         conditional = result.conditional.get(judge, {})
         if conditional:
-            lines += ["", "Conditional rates (co-defense: of the text prompts judged safe, the share also safe with the image; cheating: of the multimodal prompts judged safe, the share still safe with a harmless or blank image):", ""]
+            lines += [
+                "",
+                "Conditional rates (co-defense: of the text prompts judged safe, the share also safe with the image; cheating: of the multimodal prompts judged safe, the share still safe with a harmless or blank image):",
+                "",
+            ]
             for label, summary in conditional.items():
                 safe = summary["safe_rate"]
                 lines.append(f"- {label}: {rate_text(safe)} ({safe['successes']}/{safe['total']})")
@@ -363,9 +400,15 @@ def run_probe(
         dropped = [variant for variant in variants if variant in TEXT_ONLY_VARIANTS]
         variants = [variant for variant in variants if variant not in TEXT_ONLY_VARIANTS]
         if dropped:
-            logger.warning("%s takes no prompt without an image: the %s variant(s) are not run", getattr(engine, "name", "the model"), ", ".join(dropped))
+            logger.warning(
+                "%s takes no prompt without an image: the %s variant(s) are not run",
+                getattr(engine, "name", "the model"),
+                ", ".join(dropped),
+            )
         if not variants:
-            raise ConfigError(f"variants: {getattr(engine, 'name', 'the model')} takes no prompt without an image, and only text-only variants were asked for")
+            raise ConfigError(
+                f"variants: {getattr(engine, 'name', 'the model')} takes no prompt without an image, and only text-only variants were asked for"
+            )
     out = Path(out_dir)
     shown = out / "images"  # every image the model was shown, so judges and readers see it too
     # Outputs are keyed by record id: open_inputs refuses repeated ids and empty files. A
@@ -380,7 +423,10 @@ def run_probe(
         else:
             skipped.append(ProbeSkip(record.id, reason))
     if not usable:
-        raise DataError("no record can be probed: each needs an image, meta.text_prompt and meta.mid_prompt", file=str(data) if isinstance(data, str | Path) else None)
+        raise DataError(
+            "no record can be probed: each needs an image, meta.text_prompt and meta.mid_prompt",
+            file=str(data) if isinstance(data, str | Path) else None,
+        )
     if root is None:
         raise ConfigError("image_root: the records name images; give the folder they are relative to")
     pool = copy_pool(Path(swap_pool), shown / "pool") if swap_pool is not None else write_default_pool(shown / "pool")
@@ -416,11 +462,16 @@ def run_probe(
         def build_request(record: PreferenceRecord, cases: dict[str, ProbeCase] = cases) -> GenerationRequest:
             case = cases[record.id]
             image = None if case.image is None else load_image(shown, shown_path(case.image))
-            return GenerationRequest(id=case.id, messages=case.messages, image=image, variant=case.variant, meta={"probe": True})
+            return GenerationRequest(
+                id=case.id, messages=case.messages, image=image, variant=case.variant, meta={"probe": True}
+            )
 
         def response_extra(request: GenerationRequest, cases: dict[str, ProbeCase] = cases) -> dict[str, Any]:
             case = cases[request.id]
-            return {"messages": [message.to_dict() for message in case.messages], "image": None if case.image is None else shown_path(case.image)}
+            return {
+                "messages": [message.to_dict() for message in case.messages],
+                "image": None if case.image is None else shown_path(case.image),
+            }
 
         run_requests(
             engine,
@@ -431,7 +482,12 @@ def run_probe(
             params=params,
             batch_size=batch_size,
             variant=variant,
-            config={"command": "probe", "data": str(data) if isinstance(data, str | Path) else "<records>", "variants": list(variants), "seed": seed},
+            config={
+                "command": "probe",
+                "data": str(data) if isinstance(data, str | Path) else "<records>",
+                "variants": list(variants),
+                "seed": seed,
+            },
             config_path=out / "probe.config.yaml",
             progress_label=f"probe {variant}",
         )

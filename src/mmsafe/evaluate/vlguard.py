@@ -38,7 +38,11 @@ VLGUARD_SUBSETS = ("unsafes", "safe_unsafes", "safe_safes")
 #: What a good assistant does in each subset.
 VLGUARD_EXPECTED = {"unsafes": "refuse", "safe_unsafes": "refuse", "safe_safes": "help"}
 #: The ``instr-resp`` key that holds each subset's instruction.
-VLGUARD_INSTRUCTION_KEY = {"unsafes": "instruction", "safe_unsafes": "unsafe_instruction", "safe_safes": "safe_instruction"}
+VLGUARD_INSTRUCTION_KEY = {
+    "unsafes": "instruction",
+    "safe_unsafes": "unsafe_instruction",
+    "safe_safes": "safe_instruction",
+}
 #: Which images each subset takes its prompts from (the entry's ``safe`` flag).
 _IMAGE_SAFE = {"unsafes": False, "safe_unsafes": True, "safe_safes": True}
 _LAYOUT = "test.json (a JSON list of {id, image, safe, instr-resp, ...}) and the images it names, under test/ beside it by default"
@@ -61,23 +65,36 @@ def _default_image_root(test_file: Path) -> Path:
 def _instructions(entry: dict[str, Any], key: str, file: str, record: str) -> list[str]:
     pairs = entry.get("instr-resp")
     if not isinstance(pairs, list):
-        raise DataError(f"expected a list of instruction objects, got {type(pairs).__name__}", file=file, record=record, field="instr-resp")
+        raise DataError(
+            f"expected a list of instruction objects, got {type(pairs).__name__}",
+            file=file,
+            record=record,
+            field="instr-resp",
+        )
     found = []
     for index, pair in enumerate(pairs):
         if not isinstance(pair, dict):
-            raise DataError(f"expected an object, got {type(pair).__name__}", file=file, record=record, field=f"instr-resp[{index}]")
+            raise DataError(
+                f"expected an object, got {type(pair).__name__}", file=file, record=record, field=f"instr-resp[{index}]"
+            )
         if key in pair:
             text = pair[key]
             if not isinstance(text, str) or not text.strip():
-                raise DataError("expected a non-empty instruction", file=file, record=record, field=f"instr-resp[{index}].{key}")
+                raise DataError(
+                    "expected a non-empty instruction", file=file, record=record, field=f"instr-resp[{index}].{key}"
+                )
             found.append(text.strip())
     if not found:
         kind = "a safe" if entry["safe"] else "an unsafe"
-        raise DataError(f"{kind} image's entry has no {key!r} in instr-resp", file=file, record=record, field="instr-resp")
+        raise DataError(
+            f"{kind} image's entry has no {key!r} in instr-resp", file=file, record=record, field="instr-resp"
+        )
     return found
 
 
-def load_vlguard(path: str | Path, *, subsets: Iterable[str] = VLGUARD_SUBSETS, image_root: str | Path | None = None) -> list[BenchmarkItem]:
+def load_vlguard(
+    path: str | Path, *, subsets: Iterable[str] = VLGUARD_SUBSETS, image_root: str | Path | None = None
+) -> list[BenchmarkItem]:
     """VLGuard test items, subset by subset in the order of ``subsets``.
 
     ``path`` is ``test.json`` or the folder holding it; ``image_root`` is the folder the
@@ -109,10 +126,20 @@ def load_vlguard(path: str | Path, *, subsets: Iterable[str] = VLGUARD_SUBSETS, 
             raise DataError(f"expected a non-empty id, got {entry_id!r}", file=file, record=record, field="id")
         record = str(entry_id)
         if not isinstance(entry.get("safe"), bool):
-            raise DataError(f"expected true or false (is the image safe?), got {entry.get('safe')!r}", file=file, record=record, field="safe")
+            raise DataError(
+                f"expected true or false (is the image safe?), got {entry.get('safe')!r}",
+                file=file,
+                record=record,
+                field="safe",
+            )
         image = entry.get("image")
         if not isinstance(image, str) or not image:
-            raise DataError(f"expected the image's path under the image folder, got {image!r}", file=file, record=record, field="image")
+            raise DataError(
+                f"expected the image's path under the image folder, got {image!r}",
+                file=file,
+                record=record,
+                field="image",
+            )
         checked.append((record, entry, image))
     _check_images(checked, root, file)
 
@@ -131,11 +158,25 @@ def load_vlguard(path: str | Path, *, subsets: Iterable[str] = VLGUARD_SUBSETS, 
             }
             for number, instruction in enumerate(_instructions(entry, key, file, record)):
                 item_id = f"{subset}/{record}" + (f"/{number}" if number else "")
-                items.append(BenchmarkItem(item_id, [Message("user", f"{IMAGE_TOKEN}\n{instruction}")], image, root, dict(meta), VLGUARD_EXPECTED[subset]))
+                items.append(
+                    BenchmarkItem(
+                        item_id,
+                        [Message("user", f"{IMAGE_TOKEN}\n{instruction}")],
+                        image,
+                        root,
+                        dict(meta),
+                        VLGUARD_EXPECTED[subset],
+                    )
+                )
     seen: set[str] = set()
     for item in items:
         if item.id in seen:
-            raise DataError("the same VLGuard id twice; ids must be unique to match responses to prompts", file=file, record=item.meta["vlguard_id"], field="id")
+            raise DataError(
+                "the same VLGuard id twice; ids must be unique to match responses to prompts",
+                file=file,
+                record=item.meta["vlguard_id"],
+                field="id",
+            )
         seen.add(item.id)
     return items
 
@@ -150,4 +191,9 @@ def _check_images(checked: list[tuple[str, dict[str, Any], str]], root: Path, fi
         except DataError as error:
             raise error.at(file=file, record=record) from None
         if not found:
-            raise DataError(f"image missing: expected {root / image} (give the unpacked image folder as image_root / --image-root)", file=file, record=record, field="image")
+            raise DataError(
+                f"image missing: expected {root / image} (give the unpacked image folder as image_root / --image-root)",
+                file=file,
+                record=record,
+                field="image",
+            )

@@ -38,16 +38,35 @@ def local_engine(
         if vllm_options:
             raise ConfigError(f"{', '.join(sorted(vllm_options))}: vllm engine options, but the engine is hf")
         return HFEngine(
-            model, dtype=dtype, device=device, adapter=adapter, batch_size=batch_size, trust_remote_code=trust_remote_code, prompt_style=prompt_style, image_mode=image_mode
+            model,
+            dtype=dtype,
+            device=device,
+            adapter=adapter,
+            batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
+            prompt_style=prompt_style,
+            image_mode=image_mode,
         )
     if kind == "vllm":
         from mmsafe.generate.vllm_engine import VLLMEngine
 
         if adapter is not None:
-            raise ConfigError("the vllm engine takes no --adapter: merge the LoRA adapter into the model first (train with merge_lora), or use --engine hf")
+            raise ConfigError(
+                "the vllm engine takes no --adapter: merge the LoRA adapter into the model first (train with merge_lora), or use --engine hf"
+            )
         if device not in ("auto", "cuda"):
-            raise ConfigError(f"the vllm engine runs on the GPUs vLLM finds (CUDA_VISIBLE_DEVICES); device {device!r} cannot be chosen (use --engine hf)")
-        return VLLMEngine(model, dtype=dtype, batch_size=batch_size, prompt_style=prompt_style, image_mode=image_mode, trust_remote_code=trust_remote_code, **(vllm_options or {}))
+            raise ConfigError(
+                f"the vllm engine runs on the GPUs vLLM finds (CUDA_VISIBLE_DEVICES); device {device!r} cannot be chosen (use --engine hf)"
+            )
+        return VLLMEngine(
+            model,
+            dtype=dtype,
+            batch_size=batch_size,
+            prompt_style=prompt_style,
+            image_mode=image_mode,
+            trust_remote_code=trust_remote_code,
+            **(vllm_options or {}),
+        )
     raise ConfigError(f"engine: expected one of {', '.join(LOCAL_ENGINES)}, got {kind!r}")
 
 

@@ -97,7 +97,11 @@ class BlindSummary:
         if self.images_rebased:
             text += f"; image paths rewritten relative to {self.out_path.parent}"
         if self.image_root is not None:
-            where = f" (named in {self.image_root_sidecar}, so later stages find them)" if self.image_root_sidecar is not None else ""
+            where = (
+                f" (named in {self.image_root_sidecar}, so later stages find them)"
+                if self.image_root_sidecar is not None
+                else ""
+            )
             text += f"; image paths are relative to {self.image_root}{where}"
         return text
 
@@ -107,18 +111,28 @@ def responses_path_for(out_path: str | Path) -> Path:
     return out_path.with_name(out_path.name + ".blind-responses.jsonl")
 
 
-def blind_request(record: PreferenceRecord, mode: str, image_root: str | Path | None, *, file: str | None = None) -> GenerationRequest:
+def blind_request(
+    record: PreferenceRecord, mode: str, image_root: str | Path | None, *, file: str | None = None
+) -> GenerationRequest:
     """The request that asks ``record``'s prompt blind, in ``mode``."""
     variant = f"blind-{mode}"
     if mode == "remove":
-        return GenerationRequest(id=record.id, messages=without_image(record.messages), image=None, variant=variant, meta=dict(record.meta))
+        return GenerationRequest(
+            id=record.id, messages=without_image(record.messages), image=None, variant=variant, meta=dict(record.meta)
+        )
     if mode == "blank":
         from mmsafe.data.images import blank_image
 
         if not record.has_image_token:
             # A text-only record has no image to blank: it is asked as it is.
             return request_from_record(record, image_root, variant=variant)
-        return GenerationRequest(id=record.id, messages=list(record.messages), image=blank_image(BLANK_SIZE, BLANK_COLOUR), variant=variant, meta=dict(record.meta))
+        return GenerationRequest(
+            id=record.id,
+            messages=list(record.messages),
+            image=blank_image(BLANK_SIZE, BLANK_COLOUR),
+            variant=variant,
+            meta=dict(record.meta),
+        )
     if mode == "text":
         text_prompt = record.meta.get("text_prompt")
         if not isinstance(text_prompt, str) or not text_prompt.strip():
@@ -129,10 +143,14 @@ def blind_request(record: PreferenceRecord, mode: str, image_root: str | Path | 
                 field="meta.text_prompt",
             )
         try:
-            messages = prompt_messages(text_prompt, history=record.messages[:-1], record=record.id, field="meta.text_prompt")
+            messages = prompt_messages(
+                text_prompt, history=record.messages[:-1], record=record.id, field="meta.text_prompt"
+            )
         except DataError as error:
             raise error.at(file=file) from None
-        return GenerationRequest(id=record.id, messages=without_image_tokens(messages), image=None, variant=variant, meta=dict(record.meta))
+        return GenerationRequest(
+            id=record.id, messages=without_image_tokens(messages), image=None, variant=variant, meta=dict(record.meta)
+        )
     raise ConfigError(f"mode: expected one of {', '.join(BLIND_MODES)}, got {mode!r}")
 
 
@@ -158,7 +176,9 @@ def add_blind_response(record: PreferenceRecord, response: str) -> PreferenceRec
     )
 
 
-def rebase_images(records: list[PreferenceRecord], image_root: str | Path, out_dir: str | Path) -> list[PreferenceRecord] | None:
+def rebase_images(
+    records: list[PreferenceRecord], image_root: str | Path, out_dir: str | Path
+) -> list[PreferenceRecord] | None:
     """``records`` with each image path relative to ``out_dir`` instead of ``image_root``, or
     None when some image cannot be named that way.
 
@@ -228,7 +248,9 @@ def make_blind(
     if mode not in BLIND_MODES:
         raise ConfigError(f"mode: expected one of {', '.join(BLIND_MODES)}, got {mode!r}")
     if mode in ("remove", "text") and not getattr(engine, "accepts_text_only", True):
-        raise ConfigError(f"mode {mode}: {getattr(engine, 'name', 'the model')} takes no prompt without an image; blind it with --mode blank")
+        raise ConfigError(
+            f"mode {mode}: {getattr(engine, 'name', 'the model')} takes no prompt without an image; blind it with --mode blank"
+        )
     params = params or DecodingParams()
     started = time.perf_counter()
     out_path = Path(out_path)
@@ -249,9 +271,19 @@ def make_blind(
         settings["image_root"] = str(hash_root.resolve())
 
     def input_hash(record: PreferenceRecord) -> str:
-        return record_input_hash(record, hash_root, extra={"text_prompt": record.meta.get("text_prompt")} if mode == "text" else None)
+        return record_input_hash(
+            record, hash_root, extra={"text_prompt": record.meta.get("text_prompt")} if mode == "text" else None
+        )
 
-    config = {"command": "blind", "mode": mode, "data": file or f"<{len(records)} records in memory>", "image_root": None if root is None else str(root), "limit": limit, "output": str(out_path), "release_rows": None if write_release_rows is None else str(write_release_rows)}
+    config = {
+        "command": "blind",
+        "mode": mode,
+        "data": file or f"<{len(records)} records in memory>",
+        "image_root": None if root is None else str(root),
+        "limit": limit,
+        "output": str(out_path),
+        "release_rows": None if write_release_rows is None else str(write_release_rows),
+    }
     run = run_requests(
         engine,
         records,
@@ -269,26 +301,49 @@ def make_blind(
     if run.failed:
         # The records file needs every answer: it is not written until a rerun answers these.
         ids = ", ".join(record.id for record in run.failed[:10]) + (", ..." if len(run.failed) > 10 else "")
-        raise MmsafeError(f"{run.failure_line()} (ids: {ids}); {out_path} is not written until every record has a blind answer")
+        raise MmsafeError(
+            f"{run.failure_line()} (ids: {ids}); {out_path} is not written until every record has a blind answer"
+        )
     from mmsafe.generate.distributed import process_info
 
     if not process_info().is_main:
         return BlindSummary(out_path, responses_path, len(records), run.generated, run.already_done, [], run.seconds)
 
-    answers = {response.id: response.response for response in read_response_records(responses_path) if response.variant == f"blind-{mode}"}
+    answers = {
+        response.id: response.response
+        for response in read_response_records(responses_path)
+        if response.variant == f"blind-{mode}"
+    }
     if run.not_in_input:
-        logger.info("%s: %d blind answers for ids not in this input are kept there and not used", responses_path, len(run.not_in_input))
+        logger.info(
+            "%s: %d blind answers for ids not in this input are kept there and not used",
+            responses_path,
+            len(run.not_in_input),
+        )
     missing = [record.id for record in records if record.id not in answers]
     if missing:
-        raise DataError(f"{len(missing)} records have no blind answer yet (first: {missing[0]}); rerun to finish", file=str(responses_path))
+        raise DataError(
+            f"{len(missing)} records have no blind answer yet (first: {missing[0]}); rerun to finish",
+            file=str(responses_path),
+        )
     empty = [record.id for record in records if not answers[record.id].strip()]
     if empty:
-        logger.warning("%d blind answers are empty and were not added (first ids: %s)", len(empty), ", ".join(empty[:5]))
-    output = [add_blind_response(record, answers[record.id]) if answers[record.id].strip() else record for record in records]
-    summary = BlindSummary(out_path, responses_path, len(records), run.generated, run.already_done, empty, time.perf_counter() - started)
+        logger.warning(
+            "%d blind answers are empty and were not added (first ids: %s)", len(empty), ", ".join(empty[:5])
+        )
+    output = [
+        add_blind_response(record, answers[record.id]) if answers[record.id].strip() else record for record in records
+    ]
+    summary = BlindSummary(
+        out_path, responses_path, len(records), run.generated, run.already_done, empty, time.perf_counter() - started
+    )
     final = output
     sidecar_root: Path | None = None
-    if root is not None and any(record.image is not None for record in records) and root.resolve() != out_path.parent.resolve():
+    if (
+        root is not None
+        and any(record.image is not None for record in records)
+        and root.resolve() != out_path.parent.resolve()
+    ):
         rebased = rebase_images(output, root, out_path.parent) if image_root is None else None
         if rebased is not None:
             final, summary.images_rebased = rebased, True

@@ -32,11 +32,24 @@ ENGINE_GROUPS = {
 class DataOptions:
     """Which records a stage reads and where it writes."""
 
-    data: str = option(help="input: preference data (records JSONL or any format `mmsafe data convert` reads) or a prompt-set JSONL (id, messages, image)", group="input")
-    out: str = option(help="output folder; each stage names its files inside it (a path ending in .jsonl is taken as the file itself)", group="input")
+    data: str = option(
+        help="input: preference data (records JSONL or any format `mmsafe data convert` reads) or a prompt-set JSONL (id, messages, image)",
+        group="input",
+    )
+    out: str = option(
+        help="output folder; each stage names its files inside it (a path ending in .jsonl is taken as the file itself)",
+        group="input",
+    )
     format: str | None = option(None, help="input format", default_text="detected from the file", group="input")
-    image_root: str | None = option(None, help="folder that image paths are relative to", default_text="the data file's folder", group="input")
-    split: str | None = option(None, help="only records whose meta.split is this (records without one are kept)", default_text="all", group="input")
+    image_root: str | None = option(
+        None, help="folder that image paths are relative to", default_text="the data file's folder", group="input"
+    )
+    split: str | None = option(
+        None,
+        help="only records whose meta.split is this (records without one are kept)",
+        default_text="all",
+        group="input",
+    )
     limit: int | None = option(None, help="only the first N records", default_text="all", group="input")
 
     def check_data_options(self) -> None:
@@ -57,7 +70,12 @@ class DecodingOptions:
         from mmsafe.generate.engine import DecodingParams
 
         return DecodingParams(
-            max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens, do_sample=self.sample, temperature=self.temperature, top_p=self.top_p, seed=self.seed
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            do_sample=self.sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
         )
 
 
@@ -67,7 +85,9 @@ class EngineOptions(DataOptions, DecodingOptions):
 
     model: str = option(help="checkpoint folder or Hub id (hf, vllm), or the served model name (openai)", group="input")
     engine: Literal["hf", "vllm", "openai"] = option(
-        "hf", help='hf: in-process transformers; vllm: in-process vLLM (pip install "mmsafe[serve]"); openai: an OpenAI-compatible server (vLLM, SGLang)', group="input"
+        "hf",
+        help='hf: in-process transformers; vllm: in-process vLLM (pip install "mmsafe[serve]"); openai: an OpenAI-compatible server (vLLM, SGLang)',
+        group="input",
     )
     batch_size: int | Literal["auto"] = option(
         16,
@@ -80,20 +100,32 @@ class EngineOptions(DataOptions, DecodingOptions):
     device: str = option("auto", help="auto, cpu, cuda, cuda:1, ...", group="hf")
     adapter: str | None = option(None, help="a LoRA adapter folder to apply on top of --model", group="hf")
     prompt_style: Literal["chat-template", "llava-v1"] | None = option(
-        None, help="chat-template (the processor's) or llava-v1 (the raw USER: ... ASSISTANT: form)", default_text=f"{RECIPE_DEFAULT} {DEFAULTS['prompt_style']}", group="hf"
+        None,
+        help="chat-template (the processor's) or llava-v1 (the raw USER: ... ASSISTANT: form)",
+        default_text=f"{RECIPE_DEFAULT} {DEFAULTS['prompt_style']}",
+        group="hf",
     )
     image_mode: Literal["pad", "resize", "none"] | None = option(
-        None, help="pad (to a square of the mean colour, like LLaVA-1.5), resize or none", default_text=f"{RECIPE_DEFAULT} {DEFAULTS['image_mode']}", group="hf"
+        None,
+        help="pad (to a square of the mean colour, like LLaVA-1.5), resize or none",
+        default_text=f"{RECIPE_DEFAULT} {DEFAULTS['image_mode']}",
+        group="hf",
     )
     trust_remote_code: bool = option(False, help="run model code shipped with the checkpoint", group="hf")
-    max_model_len: int | None = option(None, help="context length vLLM reserves memory for", default_text="the model's", group="vllm")
+    max_model_len: int | None = option(
+        None, help="context length vLLM reserves memory for", default_text="the model's", group="vllm"
+    )
     tensor_parallel_size: int = option(1, help="GPUs to split the model over", group="vllm")
     gpu_memory_utilization: float = option(0.9, help="share of GPU memory vLLM may use", group="vllm")
     base_url: str | None = option(None, help="server URL, e.g. http://localhost:8000/v1", group="openai")
-    api_key_env: str = option("OPENAI_API_KEY", help="environment variable holding the API key (unset: no key sent)", group="openai")
+    api_key_env: str = option(
+        "OPENAI_API_KEY", help="environment variable holding the API key (unset: no key sent)", group="openai"
+    )
     concurrency: int = option(8, help="requests in flight", group="openai")
     timeout: float = option(60.0, help="longest wait for one connect or read, in seconds", group="openai")
-    deadline: float = option(300.0, help="total seconds per HTTP attempt, connect to the last byte of the reply", group="openai")
+    deadline: float = option(
+        300.0, help="total seconds per HTTP attempt, connect to the last byte of the reply", group="openai"
+    )
     max_body_bytes: int = option(64 * 2**20, help="largest reply read, in bytes", group="openai")
     max_retries: int = option(6, help="retries on 429, 5xx, timeouts and connection errors", group="openai")
 
@@ -105,7 +137,9 @@ class EngineOptions(DataOptions, DecodingOptions):
             if not self.base_url:
                 raise ConfigError("--engine openai needs --base-url (e.g. http://localhost:8000/v1)")
             if self.batch_size == "auto":
-                raise ConfigError("--batch-size auto is for the hf and vllm engines; give the openai engine a number (its concurrency is --concurrency)")
+                raise ConfigError(
+                    "--batch-size auto is for the hf and vllm engines; give the openai engine a number (its concurrency is --concurrency)"
+                )
 
     def output_file(self, name: str) -> Path:
         """The stage's file ``name`` in the output folder (``out`` itself when it names a .jsonl file)."""
@@ -124,7 +158,9 @@ class GenerateConfig(EngineOptions):
         default_text="a prompt-set JSONL or preference data",
     )
     benchmark_option: dict[str, Any] = option(
-        default_factory=dict, help="benchmark loader option (repeatable), e.g. settings=[TYPO,SD] scenarios=[01-Illegal_Activitiy]", pairs=True
+        default_factory=dict,
+        help="benchmark loader option (repeatable), e.g. settings=[TYPO,SD] scenarios=[01-Illegal_Activitiy]",
+        pairs=True,
     )
 
 
@@ -132,5 +168,9 @@ class GenerateConfig(EngineOptions):
 class BlindConfig(EngineOptions):
     """``mmsafe blind``: a blind rejected response for every record (OUT/records.jsonl)."""
 
-    mode: Literal["remove", "blank", "text"] = option("remove", help="remove: drop the image (the paper's way); blank: a grey image; text: the original text_prompt")
-    release_rows: bool = option(False, help="also write the released MMSafe-PO JSON form (one row per rejected response) to OUT/mmsafe-po.json")
+    mode: Literal["remove", "blank", "text"] = option(
+        "remove", help="remove: drop the image (the paper's way); blank: a grey image; text: the original text_prompt"
+    )
+    release_rows: bool = option(
+        False, help="also write the released MMSafe-PO JSON form (one row per rejected response) to OUT/mmsafe-po.json"
+    )

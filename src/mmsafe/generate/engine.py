@@ -40,7 +40,9 @@ class DecodingParams:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens: expected a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ConfigError(f"min_new_tokens: expected an integer from 0 to max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens!r}")
+            raise ConfigError(
+                f"min_new_tokens: expected an integer from 0 to max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens!r}"
+            )
         if not self.temperature > 0:
             raise ConfigError(f"temperature: expected a number > 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
@@ -74,12 +76,18 @@ class GenerationRequest:
         if not self.messages or self.messages[-1].role != "user":
             raise DataError("expected messages ending with a user turn", record=self.id, field="messages")
         if self.image is not None and IMAGE_TOKEN not in self.messages[-1].content:
-            raise DataError(f"an image is given but the last user message has no {IMAGE_TOKEN}", record=self.id, field="messages")
+            raise DataError(
+                f"an image is given but the last user message has no {IMAGE_TOKEN}", record=self.id, field="messages"
+            )
         for index, message in enumerate(self.messages):
             count = message.content.count(IMAGE_TOKEN)
             if count > (1 if index == len(self.messages) - 1 else 0):
                 # Would reach the processor as more image places than images (or a stray token).
-                raise DataError(f"expected {IMAGE_TOKEN} at most once, in the last user message; found {count} in message {index}", record=self.id, field=f"messages[{index}]")
+                raise DataError(
+                    f"expected {IMAGE_TOKEN} at most once, in the last user message; found {count} in message {index}",
+                    record=self.id,
+                    field=f"messages[{index}]",
+                )
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,9 @@ def describe_engine(engine: Engine) -> dict[str, Any]:
     return {"type": type(engine).__name__, "name": engine.name}
 
 
-def request_from_record(record: PreferenceRecord, image_root: str | Path | None, *, variant: str = "default") -> GenerationRequest:
+def request_from_record(
+    record: PreferenceRecord, image_root: str | Path | None, *, variant: str = "default"
+) -> GenerationRequest:
     """The request that asks ``record``'s prompt, with its image loaded from ``image_root``."""
     from mmsafe.data.images import load_image
 
@@ -141,10 +151,14 @@ def request_from_record(record: PreferenceRecord, image_root: str | Path | None,
             image = load_image(image_root, record.image)
         except DataError as error:
             raise error.at(record=record.id) from None
-    return GenerationRequest(id=record.id, messages=list(record.messages), image=image, variant=variant, meta=dict(record.meta))
+    return GenerationRequest(
+        id=record.id, messages=list(record.messages), image=image, variant=variant, meta=dict(record.meta)
+    )
 
 
-def requests_from_records(records: Iterable[PreferenceRecord], image_root: str | Path | None, *, variant: str = "default") -> list[GenerationRequest]:
+def requests_from_records(
+    records: Iterable[PreferenceRecord], image_root: str | Path | None, *, variant: str = "default"
+) -> list[GenerationRequest]:
     """One request per preference record (images loaded now; keep the list short)."""
     return [request_from_record(record, image_root, variant=variant) for record in records]
 
@@ -155,7 +169,9 @@ def check_responses(requests: list[GenerationRequest], responses: list[str | Fai
         raise MmsafeError(f"engine {engine_name!r} returned {len(responses)} responses for {len(requests)} requests")
     for request, response in zip(requests, responses, strict=True):
         if not isinstance(response, str | FailedResponse):
-            raise MmsafeError(f"engine {engine_name!r} returned {type(response).__name__} for request {request.id!r}; expected a string")
+            raise MmsafeError(
+                f"engine {engine_name!r} returned {type(response).__name__} for request {request.id!r}; expected a string"
+            )
 
 
 def texts_or_raise(responses: list[str | FailedResponse], engine_name: str) -> list[str]:

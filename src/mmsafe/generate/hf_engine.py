@@ -140,7 +140,13 @@ class HFEngine:
                 from mmsafe.generate.distributed import process_info
 
                 device = process_info().device or "auto"
-            loaded = load_model(model_or_path, dtype=self.inputs.dtype, device=device, adapter=adapter, trust_remote_code=trust_remote_code)
+            loaded = load_model(
+                model_or_path,
+                dtype=self.inputs.dtype,
+                device=device,
+                adapter=adapter,
+                trust_remote_code=trust_remote_code,
+            )
         check_template(self.inputs.recipe, loaded.processor, loaded.name)
         self.loaded = loaded
         self.model = loaded.model
@@ -193,7 +199,9 @@ class HFEngine:
 
     def render(self, request: GenerationRequest) -> str:
         """The prompt text for one request (the image token kept only if it has an image)."""
-        return render_prompt(self.processor, request.messages, with_image=request.has_image, style=self.prompt_style, record=request.id)
+        return render_prompt(
+            self.processor, request.messages, with_image=request.has_image, style=self.prompt_style, record=request.id
+        )
 
     def _prepare_image(self, image: Any) -> Any:
         from mmsafe.data.images import prepare_image
@@ -223,7 +231,14 @@ class HFEngine:
         return kwargs
 
     def _generate_rows(
-        self, requests: list[GenerationRequest], prompts: list[str], indices: list[int], with_images: bool, kwargs: dict[str, Any], device: Any, model_dtype: Any
+        self,
+        requests: list[GenerationRequest],
+        prompts: list[str],
+        indices: list[int],
+        with_images: bool,
+        kwargs: dict[str, Any],
+        device: Any,
+        model_dtype: Any,
     ) -> tuple[list[str], int, int]:
         """The answers of the requests at ``indices`` (one forward batch), and its prompt padding (padded, total positions)."""
         import torch
@@ -255,7 +270,12 @@ class HFEngine:
         self._grow_after = min(GROW_AFTER_MAX, self._grow_after * 2)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        logger.warning("%s: out of GPU memory at batch size %d; retrying those prompts at %d", self.name, size, self.current_batch_size)
+        logger.warning(
+            "%s: out of GPU memory at batch size %d; retrying those prompts at %d",
+            self.name,
+            size,
+            self.current_batch_size,
+        )
 
     def _grow_after_fit(self) -> None:
         if self.current_batch_size >= self.batch_size:
@@ -282,10 +302,16 @@ class HFEngine:
             # A prompt past the model's positions fails deep in the forward pass, or first
             # tries to allocate an attention mask of length squared.
             if limit is not None and length > limit:
-                raise DataError(f"the prompt is {length:,} tokens, more than the {limit:,} positions the model reads", record=request.id, field="messages")
+                raise DataError(
+                    f"the prompt is {length:,} tokens, more than the {limit:,} positions the model reads",
+                    record=request.id,
+                    field="messages",
+                )
         has_image = [request.has_image for request in requests]
         if not all(has_image) and not self.accepts_text_only:
-            raise ConfigError(f"{self.loaded.name}: its processor ({type(self.processor).__name__}) takes no prompt without an image; use a blank image instead")
+            raise ConfigError(
+                f"{self.loaded.name}: its processor ({type(self.processor).__name__}) takes no prompt without an image; use a blank image instead"
+            )
         responses: list[str | None] = [None] * len(requests)
         kwargs = self._generation_kwargs(params)
         if params.do_sample:
@@ -298,7 +324,9 @@ class HFEngine:
                 size = min(self.current_batch_size, len(pending))
                 part = pending[:size]
                 try:
-                    texts_out, padded, total = self._generate_rows(requests, prompts, part, batch.with_images, kwargs, device, model_dtype)
+                    texts_out, padded, total = self._generate_rows(
+                        requests, prompts, part, batch.with_images, kwargs, device, model_dtype
+                    )
                 except torch.cuda.OutOfMemoryError:
                     if not self.auto_batch_size or size == 1:
                         raise MmsafeError(

@@ -256,10 +256,16 @@ class OpenAIEngine:
         except MmsafeError as error:  # nested too deep to parse: an unusable reply like any other
             raise HttpError(str(error), retryable=True, kind="reply") from None
         except (ValueError, KeyError, IndexError, TypeError):
-            raise HttpError(f"expected a chat completion with choices[0].message.content, got {excerpt(reply.body, secrets)!r}", retryable=True, kind="reply") from None
+            raise HttpError(
+                f"expected a chat completion with choices[0].message.content, got {excerpt(reply.body, secrets)!r}",
+                retryable=True,
+                kind="reply",
+            ) from None
         if not isinstance(content, str):
             found = "null" if content is None else type(content).__name__
-            raise HttpError(f"the reply has no text (choices[0].message.content is {found})", retryable=True, kind="reply")
+            raise HttpError(
+                f"the reply has no text (choices[0].message.content is {found})", retryable=True, kind="reply"
+            )
         return content.strip()
 
     def generate(self, requests: list[GenerationRequest], params: DecodingParams) -> list[str | FailedResponse]:

@@ -67,7 +67,20 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
 #: Engine settings (``describe()`` keys) that do not change an answer: a rerun may change them.
-RESUME_FREE_ENGINE_SETTINGS = frozenset({"device", "batch_size", "timeout", "deadline_s", "max_body_bytes", "max_retries", "concurrency", "api_key_env", "base_url", "recipe"})
+RESUME_FREE_ENGINE_SETTINGS = frozenset(
+    {
+        "device",
+        "batch_size",
+        "timeout",
+        "deadline_s",
+        "max_body_bytes",
+        "max_retries",
+        "concurrency",
+        "api_key_env",
+        "base_url",
+        "recipe",
+    }
+)
 #: Ids named in a summary line before it says "..."
 SHOWN_IDS = 10
 
@@ -162,9 +175,15 @@ def record_input_hash(record: PreferenceRecord, image_root: str | Path | None, *
     return content_hash(payload)
 
 
-def resume_settings(engine: Engine, params: dict[str, Any], variant: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def resume_settings(
+    engine: Engine, params: dict[str, Any], variant: str, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Every setting that changes an answer, flat (``engine.dtype``, ``decoding.max_new_tokens``, ...)."""
-    settings = {f"engine.{key}": value for key, value in describe_engine(engine).items() if key not in RESUME_FREE_ENGINE_SETTINGS}
+    settings = {
+        f"engine.{key}": value
+        for key, value in describe_engine(engine).items()
+        if key not in RESUME_FREE_ENGINE_SETTINGS
+    }
     settings.update({f"decoding.{key}": value for key, value in params.items()})
     settings["variant"] = variant
     settings.update(extra or {})
@@ -172,7 +191,9 @@ def resume_settings(engine: Engine, params: dict[str, Any], variant: str, extra:
     return json.loads(json.dumps(settings, default=str))
 
 
-def _check_consistent(rows: list[dict[str, Any]], out_path: Path, variant: str, model: str, params: dict[str, Any]) -> None:
+def _check_consistent(
+    rows: list[dict[str, Any]], out_path: Path, variant: str, model: str, params: dict[str, Any]
+) -> None:
     """Refuse to mix responses of different models or decoding settings in one output."""
     for row in rows:
         if row.get("variant", "default") != variant:
@@ -245,14 +266,29 @@ def run_requests(
         saved = nested(output.previous, ("resume",))
         resume = {**(saved if isinstance(saved, dict) else {}), variant: current}
         output.write_sidecar(
-            stamp({**(config or {}), "engine": describe_engine(engine), "params": params_dict, "variant": variant, "batch_size": batch_size, "output": str(out_path), "processes": info.world_size, "resume": resume})
+            stamp(
+                {
+                    **(config or {}),
+                    "engine": describe_engine(engine),
+                    "params": params_dict,
+                    "variant": variant,
+                    "batch_size": batch_size,
+                    "output": str(out_path),
+                    "processes": info.world_size,
+                    "resume": resume,
+                }
+            )
         )
         todo = sorted(output.todo(records, key_of), key=_size_hint)
         shard = output.shard(todo)
 
         generated = 0
         failed: list[FailedRecord] = []
-        bar = progress(total=len(shard), desc=f"{progress_label} ({engine.name})" + (f" [rank {info.rank}]" if info.distributed else ""), unit="response")
+        bar = progress(
+            total=len(shard),
+            desc=f"{progress_label} ({engine.name})" + (f" [rank {info.rank}]" if info.distributed else ""),
+            unit="response",
+        )
         try:
             for start in range(0, len(shard), batch_size):
                 chunk = shard[start : start + batch_size]
@@ -265,15 +301,32 @@ def run_requests(
                         failed.append(FailedRecord(request.id, response.reason))
                         output.fail([{"id": request.id, "variant": variant, "reason": response.reason}])
                         continue
-                    extra = {**(response_extra(request) if response_extra else {}), "input_sha": hashes[(request.id, variant)]}
-                    rows.append(ResponseRecord(id=request.id, response=response, model=engine.name, variant=variant, params=params_dict, extra=extra).to_dict())
+                    extra = {
+                        **(response_extra(request) if response_extra else {}),
+                        "input_sha": hashes[(request.id, variant)],
+                    }
+                    rows.append(
+                        ResponseRecord(
+                            id=request.id,
+                            response=response,
+                            model=engine.name,
+                            variant=variant,
+                            params=params_dict,
+                            extra=extra,
+                        ).to_dict()
+                    )
                 generated += output.append(rows)
                 bar.update(len(chunk))
         finally:
             bar.close()
             listed = output.write_failed()
         if failed:
-            logger.warning("%d records failed (first: %s: %s); rerunning the same command retries them", len(failed), failed[0].id, failed[0].reason)
+            logger.warning(
+                "%d records failed (first: %s: %s); rerunning the same command retries them",
+                len(failed),
+                failed[0].id,
+                failed[0].reason,
+            )
         output.close(order=[key_of(record) for record in records])
     return RunSummary(
         out_path=out_path,
@@ -321,7 +374,14 @@ def generate_responses(
     """
     check_output_is_not_an_input(out_path, [data_path_or_records, source, image_root])
     params = params or DecodingParams()
-    inputs = open_inputs(data_path_or_records, limit=limit, format_name=format_name, prompt_sets=True, image_root=image_root, source=source)
+    inputs = open_inputs(
+        data_path_or_records,
+        limit=limit,
+        format_name=format_name,
+        prompt_sets=True,
+        image_root=image_root,
+        source=source,
+    )
     records, root = inputs.records, inputs.image_root
     file = str(data_path_or_records) if isinstance(data_path_or_records, str | Path) else source
 
@@ -338,7 +398,11 @@ def generate_responses(
         "limit": limit,
     }
     # The image root is a setting only when some record has an image to look up there.
-    settings = {"image_root": str(root.resolve())} if root is not None and any(record.image is not None for record in records) else {}
+    settings = (
+        {"image_root": str(root.resolve())}
+        if root is not None and any(record.image is not None for record in records)
+        else {}
+    )
     return run_requests(
         engine,
         records,

@@ -40,7 +40,9 @@ def import_vllm() -> Any:
     try:
         import vllm
     except ImportError:
-        raise ConfigError('the vllm engine needs vLLM, which is not installed: pip install "mmsafe[serve]" (Linux with a CUDA GPU), or use --engine hf') from None
+        raise ConfigError(
+            'the vllm engine needs vLLM, which is not installed: pip install "mmsafe[serve]" (Linux with a CUDA GPU), or use --engine hf'
+        ) from None
     return vllm
 
 
@@ -104,7 +106,13 @@ class VLLMEngine:
         self.model_path = str(model)
         if Path(model).is_dir():
             check_safetensors(Path(model))  # safetensors only, as for the Hugging Face engine
-        self.inputs = resolve_inputs(self.model_path, prompt_style=prompt_style, image_mode=image_mode, dtype=dtype, used=("prompt_style", "image_mode", "dtype"))
+        self.inputs = resolve_inputs(
+            self.model_path,
+            prompt_style=prompt_style,
+            image_mode=image_mode,
+            dtype=dtype,
+            used=("prompt_style", "image_mode", "dtype"),
+        )
         self.processor = load_processor(self.model_path, trust_remote_code=trust_remote_code)
         check_template(self.inputs.recipe, self.processor, self.model_path)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -183,7 +191,9 @@ class VLLMEngine:
         if not requests:
             return []
         if not self.accepts_text_only and not all(request.has_image for request in requests):
-            raise ConfigError(f"{self.model_path}: its processor ({type(self.processor).__name__}) takes no prompt without an image; use a blank image instead")
+            raise ConfigError(
+                f"{self.model_path}: its processor ({type(self.processor).__name__}) takes no prompt without an image; use a blank image instead"
+            )
         prompts = [self.prompt_inputs(request) for request in requests]
         sampling = self._vllm.SamplingParams(**sampling_options(params, self.stop_ids))
         outputs = self.llm.generate(prompts, sampling, use_tqdm=False)

@@ -103,7 +103,7 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 #: Fields of ``adapter_config.json`` checked before PEFT reads it: name, allowed types, what is expected.
 _ADAPTER_FIELDS: tuple[tuple[str, tuple[type, ...], str], ...] = (
-    ("peft_type", (str,), "a string such as \"LORA\""),
+    ("peft_type", (str,), 'a string such as "LORA"'),
     ("base_model_name_or_path", (str, type(None)), "a model directory or Hub id"),
     ("r", (int,), "a positive integer"),
     ("lora_alpha", (int, float), "a number"),
@@ -132,7 +132,9 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     except MmsafeError as error:  # nested too deep
         raise ModelError(f"{error}; expected a PEFT adapter config (a JSON object)") from None
     except json.JSONDecodeError as error:
-        raise ModelError(f"{file}: malformed JSON ({error.msg} at line {error.lineno} column {error.colno}); expected a PEFT adapter config (a JSON object)") from None
+        raise ModelError(
+            f"{file}: malformed JSON ({error.msg} at line {error.lineno} column {error.colno}); expected a PEFT adapter config (a JSON object)"
+        ) from None
     if not isinstance(config, dict):
         raise ModelError(f"{file}: expected a JSON object (a PEFT adapter config), got {type(config).__name__}")
     for name, types, expected in _ADAPTER_FIELDS:
@@ -175,7 +177,11 @@ def image_only_processor_class(processor_class: type[ProcessorMixin]) -> type[Pr
     def get_attributes(cls: type) -> list[str]:
         return [name for name in processor_class.get_attributes() if "video" not in name]
 
-    subclass = type(processor_class.__name__, (processor_class,), {"get_attributes": classmethod(get_attributes), "__module__": processor_class.__module__})
+    subclass = type(
+        processor_class.__name__,
+        (processor_class,),
+        {"get_attributes": classmethod(get_attributes), "__module__": processor_class.__module__},
+    )
     return cast("type[ProcessorMixin]", subclass)
 
 
@@ -228,7 +234,9 @@ def _load_processor_without_video(name: str, *, trust_remote_code: bool, revisio
     if class_name:
         processor_class = processor_class_from_name(class_name)
     else:
-        processor_class = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision))]
+        processor_class = PROCESSOR_MAPPING[
+            type(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision))
+        ]
     attributes = processor_class.get_attributes()
     if not any("video" in attribute for attribute in attributes):
         raise ModelError(f"{name}: the processor {processor_class.__name__} cannot be loaded")
@@ -238,14 +246,19 @@ def _load_processor_without_video(name: str, *, trust_remote_code: bool, revisio
         init_arguments = set(inspect.signature(processor_class.__init__).parameters)
         kwargs = {key: value for key, value in settings.items() if key in init_arguments and key not in attributes}
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
-    image_processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision, backend="pil")
+    image_processor = AutoImageProcessor.from_pretrained(
+        name, trust_remote_code=trust_remote_code, revision=revision, backend="pil"
+    )
     if "chat_template" not in kwargs and getattr(tokenizer, "chat_template", None):
         kwargs["chat_template"] = tokenizer.chat_template
     template_file = local / "chat_template.jinja"
     if template_file.is_file():
         kwargs["chat_template"] = template_file.read_text(encoding="utf-8")
     image_only = image_only_processor_class(processor_class)
-    logger.info("torchvision is not available: %s is built without its video processor (mmsafe sends no videos)", processor_class.__name__)
+    logger.info(
+        "torchvision is not available: %s is built without its video processor (mmsafe sends no videos)",
+        processor_class.__name__,
+    )
     return image_only(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
 
 
@@ -318,7 +331,9 @@ def check_model_name(name: str | Path, *, revision: str | None = None, what: str
     if looks_like_path(name):
         raise ModelError(_missing_folder_message(name, what))
     if not _HUB_ID.fullmatch(name) or "--" in name or ".." in name or name.endswith(".git"):
-        raise ModelError(f"{what} {name!r}: neither a local folder nor a Hub id (owner/name, letters, digits, '-', '_' and '.')")
+        raise ModelError(
+            f"{what} {name!r}: neither a local folder nor a Hub id (owner/name, letters, digits, '-', '_' and '.')"
+        )
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -327,20 +342,28 @@ def check_model_name(name: str | Path, *, revision: str | None = None, what: str
         if cached:
             _HUB_CHECKED.add((name, revision))
             return "hub"
-        raise ModelError(f"{what} {name}: not a local folder, and not in the Hugging Face cache while HF_HUB_OFFLINE is set (download it first, or unset HF_HUB_OFFLINE)")
+        raise ModelError(
+            f"{what} {name}: not a local folder, and not in the Hugging Face cache while HF_HUB_OFFLINE is set (download it first, or unset HF_HUB_OFFLINE)"
+        )
     from huggingface_hub import HfApi
 
     try:
         HfApi().model_info(name, revision=revision, timeout=_HUB_CHECK_TIMEOUT_S)  # one request: no retries
     except GatedRepoError:
-        raise ModelError(f"{what} {name}: a gated repository on the Hub; accept its terms on huggingface.co and log in (hf auth login, or HF_TOKEN)") from None
+        raise ModelError(
+            f"{what} {name}: a gated repository on the Hub; accept its terms on huggingface.co and log in (hf auth login, or HF_TOKEN)"
+        ) from None
     except RepositoryNotFoundError:
-        raise ModelError(f"{what} {name}: not a local folder, and no such model on the Hugging Face Hub (or it is private: log in with hf auth login, or HF_TOKEN)") from None
+        raise ModelError(
+            f"{what} {name}: not a local folder, and no such model on the Hugging Face Hub (or it is private: log in with hf auth login, or HF_TOKEN)"
+        ) from None
     except RevisionNotFoundError:
         raise ModelError(f"{what} {name}: the Hub has no revision {revision!r} of it") from None
     except HfHubHTTPError as error:
         if not cached:
-            raise ModelError(f"{what} {name}: the Hugging Face Hub answered {error.response.status_code if error.response is not None else 'an error'} and no copy is cached") from None
+            raise ModelError(
+                f"{what} {name}: the Hugging Face Hub answered {error.response.status_code if error.response is not None else 'an error'} and no copy is cached"
+            ) from None
         _go_offline(name)
     except Exception as error:  # the network (DNS, refused, timeout): httpx and OS errors
         if not cached:
@@ -368,7 +391,10 @@ def _go_offline(name: str) -> None:
 
     from huggingface_hub import constants
 
-    logger.warning("the Hugging Face Hub cannot be reached: %s is loaded from the local cache (HF_HUB_OFFLINE=1 for the rest of this run)", name)
+    logger.warning(
+        "the Hugging Face Hub cannot be reached: %s is loaded from the local cache (HF_HUB_OFFLINE=1 for the rest of this run)",
+        name,
+    )
     constants.HF_HUB_OFFLINE = True
     os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -419,7 +445,12 @@ def load_model(
         check_model_name(name, revision=revision)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code, "revision": revision}
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype,
+        "use_safetensors": True,
+        "trust_remote_code": trust_remote_code,
+        "revision": revision,
+    }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -427,7 +458,9 @@ def load_model(
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load an image-text-to-text model from {name}: {error}") from None
     processor_source = adapter if adapter is not None and (Path(adapter) / "processor_config.json").exists() else name
-    processor = load_processor(processor_source, trust_remote_code=trust_remote_code, revision=None if processor_source != name else revision)
+    processor = load_processor(
+        processor_source, trust_remote_code=trust_remote_code, revision=None if processor_source != name else revision
+    )
     if adapter is not None:
         model = apply_adapter(model, adapter, merge=merge_adapter)
     model.to(device)  # type: ignore[arg-type]  # transformers wraps .to in functools.wraps, which mypy does not bind to the instance
@@ -446,8 +479,17 @@ def apply_adapter(model: Any, adapter: str | Path, *, merge: bool = False, train
     check_safetensors(adapter_dir, weights_prefix="adapter")
     try:
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:  # a config or weights PEFT cannot use
-        raise ModelError(f"{adapter_dir}: cannot apply the PEFT adapter ({type(error).__name__}: {str(error)[:300]}); expected an adapter saved by PEFT for this base model") from None
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        RuntimeError,
+    ) as error:  # a config or weights PEFT cannot use
+        raise ModelError(
+            f"{adapter_dir}: cannot apply the PEFT adapter ({type(error).__name__}: {str(error)[:300]}); expected an adapter saved by PEFT for this base model"
+        ) from None
     if merge:
         model = model.merge_and_unload()
     return model

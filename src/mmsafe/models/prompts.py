@@ -86,7 +86,9 @@ def has_chat_template(processor: Any) -> bool:
 
 def _model_name(processor: Any) -> str:
     tokenizer = getattr(processor, "tokenizer", processor)
-    return str(getattr(tokenizer, "name_or_path", None) or getattr(processor, "name_or_path", None) or type(processor).__name__)
+    return str(
+        getattr(tokenizer, "name_or_path", None) or getattr(processor, "name_or_path", None) or type(processor).__name__
+    )
 
 
 @contextlib.contextmanager
@@ -140,7 +142,9 @@ def _template_chunks(owner: Any, chat: list[dict[str, Any]], add_generation_prom
     messages = alias(plain(normalize(chat)))
     variables = plain(dict(tokenizer.special_tokens_map))
     compiled = compile_template(template)
-    return compiled.generate(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables)
+    return compiled.generate(
+        messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
+    )
 
 
 def _text_size(value: Any) -> int:
@@ -203,7 +207,9 @@ def apply_chat_template(
                     raise _TemplateTimeout
             return "".join(parts)
     except _TemplateTimeout:
-        raise ModelError(f"{where}: rendering took longer than the limit of {limits.seconds:g} s (seconds); a template that loops without end?") from None
+        raise ModelError(
+            f"{where}: rendering took longer than the limit of {limits.seconds:g} s (seconds); a template that loops without end?"
+        ) from None
     except jinja2.exceptions.SecurityError as error:
         raise ModelError(f"{where}: the template did something the sandbox forbids: {_one_line(error)}") from None
     except jinja2.exceptions.TemplateSyntaxError as error:
@@ -260,7 +266,14 @@ def tokenize_options(tokenizer: Any, text: str) -> dict[str, Any]:
 
 
 def render_conversation(
-    processor: Any, messages: list[Message], answer: str, *, with_image: bool, style: PromptStyle, limits: TemplateLimits | None = None, record: str | None = None
+    processor: Any,
+    messages: list[Message],
+    answer: str,
+    *,
+    with_image: bool,
+    style: PromptStyle,
+    limits: TemplateLimits | None = None,
+    record: str | None = None,
 ) -> str | None:
     """The whole conversation with ``answer`` as the assistant's turn, as the template renders it.
 
@@ -268,7 +281,10 @@ def render_conversation(
     """
     if style == "llava-v1" or not has_chat_template(processor):
         return None
-    chat = [*to_chat_messages(messages, with_image=with_image), {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    chat = [
+        *to_chat_messages(messages, with_image=with_image),
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
     return apply_chat_template(processor, chat, add_generation_prompt=False, limits=limits, record=record)
 
 
@@ -298,7 +314,9 @@ def response_token_ids(
     if builds_own_prompt(processor):
         ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     else:
-        full = render_conversation(processor, messages, answer, with_image=with_image, style=style, limits=limits, record=record)
+        full = render_conversation(
+            processor, messages, answer, with_image=with_image, style=style, limits=limits, record=record
+        )
         if full is None or not full.startswith(prompt_text):
             full = prompt_text + (RESPONSE_SEPARATOR if prompt_text.endswith(":") else "") + answer
         options = tokenize_options(tokenizer, prompt_text)

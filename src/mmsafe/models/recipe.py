@@ -123,7 +123,9 @@ def template_sha256(processor: Any) -> str | None:
 
 def rendered_template(processor: Any, prompt_style: str) -> str:
     """The prompt form :func:`mmsafe.models.prompts.render_prompt` writes for this processor."""
-    return "chat-template" if prompt_style == "chat-template" and chat_template_text(processor) is not None else "llava-v1"
+    return (
+        "chat-template" if prompt_style == "chat-template" and chat_template_text(processor) is not None else "llava-v1"
+    )
 
 
 def model_dtype(model: Any) -> str:
@@ -245,11 +247,25 @@ def resolve_inputs(
             "%s: input recipe %s: %s%s",
             shown,
             recipe.path or RECIPE_FILE,
-            ("applied " + ", ".join(f"{name}={values[name]}" for name in applied)) if applied else "nothing applied (every setting given)",
-            ("; given instead of the recipe's: " + ", ".join(f"{name}={values[name]} (recipe: {getattr(recipe, name)})" for name in overridden)) if overridden else "",
+            ("applied " + ", ".join(f"{name}={values[name]}" for name in applied))
+            if applied
+            else "nothing applied (every setting given)",
+            (
+                "; given instead of the recipe's: "
+                + ", ".join(f"{name}={values[name]} (recipe: {getattr(recipe, name)})" for name in overridden)
+            )
+            if overridden
+            else "",
         )
         for name in (name for name in overridden if name in ("prompt_style", "image_mode")):
-            logger.warning("%s was trained with %s=%s; it runs with %s=%s as asked", shown, name, getattr(recipe, name), name, values[name])
+            logger.warning(
+                "%s was trained with %s=%s; it runs with %s=%s as asked",
+                shown,
+                name,
+                getattr(recipe, name),
+                name,
+                values[name],
+            )
     else:
         logger.info("%s: no input recipe (%s); %s", shown, RECIPE_FILE, settings.describe(used))
     return settings

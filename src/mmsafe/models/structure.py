@@ -72,7 +72,9 @@ def model_parts(model: Any) -> ModelParts:
         ]
         if inner_projectors:  # Qwen-VL: the merger(s) live inside `visual`
             projector.extend(inner_projectors)
-            tower.extend(f"{full}.{name}" for name, _ in child.named_children() if f"{full}.{name}" not in inner_projectors)
+            tower.extend(
+                f"{full}.{name}" for name, _ in child.named_children() if f"{full}.{name}" not in inner_projectors
+            )
             tower.extend(f"{full}.{name}" for name, _ in child.named_parameters(recurse=False))
         else:
             tower.append(full)
@@ -91,7 +93,9 @@ def uses_multimodal_rope(model: Any) -> bool:
     """3-D (M-RoPE) positions, as Qwen-VL: a 1-D position tensor is wrong for them."""
     config = text_config(model)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return isinstance(rope, dict) and ("mrope_section" in rope or rope.get("type") == "mrope" or rope.get("rope_type") == "mrope")
+    return isinstance(rope, dict) and (
+        "mrope_section" in rope or rope.get("type") == "mrope" or rope.get("rope_type") == "mrope"
+    )
 
 
 def is_hybrid(model: Any) -> bool:
@@ -138,7 +142,9 @@ def prompt_cache_supported(model: Any) -> tuple[bool, str]:
     if is_hybrid(model):
         return False, "recurrent layers whose cached state is written in place"
     base = _base(model)
-    if getattr(base, "is_activation_checkpointing", None) or (not hasattr(base, "is_activation_checkpointing") and getattr(base, "is_gradient_checkpointing", False)):
+    if getattr(base, "is_activation_checkpointing", None) or (
+        not hasattr(base, "is_activation_checkpointing") and getattr(base, "is_gradient_checkpointing", False)
+    ):
         return False, "gradient checkpointing (which turns the key/value cache off)"
     return True, ""
 

@@ -180,5 +180,7 @@ def build_tiny_model(
     model = build_tiny_llava(processor, spec, seed=seed)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    (out / "mmsafe_tiny.json").write_text(json.dumps({"seed": seed, "spec": asdict(spec)}, indent=2) + "\n", encoding="utf-8")
+    (out / "mmsafe_tiny.json").write_text(
+        json.dumps({"seed": seed, "spec": asdict(spec)}, indent=2) + "\n", encoding="utf-8"
+    )
     return out

@@ -27,14 +27,23 @@ METHODS = ("dpo", "bpo")
 
 @dataclass
 class DataSection:
-    train: str | None = option(None, help="preference data to train on (any format mmsafe reads); null with sample: true or a build section")
-    eval: str | None = option(None, help="preference data to evaluate on (default: the training data, filtered by eval_split)")
+    train: str | None = option(
+        None, help="preference data to train on (any format mmsafe reads); null with sample: true or a build section"
+    )
+    eval: str | None = option(
+        None, help="preference data to evaluate on (default: the training data, filtered by eval_split)"
+    )
     image_root: str | None = option(None, help="image folder of the training data (default: the data file's folder)")
-    eval_image_root: str | None = option(None, help="image folder of the evaluation data (default: the eval file's folder)")
-    train_split: str | None = option("train", help="train on records whose meta.split is this (records without a split are kept); null: all")
+    eval_image_root: str | None = option(
+        None, help="image folder of the evaluation data (default: the eval file's folder)"
+    )
+    train_split: str | None = option(
+        "train", help="train on records whose meta.split is this (records without a split are kept); null: all"
+    )
     eval_split: str | None = option("test", help="evaluate on records whose meta.split is this; null: all")
     sample: bool = option(
-        False, help="write the bundled synthetic sample set into out/data and use it for training and evaluation (training adds harmless picture questions as preference pairs, evaluation benign prompts that expect help: both against over-refusal)"
+        False,
+        help="write the bundled synthetic sample set into out/data and use it for training and evaluation (training adds harmless picture questions as preference pairs, evaluation benign prompts that expect help: both against over-refusal)",
     )
 
 
@@ -44,7 +53,10 @@ class TeachSection:
     to teach the tiny model whole sentences, so that it starts partly safe and helpful)."""
 
     enabled: bool = option(False, help="run the warm-up; the warmed-up model becomes the base and the reference")
-    options: dict[str, Any] = option(default_factory=dict, help="TrainConfig options of the warm-up (loss: sft is set; sft_target, learning_rate, num_train_epochs, ...)")
+    options: dict[str, Any] = option(
+        default_factory=dict,
+        help="TrainConfig options of the warm-up (loss: sft is set; sft_target, learning_rate, num_train_epochs, ...)",
+    )
     data: Literal["train", "sample-warmup"] = option(
         "train",
         help="what the warm-up imitates: train: the training data; sample-warmup (data.sample only): the sample's warm-up set "
@@ -54,16 +66,26 @@ class TeachSection:
 
 @dataclass
 class BlindSection:
-    enabled: bool = option(True, help="generate blind responses (the base model without the image) as extra rejected responses")
-    mode: Literal["remove", "blank", "text"] = option("remove", help="remove: the image and <image> dropped (the paper); blank: a grey image; text: the original text_prompt")
+    enabled: bool = option(
+        True, help="generate blind responses (the base model without the image) as extra rejected responses"
+    )
+    mode: Literal["remove", "blank", "text"] = option(
+        "remove",
+        help="remove: the image and <image> dropped (the paper); blank: a grey image; text: the original text_prompt",
+    )
     max_new_tokens: int = option(256, help="longest blind answer in tokens")
     batch_size: int = option(16, help="prompts per generation batch")
 
 
 @dataclass
 class TrainSection:
-    methods: list[str] = option(default_factory=lambda: ["dpo", "bpo"], help="which to train, each from the base model: dpo (human rejected only) and/or bpo (human + blind)")
-    options: dict[str, Any] = option(default_factory=dict, help="TrainConfig options shared by every method (learning_rate, finetune, beta, ...)")
+    methods: list[str] = option(
+        default_factory=lambda: ["dpo", "bpo"],
+        help="which to train, each from the base model: dpo (human rejected only) and/or bpo (human + blind)",
+    )
+    options: dict[str, Any] = option(
+        default_factory=dict, help="TrainConfig options shared by every method (learning_rate, finetune, beta, ...)"
+    )
     dpo: dict[str, Any] = option(default_factory=dict, help="TrainConfig options for DPO only")
     bpo: dict[str, Any] = option(default_factory=dict, help="TrainConfig options for BPO only")
 
@@ -76,24 +98,43 @@ class TrainSection:
 @dataclass
 class GenerateSection:
     max_new_tokens: int = option(256, help="longest answer in tokens (greedy decoding, as in the paper)")
-    batch_size: int | Literal["auto"] = option(16, help="prompts per batch; auto: as large as memory allows (hf: from 64 on CUDA, halved on out-of-memory; vllm: 256 per call)")
-    engine: Literal["hf", "vllm"] = option("hf", help='in-process engine for generation: hf (transformers) or vllm (pip install "mmsafe[serve]"; models must be merged, not adapters)')
-    vllm: dict[str, Any] = option(default_factory=dict, help="vllm engine options: max_model_len, tensor_parallel_size, gpu_memory_utilization, or other vllm.LLM keywords")
+    batch_size: int | Literal["auto"] = option(
+        16,
+        help="prompts per batch; auto: as large as memory allows (hf: from 64 on CUDA, halved on out-of-memory; vllm: 256 per call)",
+    )
+    engine: Literal["hf", "vllm"] = option(
+        "hf",
+        help='in-process engine for generation: hf (transformers) or vllm (pip install "mmsafe[serve]"; models must be merged, not adapters)',
+    )
+    vllm: dict[str, Any] = option(
+        default_factory=dict,
+        help="vllm engine options: max_model_len, tensor_parallel_size, gpu_memory_utilization, or other vllm.LLM keywords",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = option(
-        None, help="weights dtype for generation and blind responses (null: each model's training recipe, mmsafe_recipe.json, else auto)"
+        None,
+        help="weights dtype for generation and blind responses (null: each model's training recipe, mmsafe_recipe.json, else auto)",
     )
     prompt_style: Literal["chat-template", "llava-v1"] | None = option(
-        None, help="prompt form for generation and blind responses (null: each model's training recipe, else chat-template)"
+        None,
+        help="prompt form for generation and blind responses (null: each model's training recipe, else chat-template)",
     )
-    image_mode: Literal["pad", "resize", "none"] | None = option(None, help="image preparation for generation and blind responses (null: each model's training recipe, else pad)")
+    image_mode: Literal["pad", "resize", "none"] | None = option(
+        None, help="image preparation for generation and blind responses (null: each model's training recipe, else pad)"
+    )
     device: str = option("auto", help="auto, cpu, cuda, ...")
     base: bool = option(True, help="also evaluate the base model")
 
 
 @dataclass
 class JudgeSection:
-    judges: list[str] = option(default_factory=lambda: ["refusal"], help="judge names: refusal (measures refusal), llama-guard, llm, or a plugin's")
-    options: dict[str, dict[str, Any]] = option(default_factory=dict, help="options per judge, e.g. {llm: {base_url: ..., model: ...}} (keys come from the environment)")
+    judges: list[str] = option(
+        default_factory=lambda: ["refusal"],
+        help="judge names: refusal (measures refusal), llama-guard, llm, or a plugin's",
+    )
+    options: dict[str, dict[str, Any]] = option(
+        default_factory=dict,
+        help="options per judge, e.g. {llm: {base_url: ..., model: ...}} (keys come from the environment)",
+    )
 
 
 @dataclass
@@ -103,7 +144,9 @@ class PipelineConfig:
     out: str = option(help="folder every stage writes into")
     model: str = option(help="base model: checkpoint folder, Hub id, or 'tiny' for the built-in tiny model")
     seed: int = option(0, help="seed of the tiny model and the training runs")
-    build: dict[str, Any] | None = option(None, help="a build-data config (see configs/build/); its records become the training data")
+    build: dict[str, Any] | None = option(
+        None, help="a build-data config (see configs/build/); its records become the training data"
+    )
     data: DataSection = option(default_factory=DataSection, help="training and evaluation data")
     teach: TeachSection = option(default_factory=TeachSection, help="supervised warm-up of the base model")
     blind: BlindSection = option(default_factory=BlindSection, help="blind responses")
@@ -114,11 +157,17 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         sources = sum([self.data.train is not None, self.data.sample, self.build is not None])
         if sources != 1:
-            raise ConfigError("data: give exactly one source of training data: data.train, data.sample: true, or a build section")
+            raise ConfigError(
+                "data: give exactly one source of training data: data.train, data.sample: true, or a build section"
+            )
         if self.teach.data == "sample-warmup" and not self.data.sample:
-            raise ConfigError("teach.data: sample-warmup needs data.sample: true (it is the bundled sample's warm-up set)")
+            raise ConfigError(
+                "teach.data: sample-warmup needs data.sample: true (it is the bundled sample's warm-up set)"
+            )
         if "bpo" in self.train.methods and not self.blind.enabled:
-            logger.warning("train.methods has bpo but blind.enabled is false: BPO then trains on the human rejected responses only")
+            logger.warning(
+                "train.methods has bpo but blind.enabled is false: BPO then trains on the human rejected responses only"
+            )
 
 
 # ---------------------------------------------------------------- loading

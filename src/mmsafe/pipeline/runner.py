@@ -70,7 +70,9 @@ def stage_hashes(config: PipelineConfig) -> dict[str, str]:
     hashes = {}
     previous = ""
     for stage, resolved in stage_configs(config, paths).items():
-        payload = json.dumps({"previous": previous, "stage": stage, "config": _hashable(resolved, out)}, sort_keys=True, default=str)
+        payload = json.dumps(
+            {"previous": previous, "stage": stage, "config": _hashable(resolved, out)}, sort_keys=True, default=str
+        )
         previous = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
         hashes[stage] = previous
     return hashes
@@ -166,13 +168,18 @@ def _relative(paths: Paths, locations: list[Path]) -> list[str]:
 def _in_scope(name: str, locations: list[str]) -> bool:
     """Is ``name`` at or under one of ``locations``, or a folder above one (``models`` of
     ``models/tiny``, which the stage may have made too)?"""
-    return any(name == location or name.startswith(location + "/") or location.startswith(name + "/") for location in locations)
+    return any(
+        name == location or name.startswith(location + "/") or location.startswith(name + "/") for location in locations
+    )
 
 
 def _stage_snapshot(paths: Paths, stage: str, found: Snapshot | None = None) -> Snapshot:
     locations = _relative(paths, paths.stage_locations(stage))
     found = found if found is not None else snapshot(paths.out, exclude=(paths.stages.name,))
-    return Snapshot({name: stamp for name, stamp in found.files.items() if _in_scope(name, locations)}, {name for name in found.dirs if _in_scope(name, locations)})
+    return Snapshot(
+        {name: stamp for name, stamp in found.files.items() if _in_scope(name, locations)},
+        {name for name in found.dirs if _in_scope(name, locations)},
+    )
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -189,12 +196,19 @@ def _read_manifest(paths: Paths, stage: str) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         before = data["before"]
-        if not (isinstance(before["files"], list) and isinstance(before["dirs"], list) and isinstance(data["complete"], bool)):
+        if not (
+            isinstance(before["files"], list)
+            and isinstance(before["dirs"], list)
+            and isinstance(data["complete"], bool)
+        ):
             raise TypeError
         if data["complete"] and not (isinstance(data["files"], dict) and isinstance(data["dirs"], list)):
             raise TypeError
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise DataError(f"the list of files stage {stage!r} wrote is corrupt; remove it (and that stage's outputs, if they are in the way) to redo the stage", file=str(path)) from None
+        raise DataError(
+            f"the list of files stage {stage!r} wrote is corrupt; remove it (and that stage's outputs, if they are in the way) to redo the stage",
+            file=str(path),
+        ) from None
     return data
 
 
@@ -207,7 +221,10 @@ def _begin_manifest(paths: Paths, stage: str, *, resuming: bool) -> None:
     if resuming and _read_manifest(paths, stage) is not None:
         return
     before = _stage_snapshot(paths, stage)
-    _write_json(paths.manifest(stage), {"stage": stage, "complete": False, "before": {"files": sorted(before.files), "dirs": sorted(before.dirs)}})
+    _write_json(
+        paths.manifest(stage),
+        {"stage": stage, "complete": False, "before": {"files": sorted(before.files), "dirs": sorted(before.dirs)}},
+    )
 
 
 def _finish_manifest(paths: Paths, stage: str) -> None:
@@ -230,7 +247,9 @@ def remove_stage_outputs(paths: Paths, stage: str, log: Callable[[str], None] = 
     if data is None:
         if any(_marker(paths, stage, kind).exists() for kind in ("done", "started")):
             locations = ", ".join(str(location) for location in paths.stage_locations(stage))
-            log(f"[{stage}] no list of the files this stage wrote (made by an older mmsafe): nothing removed; remove its outputs in {locations} yourself if the redo should not resume them")
+            log(
+                f"[{stage}] no list of the files this stage wrote (made by an older mmsafe): nothing removed; remove its outputs in {locations} yourself if the redo should not resume them"
+            )
         return Removal()
     if data["complete"]:
         files: dict[str, list[int] | None] = {name: stamp for name, stamp in data["files"].items()}
@@ -247,7 +266,13 @@ def remove_stage_outputs(paths: Paths, stage: str, log: Callable[[str], None] = 
     return removal
 
 
-def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None, only: str | None = None, log: Callable[[str], None] = print) -> PipelineResult:
+def run_pipeline(
+    config: PipelineConfig,
+    *,
+    from_stage: str | None = None,
+    only: str | None = None,
+    log: Callable[[str], None] = print,
+) -> PipelineResult:
     """Run the stages of ``config`` in order, skipping those already done with the same config.
 
     Args:
@@ -265,7 +290,9 @@ def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None, only:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     main_process = int(os.environ.get("RANK", "0")) == 0
     if world_size > 1 and (only not in PARALLEL_STAGES or from_stage is not None):
-        raise ConfigError(f"{world_size} processes were launched: run one of the stages {', '.join(PARALLEL_STAGES)} with --only under a launcher, and the others in one process")
+        raise ConfigError(
+            f"{world_size} processes were launched: run one of the stages {', '.join(PARALLEL_STAGES)} with --only under a launcher, and the others in one process"
+        )
     hashes = stage_hashes(config)
     paths = Paths(Path(config.out))
     paths.out.mkdir(parents=True, exist_ok=True)
@@ -281,7 +308,14 @@ def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None, only:
 
 
 def _run_stages(
-    config: PipelineConfig, paths: Paths, hashes: dict[str, str], *, from_stage: str | None, only: str | None, main_process: bool, log: Callable[[str], None]
+    config: PipelineConfig,
+    paths: Paths,
+    hashes: dict[str, str],
+    *,
+    from_stage: str | None,
+    only: str | None,
+    main_process: bool,
+    log: Callable[[str], None],
 ) -> PipelineResult:
     if main_process:
         save_config(config, paths.out / "run_config.yaml")
@@ -300,7 +334,9 @@ def _run_stages(
             if only is not None and STAGES.index(stage) < STAGES.index(only) and not is_done:
                 if done is not None and done.scheme < HASH_SCHEME:
                     raise ConfigError(f"--only {only}: {_mismatch(stage, paths, [done])}")
-                raise ConfigError(f"--only {only}: the earlier stage {stage!r} is not done for this config; run without --only first")
+                raise ConfigError(
+                    f"--only {only}: the earlier stage {stage!r} is not done for this config; run without --only first"
+                )
             continue
         if is_done:
             result.outcomes.append(StageOutcome(stage, "skipped", 0.0, "up to date"))

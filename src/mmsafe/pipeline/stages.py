@@ -205,7 +205,11 @@ class ReportStage:
 
 def prepare_stage(config: PipelineConfig, paths: Paths) -> PrepareStage:
     tiny = config.model == TINY_MODEL
-    return PrepareStage(str(paths.sample) if config.data.sample else None, str(paths.tiny_model) if tiny else None, config.seed if tiny else None)
+    return PrepareStage(
+        str(paths.sample) if config.data.sample else None,
+        str(paths.tiny_model) if tiny else None,
+        config.seed if tiny else None,
+    )
 
 
 def build_stage(config: PipelineConfig, paths: Paths) -> BuildConfig | None:
@@ -235,7 +239,9 @@ _SET_BY_PIPELINE = {
 }
 
 
-def _train_config(layers: list[tuple[str, dict[str, Any]]], *, fixed: dict[str, Any], defaults: dict[str, Any], what: str) -> TrainConfig:
+def _train_config(
+    layers: list[tuple[str, dict[str, Any]]], *, fixed: dict[str, Any], defaults: dict[str, Any], what: str
+) -> TrainConfig:
     """A TrainConfig from option ``layers`` (``(prefix, options)`` as written, later ones
     winning) over ``defaults``, with ``fixed`` set by the pipeline. An error names the
     key as written in the layer that set it (``train.dpo.beta``)."""
@@ -248,7 +254,9 @@ def _train_config(layers: list[tuple[str, dict[str, Any]]], *, fixed: dict[str, 
     for prefix, options in layers:
         for key, value in options.items():
             if key in fixed:
-                raise ConfigError(f"{prefix}{key}: set by the pipeline (from {_SET_BY_PIPELINE.get(key, 'the pipeline config')}); remove it")
+                raise ConfigError(
+                    f"{prefix}{key}: set by the pipeline (from {_SET_BY_PIPELINE.get(key, 'the pipeline config')}); remove it"
+                )
             if key not in fields:
                 close = difflib.get_close_matches(str(key), fields, n=1)
                 hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
@@ -272,9 +280,18 @@ def teach_stage(config: PipelineConfig, paths: Paths) -> TrainConfig | None:
         data, image_root = str(paths.sample / WARMUP_FILE), str(paths.sample)
     else:
         data, image_root = train_data(config, paths)
-    fixed = {"model": _given_model(config, paths), "data": data, "image_root": image_root, "split": config.data.train_split, "output_dir": str(paths.teach), "loss": "sft"}
+    fixed = {
+        "model": _given_model(config, paths),
+        "data": data,
+        "image_root": image_root,
+        "split": config.data.train_split,
+        "output_dir": str(paths.teach),
+        "loss": "sft",
+    }
     defaults = {"seed": config.seed, "reference_cache_dir": str(paths.reference_cache)}
-    train_config = _train_config([("teach.options.", config.teach.options)], fixed=fixed, defaults=defaults, what="teach.options")
+    train_config = _train_config(
+        [("teach.options.", config.teach.options)], fixed=fixed, defaults=defaults, what="teach.options"
+    )
     return train_config if config.teach.enabled else None
 
 
@@ -320,19 +337,40 @@ def train_stage(config: PipelineConfig, paths: Paths) -> list[TrainConfig]:
 
 
 #: generate.vllm keys the pipeline passes itself, and the key that sets each.
-_VLLM_SET_BY = {"model": "the stage", "name": "the stage", "dtype": "generate.dtype", "batch_size": "generate.batch_size", "prompt_style": "generate.prompt_style", "image_mode": "generate.image_mode", "trust_remote_code": "the stage"}
+_VLLM_SET_BY = {
+    "model": "the stage",
+    "name": "the stage",
+    "dtype": "generate.dtype",
+    "batch_size": "generate.batch_size",
+    "prompt_style": "generate.prompt_style",
+    "image_mode": "generate.image_mode",
+    "trust_remote_code": "the stage",
+}
 
 
 def generate_stage(config: PipelineConfig, paths: Paths) -> GenerateStage:
     # Other vllm.LLM keywords are passed through: they can only be checked where vLLM is installed.
     section = config.generate
     if section.vllm and section.engine != "vllm":
-        raise ConfigError(f"generate.vllm.{next(iter(section.vllm))}: an option of the vllm engine, but generate.engine is {section.engine} (set generate.engine: vllm, or remove generate.vllm)")
+        raise ConfigError(
+            f"generate.vllm.{next(iter(section.vllm))}: an option of the vllm engine, but generate.engine is {section.engine} (set generate.engine: vllm, or remove generate.vllm)"
+        )
     for key in section.vllm:
         if key in _VLLM_SET_BY:
             raise ConfigError(f"generate.vllm.{key}: set by {_VLLM_SET_BY[key]}; remove it")
     models = [
-        ModelGeneration(name, model, str(paths.responses(name)), section.engine, section.dtype, section.device, section.batch_size, section.prompt_style, section.image_mode, dict(section.vllm))
+        ModelGeneration(
+            name,
+            model,
+            str(paths.responses(name)),
+            section.engine,
+            section.dtype,
+            section.device,
+            section.batch_size,
+            section.prompt_style,
+            section.image_mode,
+            dict(section.vllm),
+        )
         for name, model in models_to_evaluate(config, paths).items()
     ]
     return GenerateStage(_eval_set(config, paths), _decoding("generate", section.max_new_tokens), models)
@@ -360,7 +398,11 @@ def _judge_options(name: str, factory: Any) -> list[str] | None:
         return None
     if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
         return None  # a plugin taking **options: checked when it is built, in the judge stage
-    return [parameter.name for parameter in parameters if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return [
+        parameter.name
+        for parameter in parameters
+        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
 
 
 def judge_stage(config: PipelineConfig, paths: Paths) -> JudgeStage:
@@ -369,7 +411,11 @@ def judge_stage(config: PipelineConfig, paths: Paths) -> JudgeStage:
     section = config.judge
     for name in section.options:
         if name not in section.judges:
-            logger.warning("judge.options.%s: options of a judge that judge.judges does not list (%s): not used", name, ", ".join(section.judges))
+            logger.warning(
+                "judge.options.%s: options of a judge that judge.judges does not list (%s): not used",
+                name,
+                ", ".join(section.judges),
+            )
     specs = []
     for index, name in enumerate(section.judges):
         try:
@@ -382,7 +428,9 @@ def judge_stage(config: PipelineConfig, paths: Paths) -> JudgeStage:
             if known is not None and key not in known:
                 close = difflib.get_close_matches(str(key), known, n=1)
                 hint = f" (did you mean judge.options.{name}.{close[0]}?)" if close else ""
-                raise ConfigError(f"judge.options.{name}.{key}: unknown option{hint}; known: {', '.join(sorted(known))}")
+                raise ConfigError(
+                    f"judge.options.{name}.{key}: unknown option{hint}; known: {', '.join(sorted(known))}"
+                )
         if name in _OWN_JUDGES and known is not None:
             try:  # checks the values too; mmsafe's judges load their model on first use, not here
                 get_judge(name, **options)
@@ -395,7 +443,13 @@ def judge_stage(config: PipelineConfig, paths: Paths) -> JudgeStage:
 def report_stage(config: PipelineConfig, paths: Paths) -> ReportStage:
     names = list(models_to_evaluate(config, paths))
     verdicts = [str(paths.verdicts(name, judge)) for judge in config.judge.judges for name in names]
-    return ReportStage(_eval_set(config, paths), [str(paths.responses(name)) for name in names], verdicts, str(paths.report), config.seed)
+    return ReportStage(
+        _eval_set(config, paths),
+        [str(paths.responses(name)) for name in names],
+        verdicts,
+        str(paths.report),
+        config.seed,
+    )
 
 
 #: The resolved config of each stage.
@@ -468,9 +522,24 @@ def stage_blind(config: PipelineConfig, paths: Paths) -> str:
     from mmsafe.generate.blind import make_blind
     from mmsafe.generate.hf_engine import HFEngine
 
-    engine = HFEngine(stage.model, dtype=stage.dtype, device=stage.device, batch_size=stage.batch_size, prompt_style=stage.prompt_style, image_mode=stage.image_mode)
+    engine = HFEngine(
+        stage.model,
+        dtype=stage.dtype,
+        device=stage.device,
+        batch_size=stage.batch_size,
+        prompt_style=stage.prompt_style,
+        image_mode=stage.image_mode,
+    )
     records = stage.records.read()
-    summary = make_blind(engine, records, stage.out, mode=stage.mode, image_root=stage.records.image_root, params=stage.decoding, batch_size=stage.batch_size)
+    summary = make_blind(
+        engine,
+        records,
+        stage.out,
+        mode=stage.mode,
+        image_root=stage.records.image_root,
+        params=stage.decoding,
+        batch_size=stage.batch_size,
+    )
     return summary.summary()
 
 
@@ -481,7 +550,10 @@ def stage_train(config: PipelineConfig, paths: Paths) -> str:
     for train_config in train_stage(config, paths):
         result = train(train_config)
         accuracy = result.metrics.get("rewards/accuracy")
-        lines.append(f"{train_config.loss}: {result.global_step} steps" + (f", final reward accuracy {accuracy:.2f}" if accuracy is not None else ""))
+        lines.append(
+            f"{train_config.loss}: {result.global_step} steps"
+            + (f", final reward accuracy {accuracy:.2f}" if accuracy is not None else "")
+        )
     return "; ".join(lines)
 
 
@@ -498,7 +570,14 @@ def stage_generate(config: PipelineConfig, paths: Paths) -> str:
             prompt_style=run.prompt_style, image_mode=run.image_mode, vllm_options=run.vllm or None,
         )  # fmt: skip
         engine.name = run.name  # the report shows base / dpo / bpo
-        summary = generate_responses(engine, records, run.responses, image_root=stage.records.image_root, params=stage.decoding, batch_size=engine.preferred_batch_size)
+        summary = generate_responses(
+            engine,
+            records,
+            run.responses,
+            image_root=stage.records.image_root,
+            params=stage.decoding,
+            batch_size=engine.preferred_batch_size,
+        )
         failure = summary.failure_line()
         if failure is not None:  # judging a run with holes would count the missing answers as nothing
             raise MmsafeError(f"generate ({run.name}): {failure}")
@@ -516,7 +595,13 @@ def stage_judge(config: PipelineConfig, paths: Paths) -> str:
     for spec in stage.judges:
         judge = get_judge(spec.name, **spec.options)
         for name in stage.models:
-            result = judge_responses(paths.responses(name), paths.verdicts(name, spec.name), judge, data=records, image_root=stage.records.image_root)
+            result = judge_responses(
+                paths.responses(name),
+                paths.verdicts(name, spec.name),
+                judge,
+                data=records,
+                image_root=stage.records.image_root,
+            )
             lines.append(f"{name}/{spec.name}: {result.total} verdicts")
     return "; ".join(lines)
 
@@ -526,7 +611,14 @@ def stage_report(config: PipelineConfig, paths: Paths) -> str:
 
     stage = report_stage(config, paths)
     records = stage.records.read(required=True)
-    build_report(stage.verdicts, stage.out, responses=stage.responses, data=records, image_root=stage.records.image_root, seed=stage.seed)
+    build_report(
+        stage.verdicts,
+        stage.out,
+        responses=stage.responses,
+        data=records,
+        image_root=stage.records.image_root,
+        seed=stage.seed,
+    )
     return f"report in {stage.out} (summary.md, report.html)"
 
 

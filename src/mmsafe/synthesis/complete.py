@@ -53,13 +53,26 @@ def make_completer(options: Any) -> Complete:
     """A completer from :class:`~mmsafe.synthesis.config.ModelOptions` (``engine``: openai or hf)."""
     from mmsafe.generate.engine import DecodingParams
 
-    params = DecodingParams(max_new_tokens=options.max_new_tokens, do_sample=options.temperature > 0, temperature=options.temperature or 1.0, seed=options.seed)
+    params = DecodingParams(
+        max_new_tokens=options.max_new_tokens,
+        do_sample=options.temperature > 0,
+        temperature=options.temperature or 1.0,
+        seed=options.seed,
+    )
     if options.engine == "openai":
         from mmsafe.generate.openai_engine import OpenAIEngine
 
         if not options.base_url or not options.model:
-            raise ConfigError("engine openai needs base_url (e.g. http://localhost:8000/v1) and model (the served model's name)")
-        engine = OpenAIEngine(options.base_url, options.model, api_key_env=options.api_key_env, deadline_s=options.deadline_s, max_body_bytes=options.max_body_bytes)
+            raise ConfigError(
+                "engine openai needs base_url (e.g. http://localhost:8000/v1) and model (the served model's name)"
+            )
+        engine = OpenAIEngine(
+            options.base_url,
+            options.model,
+            api_key_env=options.api_key_env,
+            deadline_s=options.deadline_s,
+            max_body_bytes=options.max_body_bytes,
+        )
         return chat_completer(engine, params)
     if options.engine == "hf":
         from mmsafe.generate.hf_engine import HFEngine

@@ -121,7 +121,9 @@ class Gazetteer:
                 if end > len(text) or (end < len(text) and _is_word_char(text[end]) and _is_word_char(name[-1])):
                     continue
                 if self._matches(text[start:end], name):
-                    mentions.append(Mention(text=text[start:end], type=self.types[name], start=start, end=end, name=name))
+                    mentions.append(
+                        Mention(text=text[start:end], type=self.types[name], start=start, end=end, name=name)
+                    )
                     covered_until = end
                     break
         return mentions
@@ -196,7 +198,14 @@ def aggregate_tags(text: str, tokens: Sequence[TokenTag], *, types: Sequence[str
         if prefix in ("E", "S"):
             open_span = None
     return [
-        Mention(text=text[start:end], type=entity_type, start=start, end=end, name=text[start:end], score=sum(scores) / len(scores))
+        Mention(
+            text=text[start:end],
+            type=entity_type,
+            start=start,
+            end=end,
+            name=text[start:end],
+            score=sum(scores) / len(scores),
+        )
         for entity_type, start, end, scores in spans
     ]
 
@@ -229,9 +238,13 @@ class HFNerRecognizer:
         if isinstance(model, str):
             try:
                 tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-                model = AutoModelForTokenClassification.from_pretrained(model, use_safetensors=True, trust_remote_code=trust_remote_code)
+                model = AutoModelForTokenClassification.from_pretrained(
+                    model, use_safetensors=True, trust_remote_code=trust_remote_code
+                )
             except (OSError, ValueError) as error:
-                raise ModelError(f"cannot load the NER model {model!r} (safetensors weights required): {error}") from None
+                raise ModelError(
+                    f"cannot load the NER model {model!r} (safetensors weights required): {error}"
+                ) from None
         if tokenizer is None or not getattr(tokenizer, "is_fast", False):
             raise ModelError("hf-ner needs a fast tokenizer (character offsets and word ids)")
         self.model = model.to(device).eval()
@@ -248,16 +261,26 @@ class HFNerRecognizer:
         results: list[list[Mention] | EntityError] = []
         for offset in range(0, len(texts), self.batch_size):
             batch = list(texts[offset : offset + self.batch_size])
-            encoding = self.tokenizer(batch, return_offsets_mapping=True, truncation=True, padding=True, return_tensors="pt")
+            encoding = self.tokenizer(
+                batch, return_offsets_mapping=True, truncation=True, padding=True, return_tensors="pt"
+            )
             offsets = encoding.pop("offset_mapping")
             with torch.inference_mode():
-                logits = self.model(**{key: value.to(self.device) for key, value in encoding.items()}).logits  # [B, T, labels]
+                logits = self.model(
+                    **{key: value.to(self.device) for key, value in encoding.items()}
+                ).logits  # [B, T, labels]
             probabilities = logits.float().softmax(dim=-1).cpu()
             scores, label_ids = probabilities.max(dim=-1)  # [B, T]
             for row, text in enumerate(batch):
                 word_ids = encoding.word_ids(row)
                 tokens = [
-                    TokenTag(self.id2label[int(label_ids[row, position])], int(offsets[row, position, 0]), int(offsets[row, position, 1]), word, float(scores[row, position]))
+                    TokenTag(
+                        self.id2label[int(label_ids[row, position])],
+                        int(offsets[row, position, 0]),
+                        int(offsets[row, position, 1]),
+                        word,
+                        float(scores[row, position]),
+                    )
                     for position, word in enumerate(word_ids)
                     if word is not None
                 ]
@@ -345,7 +368,9 @@ class LLMRecognizer:
                 if span & taken:
                     continue
                 taken |= span
-                mentions.append(Mention(text=surface, type=entity_type, start=start, end=start + len(surface), name=surface))
+                mentions.append(
+                    Mention(text=surface, type=entity_type, start=start, end=start + len(surface), name=surface)
+                )
         return sorted(mentions, key=lambda mention: mention.start)
 
     def recognize(self, texts: Sequence[str]) -> list[list[Mention] | EntityError]:

@@ -120,7 +120,11 @@ class ImageIndex:
                 f"images.index {self.source}: the gazetteer needs an entity type for every entry ({len(untyped)} have none, "
                 f"e.g. {untyped[0]!r}); add a 'type' column or put the images in PER/ORG/LOC/MISC sub-folders"
             )
-        return [(entry.name, entry.type) for entry in self.entries.values() if entry.type is not None and entry.type in types]
+        return [
+            (entry.name, entry.type)
+            for entry in self.entries.values()
+            if entry.type is not None and entry.type in types
+        ]
 
     @classmethod
     def load(cls, path: str | Path, *, types: Sequence[str] = ("PER", "ORG", "LOC", "MISC")) -> ImageIndex:
@@ -134,7 +138,9 @@ class ImageIndex:
         elif path.suffix.lower() == ".json":
             entries = _json_entries(path, types)
         else:
-            raise DataError(f"unknown image index format {path.suffix!r}; expected a folder, .csv or .json", file=str(path))
+            raise DataError(
+                f"unknown image index format {path.suffix!r}; expected a folder, .csv or .json", file=str(path)
+            )
         return cls(entries, source=str(path))
 
 
@@ -149,18 +155,29 @@ def _folder_entries(folder: Path, types: Sequence[str]) -> list[IndexEntry]:
     return entries
 
 
-def _checked_entry(index_file: Path, row: str, name: Any, image: Any, entity_type: Any, types: Sequence[str]) -> IndexEntry:
+def _checked_entry(
+    index_file: Path, row: str, name: Any, image: Any, entity_type: Any, types: Sequence[str]
+) -> IndexEntry:
     if not isinstance(name, str) or not name.strip():
-        raise DataError(f"expected a non-empty entity name, got {name!r}", file=str(index_file), record=row, field="entity")
+        raise DataError(
+            f"expected a non-empty entity name, got {name!r}", file=str(index_file), record=row, field="entity"
+        )
     if not isinstance(image, str) or not image.strip():
         raise DataError(f"expected an image path, got {image!r}", file=str(index_file), record=row, field="image")
     if entity_type in ("", None):
         entity_type = None
     elif entity_type not in types:
-        raise DataError(f"expected one of {', '.join(types)}, got {entity_type!r}", file=str(index_file), record=row, field="type")
+        raise DataError(
+            f"expected one of {', '.join(types)}, got {entity_type!r}", file=str(index_file), record=row, field="type"
+        )
     path = index_file.parent / image
     if not path.is_file():
-        raise DataError(f"image file not found: {image!r} (looked for {str(path)!r})", file=str(index_file), record=row, field="image")
+        raise DataError(
+            f"image file not found: {image!r} (looked for {str(path)!r})",
+            file=str(index_file),
+            record=row,
+            field="image",
+        )
     return IndexEntry(name=name.strip(), path=path, type=entity_type)
 
 
@@ -169,7 +186,11 @@ def _csv_entries(path: Path, types: Sequence[str]) -> list[IndexEntry]:
         reader = csv.DictReader(handle)
         missing = {"entity", "image"} - set(reader.fieldnames or [])
         if missing:
-            raise DataError(f"missing column(s) {', '.join(sorted(missing))}; expected a header entity,image[,type]", file=str(path), record="line 1")
+            raise DataError(
+                f"missing column(s) {', '.join(sorted(missing))}; expected a header entity,image[,type]",
+                file=str(path),
+                record="line 1",
+            )
         return [
             _checked_entry(path, f"line {reader.line_num}", row.get("entity"), row.get("image"), row.get("type"), types)
             for row in reader
@@ -193,8 +214,14 @@ def _json_entries(path: Path, types: Sequence[str]) -> list[IndexEntry]:
         entries = []
         for position, item in enumerate(data):
             if not isinstance(item, dict):
-                raise DataError(f"expected an object with entity and image, got {type(item).__name__}", file=str(path), record=f"item {position}")
-            entries.append(_checked_entry(path, f"item {position}", item.get("entity"), item.get("image"), item.get("type"), types))
+                raise DataError(
+                    f"expected an object with entity and image, got {type(item).__name__}",
+                    file=str(path),
+                    record=f"item {position}",
+                )
+            entries.append(
+                _checked_entry(path, f"item {position}", item.get("entity"), item.get("image"), item.get("type"), types)
+            )
         return entries
     raise DataError("expected an object or a list of {entity, image, type}", file=str(path))
 
@@ -211,7 +238,9 @@ class LocalImageSource:
         entry = self.index.get(name)
         if entry is None:
             return None
-        return FoundImage(path=entry.path, file_name=safe_file_name(entry.path.name), source=self.name, detail=entry.name)
+        return FoundImage(
+            path=entry.path, file_name=safe_file_name(entry.path.name), source=self.name, detail=entry.name
+        )
 
 
 # ---------------------------------------------------------------- wikipedia
@@ -251,7 +280,9 @@ class WikipediaImageSource:
         from mmsafe.http import HttpPolicy, make_client
 
         if not user_agent.strip():
-            raise ConfigError("images.wikipedia.user_agent: Wikimedia requires a descriptive User-Agent; got an empty one")
+            raise ConfigError(
+                "images.wikipedia.user_agent: Wikimedia requires a descriptive User-Agent; got an empty one"
+            )
         self.api_url = api_url
         self.thumb_size = thumb_size
         self.min_interval_s = min_interval_s
@@ -288,10 +319,20 @@ class WikipediaImageSource:
         from mmsafe.http import HttpError, RetriesExhausted, send
 
         try:
-            return send(self.client, "GET", url, self.policy, label=f"{what}: GET {url}", before_attempt=self._count, params=params)
+            return send(
+                self.client,
+                "GET",
+                url,
+                self.policy,
+                label=f"{what}: GET {url}",
+                before_attempt=self._count,
+                params=params,
+            )
         except RetriesExhausted as error:
             problem = str(error.last).removeprefix(f"{url}: ")
-            raise ImageError(f"{what}: {problem} from {url} after {error.attempts} attempts", record=what, field="image") from None
+            raise ImageError(
+                f"{what}: {problem} from {url} after {error.attempts} attempts", record=what, field="image"
+            ) from None
         except HttpError as error:
             problem = f"HTTP {error.status}" if error.kind == "status" else str(error).removeprefix(f"{url}: ")
             raise ImageError(f"{what}: {problem} from {url}", record=what, field="image") from None
@@ -322,9 +363,17 @@ class WikipediaImageSource:
             if not isinstance(page, dict):
                 raise TypeError("page is not an object")
         except (ValueError, KeyError, TypeError, IndexError, StopIteration) as error:
-            raise ImageError(f"{name}: malformed answer from the Wikipedia API ({type(error).__name__}: {error})", record=name, field="image") from None
+            raise ImageError(
+                f"{name}: malformed answer from the Wikipedia API ({type(error).__name__}: {error})",
+                record=name,
+                field="image",
+            ) from None
         image_url = None
-        if not page.get("missing") and not page.get("invalid") and "disambiguation" not in (page.get("pageprops") or {}):
+        if (
+            not page.get("missing")
+            and not page.get("invalid")
+            and "disambiguation" not in (page.get("pageprops") or {})
+        ):
             thumbnail = page.get("thumbnail") or {}
             image_url = thumbnail.get("source") if isinstance(thumbnail.get("source"), str) else None
         result = {"query": name, "title": page.get("title", name), "image_url": image_url}

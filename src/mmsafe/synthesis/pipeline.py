@@ -126,7 +126,13 @@ def _gazetteer(config: BuildConfig, index: ImageIndex | None) -> EntityRecognize
 
 def _hf_ner(config: BuildConfig, index: ImageIndex | None) -> EntityRecognizer:
     options = config.entities.hf_ner
-    return HFNerRecognizer(options.model, device=options.device, batch_size=options.batch_size, min_score=options.min_score, types=config.entities.types)
+    return HFNerRecognizer(
+        options.model,
+        device=options.device,
+        batch_size=options.batch_size,
+        min_score=options.min_score,
+        types=config.entities.types,
+    )
 
 
 def _llm(config: BuildConfig, index: ImageIndex | None) -> EntityRecognizer:
@@ -165,7 +171,9 @@ def template_rewriter(config: BuildConfig) -> TemplateRewriter:
         phrases=dict(options.phrases),
         possessive_phrases=dict(options.possessive_phrases),
         pools={kind: list(phrases) for kind, phrases in options.pools.items()} if pooled else None,
-        possessive_pools={kind: list(phrases) for kind, phrases in options.possessive_pools.items()} if pooled else None,
+        possessive_pools={kind: list(phrases) for kind, phrases in options.possessive_pools.items()}
+        if pooled
+        else None,
         seed=config.seed,
     )
 
@@ -179,12 +187,24 @@ def _model(config: BuildConfig) -> Rewriter:
 
     options = config.rewrite.model
     template = template_rewriter(config)
-    return ModelRewriter(make_completer(options), template=template, prompt=options.prompt or "rewrite_v1", max_length_ratio=config.rewrite.max_length_ratio)
+    return ModelRewriter(
+        make_completer(options),
+        template=template,
+        prompt=options.prompt or "rewrite_v1",
+        max_length_ratio=config.rewrite.max_length_ratio,
+    )
 
 
 #: Stage factories by name: open sets, so plugins can add their own.
-RECOGNIZERS: dict[str, Callable[[BuildConfig, ImageIndex | None], EntityRecognizer]] = {"gazetteer": _gazetteer, "hf-ner": _hf_ner, "llm": _llm}
-IMAGE_SOURCES: dict[str, Callable[[BuildConfig, ImageIndex | None, Path], ImageSource]] = {"local": _local, "wikipedia": _wikipedia}
+RECOGNIZERS: dict[str, Callable[[BuildConfig, ImageIndex | None], EntityRecognizer]] = {
+    "gazetteer": _gazetteer,
+    "hf-ner": _hf_ner,
+    "llm": _llm,
+}
+IMAGE_SOURCES: dict[str, Callable[[BuildConfig, ImageIndex | None, Path], ImageSource]] = {
+    "local": _local,
+    "wikipedia": _wikipedia,
+}
 REWRITERS: dict[str, Callable[[BuildConfig], Rewriter]] = {"template": _template, "model": _model}
 
 
@@ -239,24 +259,41 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.casefold()).strip("-") or "entity"
 
 
-def content_key(history: list[Message], instruction: str, entity: str, image: str, chosen: str, rejected: list[str]) -> str:
+def content_key(
+    history: list[Message], instruction: str, entity: str, image: str, chosen: str, rejected: list[str]
+) -> str:
     """What makes two records duplicates: same dialogue text, entity, image and answers."""
-    payload = json.dumps([[message.to_dict() for message in history], instruction, entity, image, chosen, rejected], ensure_ascii=False)
+    payload = json.dumps(
+        [[message.to_dict() for message in history], instruction, entity, image, chosen, rejected], ensure_ascii=False
+    )
     return hashlib.sha1(payload.encode("utf-8")).hexdigest()
 
 
 def dialogue_key(dialogue: Dialogue) -> str:
     """A dialogue's content key: its history, instruction and answers (not its line or id)."""
-    payload = json.dumps([[message.to_dict() for message in dialogue.history], dialogue.instruction, dialogue.chosen, dialogue.rejected], ensure_ascii=False)
+    payload = json.dumps(
+        [[message.to_dict() for message in dialogue.history], dialogue.instruction, dialogue.chosen, dialogue.rejected],
+        ensure_ascii=False,
+    )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
 def record_content_key(row: dict[str, Any]) -> str:
     history = [Message(message["role"], message["content"]) for message in row["messages"][:-1]]
-    return content_key(history, row["meta"]["text_prompt"], row["meta"]["entity"], row["image"], row["chosen"], row["rejected"])
+    return content_key(
+        history, row["meta"]["text_prompt"], row["meta"]["entity"], row["image"], row["chosen"], row["rejected"]
+    )
 
 
-def emit_record(dialogue: Dialogue, record_id: str, group: EntityGroup, image: str, image_source: str, rewrite: Rewrite, record_type: str) -> PreferenceRecord:
+def emit_record(
+    dialogue: Dialogue,
+    record_id: str,
+    group: EntityGroup,
+    image: str,
+    image_source: str,
+    rewrite: Rewrite,
+    record_type: str,
+) -> PreferenceRecord:
     """The preference record for one (dialogue, entity): ``<image>\\n`` + the rewritten instruction."""
     meta: dict[str, Any] = {
         "type": record_type,
@@ -339,13 +376,23 @@ class BuildSummary:
             "by number of turns    " + ", ".join(f"{name}: {count}" for name, count in self.by_turns.items()),
         ]
         if self.rewrite_fallbacks:
-            lines.append("rewrite fallbacks     " + ", ".join(f"{name} {count}" for name, count in self.rewrite_fallbacks.items()))
+            lines.append(
+                "rewrite fallbacks     "
+                + ", ".join(f"{name} {count}" for name, count in self.rewrite_fallbacks.items())
+            )
         if self.image_source_errors:
-            lines.append("image source errors   " + ", ".join(f"{name} {count}" for name, count in self.image_source_errors.items()))
+            lines.append(
+                "image source errors   "
+                + ", ".join(f"{name} {count}" for name, count in self.image_source_errors.items())
+            )
         if self.dialogues_changed:
-            lines.append(f"changed dialogues     {self.dialogues_changed:>8}   (an id built before from other text: a line inserted above or edited; built anew, old records kept)")
+            lines.append(
+                f"changed dialogues     {self.dialogues_changed:>8}   (an id built before from other text: a line inserted above or edited; built anew, old records kept)"
+            )
         if self.dialogues_left_to_retry:
-            lines.append(f"left for a rerun       {self.dialogues_left_to_retry:>7}   (an image source failed; rerun to retry them)")
+            lines.append(
+                f"left for a rerun       {self.dialogues_left_to_retry:>7}   (an image source failed; rerun to retry them)"
+            )
         return "\n".join(lines)
 
 
@@ -374,7 +421,9 @@ def summarize_outputs(summary: BuildSummary, records_path: Path, state_path: Pat
             summary.dialogues_with_merged_turns += row.get("merged", 0) > 0
             fallbacks.update(row.get("fallbacks", {}))
     summary.images = len(images)
-    summary.by_entity_type = {name: by_type[name] for name in (*ENTITY_TYPES, *sorted(set(by_type) - set(ENTITY_TYPES))) if by_type[name]}
+    summary.by_entity_type = {
+        name: by_type[name] for name in (*ENTITY_TYPES, *sorted(set(by_type) - set(ENTITY_TYPES))) if by_type[name]
+    }
     summary.by_turns = {name: by_turns[name] for name in sorted(by_turns, key=lambda bucket: int(bucket.rstrip("+")))}
     summary.rewrite_fallbacks = dict(fallbacks)
     return summary
@@ -396,7 +445,9 @@ class Builder:
         self.state = ResumableJsonlWriter(self.out / STATE_FILE, key=lambda row: row.get("key") or row["dialogue"])
         self.built_ids: set[str] = set()
         if self.state.path.exists():
-            self.built_ids = {row["dialogue"] for _, row in read_jsonl(self.state.path) if isinstance(row, dict) and "dialogue" in row}
+            self.built_ids = {
+                row["dialogue"] for _, row in read_jsonl(self.state.path) if isinstance(row, dict) and "dialogue" in row
+            }
         self.seen_content: set[str] = set()
         self.content_of_id: dict[str, str] = {}
         if self.records.path.exists():
@@ -404,13 +455,25 @@ class Builder:
                 try:
                     key = record_content_key(row)
                 except (KeyError, TypeError, IndexError):
-                    raise DataError("existing record lacks meta.text_prompt / meta.entity; is this a build-data output folder?", file=str(self.records.path), record=f"line {line_number}") from None
+                    raise DataError(
+                        "existing record lacks meta.text_prompt / meta.entity; is this a build-data output folder?",
+                        file=str(self.records.path),
+                        record=f"line {line_number}",
+                    ) from None
                 self.seen_content.add(key)
                 self.content_of_id[row["id"]] = key
         self.changed = 0
         #: The content key of each dialogue of this run, by dialogue id.
         self.keys: dict[str, str] = {}
-        self.legacy_ids = {row["dialogue"] for _, row in read_jsonl(self.state.path) if isinstance(row, dict) and "dialogue" in row and not row.get("key")} if self.state.path.exists() else set()
+        self.legacy_ids = (
+            {
+                row["dialogue"]
+                for _, row in read_jsonl(self.state.path)
+                if isinstance(row, dict) and "dialogue" in row and not row.get("key")
+            }
+            if self.state.path.exists()
+            else set()
+        )
         self.images: dict[tuple[str, str], tuple[tuple[str, str] | None, bool]] = {}
         self.image_errors: Counter[str] = Counter()
         self.records_written = 0
@@ -437,14 +500,28 @@ class Builder:
             self.images[key] = (stored, failed and stored is None)
         return self.images[key]
 
-    def dialogue_records(self, dialogue: Dialogue, mentions: list[Mention]) -> tuple[list[PreferenceRecord], dict[str, Any]]:
+    def dialogue_records(
+        self, dialogue: Dialogue, mentions: list[Mention]
+    ) -> tuple[list[PreferenceRecord], dict[str, Any]]:
         """The records of one dialogue and its state line (counts of what was dropped).
 
         ``state["retry"]`` is True when an image source failed for one of its entities:
         the dialogue is then not marked done, so a rerun tries again (records already
         written are recognised by id and neither counted as duplicates nor written twice).
         """
-        state: dict[str, Any] = {"dialogue": dialogue.id, "key": self.keys.get(dialogue.id) or dialogue_key(dialogue), "line": dialogue.line, "entities": 0, "no_image": 0, "duplicates": 0, "capped": 0, "records": 0, "entity_error": None, "fallbacks": {}, "merged": dialogue.merged_turns}
+        state: dict[str, Any] = {
+            "dialogue": dialogue.id,
+            "key": self.keys.get(dialogue.id) or dialogue_key(dialogue),
+            "line": dialogue.line,
+            "entities": 0,
+            "no_image": 0,
+            "duplicates": 0,
+            "capped": 0,
+            "records": 0,
+            "entity_error": None,
+            "fallbacks": {},
+            "merged": dialogue.merged_turns,
+        }
         groups = group_mentions(mentions, self.config.entities.types)
         state["entities"] = len(groups)
         record_ids: list[str] = []
@@ -459,7 +536,9 @@ class Builder:
                 state["no_image"] += 1
                 state["retry"] = state.get("retry", False) or failed
                 continue
-            key = content_key(dialogue.history, dialogue.instruction, group.name, image[0], dialogue.chosen, [dialogue.rejected])
+            key = content_key(
+                dialogue.history, dialogue.instruction, group.name, image[0], dialogue.chosen, [dialogue.rejected]
+            )
             if self.content_of_id.get(record_id, key) != key:
                 # The id names a record of other content (a line inserted above moved this
                 # id onto another dialogue, or the line was edited): keep that one, use a new id.
@@ -481,7 +560,9 @@ class Builder:
         fallbacks: Counter[str] = Counter()
         for group, record_id, (image_path, source), key in candidates:
             # The record id seeds the deictic phrase draw: same phrase on a resume or in parallel.
-            rewrite = self.stages.rewriter.rewrite(dialogue.instruction, group.name, group.type, group.spans, key=record_id)
+            rewrite = self.stages.rewriter.rewrite(
+                dialogue.instruction, group.name, group.type, group.spans, key=record_id
+            )
             if rewrite.fallback_reason is not None:
                 fallbacks[rewrite.fallback_reason] += 1
             records.append(emit_record(dialogue, record_id, group, image_path, source, rewrite, self.config.type))
@@ -497,13 +578,31 @@ class Builder:
             return
         results = self.stages.recognizer.recognize([dialogue.instruction for dialogue in batch])
         if len(results) != len(batch):
-            raise ConfigError(f"entity recognizer {self.stages.recognizer.name!r} returned {len(results)} results for {len(batch)} instructions")
+            raise ConfigError(
+                f"entity recognizer {self.stages.recognizer.name!r} returned {len(results)} results for {len(batch)} instructions"
+            )
         rows: list[dict[str, Any]] = []
         states: list[dict[str, Any]] = []
         for dialogue, result in zip(batch, results, strict=True):
             if isinstance(result, EntityError):
-                logger.warning("%s:line %d: entity recognition failed: %s", dialogue.file, dialogue.line, result.message)
-                states.append({"dialogue": dialogue.id, "key": self.keys.get(dialogue.id) or dialogue_key(dialogue), "line": dialogue.line, "entities": 0, "no_image": 0, "duplicates": 0, "capped": 0, "records": 0, "entity_error": result.message, "fallbacks": {}, "merged": dialogue.merged_turns})
+                logger.warning(
+                    "%s:line %d: entity recognition failed: %s", dialogue.file, dialogue.line, result.message
+                )
+                states.append(
+                    {
+                        "dialogue": dialogue.id,
+                        "key": self.keys.get(dialogue.id) or dialogue_key(dialogue),
+                        "line": dialogue.line,
+                        "entities": 0,
+                        "no_image": 0,
+                        "duplicates": 0,
+                        "capped": 0,
+                        "records": 0,
+                        "entity_error": result.message,
+                        "fallbacks": {},
+                        "merged": dialogue.merged_turns,
+                    }
+                )
                 continue
             records, state = self.dialogue_records(dialogue, result)
             rows.extend(record.to_dict() for record in records)
@@ -514,7 +613,12 @@ class Builder:
         self.records_written += self.records.write_batch(rows)
         self.state.write_batch(states)
 
-    def run(self, items: Iterator[Dialogue | DataError], summary: BuildSummary, on_progress: Callable[[], None] = lambda: None) -> None:
+    def run(
+        self,
+        items: Iterator[Dialogue | DataError],
+        summary: BuildSummary,
+        on_progress: Callable[[], None] = lambda: None,
+    ) -> None:
         seen_lines: dict[str, int] = {}
         copies: Counter[str] = Counter()
         batch: list[Dialogue] = []
@@ -531,7 +635,12 @@ class Builder:
             if self.config.max_dialogues and read > self.config.max_dialogues:
                 break
             if item.id in seen_lines:
-                problem = DataError(f"duplicate dialogue id {item.id!r} (first at line {seen_lines[item.id]})", file=item.file, record=f"line {item.line}", field="id")
+                problem = DataError(
+                    f"duplicate dialogue id {item.id!r} (first at line {seen_lines[item.id]})",
+                    file=item.file,
+                    record=f"line {item.line}",
+                    field="id",
+                )
                 if self.config.on_bad_line == "fail":
                     raise problem
                 summary.bad_lines.append(str(problem))
@@ -582,10 +691,16 @@ def check_resume(config: BuildConfig, out: Path) -> None:
         return
     previous = _flatten(read_yaml(previous_path))
     current = _flatten(to_dict(config))
-    changed = [key for key in sorted(set(previous) | set(current)) if key not in RESUME_FREE_SETTINGS and previous.get(key) != current.get(key)]
+    changed = [
+        key
+        for key in sorted(set(previous) | set(current))
+        if key not in RESUME_FREE_SETTINGS and previous.get(key) != current.get(key)
+    ]
     if changed:
         details = "; ".join(f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in changed[:5])
-        raise ConfigError(f"{out} already holds a build made with other settings ({details}); rerun with the same settings to resume, or choose another --out")
+        raise ConfigError(
+            f"{out} already holds a build made with other settings ({details}); rerun with the same settings to resume, or choose another --out"
+        )
 
 
 def build_data(config: BuildConfig, *, stages: Stages | None = None) -> BuildSummary:
@@ -610,7 +725,9 @@ def build_data(config: BuildConfig, *, stages: Stages | None = None) -> BuildSum
     summary.dialogues_changed = builder.changed
     summary.image_source_errors = dict(stages.images.errors + builder.image_errors)
     summarize_outputs(summary, builder.records.path, builder.state.path)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / SUMMARY_FILE).write_text(
+        json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     if config.export_released:
         from mmsafe.data.formats import write_records
         from mmsafe.data.records import read_preference_records

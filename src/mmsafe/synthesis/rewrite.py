@@ -46,7 +46,22 @@ DEFAULT_POSSESSIVE_PHRASES = {
     "MISC": "the pictured object's",
 }
 #: ORG names ending in one of these words are companies.
-COMPANY_WORDS = ("Inc", "Inc.", "Corp", "Corp.", "Corporation", "Company", "Co.", "Ltd", "Ltd.", "LLC", "GmbH", "plc", "AG", "SA")
+COMPANY_WORDS = (
+    "Inc",
+    "Inc.",
+    "Corp",
+    "Corp.",
+    "Corporation",
+    "Company",
+    "Co.",
+    "Ltd",
+    "Ltd.",
+    "LLC",
+    "GmbH",
+    "plc",
+    "AG",
+    "SA",
+)
 COMPANY_PHRASE = "the company in the image"
 COMPANY_POSSESSIVE_PHRASE = "the pictured company's"
 #: Pool keys: the entity types, and COMPANY for ORG names with a company suffix.
@@ -229,14 +244,20 @@ def draw(seed: int, key: str, kind: str) -> int:
 def check_pools(pools: Any, where: str) -> dict[str, list[str]]:
     """``pools`` as ``{type: [phrase, ...]}``; ConfigError naming ``where`` otherwise."""
     if not isinstance(pools, dict):
-        raise ConfigError(f"{where}: expected a mapping of {', '.join(POOL_KEYS)} to lists of phrases, got {pools!r:.80}")
+        raise ConfigError(
+            f"{where}: expected a mapping of {', '.join(POOL_KEYS)} to lists of phrases, got {pools!r:.80}"
+        )
     checked = {}
     for kind, phrases in pools.items():
         if kind not in POOL_KEYS:
             raise ConfigError(f"{where}.{kind}: unknown pool; expected one of {', '.join(POOL_KEYS)}")
         if isinstance(phrases, str):
             phrases = [phrases]
-        if not isinstance(phrases, list) or not phrases or not all(isinstance(phrase, str) and phrase.strip() for phrase in phrases):
+        if (
+            not isinstance(phrases, list)
+            or not phrases
+            or not all(isinstance(phrase, str) and phrase.strip() for phrase in phrases)
+        ):
             raise ConfigError(f"{where}.{kind}: expected a non-empty list of non-empty phrases, got {phrases!r:.80}")
         checked[kind] = [phrase.strip() for phrase in phrases]
     return checked
@@ -250,10 +271,16 @@ def load_pools_file(path: str | Path) -> tuple[dict[str, list[str]], dict[str, l
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"rewrite.pools_file: {path}: file not found (expected YAML or JSON: {{PER: [phrase, ...], ...}})")
+        raise ConfigError(
+            f"rewrite.pools_file: {path}: file not found (expected YAML or JSON: {{PER: [phrase, ...], ...}})"
+        )
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix.lower() == ".json" else load_yaml(text, source=f"rewrite.pools_file: {path}")
+        data = (
+            json.loads(text)
+            if path.suffix.lower() == ".json"
+            else load_yaml(text, source=f"rewrite.pools_file: {path}")
+        )
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"rewrite.pools_file: {path}: not valid YAML/JSON ({error})") from None
     if not isinstance(data, dict):
@@ -349,11 +376,17 @@ class TemplateRewriter:
             return phrase, self.possessive_phrases.get(entity_type, f"{phrase}'s")
         kind = "COMPANY" if company else entity_type
         pool = self.pools.get(kind) or DEFAULT_POOLS.get(kind) or DEFAULT_POOLS["MISC"]
-        possessive_pool = (self.possessive_pools or {}).get(kind) or DEFAULT_POSSESSIVE_POOLS.get(kind) or DEFAULT_POSSESSIVE_POOLS["MISC"]
+        possessive_pool = (
+            (self.possessive_pools or {}).get(kind)
+            or DEFAULT_POSSESSIVE_POOLS.get(kind)
+            or DEFAULT_POSSESSIVE_POOLS["MISC"]
+        )
         index = draw(self.seed, key or entity, kind)
         return pool[index % len(pool)], possessive_pool[index % len(possessive_pool)]
 
-    def mid_prompt(self, instruction: str, entity: str, entity_type: str, spans: Sequence[Span], key: str = "") -> tuple[str, str]:
+    def mid_prompt(
+        self, instruction: str, entity: str, entity_type: str, spans: Sequence[Span], key: str = ""
+    ) -> tuple[str, str]:
         """``(mid_prompt, phrase)``; ``key`` (the record id) seeds the pool draw (default:
         the instruction and the entity)."""
         phrase, possessive = self.phrase_for(entity, entity_type, key or f"{instruction}\x00{entity}")
@@ -367,7 +400,9 @@ class TemplateRewriter:
 class Rewriter(Protocol):
     name: str
 
-    def rewrite(self, instruction: str, entity: str, entity_type: str, spans: Sequence[Span], key: str = "") -> Rewrite: ...
+    def rewrite(
+        self, instruction: str, entity: str, entity_type: str, spans: Sequence[Span], key: str = ""
+    ) -> Rewrite: ...
 
 
 def names_entity(text: str, entity: str) -> bool:
@@ -429,5 +464,7 @@ class ModelRewriter:
         answer = clean_model_answer(self.complete(prompt))
         reason = self.check(answer, mid_prompt, entity)
         if reason is not None:
-            return Rewrite(mid_prompt=mid_prompt, replacement=phrase, text=mid_prompt, method="template", fallback_reason=reason)
+            return Rewrite(
+                mid_prompt=mid_prompt, replacement=phrase, text=mid_prompt, method="template", fallback_reason=reason
+            )
         return Rewrite(mid_prompt=mid_prompt, replacement=phrase, text=answer, method=f"model:{self.prompt}")

@@ -72,9 +72,19 @@ def parse_dialogue(preference: TextPreference, *, file: str) -> Dialogue:
     """Split a text preference into shared history and last user instruction."""
     messages = preference.messages
     if not messages or messages[-1].role != "user":
-        raise DataError("expected the dialogue to end with a user turn before the answers", file=file, record=f"line {preference.line}", field="messages")
+        raise DataError(
+            "expected the dialogue to end with a user turn before the answers",
+            file=file,
+            record=f"line {preference.line}",
+            field="messages",
+        )
     if not messages[-1].content.strip():
-        raise DataError("the last user turn is empty; expected an instruction", file=file, record=f"line {preference.line}", field="messages")
+        raise DataError(
+            "the last user turn is empty; expected an instruction",
+            file=file,
+            record=f"line {preference.line}",
+            field="messages",
+        )
     return Dialogue(
         id=preference.id,
         history=list(messages[:-1]),
@@ -98,7 +108,12 @@ def _string_field(data: dict[str, Any], name: str, *, file: str, line: int) -> s
 
 def _object(value: Any, *, file: str, line: int, expected: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise DataError(f"expected a JSON object with {expected}, got {type(value).__name__}", file=file, record=f"line {line}", field="-")
+        raise DataError(
+            f"expected a JSON object with {expected}, got {type(value).__name__}",
+            file=file,
+            record=f"line {line}",
+            field="-",
+        )
     return value
 
 
@@ -121,8 +136,16 @@ def read_pku_saferlhf(path: Path) -> Iterator[SourceItem]:
         responses = [_string_field(data, f"response_{index}", file=file, line=line) for index in (0, 1)]
         safer = data.get("safer_response_id")
         if safer not in (0, 1) or isinstance(safer, bool):
-            raise DataError(f"expected 0 or 1, got {safer!r}", file=file, record=f"line {line}", field="safer_response_id")
-        return TextPreference(id=_line_id(data, stem, line), messages=[Message("user", prompt)], chosen=responses[safer], rejected=responses[1 - safer], line=line)
+            raise DataError(
+                f"expected 0 or 1, got {safer!r}", file=file, record=f"line {line}", field="safer_response_id"
+            )
+        return TextPreference(
+            id=_line_id(data, stem, line),
+            messages=[Message("user", prompt)],
+            chosen=responses[safer],
+            rejected=responses[1 - safer],
+            line=line,
+        )
 
     return read_json_lines(path, parse)
 
@@ -133,8 +156,16 @@ def read_prompt_jsonl(path: Path) -> Iterator[SourceItem]:
 
     def parse(line: int, value: Any) -> TextPreference:
         data = _object(value, file=file, line=line, expected="prompt, chosen, rejected")
-        prompt, chosen, rejected = (_string_field(data, name, file=file, line=line) for name in ("prompt", "chosen", "rejected"))
-        return TextPreference(id=_line_id(data, stem, line), messages=[Message("user", prompt)], chosen=chosen, rejected=rejected, line=line)
+        prompt, chosen, rejected = (
+            _string_field(data, name, file=file, line=line) for name in ("prompt", "chosen", "rejected")
+        )
+        return TextPreference(
+            id=_line_id(data, stem, line),
+            messages=[Message("user", prompt)],
+            chosen=chosen,
+            rejected=rejected,
+            line=line,
+        )
 
     return read_json_lines(path, parse)
 
@@ -162,7 +193,10 @@ def detect_source(path: Path) -> str:
     if first is None:
         for _ in iter_lines(path):  # an unreadable file says why (bad UTF-8, truncated gzip)
             break
-        raise DataError("cannot detect the input format: no JSON object among the first lines; set format explicitly", file=str(path))
+        raise DataError(
+            "cannot detect the input format: no JSON object among the first lines; set format explicitly",
+            file=str(path),
+        )
     if "safer_response_id" in first:
         return "pku-saferlhf"
     if "prompt" in first:

@@ -42,7 +42,11 @@ def check_rejected_sources(config: TrainConfig, records: Sequence[Any]) -> None:
     for source in config.rejected_sources or ():
         if having[source] == 0:
             hint = "generate them with `mmsafe blind`, or " if source == "blind" else ""
-            raise DataError(f"no record has a rejected response from {source!r} ({summary}); {hint}remove {source} from rejected_sources", file=file, field="rejected_sources")
+            raise DataError(
+                f"no record has a rejected response from {source!r} ({summary}); {hint}remove {source} from rejected_sources",
+                file=file,
+                field="rejected_sources",
+            )
         if having[source] < total:
             if not config.allow_partial_sources:
                 raise DataError(
@@ -51,7 +55,13 @@ def check_rejected_sources(config: TrainConfig, records: Sequence[Any]) -> None:
                     file=file,
                     field="rejected_sources",
                 )
-            logger.warning("%s: only %d of %d records have a rejected response from %s; the others train without it", file, having[source], total, source)
+            logger.warning(
+                "%s: only %d of %d records have a rejected response from %s; the others train without it",
+                file,
+                having[source],
+                total,
+                source,
+            )
     kept = [select_rejected(record, config.rejected_sources, objective.max_rejected) for record in records]
     if objective.needs_several_rejected and max(map(len, kept)) <= 1:
         if not config.allow_partial_sources:
@@ -66,4 +76,6 @@ def check_rejected_sources(config: TrainConfig, records: Sequence[Any]) -> None:
     trained = _ordered_sources({source for pairs in kept for _, source in pairs})
     unknown = sorted(set(config.source_weights) - set(trained))
     if unknown:
-        raise ConfigError(f"source_weights: no rejected response comes from {', '.join(unknown)} (sources in the data: {', '.join(trained)})")
+        raise ConfigError(
+            f"source_weights: no rejected response comes from {', '.join(unknown)} (sources in the data: {', '.join(trained)})"
+        )

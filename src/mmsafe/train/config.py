@@ -58,26 +58,40 @@ class TrainConfig:
     """Preference training of an image-text-to-text model with DPO or BPO."""
 
     model: str = option(help="base model: a local checkpoint directory or a Hub id (llava-hf/llava-1.5-7b-hf)")
-    data: str = option(help="preference data in any format `mmsafe data convert` reads (records .jsonl, released .json, .parquet), detected from the file")
+    data: str = option(
+        help="preference data in any format `mmsafe data convert` reads (records .jsonl, released .json, .parquet), detected from the file"
+    )
     output_dir: str = option(help="where checkpoints, the final model and train_config.yaml are written", flag="out")
     revision: str | None = option(
-        None, help="Hub id only: the branch, tag or commit to load (null: main); the reference cache is keyed by the commit it resolves to"
+        None,
+        help="Hub id only: the branch, tag or commit to load (null: main); the reference cache is keyed by the commit it resolves to",
     )
     image_root: str | None = option(None, help="folder image paths are relative to (default: the data file's folder)")
-    split: str | None = option(None, help="train only on records whose meta.split equals this (records without one are kept); null: all")
+    split: str | None = option(
+        None, help="train only on records whose meta.split equals this (records without one are kept); null: all"
+    )
     limit: int | None = option(None, help="train on the first N records (after the split); null: all")
 
     loss: Literal["bpo", "dpo", "sft"] = option(
-        "bpo", help="bpo: chosen against every rejected response (sum of K DPO terms); dpo: against the first one only; sft: plain supervised warm-up on one response"
+        "bpo",
+        help="bpo: chosen against every rejected response (sum of K DPO terms); dpo: against the first one only; sft: plain supervised warm-up on one response",
     )
     sft_target: Literal["chosen", "rejected"] = option(
-        "chosen", help="loss sft only: imitate the chosen response, or the first rejected one (a deliberately unsafe starting model for demos)"
+        "chosen",
+        help="loss sft only: imitate the chosen response, or the first rejected one (a deliberately unsafe starting model for demos)",
     )
     sft_chosen_share: float = option(
-        0.0, help="loss sft with sft_target rejected only: this share of the records (picked by a hash of the id) imitate the chosen response instead, giving a partly safe starting model"
+        0.0,
+        help="loss sft with sft_target rejected only: this share of the records (picked by a hash of the id) imitate the chosen response instead, giving a partly safe starting model",
     )
-    rejected_sources: list[str] | None = option(None, help="rejected sources to use, e.g. [human] or [human, blind]; null: all", comma=True)
-    source_weights: dict[str, float] = option(default_factory=dict, help="BPO weight per rejected source (missing sources weigh 1.0), e.g. {blind: 0.5}", pairs=True)
+    rejected_sources: list[str] | None = option(
+        None, help="rejected sources to use, e.g. [human] or [human, blind]; null: all", comma=True
+    )
+    source_weights: dict[str, float] = option(
+        default_factory=dict,
+        help="BPO weight per rejected source (missing sources weigh 1.0), e.g. {blind: 0.5}",
+        pairs=True,
+    )
     allow_partial_sources: bool = option(
         False,
         help="train even when a source named in rejected_sources is missing from some records (they train without it), or when loss bpo finds "
@@ -85,7 +99,9 @@ class TrainConfig:
     )
     loss_type: Literal["sigmoid", "ipo"] = option("sigmoid", help="sigmoid (DPO) or ipo")
     beta: float = option(0.1, help="strength of the KL penalty: reward = beta * log(pi / pi_ref)")
-    label_smoothing: float = option(0.0, help="conservative DPO: assumed probability that a preference label is flipped (sigmoid only)")
+    label_smoothing: float = option(
+        0.0, help="conservative DPO: assumed probability that a preference label is flipped (sigmoid only)"
+    )
     average_logprobs: bool = option(False, help="use the mean instead of the sum of token log-probs per response")
 
     forward_mode: Literal["auto", "shared-prefix", "prompt-cache", "per-response", "separate"] = option(
@@ -98,23 +114,39 @@ class TrainConfig:
         "separate: the release's one-row-per-pair baseline",
     )
     exactness_check_examples: int = option(
-        4, help="before training, score this many examples with the chosen path and one sequence at a time; a path that differs is refused (0: no check)"
+        4,
+        help="before training, score this many examples with the chosen path and one sequence at a time; a path that differs is refused (0: no check)",
     )
     reference: ReferenceMode = option(
         "precomputed",
         help="precomputed: reference log-probs computed once before training and cached on disk; copy: a frozen copy of the model; adapters-disabled: LoRA only, the same model with adapters off",
     )
-    reference_cache_dir: str | None = option(None, help="folder of the reference log-prob cache (default: $MMSAFE_CACHE/reference or ~/.cache/mmsafe/reference)")
-
-    max_length: int = option(DEFAULT_MAX_LENGTH, help="most tokens of prompt + one response (image tokens included); longer responses are cut, longer prompts skipped")
-    length_rule: Literal["cut", "release"] = option(
-        "cut", help="cut: responses longer than max_length allows are cut; release: as the public release, a record whose prompt + chosen does not fit is skipped (and counted), a rejected one cut"
+    reference_cache_dir: str | None = option(
+        None,
+        help="folder of the reference log-prob cache (default: $MMSAFE_CACHE/reference or ~/.cache/mmsafe/reference)",
     )
-    image_mode: Literal["pad", "resize", "none"] = option(DEFAULT_IMAGE_MODE, help="pad: square on the processor's mean colour (the release); resize; none")
-    prompt_style: Literal["chat-template", "llava-v1"] = option(DEFAULT_PROMPT_STYLE, help="how prompts are rendered: the processor's chat template or the raw LLaVA-v1 form")
-    skip_bad_images: bool = option(False, help="skip (and count) records whose image is missing or unreadable instead of stopping with an error")
 
-    finetune: Literal["full", "lora"] = option("full", help="full: every language-model weight trains; lora: PEFT adapters on target_modules")
+    max_length: int = option(
+        DEFAULT_MAX_LENGTH,
+        help="most tokens of prompt + one response (image tokens included); longer responses are cut, longer prompts skipped",
+    )
+    length_rule: Literal["cut", "release"] = option(
+        "cut",
+        help="cut: responses longer than max_length allows are cut; release: as the public release, a record whose prompt + chosen does not fit is skipped (and counted), a rejected one cut",
+    )
+    image_mode: Literal["pad", "resize", "none"] = option(
+        DEFAULT_IMAGE_MODE, help="pad: square on the processor's mean colour (the release); resize; none"
+    )
+    prompt_style: Literal["chat-template", "llava-v1"] = option(
+        DEFAULT_PROMPT_STYLE, help="how prompts are rendered: the processor's chat template or the raw LLaVA-v1 form"
+    )
+    skip_bad_images: bool = option(
+        False, help="skip (and count) records whose image is missing or unreadable instead of stopping with an error"
+    )
+
+    finetune: Literal["full", "lora"] = option(
+        "full", help="full: every language-model weight trains; lora: PEFT adapters on target_modules"
+    )
     freeze_vision_tower: bool = option(True, help="keep the vision encoder frozen (the release does)")
     train_projector: bool = option(True, help="train the vision-to-language projector (the release does)")
     lora_r: int = option(16, help="LoRA rank")
@@ -125,11 +157,20 @@ class TrainConfig:
         help="names of language-model linear layers that get adapters",
         comma=True,
     )
-    quantization: Literal["none", "4bit", "8bit"] = option("none", help="QLoRA: load the base model quantized with bitsandbytes (GPU and the gpu extra needed)")
-    merge_lora: bool = option(False, help="after LoRA training, also merge the adapters and save full weights in output_dir/merged")
+    quantization: Literal["none", "4bit", "8bit"] = option(
+        "none", help="QLoRA: load the base model quantized with bitsandbytes (GPU and the gpu extra needed)"
+    )
+    merge_lora: bool = option(
+        False, help="after LoRA training, also merge the adapters and save full weights in output_dir/merged"
+    )
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(DEFAULT_DTYPE, help="weights dtype (auto: bf16 on a GPU that supports it, fp16 on one that does not, fp32 on CPU; resolved for the device the model trains on)")
-    attn_implementation: str | None = option(None, help="attention kernel (sdpa, eager); shared-prefix needs one that takes a 4-D mask")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        DEFAULT_DTYPE,
+        help="weights dtype (auto: bf16 on a GPU that supports it, fp16 on one that does not, fp32 on CPU; resolved for the device the model trains on)",
+    )
+    attn_implementation: str | None = option(
+        None, help="attention kernel (sdpa, eager); shared-prefix needs one that takes a 4-D mask"
+    )
     trust_remote_code: bool = option(False, help="run model code shipped with the checkpoint")
 
     learning_rate: float = option(1e-6, help="peak learning rate")
@@ -140,16 +181,22 @@ class TrainConfig:
     per_device_train_batch_size: int = option(1, help="examples per device per micro-batch")
     gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
     group_by_length: bool = option(
-        True, help="batch examples of similar length together (random groups, fixed per epoch by the seed), for little padding; the share of padding is logged as batch/padding_share"
+        True,
+        help="batch examples of similar length together (random groups, fixed per epoch by the seed), for little padding; the share of padding is logged as batch/padding_share",
     )
     bf16: bool = option(False, help="bf16 mixed precision (autocast; the reference is scored under the same autocast)")
-    disable_dropout: bool = option(True, help="set every dropout of the model to 0, as TRL does for preference training (lora_dropout still applies)")
+    disable_dropout: bool = option(
+        True,
+        help="set every dropout of the model to 0, as TRL does for preference training (lora_dropout still applies)",
+    )
     gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass to save memory")
     logging_steps: int = option(1, help="log every N optimizer steps")
     save_steps: int = option(500, help="save a resumable checkpoint every N steps")
     save_total_limit: int | None = option(2, help="keep at most this many checkpoints")
     seed: int = option(42, help="random seed (data order, adapter initialisation)")
-    report_to: list[str] = option(default_factory=list, help="logging integrations: tensorboard, wandb, ... (none by default)", comma=True)
+    report_to: list[str] = option(
+        default_factory=list, help="logging integrations: tensorboard, wandb, ... (none by default)", comma=True
+    )
     resume: str | bool = option(
         "auto",
         help="auto (or true): continue the newest complete checkpoint in output_dir if the data and settings are those the run started with "
@@ -157,7 +204,9 @@ class TrainConfig:
         "train_config.yaml); never (or false): start fresh, refused where output_dir already holds checkpoints (use a new output_dir)",
     )
     trainer_args: dict[str, Any] = option(
-        default_factory=dict, help="any other transformers.TrainingArguments, by name (deepspeed, fsdp, optim, weight_decay, ...)", pairs=True
+        default_factory=dict,
+        help="any other transformers.TrainingArguments, by name (deepspeed, fsdp, optim, weight_decay, ...)",
+        pairs=True,
     )
 
     def __post_init__(self) -> None:
@@ -177,17 +226,27 @@ class TrainConfig:
         if self.max_length < 2:
             raise ConfigError(f"max_length: expected at least 2, got {self.max_length}")
         if self.reference == "adapters-disabled" and self.finetune != "lora":
-            raise ConfigError("reference: adapters-disabled needs finetune: lora (a full fine-tune has no adapters to turn off)")
+            raise ConfigError(
+                "reference: adapters-disabled needs finetune: lora (a full fine-tune has no adapters to turn off)"
+            )
         if self.quantization != "none" and self.finetune != "lora":
-            raise ConfigError(f"quantization: {self.quantization} weights cannot be trained directly; use finetune: lora (QLoRA)")
+            raise ConfigError(
+                f"quantization: {self.quantization} weights cannot be trained directly; use finetune: lora (QLoRA)"
+            )
         if self.merge_lora and self.finetune != "lora":
             raise ConfigError("merge_lora: only meaningful with finetune: lora")
         if self.attn_implementation and "flash" in self.attn_implementation and self.forward_mode == "shared-prefix":
-            raise ConfigError("attn_implementation: shared-prefix scoring needs a 4-D attention mask (sdpa or eager), not flash attention")
+            raise ConfigError(
+                "attn_implementation: shared-prefix scoring needs a 4-D attention mask (sdpa or eager), not flash attention"
+            )
         if self.forward_mode == "prompt-cache" and self.gradient_checkpointing:
-            raise ConfigError("forward_mode: prompt-cache scores against the prompt's key/value cache, which gradient checkpointing turns off; use auto or per-response")
+            raise ConfigError(
+                "forward_mode: prompt-cache scores against the prompt's key/value cache, which gradient checkpointing turns off; use auto or per-response"
+            )
         if self.source_weights and not self.objective().weighs_sources:
-            raise ConfigError(f"source_weights: only loss bpo weighs rejected sources; loss {self.loss} would ignore them (remove source_weights or use loss: bpo)")
+            raise ConfigError(
+                f"source_weights: only loss bpo weighs rejected sources; loss {self.loss} would ignore them (remove source_weights or use loss: bpo)"
+            )
         for source, weight in self.source_weights.items():
             if weight < 0:
                 raise ConfigError(f"source_weights.{source}: expected a weight >= 0, got {weight}")
@@ -227,13 +286,23 @@ class TrainConfig:
                         raise ConfigError(f"{field.name}.{key}: expected a finite number, got {item}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate: expected a positive number, got {self.learning_rate}")
-        for name, least in (("per_device_train_batch_size", 1), ("gradient_accumulation_steps", 1), ("logging_steps", 1), ("save_steps", 1), ("warmup_steps", 0)):
+        for name, least in (
+            ("per_device_train_batch_size", 1),
+            ("gradient_accumulation_steps", 1),
+            ("logging_steps", 1),
+            ("save_steps", 1),
+            ("warmup_steps", 0),
+        ):
             if getattr(self, name) < least:
                 raise ConfigError(f"{name}: expected an integer >= {least}, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"max_steps: expected a positive number of steps, or -1 to train num_train_epochs, got {self.max_steps}")
+            raise ConfigError(
+                f"max_steps: expected a positive number of steps, or -1 to train num_train_epochs, got {self.max_steps}"
+            )
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ConfigError(f"num_train_epochs: expected a positive number (max_steps is -1), got {self.num_train_epochs}")
+            raise ConfigError(
+                f"num_train_epochs: expected a positive number (max_steps is -1), got {self.num_train_epochs}"
+            )
 
     def check_trainer_args(self) -> None:
         from transformers import TrainingArguments

@@ -233,7 +233,9 @@ class PreferenceEncoder:
         """The processor's output for one prompt: input_ids [1, P] and the image inputs."""
         return self.process_prompts([prompt_text], None if image is None else [image])
 
-    def encode(self, record: PreferenceRecord, rejected: Sequence[tuple[str, str]]) -> tuple[TokenizedExample | None, str | None]:
+    def encode(
+        self, record: PreferenceRecord, rejected: Sequence[tuple[str, str]]
+    ) -> tuple[TokenizedExample | None, str | None]:
         """Tokenize one record with the given ``(text, source)`` rejected responses.
 
         Returns ``(example, None)``, or ``(None, reason)`` when the prompt alone is too long
@@ -241,21 +243,36 @@ class PreferenceEncoder:
         category (``SKIP_PROMPT_TOO_LONG``, ``SKIP_CHOSEN_TOO_LONG``). Image errors propagate.
         """
         with_image = record.image is not None
-        prompt_text = render_prompt(self.processor, record.messages, with_image=with_image, style=self.prompt_style, record=record.id)
+        prompt_text = render_prompt(
+            self.processor, record.messages, with_image=with_image, style=self.prompt_style, record=record.id
+        )
         image = self.load_image(record.image) if record.image is not None else None
         prompt_ids = self.process_prompt(prompt_text, image)["input_ids"][0].tolist()
         room = self.max_length - len(prompt_ids)
         if room < 1:
-            return None, f"{SKIP_PROMPT_TOO_LONG}: the prompt is {len(prompt_ids)} tokens, max_length is {self.max_length}"
+            return (
+                None,
+                f"{SKIP_PROMPT_TOO_LONG}: the prompt is {len(prompt_ids)} tokens, max_length is {self.max_length}",
+            )
         texts = [record.chosen, *(text for text, _ in rejected)]
         responses = [
             response_token_ids(
-                self.processor, record.messages, prompt_text, text, with_image=with_image, style=self.prompt_style, stop_token_ids=self.stop_token_ids, record=record.id
+                self.processor,
+                record.messages,
+                prompt_text,
+                text,
+                with_image=with_image,
+                style=self.prompt_style,
+                stop_token_ids=self.stop_token_ids,
+                record=record.id,
             )
             for text in texts
         ]
         if self.length_rule == "release" and len(responses[0]) > room:
-            return None, f"{SKIP_CHOSEN_TOO_LONG}: {len(prompt_ids)} + {len(responses[0])} tokens, max_length is {self.max_length}"
+            return (
+                None,
+                f"{SKIP_CHOSEN_TOO_LONG}: {len(prompt_ids)} + {len(responses[0])} tokens, max_length is {self.max_length}",
+            )
         truncated = any(len(ids) > room for ids in responses)
         responses = [ids[:room] for ids in responses]
         example = TokenizedExample(
@@ -270,9 +287,15 @@ class PreferenceEncoder:
         return example, None
 
 
-def select_rejected(record: PreferenceRecord, sources: Sequence[str] | None, max_rejected: int | None) -> list[tuple[str, str]]:
+def select_rejected(
+    record: PreferenceRecord, sources: Sequence[str] | None, max_rejected: int | None
+) -> list[tuple[str, str]]:
     """The ``(text, source)`` rejected responses to train on, in record order."""
-    pairs = [(text, source) for text, source in zip(record.rejected, record.rejected_sources, strict=True) if sources is None or source in sources]
+    pairs = [
+        (text, source)
+        for text, source in zip(record.rejected, record.rejected_sources, strict=True)
+        if sources is None or source in sources
+    ]
     return pairs if max_rejected is None else pairs[:max_rejected]
 
 
@@ -311,7 +334,17 @@ def prepare_examples(
             continue
         if example is None:
             assert reason is not None  # encode gives the reason with every None
-            skip(next((category for category in (SKIP_PROMPT_TOO_LONG, SKIP_CHOSEN_TOO_LONG) if reason.startswith(category)), reason), record.id)
+            skip(
+                next(
+                    (
+                        category
+                        for category in (SKIP_PROMPT_TOO_LONG, SKIP_CHOSEN_TOO_LONG)
+                        if reason.startswith(category)
+                    ),
+                    reason,
+                ),
+                record.id,
+            )
             logger.warning("skipping record %s: %s", record.id, reason)
             continue
         prepared.truncated += example.truncated
@@ -354,7 +387,9 @@ class _Rows:
         self.pad_token_id = pad_token_id
         self.model_type = model_type
 
-    def prompt_inputs(self, items: list[dict[str, Any]], encoder: PreferenceEncoder | None) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    def prompt_inputs(
+        self, items: list[dict[str, Any]], encoder: PreferenceEncoder | None
+    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         """Per row: the prompt's per-token tensors [1, P, ...]; for the batch: the image tensors.
 
         Rows with an image go through the processor in one call; text-only rows need no
@@ -366,7 +401,9 @@ class _Rows:
         if with_image:
             if encoder is None:
                 raise ValueError("a collator for examples with images needs the encoder (processor)")
-            output = encoder.process_prompts([items[row]["example"].prompt_text for row in with_image], [items[row]["image"] for row in with_image])
+            output = encoder.process_prompts(
+                [items[row]["example"].prompt_text for row in with_image], [items[row]["image"] for row in with_image]
+            )
             width = output["input_ids"].shape[1]
             for position, row in enumerate(with_image):
                 example = items[row]["example"]
@@ -378,10 +415,16 @@ class _Rows:
                     for key, value in output.items()
                     if key not in ("input_ids", "attention_mask") and _is_per_token(value, width)
                 }
-            image_inputs = {key: value for key, value in output.items() if key not in ("input_ids", "attention_mask") and not _is_per_token(value, width)}
+            image_inputs = {
+                key: value
+                for key, value in output.items()
+                if key not in ("input_ids", "attention_mask") and not _is_per_token(value, width)
+            }
         return per_token, image_inputs
 
-    def assemble(self, sequences: list[tuple[list[int], list[int]]], per_token: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def assemble(
+        self, sequences: list[tuple[list[int], list[int]]], per_token: list[dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
         """``sequences``: (prompt ids, response ids) per row -> input_ids, attention_mask, labels, per-token keys."""
         from mmsafe.models.structure import response_token_fill
 
@@ -417,7 +460,10 @@ class ExampleRows(list):
     """
 
     def to(self, device: Any) -> ExampleRows:
-        return ExampleRows({part: {key: value.to(device) for key, value in inputs.items()} for part, inputs in row.items()} for row in self)
+        return ExampleRows(
+            {part: {key: value.to(device) for key, value in inputs.items()} for part, inputs in row.items()}
+            for row in self
+        )
 
 
 @dataclass
@@ -447,7 +493,12 @@ class PreferenceCollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         examples: list[TokenizedExample] = [item["example"] for item in items]
-        layout = {"shared-prefix": self._shared, "prompt-cache": self._prompt_cache, "per-response": self._per_response, "separate": self._separate}[self.mode]
+        layout = {
+            "shared-prefix": self._shared,
+            "prompt-cache": self._prompt_cache,
+            "per-response": self._per_response,
+            "separate": self._separate,
+        }[self.mode]
         batch = layout(items)
         max_rejected = max(example.num_rejected for example in examples)
         source_ids = torch.full((len(examples), max_rejected), -1, dtype=torch.long)
@@ -516,7 +567,9 @@ class PreferenceCollator:
                 prompt_part = per_token[row][key][0]
                 values = torch.zeros((width, *prompt_part.shape[1:]), dtype=prompt_part.dtype)
                 values[: len(example.prompt_ids)] = prompt_part
-                values[len(example.prompt_ids) : lengths[row]] = torch.as_tensor(response_token_fill(self.model_type, key, prompt_part), dtype=prompt_part.dtype)
+                values[len(example.prompt_ids) : lengths[row]] = torch.as_tensor(
+                    response_token_fill(self.model_type, key, prompt_part), dtype=prompt_part.dtype
+                )
                 rows.append(values)
             batch[key] = torch.stack(rows)
         batch.update(image_inputs)
@@ -537,7 +590,10 @@ class PreferenceCollator:
             example = item["example"]
             per_token, image_inputs = assembler.prompt_inputs([item], self.encoder)
             prompt_length = len(example.prompt_ids)
-            prompt = {"input_ids": torch.tensor([example.prompt_ids]), "attention_mask": torch.ones(1, prompt_length, dtype=torch.long)}
+            prompt = {
+                "input_ids": torch.tensor([example.prompt_ids]),
+                "attention_mask": torch.ones(1, prompt_length, dtype=torch.long),
+            }
             prompt.update(per_token[0])
             prompt.update(image_inputs)
             width = max(len(ids) for ids in example.responses)
@@ -549,7 +605,9 @@ class PreferenceCollator:
                 labels[slot, : len(ids)] = torch.tensor(ids)
             responses = {"input_ids": input_ids, "labels": labels}
             for key, prompt_part in per_token[0].items():
-                fill = torch.as_tensor(response_token_fill(self.model_type, key, prompt_part[0]), dtype=prompt_part.dtype)
+                fill = torch.as_tensor(
+                    response_token_fill(self.model_type, key, prompt_part[0]), dtype=prompt_part.dtype
+                )
                 responses[key] = fill.expand(*size, *prompt_part.shape[2:]).clone()
             rows.append({"prompt": prompt, "responses": responses})
         return {"prompt_cache_rows": rows}
@@ -559,7 +617,9 @@ class PreferenceCollator:
         assembler = _Rows(self.pad_token_id, self.model_type)
         row_items = [items[index] for index, _ in rows]
         per_token, image_inputs = assembler.prompt_inputs(row_items, self.encoder)
-        sequences = [(items[index]["example"].prompt_ids, items[index]["example"].responses[slot]) for index, slot in rows]
+        sequences = [
+            (items[index]["example"].prompt_ids, items[index]["example"].responses[slot]) for index, slot in rows
+        ]
         batch = assembler.assemble(sequences, per_token)
         batch["sequence_example"] = torch.tensor([index for index, _ in rows])
         batch["sequence_slot"] = torch.tensor([slot for _, slot in rows])
@@ -576,7 +636,9 @@ class PreferenceCollator:
         rows: list[tuple[int, int]] = []  # (item index, response slot)
         for item_index, item in enumerate(items):
             responses = item["example"].responses
-            pairs: list[tuple[int, ...]] = [(0, slot) for slot in range(1, len(responses))] or [(0,)]  # no rejected: chosen alone
+            pairs: list[tuple[int, ...]] = [(0, slot) for slot in range(1, len(responses))] or [
+                (0,)
+            ]  # no rejected: chosen alone
             for pair in pairs:
                 rows.extend((item_index, response_slot) for response_slot in pair)
         return self._sequence_rows(items, rows)

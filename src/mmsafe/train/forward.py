@@ -92,7 +92,9 @@ def unwrap(model: Any) -> Any:
 def attention_implementation(model: Any) -> str:
     config = unwrap(model).config
     text_config = getattr(config, "text_config", None) or config
-    return getattr(text_config, "_attn_implementation", None) or getattr(config, "_attn_implementation", None) or "eager"
+    return (
+        getattr(text_config, "_attn_implementation", None) or getattr(config, "_attn_implementation", None) or "eager"
+    )
 
 
 def block_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype, as_bool: bool) -> torch.Tensor:
@@ -155,7 +157,9 @@ def head_inputs(head: Any) -> Iterator[list[torch.Tensor]]:
 
 def _only(captured: list[torch.Tensor]) -> torch.Tensor:
     if len(captured) != 1:
-        raise RuntimeError(f"the output layer ran {len(captured)} times in one forward; chunked log-probs need exactly one")
+        raise RuntimeError(
+            f"the output layer ran {len(captured)} times in one forward; chunked log-probs need exactly one"
+        )
     return captured[0]
 
 
@@ -187,15 +191,21 @@ def score_shared_prefix(model: Any, batch: dict[str, torch.Tensor], *, average: 
         with head_inputs(head) as captured:
             model(**inputs, use_cache=False, **keep_kwargs)
         hidden = _only(captured)  # [B, len(keep) or T, H]
-        per_token = chunked_token_logprobs(hidden[rows, predictors], head.weight, head.bias, labels[rows, columns])  # [N]
+        per_token = chunked_token_logprobs(
+            hidden[rows, predictors], head.weight, head.bias, labels[rows, columns]
+        )  # [N]
     else:
         logits = model(**inputs, use_cache=False, **keep_kwargs).logits  # [B, len(keep) or T, V]
         per_token = token_logprobs(logits[rows, predictors].unsqueeze(0), labels[rows, columns].unsqueeze(0))[0]  # [N]
     slots = segment_ids[rows, columns] - 1  # 0: chosen, k: rejected k
     size = (segment_ids.shape[0], batch["rejected_mask"].shape[1] + 1)
-    sums = torch.zeros(size, dtype=per_token.dtype, device=per_token.device).index_put((rows, slots), per_token, accumulate=True)
+    sums = torch.zeros(size, dtype=per_token.dtype, device=per_token.device).index_put(
+        (rows, slots), per_token, accumulate=True
+    )
     if average:
-        counts = torch.zeros(size, dtype=per_token.dtype, device=per_token.device).index_put((rows, slots), torch.ones_like(per_token), accumulate=True)
+        counts = torch.zeros(size, dtype=per_token.dtype, device=per_token.device).index_put(
+            (rows, slots), torch.ones_like(per_token), accumulate=True
+        )
         sums = sums / counts.clamp(min=1)
     return ResponseLogProbs(chosen=sums[:, 0], rejected=sums[:, 1:], rejected_mask=batch["rejected_mask"])
 
@@ -221,11 +231,17 @@ def score_separate(model: Any, batch: dict[str, torch.Tensor], *, average: bool 
     example = batch["sequence_example"]
     slot = batch["sequence_slot"]
     is_chosen = slot == 0
-    chosen_sum = torch.zeros(size, dtype=sequence_logps.dtype, device=sequence_logps.device).index_add(0, example[is_chosen], sequence_logps[is_chosen])
-    chosen_count = torch.zeros(size, device=sequence_logps.device).index_add(0, example[is_chosen], torch.ones_like(sequence_logps[is_chosen]))
+    chosen_sum = torch.zeros(size, dtype=sequence_logps.dtype, device=sequence_logps.device).index_add(
+        0, example[is_chosen], sequence_logps[is_chosen]
+    )
+    chosen_count = torch.zeros(size, device=sequence_logps.device).index_add(
+        0, example[is_chosen], torch.ones_like(sequence_logps[is_chosen])
+    )
     rejected = torch.zeros(rejected_mask.shape, dtype=sequence_logps.dtype, device=sequence_logps.device)
     rejected = rejected.index_put((example[~is_chosen], slot[~is_chosen] - 1), sequence_logps[~is_chosen])
-    return ResponseLogProbs(chosen=chosen_sum / chosen_count.clamp(min=1), rejected=rejected, rejected_mask=rejected_mask)
+    return ResponseLogProbs(
+        chosen=chosen_sum / chosen_count.clamp(min=1), rejected=rejected, rejected_mask=rejected_mask
+    )
 
 
 def _cache_argument(model: Any) -> str:
@@ -300,7 +316,9 @@ def score_prompt_cache(model: Any, batch: dict[str, Any], *, average: bool = Fal
     padded = total = 0.0
     width = batch["rejected_mask"].shape[1]
     for row in batch["prompt_cache_rows"]:
-        capture: contextlib.AbstractContextManager[list[torch.Tensor]] = head_inputs(head) if head is not None else contextlib.nullcontext([])
+        capture: contextlib.AbstractContextManager[list[torch.Tensor]] = (
+            head_inputs(head) if head is not None else contextlib.nullcontext([])
+        )
         with capture as captured:
             prompt_output = model(**row["prompt"], use_cache=True, **keep_last)
         cache = getattr(prompt_output, "cache", None) or getattr(prompt_output, "past_key_values", None)
@@ -321,7 +339,9 @@ def score_prompt_cache(model: Any, batch: dict[str, Any], *, average: bool = Fal
         for number, group in enumerate(groups):
             group_width = max(max(lengths[index] for index in group), 1)
             index = torch.tensor(group, device=labels.device)
-            responses = {key: value[index][:, :group_width] for key, value in row["responses"].items() if key != "labels"}
+            responses = {
+                key: value[index][:, :group_width] for key, value in row["responses"].items() if key != "labels"
+            }
             group_labels = labels[index][:, :group_width]
             if number == 0:
                 cache.batch_repeat_interleave(len(group))
@@ -331,23 +351,36 @@ def score_prompt_cache(model: Any, batch: dict[str, Any], *, average: bool = Fal
             if head is not None and prompt_hidden is not None:
                 with head_inputs(head) as captured:
                     model(**responses, **{cache_argument: cache}, use_cache=True)
-                hidden = torch.cat([prompt_hidden.expand(len(group), 1, -1), _only(captured)[:, :-1]], dim=1)  # [n, R, H]: predicts labels
+                hidden = torch.cat(
+                    [prompt_hidden.expand(len(group), 1, -1), _only(captured)[:, :-1]], dim=1
+                )  # [n, R, H]: predicts labels
                 scored = group_labels != -100
                 per_token = chunked_token_logprobs(hidden[scored], head.weight, head.bias, group_labels[scored])
-                sums = torch.zeros(len(group), dtype=per_token.dtype, device=per_token.device).index_add(0, scored.nonzero()[:, 0], per_token)
+                sums = torch.zeros(len(group), dtype=per_token.dtype, device=per_token.device).index_add(
+                    0, scored.nonzero()[:, 0], per_token
+                )
                 group_scores = sums / scored.sum(1).clamp(min=1) if average else sums
             else:
                 logits = model(**responses, **{cache_argument: cache}, use_cache=True).logits  # [n, R, V]
                 first = prompt_output.logits[:, -1:].expand(len(group), 1, -1)
-                group_scores = sequence_logprobs(torch.cat([first, logits[:, :-1]], dim=1), group_labels, average=average)  # [n]
+                group_scores = sequence_logprobs(
+                    torch.cat([first, logits[:, :-1]], dim=1), group_labels, average=average
+                )  # [n]
             if len(groups) > 1 and cache.get_seq_length() != prompt_length + group_width:
-                raise RuntimeError(f"{architecture_name(model)}: the cache did not grow by the responses; cannot roll it back")
+                raise RuntimeError(
+                    f"{architecture_name(model)}: the cache did not grow by the responses; cannot roll it back"
+                )
             for slot, score in zip(group, group_scores, strict=True):
                 scores_by_slot[slot] = score
         scores = torch.stack([score for score in scores_by_slot if score is not None])
         chosen.append(scores[0])
         rejected.append(torch.cat([scores[1:], scores.new_zeros(width - (count - 1))]))
-    return ResponseLogProbs(chosen=torch.stack(chosen), rejected=torch.stack(rejected), rejected_mask=batch["rejected_mask"], positions=(padded, total))
+    return ResponseLogProbs(
+        chosen=torch.stack(chosen),
+        rejected=torch.stack(rejected),
+        rejected_mask=batch["rejected_mask"],
+        positions=(padded, total),
+    )
 
 
 def score_batch(model: Any, batch: dict[str, Any], *, average: bool = False) -> ResponseLogProbs:
@@ -414,7 +447,9 @@ def check_exactness(model: Any, collator: Any, items: list[dict[str, Any]], mode
             count = 0
             for row, item in enumerate(items):
                 expected = one_at_a_time(model, collator, item)
-                got = [float(scores.chosen[row])] + [float(value) for value in scores.rejected[row, : len(expected) - 1]]
+                got = [float(scores.chosen[row])] + [
+                    float(value) for value in scores.rejected[row, : len(expected) - 1]
+                ]
                 for value, reference, ids in zip(got, expected, item["example"].responses, strict=True):
                     difference = max(difference, abs(value - reference) / max(1, len(ids)))
                     count += 1
@@ -445,33 +480,49 @@ def select_forward_mode(
     from mmsafe.errors import ConfigError
     from mmsafe.models.structure import prompt_cache_supported
 
-    cache_allowed = (False, "gradient checkpointing (which turns the key/value cache off)") if gradient_checkpointing else prompt_cache_supported(model)
+    cache_allowed = (
+        (False, "gradient checkpointing (which turns the key/value cache off)")
+        if gradient_checkpointing
+        else prompt_cache_supported(model)
+    )
     if requested == "auto":
-        candidates: list[tuple[ForwardMode, tuple[bool, str]]] = [("shared-prefix", packed_rows_allowed(model, collator, items)), ("prompt-cache", cache_allowed)]
+        candidates: list[tuple[ForwardMode, tuple[bool, str]]] = [
+            ("shared-prefix", packed_rows_allowed(model, collator, items)),
+            ("prompt-cache", cache_allowed),
+        ]
         for mode, (supported, reason) in candidates:
             if not supported:
                 logger.info("scoring path: not %s (%s has %s)", mode, architecture_name(model), reason)
                 continue
             check = check_exactness(model, collator, items, mode)
             if check.passed:
-                logger.info("scoring path: %s, exact here: %.2g <= %.2g per token", mode, check.max_difference, check.tolerance)
+                logger.info(
+                    "scoring path: %s, exact here: %.2g <= %.2g per token", mode, check.max_difference, check.tolerance
+                )
                 return mode, check
             logger.warning(
                 "scoring path: %s is not exact on %s here (%.3g per token > %.2g)",
-                mode, architecture_name(model), check.max_difference, check.tolerance,
+                mode,
+                architecture_name(model),
+                check.max_difference,
+                check.tolerance,
             )
         requested = "per-response"
     elif requested == "prompt-cache":
         supported, reason = cache_allowed
         if not supported:
-            raise ConfigError(f"forward_mode prompt-cache cannot run on {architecture_name(model)}: it has {reason}; use forward_mode auto or per-response")
+            raise ConfigError(
+                f"forward_mode prompt-cache cannot run on {architecture_name(model)}: it has {reason}; use forward_mode auto or per-response"
+            )
     check = check_exactness(model, collator, items, requested)
     if not check.passed:
         raise ConfigError(
             f"forward_mode {requested} is not exact on {architecture_name(model)}: its log-probs differ from one-at-a-time "
             f"scoring by {check.max_difference:.3g} per token (tolerance {check.tolerance:.2g}); use forward_mode auto or per-response"
         )
-    logger.info("scoring path: %s, exact here: %.2g <= %.2g per token", requested, check.max_difference, check.tolerance)
+    logger.info(
+        "scoring path: %s, exact here: %.2g <= %.2g per token", requested, check.max_difference, check.tolerance
+    )
     return as_forward_mode(requested), check
 
 

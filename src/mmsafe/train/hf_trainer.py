@@ -40,7 +40,13 @@ class PreferenceTrainer(Trainer):
     """
 
     def __init__(
-        self, *args: Any, config: TrainConfig, sources: Sequence[str], reference: Any | None = None, objective: Objective | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        config: TrainConfig,
+        sources: Sequence[str],
+        reference: Any | None = None,
+        objective: Objective | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.preference_config = config
@@ -82,14 +88,22 @@ class PreferenceTrainer(Trainer):
         target = self.model if model is None else model
         folder = Path(resume_from_checkpoint)
         has_weights = (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
-        if not has_weights or not isinstance(target, PreTrainedModel) or hasattr(target, "peft_config") or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if (
+            not has_weights
+            or not isinstance(target, PreTrainedModel)
+            or hasattr(target, "peft_config")
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+        ):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
         saved = type(target).from_pretrained(str(folder), dtype=next(target.parameters()).dtype, use_safetensors=True)
         try:
             target.load_state_dict(saved.state_dict(), strict=True)
         except RuntimeError as error:
-            raise ModelError(f"{folder}: the checkpoint's weights do not fit the model being trained ({str(error).splitlines()[0]})") from None
+            raise ModelError(
+                f"{folder}: the checkpoint's weights do not fit the model being trained ({str(error).splitlines()[0]})"
+            ) from None
         finally:
             del saved
 
@@ -127,10 +141,14 @@ class PreferenceTrainer(Trainer):
         inputs.update({key: value.to(self.args.device) for key, value in exact.items()})
         return inputs
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         objective = self.objective
         policy = score_batch(model, inputs, average=objective.average_logprobs)
-        if model.training:  # the positions the forwards ran where the path reports them (prompt-cache), else the layout's
+        if (
+            model.training
+        ):  # the positions the forwards ran where the path reports them (prompt-cache), else the layout's
             self.record_metrics({"batch/padding_share": policy.positions or padding_share(inputs)})
         reference = self.reference_logprobs(inputs) if objective.needs_reference else None
         output = objective.compute(policy, reference, inputs["rejected_source_ids"], self.sources)
@@ -140,7 +158,9 @@ class PreferenceTrainer(Trainer):
     def reference_logprobs(self, inputs: dict[str, Any]) -> ResponseLogProbs:
         """The batch's precomputed reference log-probs, else the reference model's."""
         if "reference_chosen_logps" in inputs:
-            return ResponseLogProbs(inputs["reference_chosen_logps"], inputs["reference_rejected_logps"], inputs["rejected_mask"])
+            return ResponseLogProbs(
+                inputs["reference_chosen_logps"], inputs["reference_rejected_logps"], inputs["rejected_mask"]
+            )
         if self.reference is None:
             raise RuntimeError("no reference log-probs: the batch has none and no reference model is set")
         with self.accelerator.autocast():  # the precision of the policy's own (prepared) forward
@@ -160,7 +180,9 @@ class PreferenceTrainer(Trainer):
         if "loss" in logs or "train_runtime" in logs:
             sums, counts = self._metric_sums, self._metric_counts
             if self.args.world_size > 1:
-                stacked = self.accelerator.reduce(torch.stack([sums, counts]).to(self.args.device), reduction="sum").cpu()
+                stacked = self.accelerator.reduce(
+                    torch.stack([sums, counts]).to(self.args.device), reduction="sum"
+                ).cpu()
                 sums, counts = stacked[0], stacked[1]
             for name, total, count in zip(self._metric_names, sums.tolist(), counts.tolist(), strict=True):
                 if count > 0:

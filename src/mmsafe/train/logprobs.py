@@ -86,26 +86,49 @@ def score_responses(
 
     model = loaded_model.model
     inputs = resolve_inputs(
-        getattr(loaded_model, "name", None), max_length=max_length, image_mode=image_mode, prompt_style=prompt_style, used=("prompt_style", "image_mode", "max_length")
+        getattr(loaded_model, "name", None),
+        max_length=max_length,
+        image_mode=image_mode,
+        prompt_style=prompt_style,
+        used=("prompt_style", "image_mode", "max_length"),
     )
     encoder = PreferenceEncoder.for_model(
-        model, loaded_model.processor, image_root, max_length=inputs.max_length, image_mode=inputs.image_mode, prompt_style=inputs.prompt_style
+        model,
+        loaded_model.processor,
+        image_root,
+        max_length=inputs.max_length,
+        image_mode=inputs.image_mode,
+        prompt_style=inputs.prompt_style,
     )
     prepared = prepare_examples(records, encoder, skip_bad_images=skip_bad_images)
     dataset = PreferenceDataset(prepared.examples, encoder)
-    collator = PreferenceCollator(encoder.tokenizer.pad_token_id, prepared.sources, mode="per-response", encoder=encoder)
+    collator = PreferenceCollator(
+        encoder.tokenizer.pad_token_id, prepared.sources, mode="per-response", encoder=encoder
+    )
     if not dataset.examples:
         return ScoredRecords(scores=[], skipped=prepared.skipped)
-    mode, _ = select_forward_mode(model, collator, [dataset[index] for index in range(min(4, len(dataset)))], forward_mode)
+    mode, _ = select_forward_mode(
+        model, collator, [dataset[index] for index in range(min(4, len(dataset)))], forward_mode
+    )
     collator = collator.with_mode(mode)
     stats = ScoringStats()
     batches, grouped = scoring_batches(dataset, collator.mode, batch_size, group_by_length=group_by_length)
     scored = score_examples(model, dataset, collator, batches=batches, average=average, stats=stats)
     scores = [
-        ResponseScores(id=entry.example.id, chosen=entry.chosen, rejected=entry.rejected, sources=list(entry.example.rejected_sources), truncated=entry.example.truncated)
+        ResponseScores(
+            id=entry.example.id,
+            chosen=entry.chosen,
+            rejected=entry.rejected,
+            sources=list(entry.example.rejected_sources),
+            truncated=entry.example.truncated,
+        )
         for entry in scored
     ]
     logger.info(
-        "scored %d records in %d batches, padding share %.1f%%%s", len(scores), len(batches), 100 * (stats.padding_share or 0.0), " (grouped by length)" if grouped else ""
+        "scored %d records in %d batches, padding share %.1f%%%s",
+        len(scores),
+        len(batches),
+        100 * (stats.padding_share or 0.0),
+        " (grouped by length)" if grouped else "",
     )
     return ScoredRecords(scores=scores, skipped=prepared.skipped, padding_share=stats.padding_share)

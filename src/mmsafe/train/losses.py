@@ -216,7 +216,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             logits = _chunk_logits(hidden[start : start + chunk], weight, bias)
             lse[start : start + chunk] = torch.logsumexp(logits, dim=-1)
-            out[start : start + chunk] = logits.gather(1, labels[start : start + chunk, None]).squeeze(1) - lse[start : start + chunk]
+            out[start : start + chunk] = (
+                logits.gather(1, labels[start : start + chunk, None]).squeeze(1) - lse[start : start + chunk]
+            )
         ctx.save_for_backward(hidden, weight, bias if bias is not None else torch.empty(0), labels, lse)
         ctx.has_bias, ctx.chunk = bias is not None, chunk
         return out
@@ -228,14 +230,22 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        )
+        grad_bias = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            if bias is not None and ctx.needs_input_grad[2]
+            else None
+        )
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             h = hidden[rows]
             # d logp / d logits = onehot(label) - softmax; scaled by the incoming gradient
             grad_logits = -torch.exp(_chunk_logits(h, weight, bias) - lse[rows, None])
-            grad_logits.scatter_add_(1, labels[rows, None], torch.ones_like(labels[rows, None], dtype=grad_logits.dtype))
+            grad_logits.scatter_add_(
+                1, labels[rows, None], torch.ones_like(labels[rows, None], dtype=grad_logits.dtype)
+            )
             grad_logits *= grad_out[rows, None]
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits @ weight.float()).to(hidden.dtype)
@@ -258,7 +268,11 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def chunked_token_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk: int | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Log-prob of each label under the output layer (``weight`` [V, H], ``bias`` [V]) on ``hidden`` [N, H] -> [N].
 

@@ -47,18 +47,27 @@ def load_policy(config: TrainConfig, device: Any = "cpu") -> tuple[Any, Any]:
         sharded = any(key in config.trainer_args for key in ("deepspeed", "fsdp"))
         dtype = training_dtype(config, device)
         loaded = load_model(
-            config.model, dtype=dtype, device="cpu" if sharded else str(device), trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation, revision=config.revision
+            config.model,
+            dtype=dtype,
+            device="cpu" if sharded else str(device),
+            trust_remote_code=config.trust_remote_code,
+            attn_implementation=config.attn_implementation,
+            revision=config.revision,
         )
         if dtype != "float32" and config.finetune == "full" and not sharded:
             logger.warning(
                 "full fine-tune with %s weights and no fp32 master copy: an update smaller than the weight's resolution (about 1/256 of it for "
-                "bf16) is lost, as at learning_rate %g; use DeepSpeed or FSDP mixed precision, LoRA, or dtype: float32", dtype, config.learning_rate,
+                "bf16) is lost, as at learning_rate %g; use DeepSpeed or FSDP mixed precision, LoRA, or dtype: float32",
+                dtype,
+                config.learning_rate,
             )
         return loaded.model, loaded.processor
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ConfigError(f"quantization: {config.quantization} needs bitsandbytes (pip install 'mmsafe[gpu]')") from None
+        raise ConfigError(
+            f"quantization: {config.quantization} needs bitsandbytes (pip install 'mmsafe[gpu]')"
+        ) from None
     if not torch.cuda.is_available():
         raise ConfigError(f"quantization: {config.quantization} needs a CUDA GPU")
     from peft import prepare_model_for_kbit_training
@@ -69,13 +78,22 @@ def load_policy(config: TrainConfig, device: Any = "cpu") -> tuple[Any, Any]:
     keep = [*VISION_TOWER_NAMES, *PROJECTOR_NAMES, "lm_head"]
     if config.quantization == "4bit":
         quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True, llm_int8_skip_modules=keep
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=keep,
         )
     else:
         quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            config.model, quantization_config=quantization, use_safetensors=True, trust_remote_code=config.trust_remote_code, revision=config.revision, device_map={"": torch.cuda.current_device()}
+            config.model,
+            quantization_config=quantization,
+            use_safetensors=True,
+            trust_remote_code=config.trust_remote_code,
+            revision=config.revision,
+            device_map={"": torch.cuda.current_device()},
         )
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load {config.model} quantized: {error}") from None
@@ -135,14 +153,21 @@ def set_trainable(model: Any, config: TrainConfig) -> Any:
         from peft import LoraConfig, get_peft_model
 
         names = "|".join(re.escape(name) for name in config.lora_target_modules)
-        saved = [*(parts.projector if config.train_projector else ()), *(() if config.freeze_vision_tower else parts.vision_tower)]
+        saved = [
+            *(parts.projector if config.train_projector else ()),
+            *(() if config.freeze_vision_tower else parts.vision_tower),
+        ]
         modules = dict(model.named_modules())
         # PEFT saves modules, not containers: a ModuleList (Qwen3-VL's DeepStack mergers) by its members.
         saved = [
             member
             for name in saved
             if name in modules
-            for member in ([f"{name}.{child}" for child, _ in modules[name].named_children()] if isinstance(modules[name], torch.nn.ModuleList | torch.nn.ModuleDict) else [name])
+            for member in (
+                [f"{name}.{child}" for child, _ in modules[name].named_children()]
+                if isinstance(modules[name], torch.nn.ModuleList | torch.nn.ModuleDict)
+                else [name]
+            )
         ]
         lora = LoraConfig(
             r=config.lora_r,
@@ -159,7 +184,9 @@ def set_trainable(model: Any, config: TrainConfig) -> Any:
         if config.gradient_checkpointing:
             model.enable_input_require_grads()
         if not any("lora_" in name for name, _ in model.named_parameters()):
-            raise ConfigError(f"lora_target_modules: {', '.join(config.lora_target_modules)} match no linear layer of the language model {parts.language_model}")
+            raise ConfigError(
+                f"lora_target_modules: {', '.join(config.lora_target_modules)} match no linear layer of the language model {parts.language_model}"
+            )
     for name, parameter in model.named_parameters():
         plain = _plain_name(name)
         if parts.is_vision_tower(plain):
@@ -188,7 +215,9 @@ def count_trainable(model: Any) -> int:
     return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
 
 
-def choose_forward_mode(config: TrainConfig, model: Any, dataset: PreferenceDataset, collator: PreferenceCollator) -> ForwardMode:
+def choose_forward_mode(
+    config: TrainConfig, model: Any, dataset: PreferenceDataset, collator: PreferenceCollator
+) -> ForwardMode:
     """The scoring path for this run, checked on a few of its examples (see :func:`select_forward_mode`).
 
     The examples checked are the first ones of different prompt lengths, so padding is
@@ -210,5 +239,11 @@ def choose_forward_mode(config: TrainConfig, model: Any, dataset: PreferenceData
             break
     chosen = list(by_length.values())
     chosen += [index for index in range(len(dataset)) if index not in chosen][: count - len(chosen)]
-    mode, _ = select_forward_mode(model, collator, [dataset[index] for index in chosen], config.forward_mode, gradient_checkpointing=config.gradient_checkpointing)
+    mode, _ = select_forward_mode(
+        model,
+        collator,
+        [dataset[index] for index in chosen],
+        config.forward_mode,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
     return mode

@@ -80,7 +80,11 @@ class Objective(Protocol):
         ...
 
     def compute(
-        self, policy: ResponseLogProbs, reference: ResponseLogProbs | None, source_ids: torch.Tensor, sources: Sequence[str]
+        self,
+        policy: ResponseLogProbs,
+        reference: ResponseLogProbs | None,
+        source_ids: torch.Tensor,
+        sources: Sequence[str],
     ) -> ObjectiveOutput:
         """The loss of one batch: ``policy`` (and ``reference``) log-probs, ``source_ids`` [B, K] (-1: no response)."""
         ...
@@ -120,13 +124,22 @@ class SupervisedObjective:
     def training_records(self, records: Sequence[Any]) -> list[Any]:
         if self.target == "chosen":
             return list(records)
-        return [record if keeps_chosen(record.id, self.chosen_share) else dataclasses.replace(record, chosen=record.rejected[0]) for record in records]
+        return [
+            record
+            if keeps_chosen(record.id, self.chosen_share)
+            else dataclasses.replace(record, chosen=record.rejected[0])
+            for record in records
+        ]
 
     def metric_names(self, sources: Sequence[str]) -> list[str]:
         return ["logps/chosen"]
 
     def compute(
-        self, policy: ResponseLogProbs, reference: ResponseLogProbs | None, source_ids: torch.Tensor, sources: Sequence[str]
+        self,
+        policy: ResponseLogProbs,
+        reference: ResponseLogProbs | None,
+        source_ids: torch.Tensor,
+        sources: Sequence[str],
     ) -> ObjectiveOutput:
         chosen = policy.chosen
         return ObjectiveOutput(
@@ -159,10 +172,17 @@ class _PairTerm:
     def metric_names(self, sources: Sequence[str]) -> list[str]:
         names = ["logps/chosen", "rewards/chosen", "rewards/accuracy", "rewards/margin"]
         for source in sources:
-            names += [f"logps/rejected_{source}", f"rewards/rejected_{source}", f"rewards/margin_{source}", f"rewards/accuracy_{source}"]
+            names += [
+                f"logps/rejected_{source}",
+                f"rewards/rejected_{source}",
+                f"rewards/margin_{source}",
+                f"rewards/accuracy_{source}",
+            ]
         return names
 
-    def _output(self, policy: ResponseLogProbs, result: PreferenceLoss, source_ids: torch.Tensor, sources: Sequence[str]) -> ObjectiveOutput:
+    def _output(
+        self, policy: ResponseLogProbs, result: PreferenceLoss, source_ids: torch.Tensor, sources: Sequence[str]
+    ) -> ObjectiveOutput:
         return ObjectiveOutput(
             loss=result.loss,
             losses=result.losses,
@@ -173,7 +193,12 @@ class _PairTerm:
 
 
 def _pair_settings(config: Any) -> dict[str, Any]:
-    return {"beta": config.beta, "label_smoothing": config.label_smoothing, "loss_type": config.loss_type, "average": config.average_logprobs}
+    return {
+        "beta": config.beta,
+        "label_smoothing": config.label_smoothing,
+        "loss_type": config.loss_type,
+        "average": config.average_logprobs,
+    }
 
 
 def _needs(reference: ResponseLogProbs | None, name: str) -> ResponseLogProbs:
@@ -193,7 +218,11 @@ class DPOObjective(_PairTerm):
     weighs_sources: ClassVar[bool] = False
 
     def compute(
-        self, policy: ResponseLogProbs, reference: ResponseLogProbs | None, source_ids: torch.Tensor, sources: Sequence[str]
+        self,
+        policy: ResponseLogProbs,
+        reference: ResponseLogProbs | None,
+        source_ids: torch.Tensor,
+        sources: Sequence[str],
     ) -> ObjectiveOutput:
         reference = _needs(reference, self.name)
         result = dpo_loss(
@@ -227,7 +256,11 @@ class BPOObjective(_PairTerm):
         return table.to(source_ids.device)[source_ids.clamp(min=0)]
 
     def compute(
-        self, policy: ResponseLogProbs, reference: ResponseLogProbs | None, source_ids: torch.Tensor, sources: Sequence[str]
+        self,
+        policy: ResponseLogProbs,
+        reference: ResponseLogProbs | None,
+        source_ids: torch.Tensor,
+        sources: Sequence[str],
     ) -> ObjectiveOutput:
         reference = _needs(reference, self.name)
         result = bpo_loss(
@@ -238,13 +271,19 @@ class BPOObjective(_PairTerm):
 
 
 @torch.no_grad()
-def preference_metrics(policy: ResponseLogProbs, result: PreferenceLoss, source_ids: torch.Tensor, sources: Sequence[str]) -> Metrics:
+def preference_metrics(
+    policy: ResponseLogProbs, result: PreferenceLoss, source_ids: torch.Tensor, sources: Sequence[str]
+) -> Metrics:
     """Log-probs, rewards, margins and accuracies, overall and per rejected source (human, blind, ...)."""
 
     def columns(tensor: torch.Tensor) -> torch.Tensor:
         return tensor if tensor.dim() == 2 else tensor.unsqueeze(1)  # DPO gives [B], BPO [B, K]
 
-    margins, rejected_rewards, mask = columns(result.margins), columns(result.rejected_rewards), columns(result.rejected_mask)
+    margins, rejected_rewards, mask = (
+        columns(result.margins),
+        columns(result.rejected_rewards),
+        columns(result.rejected_mask),
+    )
     width = margins.shape[1]  # DPO uses only the first rejected slot
     source_ids = source_ids[:, :width]
     rejected_logps = policy.rejected[:, :width]

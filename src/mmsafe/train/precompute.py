@@ -23,7 +23,11 @@ logger = logging.getLogger(__name__)
 
 
 def attach_reference(
-    config: TrainConfig, model: Any, dataset: PreferenceDataset, collator: PreferenceCollator, encoder: PreferenceEncoder
+    config: TrainConfig,
+    model: Any,
+    dataset: PreferenceDataset,
+    collator: PreferenceCollator,
+    encoder: PreferenceEncoder,
 ) -> tuple[str | None, PrecomputeStats]:
     """Precompute (or read from the cache) reference log-probs into the examples.
 
@@ -40,7 +44,9 @@ def attach_reference(
     state = PartialState()
     with state.main_process_first():  # the main process hashes the weights first; the others read its memo
         key = {
-            "model": model_fingerprint(config.model, revision=config.revision, memo=file_hash_memo(config.reference_cache_dir)),
+            "model": model_fingerprint(
+                config.model, revision=config.revision, memo=file_hash_memo(config.reference_cache_dir)
+            ),
             "dtype": weights_dtype(model),  # what the weights were loaded as, not the option (auto)
             "quantization": config.quantization,
             "attn_implementation": config.attn_implementation,
@@ -72,7 +78,10 @@ def attach_reference(
             logps.update(part)
         if state.num_processes > 1:  # the padding of the whole precompute, not of this process's share
             counts = _gather((stats.padded_positions, stats.positions))
-            stats.padded_positions, stats.positions = sum(padded for padded, _ in counts), sum(total for _, total in counts)
+            stats.padded_positions, stats.positions = (
+                sum(padded for padded, _ in counts),
+                sum(total for _, total in counts),
+            )
         if state.is_local_main_process:  # one writer per node: nodes without a shared file system each keep a copy
             cache.save(logps)
     else:

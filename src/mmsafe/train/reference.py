@@ -180,7 +180,9 @@ def hub_commit(repo_id: str, revision: str | None = None) -> str | None:
     return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
 
 
-def model_fingerprint(name_or_path: str, *, revision: str | None = None, memo: str | Path | None = None) -> dict[str, Any]:
+def model_fingerprint(
+    name_or_path: str, *, revision: str | None = None, memo: str | Path | None = None
+) -> dict[str, Any]:
     """What identifies a model's weights.
 
     A local checkpoint: the name and sha256 of each weight and JSON (config, tokenizer,
@@ -271,7 +273,9 @@ class ReferenceCache:
                 )
         self.directory.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix(f".tmp{os.getpid()}")
-        temporary.write_text(json.dumps({"key": self.key_material, "logps": logps}, default=str, allow_nan=False), encoding="utf-8")
+        temporary.write_text(
+            json.dumps({"key": self.key_material, "logps": logps}, default=str, allow_nan=False), encoding="utf-8"
+        )
         os.replace(temporary, self.path)  # atomic: a killed run never leaves half a cache
         return self.path
 
@@ -316,7 +320,9 @@ def precompute_reference(
     stats = stats if stats is not None else PrecomputeStats()
     batches, grouped = scoring_batches(dataset, collator.mode, batch_size, group_by_length=group_by_length)
     padded_before, positions_before = stats.padded_positions, stats.positions
-    scored = score_examples(model, dataset, collator, batches=batches, average=average, stats=stats, progress_desc="reference log-probs")
+    scored = score_examples(
+        model, dataset, collator, batches=batches, average=average, stats=stats, progress_desc="reference log-probs"
+    )
     scores = {entry.example.id: [entry.chosen, *entry.rejected] for entry in scored}
     run = stats.positions - positions_before
     if run:

@@ -91,7 +91,16 @@ FINGERPRINT_FIELDS = (
     "trainer_args",
 )
 #: ``trainer_args`` that say how a run is operated, not what it computes (not fingerprinted).
-OPERATIONAL_TRAINER_ARGS = ("dataloader_", "logging_", "save_", "hub_", "push_to_hub", "run_name", "disable_tqdm", "ddp_timeout")
+OPERATIONAL_TRAINER_ARGS = (
+    "dataloader_",
+    "logging_",
+    "save_",
+    "hub_",
+    "push_to_hub",
+    "run_name",
+    "disable_tqdm",
+    "ddp_timeout",
+)
 #: Names in a checkpoint folder that hold its weights: full (safetensors or bin, sharded or
 #: not), a PEFT adapter, FSDP shards, or DeepSpeed's global_step folder.
 WEIGHT_PREFIXES = ("model.safetensors", "adapter_model.", "pytorch_model", "global_step")
@@ -204,11 +213,16 @@ def data_hash(data: str, image_root: str | None = None) -> str:
 
 def run_fingerprint(config: Any, image_root: str) -> dict[str, Any]:
     """The settings of ``config`` a checkpoint depends on, as plain JSON values."""
-    settings: dict[str, Any] = {"data": data_hash(config.data, image_root), "image_root": str(Path(image_root).resolve())}
+    settings: dict[str, Any] = {
+        "data": data_hash(config.data, image_root),
+        "image_root": str(Path(image_root).resolve()),
+    }
     for name in FINGERPRINT_FIELDS:
         if hasattr(config, name):
             settings[name] = getattr(config, name)
-    settings["trainer_args"] = {key: value for key, value in sorted(config.trainer_args.items()) if not key.startswith(OPERATIONAL_TRAINER_ARGS)}
+    settings["trainer_args"] = {
+        key: value for key, value in sorted(config.trainer_args.items()) if not key.startswith(OPERATIONAL_TRAINER_ARGS)
+    }
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
@@ -235,7 +249,11 @@ def _show(name: str, value: Any) -> str:
 
 def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``field: old -> new`` for every setting recorded in both that differs."""
-    return [f"{name}: {_show(name, saved[name])} -> {_show(name, value)}" for name, value in current.items() if name in saved and saved[name] != value]
+    return [
+        f"{name}: {_show(name, saved[name])} -> {_show(name, value)}"
+        for name, value in current.items()
+        if name in saved and saved[name] != value
+    ]
 
 
 # ---------------------------------------------------------------- the decision
@@ -273,7 +291,10 @@ def plan_resume(config: Any, output_dir: Path, *, image_root: str) -> ResumePlan
     saved = read_fingerprint(output_dir)
     if checkpoint is None:
         if saved is not None and fingerprint_changes(saved["settings"], current):
-            logger.warning("%s: no complete checkpoint to continue; starting fresh with other settings than the run recorded there", output_dir)
+            logger.warning(
+                "%s: no complete checkpoint to continue; starting fresh with other settings than the run recorded there",
+                output_dir,
+            )
         return ResumePlan(None, current)
     if saved is None:
         logger.warning(
@@ -289,7 +310,11 @@ def plan_resume(config: Any, output_dir: Path, *, image_root: str) -> ResumePlan
             "use a new output_dir to start over, or resume=force to continue that checkpoint with the new settings"
         )
     if changes:
-        logger.warning("resume: force: continuing %s although these settings changed since the run started: %s", checkpoint, "; ".join(changes))
+        logger.warning(
+            "resume: force: continuing %s although these settings changed since the run started: %s",
+            checkpoint,
+            "; ".join(changes),
+        )
     return ResumePlan(checkpoint, current, changes, saved)
 
 
@@ -305,7 +330,11 @@ def record_run_start(config: Any, output_dir: Path, plan: ResumePlan) -> None:
     if plan.previous is None or plan.changes:
         # The checkpoints from now on are made with these settings: a later resume is checked against them.
         history = list((plan.previous or {}).get("history", []))
-        history.append({"resumed_from": name, "changes": plan.changes} if plan.previous is not None else {"resumed_from": name, "note": "no fingerprint before"})
+        history.append(
+            {"resumed_from": name, "changes": plan.changes}
+            if plan.previous is not None
+            else {"resumed_from": name, "note": "no fingerprint before"}
+        )
         fingerprint = {"format": 1, "data_file": str(config.data), "settings": plan.fingerprint, "history": history}
         write_text_atomically(output_dir / FINGERPRINT_FILE, json.dumps(fingerprint, indent=2) + "\n")
     if not config_file.is_file():

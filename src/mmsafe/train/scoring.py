@@ -51,7 +51,10 @@ def padding_share(batch: dict[str, Any]) -> tuple[float, float]:
     if "prompt_cache_rows" in batch:  # the prompts are unpadded; the response batches are right padded
         labels = [row["responses"]["labels"] for row in batch["prompt_cache_rows"]]
         padded = sum(float((label == -100).sum()) for label in labels)
-        total = sum(float(label.numel()) + row["prompt"]["input_ids"].numel() for label, row in zip(labels, batch["prompt_cache_rows"], strict=True))
+        total = sum(
+            float(label.numel()) + row["prompt"]["input_ids"].numel()
+            for label, row in zip(labels, batch["prompt_cache_rows"], strict=True)
+        )
         return padded, total
     mask = batch["attention_mask"]
     return float((mask == 0).sum()), float(mask.numel())
@@ -85,7 +88,9 @@ def examples_of(dataset: Any) -> list[TokenizedExample] | None:
     return None
 
 
-def scoring_batches(dataset: Any, mode: str, batch_size: int, *, group_by_length: bool = True) -> tuple[list[list[int]], bool]:
+def scoring_batches(
+    dataset: Any, mode: str, batch_size: int, *, group_by_length: bool = True
+) -> tuple[list[list[int]], bool]:
     """The batches (dataset positions) :func:`score_examples` runs, and whether they are grouped by length.
 
     Grouped where the examples can be read without loading images (see :func:`examples_of`);
@@ -94,7 +99,9 @@ def scoring_batches(dataset: Any, mode: str, batch_size: int, *, group_by_length
     examples = examples_of(dataset) if group_by_length else None
     if examples is not None and len(examples) == len(dataset):
         return length_grouped_batches([batch_row_length(example, mode) for example in examples], batch_size), True
-    return [list(range(start, min(start + batch_size, len(dataset)))) for start in range(0, len(dataset), batch_size)], False
+    return [
+        list(range(start, min(start + batch_size, len(dataset)))) for start in range(0, len(dataset), batch_size)
+    ], False
 
 
 @torch.no_grad()
@@ -134,7 +141,9 @@ def score_examples(
             for row, (position, item) in enumerate(zip(positions, items, strict=True)):
                 example = item["example"]
                 rejected = result.rejected[row, : example.num_rejected]
-                by_position[position] = ExampleScores(example, float(result.chosen[row]), [float(value) for value in rejected])
+                by_position[position] = ExampleScores(
+                    example, float(result.chosen[row]), [float(value) for value in rejected]
+                )
     finally:
         model.train(was_training)
     return [by_position[position] for position in sorted(by_position)]

@@ -117,7 +117,13 @@ def load_training_records(config: TrainConfig) -> list[Any]:
     from mmsafe.data.inputs import open_inputs
 
     # Reference log-probs are cached by id: open_inputs refuses two records under one id.
-    return open_inputs(config.data, split=config.split, limit=config.limit, image_root=config.image_root, empty="no records to train on").records
+    return open_inputs(
+        config.data,
+        split=config.split,
+        limit=config.limit,
+        image_root=config.image_root,
+        empty="no records to train on",
+    ).records
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -130,7 +136,9 @@ def train(config: TrainConfig) -> TrainResult:
     arguments = config.training_arguments()  # checks the trainer options before the slow part
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and arguments.world_size != launched:  # also sets up the process group, before anything else does
-        raise ConfigError(f"{launched} processes were launched but they did not form one training group (world size {arguments.world_size}); check the accelerate config")
+        raise ConfigError(
+            f"{launched} processes were launched but they did not form one training group (world size {arguments.world_size}); check the accelerate config"
+        )
 
     records = load_training_records(config)
     check_rejected_sources(config, records)  # before the model loads: a refused run costs seconds, not a 7B load
@@ -144,7 +152,11 @@ def train(config: TrainConfig) -> TrainResult:
     if config.disable_dropout:
         disable_dropout(model)
     # Taken before set_trainable: the starting weights, without adapters. None where the objective compares against no reference.
-    reference_model = FrozenCopyReference(model, average=objective.average_logprobs) if objective.needs_reference and config.reference == "copy" else None
+    reference_model = (
+        FrozenCopyReference(model, average=objective.average_logprobs)
+        if objective.needs_reference and config.reference == "copy"
+        else None
+    )
     model = set_trainable(model, config)
     trainable = count_trainable(model)
     if trainable == 0:
@@ -152,10 +164,21 @@ def train(config: TrainConfig) -> TrainResult:
 
     image_root = training_image_root(config)
     encoder = PreferenceEncoder.for_model(
-        model, processor, image_root, max_length=config.max_length, image_mode=config.image_mode, prompt_style=config.prompt_style,
+        model,
+        processor,
+        image_root,
+        max_length=config.max_length,
+        image_mode=config.image_mode,
+        prompt_style=config.prompt_style,
         length_rule=config.length_rule,
     )
-    recipe = build_recipe(processor, prompt_style=encoder.prompt_style, image_mode=encoder.image_mode, max_length=encoder.max_length, dtype=model_dtype(model))
+    recipe = build_recipe(
+        processor,
+        prompt_style=encoder.prompt_style,
+        image_mode=encoder.image_mode,
+        max_length=encoder.max_length,
+        dtype=model_dtype(model),
+    )
     prepared = prepare_examples(
         records,
         encoder,
@@ -168,9 +191,13 @@ def train(config: TrainConfig) -> TrainResult:
         raise DataError(f"every record was skipped ({prepared.skip_counts()})", file=config.data)
     unknown = sorted(set(config.source_weights) - set(prepared.sources))
     if unknown:
-        raise ConfigError(f"source_weights: no rejected response comes from {', '.join(unknown)} (sources in the data: {', '.join(prepared.sources)})")
+        raise ConfigError(
+            f"source_weights: no rejected response comes from {', '.join(unknown)} (sources in the data: {', '.join(prepared.sources)})"
+        )
     dataset = PreferenceDataset(prepared.examples, encoder)
-    collator = PreferenceCollator(encoder.tokenizer.pad_token_id, prepared.sources, mode="per-response", encoder=encoder)
+    collator = PreferenceCollator(
+        encoder.tokenizer.pad_token_id, prepared.sources, mode="per-response", encoder=encoder
+    )
     forward_mode = choose_forward_mode(config, model, dataset, collator)
     collator = collator.with_mode(forward_mode)
 

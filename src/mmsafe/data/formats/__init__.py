@@ -55,7 +55,11 @@ def _as_format(name: str, target: Any) -> Format:
 
 #: Every known format by name, in the order detection tries them (plugins last).
 FORMATS: Registry[Format] = Registry(
-    "data format", group=ENTRY_POINT_GROUP, describe=lambda data_format: data_format.description, adapt=_as_format, unknown_error=DataError
+    "data format",
+    group=ENTRY_POINT_GROUP,
+    describe=lambda data_format: data_format.description,
+    adapt=_as_format,
+    unknown_error=DataError,
 )
 
 
@@ -91,13 +95,17 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def read_items(path: str | Path, format_name: str | None = None, *, image_dir: str | Path | None = None) -> Iterator[Item]:
+def read_items(
+    path: str | Path, format_name: str | None = None, *, image_dir: str | Path | None = None
+) -> Iterator[Item]:
     """Records of ``path``, with a DataError in place of each record that could not be read."""
     data_format = get_format(format_name or detect_format(path))
     return data_format.read_items(path, image_dir=image_dir)
 
 
-def read_records(path: str | Path, format_name: str | None = None, *, image_dir: str | Path | None = None) -> Iterator[PreferenceRecord]:
+def read_records(
+    path: str | Path, format_name: str | None = None, *, image_dir: str | Path | None = None
+) -> Iterator[PreferenceRecord]:
     """Stream the preference records of ``path`` in any format (detected unless named).
 
     ``image_dir``: where the ``hf`` format writes embedded images (record ``image`` names
@@ -119,14 +127,19 @@ def _output_format(path: str | Path) -> str:
         if data_format.writer is not None and name.endswith(data_format.suffixes):
             return format_name
     writable = _writable(formats)
-    raise DataError(f"cannot tell the output format from the file name; name it with --to, one of {writable}", file=str(path))
+    raise DataError(
+        f"cannot tell the output format from the file name; name it with --to, one of {writable}", file=str(path)
+    )
 
 
 def write_records(path: str | Path, records: Iterable[PreferenceRecord], format_name: str | None = None) -> int:
     """Write records in a format (from the file name unless named); returns rows written."""
     data_format = get_format(format_name or _output_format(path))
     if data_format.writer is None:
-        raise DataError(f"the {data_format.name!r} format can be read but not written; write one of {_writable(FORMATS.available())}", file=str(path))
+        raise DataError(
+            f"the {data_format.name!r} format can be read but not written; write one of {_writable(FORMATS.available())}",
+            file=str(path),
+        )
     return data_format.writer(Path(path), records)
 
 

@@ -156,7 +156,10 @@ def _iter_hub(hub_id: str, images: ImageWriter) -> Iterator[Item]:
     try:
         dataset_dict = datasets.load_dataset(hub_id)
     except Exception as error:  # the Hub raises many types; all mean "could not load"
-        yield FileReadError(f"no such local file, and could not load it as a Hugging Face dataset ({type(error).__name__}: {error})", file=hub_id)
+        yield FileReadError(
+            f"no such local file, and could not load it as a Hugging Face dataset ({type(error).__name__}: {error})",
+            file=hub_id,
+        )
         return
     for split, dataset in dataset_dict.items():
         if "image" in dataset.column_names:
@@ -181,7 +184,9 @@ def iter_items(path: str | Path, images: ImageWriter) -> Iterator[Item]:
         return
     path = Path(path)
     if not path.exists():
-        yield FileReadError("file not found (expected a .parquet file, a folder of them or a Hub id like owner/name)", file=str(path))
+        yield FileReadError(
+            "file not found (expected a .parquet file, a folder of them or a Hub id like owner/name)", file=str(path)
+        )
         return
     yield from _iter_parquet(path, images)
 

@@ -55,7 +55,14 @@ def dataset_stem(path: str | Path) -> str:
     return name
 
 
-def split_turns(text: str, *, file: str | None = None, record: str | None = None, field: str = "chosen", merge_repeated: bool = False) -> list[tuple[Message, int]]:
+def split_turns(
+    text: str,
+    *,
+    file: str | None = None,
+    record: str | None = None,
+    field: str = "chosen",
+    merge_repeated: bool = False,
+) -> list[tuple[Message, int]]:
     """Split ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` into alternating messages, each
     with the number of source turns merged into it (0 unless ``merge_repeated``).
 
@@ -92,13 +99,23 @@ def split_turns(text: str, *, file: str | None = None, record: str | None = None
     return turns
 
 
-def parse_dialogue(text: str, *, file: str | None = None, record: str | None = None, field: str = "chosen", merge_repeated: bool = False) -> list[Message]:
+def parse_dialogue(
+    text: str,
+    *,
+    file: str | None = None,
+    record: str | None = None,
+    field: str = "chosen",
+    merge_repeated: bool = False,
+) -> list[Message]:
     """Split ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` into alternating messages.
 
     The dialogue must start with a Human turn and end with an Assistant turn; see
     :func:`split_turns` for ``merge_repeated``.
     """
-    return [message for message, _ in split_turns(text, file=file, record=record, field=field, merge_repeated=merge_repeated)]
+    return [
+        message
+        for message, _ in split_turns(text, file=file, record=record, field=field, merge_repeated=merge_repeated)
+    ]
 
 
 def parse_line(data: object, *, file: str, line: int, record_id: str, merge_repeated: bool = False) -> TextPreference:
@@ -109,13 +126,22 @@ def parse_line(data: object, *, file: str, line: int, record_id: str, merge_repe
     """
     record = f"line {line}"
     if not isinstance(data, dict):
-        raise DataError(f"expected a JSON object with 'chosen' and 'rejected', got {type(data).__name__}", file=file, record=record, field="-")
+        raise DataError(
+            f"expected a JSON object with 'chosen' and 'rejected', got {type(data).__name__}",
+            file=file,
+            record=record,
+            field="-",
+        )
     dialogues = {}
     for name in ("chosen", "rejected"):
         if name not in data:
-            raise DataError(f"missing field {name!r} (expected a dialogue string)", file=file, record=record, field=name)
+            raise DataError(
+                f"missing field {name!r} (expected a dialogue string)", file=file, record=record, field=name
+            )
         if not isinstance(data[name], str):
-            raise DataError(f"expected a dialogue string, got {type(data[name]).__name__}", file=file, record=record, field=name)
+            raise DataError(
+                f"expected a dialogue string, got {type(data[name]).__name__}", file=file, record=record, field=name
+            )
         dialogues[name] = split_turns(data[name], file=file, record=record, field=name, merge_repeated=merge_repeated)
     merged_turns = sum(merged for _, merged in dialogues["chosen"]) + dialogues["rejected"][-1][1]
     chosen = [message for message, _ in dialogues["chosen"]]
@@ -135,7 +161,14 @@ def parse_line(data: object, *, file: str, line: int, record_id: str, merge_repe
                 record=record,
                 field="rejected",
             )
-    return TextPreference(id=record_id, messages=chosen[:-1], chosen=chosen[-1].content, rejected=rejected[-1].content, line=line, merged_turns=merged_turns)
+    return TextPreference(
+        id=record_id,
+        messages=chosen[:-1],
+        chosen=chosen[-1].content,
+        rejected=rejected[-1].content,
+        line=line,
+        merged_turns=merged_turns,
+    )
 
 
 def iter_hh_rlhf(path: str | Path, *, merge_repeated: bool = False) -> Iterator[TextPreference | DataError]:
@@ -144,7 +177,12 @@ def iter_hh_rlhf(path: str | Path, *, merge_repeated: bool = False) -> Iterator[
     ``merge_repeated``: join two consecutive turns of one speaker instead of an error.
     """
     file, stem = str(path), dataset_stem(path)
-    return read_json_lines(path, lambda line, data: parse_line(data, file=file, line=line, record_id=f"{stem}-{line}", merge_repeated=merge_repeated))
+    return read_json_lines(
+        path,
+        lambda line, data: parse_line(
+            data, file=file, line=line, record_id=f"{stem}-{line}", merge_repeated=merge_repeated
+        ),
+    )
 
 
 def read_hh_rlhf(path: str | Path) -> Iterator[TextPreference]:
@@ -175,7 +213,10 @@ def to_record(preference: TextPreference, *, file: str) -> PreferenceRecord:
 def read_items(path: str | Path, *, image_dir: str | Path | None = None) -> Iterator[Item]:
     del image_dir  # text only
     file, stem = str(path), dataset_stem(path)
-    return read_json_lines(path, lambda line, data: to_record(parse_line(data, file=file, line=line, record_id=f"{stem}-{line}"), file=file))
+    return read_json_lines(
+        path,
+        lambda line, data: to_record(parse_line(data, file=file, line=line, record_id=f"{stem}-{line}"), file=file),
+    )
 
 
 def detect(path: str | Path) -> bool:

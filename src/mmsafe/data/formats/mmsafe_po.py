@@ -70,7 +70,9 @@ def record_from_row(row: Any, *, label: str, question_key: str = "question") -> 
         restore["question"] = question
     responses = {}
     for name in ("chosen", "rejected"):
-        prefix, body = strip_response_prefix(_require(row, name, label, (str,), 'a response string starting with "ASSISTANT: "'))
+        prefix, body = strip_response_prefix(
+            _require(row, name, label, (str,), 'a response string starting with "ASSISTANT: "')
+        )
         if prefix != RESPONSE_PREFIX:
             restore[f"{name}_prefix"] = prefix
         responses[name] = body
@@ -133,7 +135,9 @@ def _original_id(record: PreferenceRecord, restore: dict[str, Any]) -> Any:
     if "id" not in restore:
         return record.id
     original = str(restore["id"])
-    if record.id == original or (record.id.startswith(original + ID_SUFFIX) and record.id[len(original) + 1 :].isdigit()):
+    if record.id == original or (
+        record.id.startswith(original + ID_SUFFIX) and record.id[len(original) + 1 :].isdigit()
+    ):
         return restore["id"]
     return record.id
 
@@ -154,13 +158,19 @@ def load_rows(path: str | Path) -> list[Any]:
         try:
             rows = json.load(handle)
         except json.JSONDecodeError as error:
-            raise FileReadError(f"malformed JSON ({error.msg} at column {error.colno})", file=file, record=f"line {error.lineno}") from None
+            raise FileReadError(
+                f"malformed JSON ({error.msg} at column {error.colno})", file=file, record=f"line {error.lineno}"
+            ) from None
         except UnicodeDecodeError as error:
             raise FileReadError(f"not valid UTF-8 ({error.reason})", file=file) from None
         except RecursionError:
-            raise FileReadError("nesting too deep for JSON (expected an array of flat row objects)", file=file) from None
+            raise FileReadError(
+                "nesting too deep for JSON (expected an array of flat row objects)", file=file
+            ) from None
     if not isinstance(rows, list):
-        raise FileReadError(f"expected a JSON array of objects (the released MMSafe-PO format), got a {type(rows).__name__}", file=file)
+        raise FileReadError(
+            f"expected a JSON array of objects (the released MMSafe-PO format), got a {type(rows).__name__}", file=file
+        )
     return rows
 
 
@@ -172,7 +182,9 @@ def read_items(path: str | Path, *, image_dir: str | Path | None = None) -> Iter
     pending: PreferenceRecord | None = None
     pending_signature: str | None = None
     taken: set[str] = set()
-    for item in parse_each(rows, lambda index, row: (record_from_row(row, label=f"item {index}"), _merge_signature(row)), file=file):
+    for item in parse_each(
+        rows, lambda index, row: (record_from_row(row, label=f"item {index}"), _merge_signature(row)), file=file
+    ):
         if isinstance(item, DataError):
             yield item
             continue

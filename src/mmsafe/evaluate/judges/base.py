@@ -95,7 +95,9 @@ def _as_factory(name: str, target: Any) -> JudgeFactory:
 
 
 #: Judge factories by name; plugins come from the ``mmsafe.judges`` entry points.
-JUDGES: Registry[JudgeFactory] = Registry("judge", group=ENTRY_POINT_GROUP, adapt=_as_factory, find_entry_points=lambda group: entry_points(group=group))
+JUDGES: Registry[JudgeFactory] = Registry(
+    "judge", group=ENTRY_POINT_GROUP, adapt=_as_factory, find_entry_points=lambda group: entry_points(group=group)
+)
 
 
 def register_judge(name: str, factory: JudgeFactory | None = None, *, replace: bool = False) -> Any:

@@ -174,16 +174,24 @@ class LlamaGuardJudge:
         if local.is_dir():
             check_safetensors(local)
         device = resolve_device(self.device)
-        kwargs = {"dtype": resolve_dtype(self.dtype, device), "use_safetensors": True, "trust_remote_code": self.trust_remote_code}
+        kwargs = {
+            "dtype": resolve_dtype(self.dtype, device),
+            "use_safetensors": True,
+            "trust_remote_code": self.trust_remote_code,
+        }
         try:
             config = transformers.AutoConfig.from_pretrained(self.model, trust_remote_code=self.trust_remote_code)
             vision = self.vision if self.vision is not None else hasattr(config, "vision_config")
             if vision:
                 model = transformers.AutoModelForImageTextToText.from_pretrained(self.model, **kwargs)
-                preprocessor = transformers.AutoProcessor.from_pretrained(self.model, trust_remote_code=self.trust_remote_code)
+                preprocessor = transformers.AutoProcessor.from_pretrained(
+                    self.model, trust_remote_code=self.trust_remote_code
+                )
             else:
                 model = transformers.AutoModelForCausalLM.from_pretrained(self.model, **kwargs)
-                preprocessor = transformers.AutoTokenizer.from_pretrained(self.model, trust_remote_code=self.trust_remote_code)
+                preprocessor = transformers.AutoTokenizer.from_pretrained(
+                    self.model, trust_remote_code=self.trust_remote_code
+                )
         except (OSError, ValueError) as error:
             raise ModelError(f"llama-guard: cannot load {self.model}: {error}") from None
         model.to(device)  # type: ignore[arg-type]  # transformers wraps .to in functools.wraps, which mypy does not bind to the instance
@@ -233,11 +241,15 @@ class LlamaGuardJudge:
         # The prompt already holds <|begin_of_text|>; the tokenizer must not add another.
         if vision:
             image = batch[0].load_image()
-            inputs = preprocessor(text=prompts, images=None if image is None else [[image]], return_tensors="pt", add_special_tokens=False)
+            inputs = preprocessor(
+                text=prompts, images=None if image is None else [[image]], return_tensors="pt", add_special_tokens=False
+            )
         else:
             inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         inputs = inputs.to(model.device)
         with torch.inference_mode():
-            generated = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            generated = model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
         new_tokens = generated[:, inputs["input_ids"].shape[1] :]
         return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

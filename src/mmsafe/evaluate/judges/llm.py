@@ -58,7 +58,11 @@ MMSB_CERTIFICATION_RUBRIC = "mmsb_certification"
 #: MM-SafetyBench's scenarios where only a refusal is safe, and where only a statement of
 #: lacking the professional's certification is safe (with the professional it names).
 MMSB_REFUSAL_SCENARIOS = ("08", "13")
-MMSB_CERTIFICATION_SCENARIOS = {"10": "a qualified lawyer", "11": "a qualified financial advisor", "12": "a qualified medical professional"}
+MMSB_CERTIFICATION_SCENARIOS = {
+    "10": "a qualified lawyer",
+    "11": "a qualified financial advisor",
+    "12": "a qualified medical professional",
+}
 
 _VERDICT_LINE = re.compile(r"^VERDICT:\s*(safe|unsafe)\s*$", re.IGNORECASE)
 _REASON_LINE = re.compile(r"^REASON:\s*\S", re.IGNORECASE)
@@ -68,7 +72,9 @@ def load_rubric(name: str, version: int = 1) -> str:
     """The text of ``prompts/<name>_v<version>.txt``."""
     resource = resources.files("mmsafe.evaluate") / "prompts" / f"{name}_v{version}.txt"
     if not resource.is_file():
-        raise ConfigError(f"no rubric {name} version {version} (expected mmsafe/evaluate/prompts/{name}_v{version}.txt)")
+        raise ConfigError(
+            f"no rubric {name} version {version} (expected mmsafe/evaluate/prompts/{name}_v{version}.txt)"
+        )
     return resource.read_text(encoding="utf-8")
 
 
@@ -166,7 +172,14 @@ def render_conversation(messages: list[Message]) -> str:
 def build_judge_prompt(item: JudgeInput, rubric: str) -> str:
     """Fill the rubric's ``{{conversation}}``, ``{{response}}`` and ``{{category}}`` slots."""
     category = item.category or item.meta.get("scenario") or "unspecified"
-    return fill_rubric(rubric, {"conversation": render_conversation(item.messages), "response": item.response.strip(), "category": _category_name(category)})
+    return fill_rubric(
+        rubric,
+        {
+            "conversation": render_conversation(item.messages),
+            "response": item.response.strip(),
+            "category": _category_name(category),
+        },
+    )
 
 
 def parse_judge_answer(text: str) -> Verdict:
@@ -199,7 +212,12 @@ def build_chat_messages(prompt: str, image_url: str | None) -> list[dict[str, An
     """One user message in the OpenAI chat format, with the image part when given."""
     if image_url is None:
         return [{"role": "user", "content": prompt}]
-    return [{"role": "user", "content": [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": image_url}}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": image_url}}],
+        }
+    ]
 
 
 @dataclass
@@ -237,7 +255,11 @@ class LlmJudge:
             raise ConfigError("llm judge: give the judge model's name (--judge-model / model=...)")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"llm judge: unknown protocol {self.protocol!r}; expected one of {', '.join(PROTOCOLS)}")
-        names = (GENERAL_RUBRIC, ADVICE_RUBRIC) if self.protocol == DEFAULT_PROTOCOL else (MMSB_HARM_RUBRIC, MMSB_REFUSAL_RUBRIC, MMSB_CERTIFICATION_RUBRIC)
+        names = (
+            (GENERAL_RUBRIC, ADVICE_RUBRIC)
+            if self.protocol == DEFAULT_PROTOCOL
+            else (MMSB_HARM_RUBRIC, MMSB_REFUSAL_RUBRIC, MMSB_CERTIFICATION_RUBRIC)
+        )
         if self.protocol == MMSB_PROTOCOL:
             self.send_image = False  # the protocol's judge reads the answer alone
         self._rubrics = {name: load_rubric(name, self.rubric_version) for name in names}
@@ -252,7 +274,11 @@ class LlmJudge:
             max_body_bytes=self.max_body_bytes,
         )
         if not self.name:
-            suffix = f"v{self.rubric_version}" if self.protocol == DEFAULT_PROTOCOL else f"{self.protocol}-v{self.rubric_version}"
+            suffix = (
+                f"v{self.rubric_version}"
+                if self.protocol == DEFAULT_PROTOCOL
+                else f"{self.protocol}-v{self.rubric_version}"
+            )
             self.name = f"llm:{self.model}:{suffix}"
 
     def rubric_for(self, item: JudgeInput) -> str:

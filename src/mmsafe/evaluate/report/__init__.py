@@ -120,7 +120,9 @@ def build_report(
         if benchmark is not None:
             fields = list(get_benchmark(benchmark).category_fields)
         else:
-            fields = [name for name in CATEGORY_FIELDS if any(item.meta.get(name) is not None for item in prompts.values())]
+            fields = [
+                name for name in CATEGORY_FIELDS if any(item.meta.get(name) is not None for item in prompts.values())
+            ]
     response_records = load_responses(responses or [])
     summary = summaries(verdict_sets, prompts, fields, unparseable_as_unsafe, resamples, seed)
     run_folder = out_dir.parent if (out_dir.parent / RUN_CONFIG).is_file() else None
@@ -147,5 +149,10 @@ def build_report(
     (out_dir / "summary.md").write_text(render_markdown(summary), encoding="utf-8")
     page = render_html(verdict_sets, summary, responses=response_records, prompts=prompts, plots=plots)
     (out_dir / "report.html").write_text(page, encoding="utf-8")
-    files = [out_dir / "report.html", out_dir / "summary.md", out_dir / "summary.json", *(path for plot in plots for path in (plot.png, plot.svg))]
+    files = [
+        out_dir / "report.html",
+        out_dir / "summary.md",
+        out_dir / "summary.json",
+        *(path for plot in plots for path in (plot.png, plot.svg)),
+    ]
     return ReportResult(out_dir, summary, files)

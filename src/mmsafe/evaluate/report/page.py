@@ -51,7 +51,13 @@ TEMPLATE = "report.html.jinja"
 def _environment() -> Any:
     import jinja2
 
-    return jinja2.Environment(loader=jinja2.PackageLoader("mmsafe.evaluate.report", "templates"), autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("mmsafe.evaluate.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
 
 
 def thumbnail(path: Any) -> str | None:
@@ -69,7 +75,11 @@ def thumbnail(path: Any) -> str | None:
     return image_data_url(image, max_side=THUMBNAIL_SIDE, format="JPEG", quality=80)
 
 
-def _records(verdict_sets: list[VerdictSet], responses: Mapping[str, Mapping[Key, ResponseRecord]], prompts: Mapping[str, BenchmarkItem] | None) -> list[dict[str, Any]]:
+def _records(
+    verdict_sets: list[VerdictSet],
+    responses: Mapping[str, Mapping[Key, ResponseRecord]],
+    prompts: Mapping[str, BenchmarkItem] | None,
+) -> list[dict[str, Any]]:
     models = list(dict.fromkeys(verdict_set.model for verdict_set in verdict_sets))
     keys = sorted({key for verdict_set in verdict_sets for key in verdict_set.verdicts})
     thumbnails: dict[str, str | None] = {}
@@ -88,10 +98,16 @@ def _records(verdict_sets: list[VerdictSet], responses: Mapping[str, Mapping[Key
                 verdict = verdict_set.verdicts[key]
                 by_judge[verdict_set.judge][model] = verdict.verdict
                 verdicts.setdefault(model, []).append(verdict.verdict)
-                label = verdict.verdict + (f" {','.join(verdict.categories)}" if verdict.categories and verdict.verdict == "unsafe" else "")
-                badges.append({"verdict": verdict.verdict, "judge": verdict_set.judge, "label": label, "raw": verdict.raw})
+                label = verdict.verdict + (
+                    f" {','.join(verdict.categories)}" if verdict.categories and verdict.verdict == "unsafe" else ""
+                )
+                badges.append(
+                    {"verdict": verdict.verdict, "judge": verdict_set.judge, "label": label, "raw": verdict.raw}
+                )
             response = responses.get(model, {}).get(key)
-            columns.append({"model": model, "badges": badges, "response": None if response is None else response.response})
+            columns.append(
+                {"model": model, "badges": badges, "response": None if response is None else response.response}
+            )
         image = None
         prompt = ""
         categories: list[str] = []
@@ -138,7 +154,19 @@ def render_html(
     results = []
     for row in summary["results"]:
         s = row["summary"]
-        results.append([row["model"], row["judge"], *([row.get("protocol", DEFAULT_PROTOCOL)] if protocols else []), row["metric"], rate_text(s["safe_rate"]), s["safe_rate"]["total"], s["safe"], s["unsafe"], s["unparseable"]])
+        results.append(
+            [
+                row["model"],
+                row["judge"],
+                *([row.get("protocol", DEFAULT_PROTOCOL)] if protocols else []),
+                row["metric"],
+                rate_text(s["safe_rate"]),
+                s["safe_rate"]["total"],
+                s["safe"],
+                s["unsafe"],
+                s["unparseable"],
+            ]
+        )
     breakdowns = [
         {
             "name": name, "anchor": "by-" + file_slug(name),
@@ -146,7 +174,16 @@ def render_html(
         }
         for name, rows in summary["breakdowns"].items()
     ]  # fmt: skip
-    asr = [[row["model"], row["judge"], *([row.get("protocol", DEFAULT_PROTOCOL)] if protocols else []), row["setting"], percent(row["asr"])] for row in summary["attack_success_rate"]]
+    asr = [
+        [
+            row["model"],
+            row["judge"],
+            *([row.get("protocol", DEFAULT_PROTOCOL)] if protocols else []),
+            row["setting"],
+            percent(row["asr"]),
+        ]
+        for row in summary["attack_success_rate"]
+    ]
     measured = any(row.get("help_prompts") for row in summary["results"])
     probe = summary.get("probe")
     context = {

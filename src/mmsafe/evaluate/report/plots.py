@@ -52,7 +52,9 @@ class Plot:
 
 def plot_rates(summary: dict[str, Any], path: Path) -> Plot:
     rows = summary["results"]
-    bars = [bar_from_rate(short(row["model"]) + "\n" + short(row["judge"]), row["summary"]["safe_rate"]) for row in rows]
+    bars = [
+        bar_from_rate(short(row["model"]) + "\n" + short(row["judge"]), row["summary"]["safe_rate"]) for row in rows
+    ]
     with figure_style() as plt:
         figure, axes = plt.subplots(figsize=(max(4.5, 1.3 * len(rows) + 2), 4))
         draw_bars(axes, bars, list(range(len(rows))), 0.6, PALETTE[0])
@@ -61,7 +63,11 @@ def plot_rates(summary: dict[str, Any], path: Path) -> Plot:
         axes.set_ylabel(" / ".join(sorted({row["metric"] for row in rows})))
         axes.set_title("Rate per model (Wilson 95% interval)", fontsize=9)
         save_figure(plt, figure, path)
-    return Plot(path, "Rate per model", "Each model's rate (safety, or refusal for the refusal judge) on the prompts expecting a refusal, with its Wilson 95% interval and n.")
+    return Plot(
+        path,
+        "Rate per model",
+        "Each model's rate (safety, or refusal for the refusal judge) on the prompts expecting a refusal, with its Wilson 95% interval and n.",
+    )
 
 
 def plot_breakdown(rows: list[dict[str, Any]], name: str, judge: str, path: Path) -> Plot:
@@ -76,37 +82,75 @@ def plot_breakdown(rows: list[dict[str, Any]], name: str, judge: str, path: Path
             bars = [bar_from_rate(short(str(group)), by_group.get(group, {"total": 0})) for group in groups]
             positions = [position + index * width - 0.4 + width / 2 for position in range(len(groups))]
             draw_bars(axes, bars, positions, width, PALETTE[index % len(PALETTE)], label=short(model))
-        axes.set_xticks(range(len(groups)), [short(str(group)) for group in groups], rotation=30, ha="right", fontsize=7)
+        axes.set_xticks(
+            range(len(groups)), [short(str(group)) for group in groups], rotation=30, ha="right", fontsize=7
+        )
         percent_axis(axes)
         axes.set_ylabel(metric_name(judge))
         axes.set_title(short(f"{metric_name(judge)} by {name} ({judge})", 90), fontsize=9)
         if models:
             axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         save_figure(plt, figure, path)
-    return Plot(path, f"{metric_name(judge)} by {name} ({judge})", f"The {metric_name(judge)} per {name} and model with Wilson 95% intervals; n above each bar.")
+    return Plot(
+        path,
+        f"{metric_name(judge)} by {name} ({judge})",
+        f"The {metric_name(judge)} per {name} and model with Wilson 95% intervals; n above each bar.",
+    )
 
 
 def plot_differences(summary: dict[str, Any], path: Path) -> Plot:
     differences = [
-        Difference(short(row["model_b"]) + " - " + short(row["model_a"]) + "\n(" + short(row["judge"]) + ")", row["difference"], row["low"], row["high"], row["n"], row["mcnemar_p"] if row["n"] else None)
+        Difference(
+            short(row["model_b"]) + " - " + short(row["model_a"]) + "\n(" + short(row["judge"]) + ")",
+            row["difference"],
+            row["low"],
+            row["high"],
+            row["n"],
+            row["mcnemar_p"] if row["n"] else None,
+        )
         for row in summary["comparisons"]
     ]
     with figure_style() as plt:
-        figure = forest_plot(plt, differences, "Model B minus model A on the same prompts (paired bootstrap 95% interval)", "difference in percentage points")
+        figure = forest_plot(
+            plt,
+            differences,
+            "Model B minus model A on the same prompts (paired bootstrap 95% interval)",
+            "difference in percentage points",
+        )
         save_figure(plt, figure, path)
-    return Plot(path, "Model differences", "Each pair of models judged by the same judge: B - A in points with the paired bootstrap 95% interval; the dashed line is no difference.")
+    return Plot(
+        path,
+        "Model differences",
+        "Each pair of models judged by the same judge: B - A in points with the paired bootstrap 95% interval; the dashed line is no difference.",
+    )
 
 
 def plot_probe_differences(probe: dict[str, Any], path: Path) -> Plot:
     differences = [
-        Difference(f"{row['name']}\n({judge})", row.get("difference"), row.get("low"), row.get("high"), row.get("n") or 0, row.get("mcnemar_p") if row.get("n") else None)
+        Difference(
+            f"{row['name']}\n({judge})",
+            row.get("difference"),
+            row.get("low"),
+            row.get("high"),
+            row.get("n") or 0,
+            row.get("mcnemar_p") if row.get("n") else None,
+        )
         for judge, rows in probe["comparisons"].items()
         for row in rows
     ]
     with figure_style() as plt:
-        figure = forest_plot(plt, differences, "Modality probe: variant minus baseline (paired bootstrap 95% interval)", "difference in percentage points")
+        figure = forest_plot(
+            plt,
+            differences,
+            "Modality probe: variant minus baseline (paired bootstrap 95% interval)",
+            "difference in percentage points",
+        )
         save_figure(plt, figure, path)
-    return Plot(path, "Modality probe: co-defense and cheating", "Co-defense (multimodal vs text) and cheating (swap, blank vs multimodal) differences on the same records, with paired bootstrap 95% intervals.")
+    return Plot(
+        path,
+        "Modality probe: co-defense and cheating",
+        "Co-defense (multimodal vs text) and cheating (swap, blank vs multimodal) differences on the same records, with paired bootstrap 95% intervals.",
+    )
 
 
 def write_plots(summary: dict[str, Any], out_dir: Path) -> list[Plot]:

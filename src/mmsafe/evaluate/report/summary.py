@@ -104,10 +104,14 @@ class ReportResult:
     def describe(self) -> str:
         lines = [f"wrote {len(self.files)} files to {self.out_dir}"]
         for row in self.summary["results"]:
-            lines.append(f"  {row['model']} / {row['judge']} [{row['protocol']}]: {row['metric']} {rate_text(row['summary']['safe_rate'])} (n={row['summary']['safe_rate']['total']}, unparseable {row['summary']['unparseable']})")
+            lines.append(
+                f"  {row['model']} / {row['judge']} [{row['protocol']}]: {row['metric']} {rate_text(row['summary']['safe_rate'])} (n={row['summary']['safe_rate']['total']}, unparseable {row['summary']['unparseable']})"
+            )
             over = row.get("over_refusal")
             if over is not None and over["over_refusal_rate"]["rate"] is not None:
-                lines.append(f"    over-refusal {rate_text(over['over_refusal_rate'])} (n={over['over_refusal_rate']['total']} prompts expecting help, by {over['measured_by']})")
+                lines.append(
+                    f"    over-refusal {rate_text(over['over_refusal_rate'])} (n={over['over_refusal_rate']['total']} prompts expecting help, by {over['measured_by']})"
+                )
         lines += [f"report page: {self.page}", f"summary: {self.markdown}"]
         return "\n".join(lines)
 
@@ -124,7 +128,12 @@ def load_verdict_sets(paths: Sequence[str | Path]) -> list[VerdictSet]:
             model = record.extra.get("model") or path.stem
             verdict_set = sets.setdefault((model, record.judge), VerdictSet(model, record.judge))
             if record.key in verdict_set.verdicts:
-                raise DataError(f"a second verdict of judge {record.judge!r} for model {model!r} (variant {record.variant!r})", file=str(path), record=record.id, field="id")
+                raise DataError(
+                    f"a second verdict of judge {record.judge!r} for model {model!r} (variant {record.variant!r})",
+                    file=str(path),
+                    record=record.id,
+                    field="id",
+                )
             verdict_set.verdicts[record.key] = record
     if not sets:
         raise DataError("no verdicts found in " + ", ".join(str(path) for path in paths))
@@ -145,7 +154,11 @@ def check_ids(verdict_sets: list[VerdictSet], prompts: Mapping[str, BenchmarkIte
     for verdict_set in verdict_sets:
         for record in verdict_set.verdicts.values():
             if record.id not in prompts:
-                raise DataError(f"verdict id (model {verdict_set.model!r}) not found in the benchmark data {source}", record=record.id, field="id")
+                raise DataError(
+                    f"verdict id (model {verdict_set.model!r}) not found in the benchmark data {source}",
+                    record=record.id,
+                    field="id",
+                )
 
 
 # ---------------------------------------------------------------- summaries
@@ -159,17 +172,24 @@ def _meta_value(prompts: Mapping[str, BenchmarkItem] | None, key: Key, name: str
     return None if item is None else item.meta.get(name)
 
 
-def _breakdown_rows(verdict_set: VerdictSet, prompts: Mapping[str, BenchmarkItem] | None, name: str, unparseable_as_unsafe: bool) -> list[dict[str, Any]]:
+def _breakdown_rows(
+    verdict_set: VerdictSet, prompts: Mapping[str, BenchmarkItem] | None, name: str, unparseable_as_unsafe: bool
+) -> list[dict[str, Any]]:
     groups = breakdown(
         verdict_set.labels.items(),
         group=lambda pair: _meta_value(prompts, pair[0], name),
         verdict=lambda pair: pair[1],
         unparseable_as_unsafe=unparseable_as_unsafe,
     )
-    return [{"model": verdict_set.model, "judge": verdict_set.judge, "group": group, "summary": summary.to_dict()} for group, summary in groups.items()]
+    return [
+        {"model": verdict_set.model, "judge": verdict_set.judge, "group": group, "summary": summary.to_dict()}
+        for group, summary in groups.items()
+    ]
 
 
-def _asr_rows(verdict_set: VerdictSet, prompts: Mapping[str, BenchmarkItem], unparseable_as_unsafe: bool) -> list[dict[str, Any]]:
+def _asr_rows(
+    verdict_set: VerdictSet, prompts: Mapping[str, BenchmarkItem], unparseable_as_unsafe: bool
+) -> list[dict[str, Any]]:
     """MM-SafetyBench ASR per setting (mean over scenarios), then their average."""
     by_setting: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for key, label in verdict_set.labels.items():
@@ -180,18 +200,38 @@ def _asr_rows(verdict_set: VerdictSet, prompts: Mapping[str, BenchmarkItem], unp
     values = []
     for setting in sorted(by_setting):
         per_scenario: dict[str, VerdictSummary] = {
-            scenario: summarize_verdicts(labels, unparseable_as_unsafe=unparseable_as_unsafe) for scenario, labels in sorted(by_setting[setting].items())
+            scenario: summarize_verdicts(labels, unparseable_as_unsafe=unparseable_as_unsafe)
+            for scenario, labels in sorted(by_setting[setting].items())
         }
         asr = attack_success_rate(per_scenario)
         if not math.isnan(asr.value):
             values.append(asr.value)
-        rows.append({"model": verdict_set.model, "judge": verdict_set.judge, "protocol": verdict_set.protocol, "setting": setting, **asr.to_dict()})
+        rows.append(
+            {
+                "model": verdict_set.model,
+                "judge": verdict_set.judge,
+                "protocol": verdict_set.protocol,
+                "setting": setting,
+                **asr.to_dict(),
+            }
+        )
     if len(values) > 1:
-        rows.append({"model": verdict_set.model, "judge": verdict_set.judge, "protocol": verdict_set.protocol, "setting": "average", "asr": sum(values) / len(values), "per_scenario": {}})
+        rows.append(
+            {
+                "model": verdict_set.model,
+                "judge": verdict_set.judge,
+                "protocol": verdict_set.protocol,
+                "setting": "average",
+                "asr": sum(values) / len(values),
+                "per_scenario": {},
+            }
+        )
     return rows
 
 
-def _comparison_rows(verdict_sets: list[VerdictSet], unparseable_as_unsafe: bool, resamples: int, seed: int) -> list[dict[str, Any]]:
+def _comparison_rows(
+    verdict_sets: list[VerdictSet], unparseable_as_unsafe: bool, resamples: int, seed: int
+) -> list[dict[str, Any]]:
     """Every pair of models judged by the same judge, in the order the files were given."""
     by_judge: dict[str, list[VerdictSet]] = defaultdict(list)
     for verdict_set in verdict_sets:
@@ -201,12 +241,28 @@ def _comparison_rows(verdict_sets: list[VerdictSet], unparseable_as_unsafe: bool
         for first, second in combinations(sets, 2):
             _, safe_a, safe_b = pair_verdicts(first.labels, second.labels, unparseable_as_unsafe=unparseable_as_unsafe)
             comparison = paired_comparison(safe_a, safe_b, resamples=resamples, seed=seed)
-            row = {"judge": judge, "protocol": first.protocol, "metric": metric_name(judge), "model_a": first.model, "model_b": second.model, **comparison.to_dict()}
-            rows.append({key: (None if isinstance(value, float) and math.isnan(value) else value) for key, value in row.items()})
+            row = {
+                "judge": judge,
+                "protocol": first.protocol,
+                "metric": metric_name(judge),
+                "model_a": first.model,
+                "model_b": second.model,
+                **comparison.to_dict(),
+            }
+            rows.append(
+                {key: (None if isinstance(value, float) and math.isnan(value) else value) for key, value in row.items()}
+            )
     return rows
 
 
-def summaries(verdict_sets: list[VerdictSet], prompts: Mapping[str, BenchmarkItem] | None, fields: Sequence[str], unparseable_as_unsafe: bool, resamples: int, seed: int) -> dict[str, Any]:
+def summaries(
+    verdict_sets: list[VerdictSet],
+    prompts: Mapping[str, BenchmarkItem] | None,
+    fields: Sequence[str],
+    unparseable_as_unsafe: bool,
+    resamples: int,
+    seed: int,
+) -> dict[str, Any]:
     variants = {key[1] for verdict_set in verdict_sets for key in verdict_set.verdicts}
     group_fields = list(fields) + (["variant"] if len(variants) > 1 else [])
     results = []
@@ -214,8 +270,18 @@ def summaries(verdict_sets: list[VerdictSet], prompts: Mapping[str, BenchmarkIte
     asr_rows = []
     for verdict_set in verdict_sets:
         # The safety rate counts the prompts that expect a refusal; over-refusal the others.
-        summary = summarize_verdicts(overrefusal.safety_labels(verdict_set, prompts), unparseable_as_unsafe=unparseable_as_unsafe)
-        results.append({"model": verdict_set.model, "judge": verdict_set.judge, "protocol": verdict_set.protocol, "metric": metric_name(verdict_set.judge), "summary": summary.to_dict()})
+        summary = summarize_verdicts(
+            overrefusal.safety_labels(verdict_set, prompts), unparseable_as_unsafe=unparseable_as_unsafe
+        )
+        results.append(
+            {
+                "model": verdict_set.model,
+                "judge": verdict_set.judge,
+                "protocol": verdict_set.protocol,
+                "metric": metric_name(verdict_set.judge),
+                "summary": summary.to_dict(),
+            }
+        )
         for name in group_fields:
             breakdowns[name].extend(_breakdown_rows(verdict_set, prompts, name, unparseable_as_unsafe))
         if prompts is not None and "scenario" in fields:
@@ -270,7 +336,9 @@ def load_probe(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DataError("no probe summary here (expected the probe.json that mmsafe probe writes, or its folder)", file=str(path)) from None
+        raise DataError(
+            "no probe summary here (expected the probe.json that mmsafe probe writes, or its folder)", file=str(path)
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"not a probe summary: unreadable JSON ({error})", file=str(path)) from None
     if not isinstance(data, dict):

@@ -62,5 +62,7 @@ def build(name: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ARCHITECTURES[name].load_builder()(out, seed)
-    (out / "mmsafe_tiny.json").write_text(json.dumps({"architecture": name, "seed": seed}, indent=2) + "\n", encoding="utf-8")
+    (out / "mmsafe_tiny.json").write_text(
+        json.dumps({"architecture": name, "seed": seed}, indent=2) + "\n", encoding="utf-8"
+    )
     return out

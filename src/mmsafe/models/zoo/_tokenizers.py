@@ -87,7 +87,9 @@ def train_tokenizer(
     )
 
 
-def _sentencepiece_bpe(form: TokenizerForm, lines: list[str], special_tokens: Sequence[str], unk_token: str | None, vocab_size: int):
+def _sentencepiece_bpe(
+    form: TokenizerForm, lines: list[str], special_tokens: Sequence[str], unk_token: str | None, vocab_size: int
+):
     """SentencePiece-style BPE: pieces start with ``▁``, 256 byte-fallback pieces after the specials.
 
     Merges are learned word by word (``▁word``), as SentencePiece does, then the word
@@ -100,9 +102,13 @@ def _sentencepiece_bpe(form: TokenizerForm, lines: list[str], special_tokens: Se
 
     training = Tokenizer(models.BPE(unk_token=unk_token))
     training.normalizer = normalizers.Replace(" ", "▁")
-    training.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always" if form == "llama-legacy" else "never", split=True)
+    training.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="always" if form == "llama-legacy" else "never", split=True
+    )
     alphabet = sorted({character for line in lines for character in line.replace(" ", "▁")})
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(special_tokens), initial_alphabet=alphabet, show_progress=False
+    )
     training.train_from_iterator(lines, trainer=trainer)
     state = json.loads(training.to_str())
     learned = sorted(state["model"]["vocab"].items(), key=lambda item: item[1])
@@ -112,11 +118,15 @@ def _sentencepiece_bpe(form: TokenizerForm, lines: list[str], special_tokens: Se
     # each merge is "left right" (older tokenizers) or [left, right]
     pairs = (merge.split(" ") if isinstance(merge, str) else merge for merge in state["model"]["merges"])
     merges = [(left, right) for left, right in pairs]
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk_token, byte_fallback=True, fuse_unk=True))
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token=unk_token, byte_fallback=True, fuse_unk=True)
+    )
     tokenizer.add_special_tokens(list(special_tokens))
     if form == "llama-legacy":
         tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-        tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        tokenizer.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
     else:  # gemma: spaces become ▁, nothing is prepended
         tokenizer.normalizer = normalizers.Replace(" ", "▁")
         tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])

@@ -130,7 +130,16 @@ def _token_ids(tokenizer) -> dict[str, int]:
     return {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
 
 
-def _processor(processor_class, tokenizer, *, patch_size: int, image_mean, image_std, chat_template: str, max_image_tokens: int = 64):
+def _processor(
+    processor_class,
+    tokenizer,
+    *,
+    patch_size: int,
+    image_mean,
+    image_std,
+    chat_template: str,
+    max_image_tokens: int = 64,
+):
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
     from mmsafe.models.loading import image_only_processor_class, torchvision_available
@@ -165,7 +174,12 @@ def qwen2_5_vl_processor(*, extra_corpus: tuple[str, ...] = (), max_image_tokens
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
         max_image_tokens=max_image_tokens,
     )
-    return processor, {**_special_ids(ids), "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
+    return processor, {
+        **_special_ids(ids),
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
 
 
 def _generation_config(model, ids: dict[str, int]) -> None:
