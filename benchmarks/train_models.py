@@ -270,46 +270,33 @@ def _build_qwen(setup: Setup, seed: int, attention: str):
 
 
 def _build_llava(setup: Setup, seed: int, attention: str):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    from mmsafe.models.tiny import TinyModelSpec, build_tiny_processor
+    from mmsafe.models.tiny import TinyModelSpec, build_tiny_processor, tiny_llava_config
 
     texts = corpus()
-    spec = TinyModelSpec(image_size=setup.image_size, patch_size=setup.patch_size, vocab_size=1024)
-    processor = build_tiny_processor(spec, corpus=texts)
-    tokenizer = processor.tokenizer
-    if len(tokenizer) > setup.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's {setup.vocab_size}")
-    vision = CLIPVisionConfig(
-        hidden_size=setup.vision_hidden_size,
-        intermediate_size=setup.vision_intermediate_size,
-        num_hidden_layers=setup.vision_layers,
-        num_attention_heads=setup.vision_heads,
+    # The package's tiny LLaVA, sized by the setup; the output layer is padded beyond the
+    # tokenizer, so the head costs what a 32k vocabulary costs.
+    spec = TinyModelSpec(
         image_size=setup.image_size,
         patch_size=setup.patch_size,
-        projection_dim=setup.vision_hidden_size,
-    )
-    text = LlamaConfig(
-        vocab_size=setup.vocab_size,  # padded beyond the tokenizer: the head costs what a 32k vocabulary costs
-        hidden_size=setup.text_hidden_size,
-        intermediate_size=setup.text_intermediate_size,
-        num_hidden_layers=setup.text_layers,
-        num_attention_heads=setup.text_heads,
-        num_key_value_heads=setup.text_kv_heads or setup.text_heads,
+        vocab_size=1024,
+        vision_hidden_size=setup.vision_hidden_size,
+        vision_intermediate_size=setup.vision_intermediate_size,
+        vision_layers=setup.vision_layers,
+        vision_heads=setup.vision_heads,
+        text_hidden_size=setup.text_hidden_size,
+        text_intermediate_size=setup.text_intermediate_size,
+        text_layers=setup.text_layers,
+        text_heads=setup.text_heads,
+        text_kv_heads=setup.text_kv_heads,
         max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        model_vocab_size=setup.vocab_size,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=setup.image_tokens,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
+    processor = build_tiny_processor(spec, corpus=texts)
+    tokenizer = processor.tokenizer
+    config = tiny_llava_config(tokenizer, spec)
+    config.image_seq_length = setup.image_tokens
     config._attn_implementation = attention
     model = _instantiate(LlavaForConditionalGeneration, config, setup, seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

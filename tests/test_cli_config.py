@@ -16,8 +16,11 @@ import pytest
 import yaml
 
 from mmsafe.cli import build_parser, main
+from mmsafe.data.config import ConvertConfig, SampleConfig, StatsConfig, ValidateConfig
 from mmsafe.evaluate.config import JudgeConfig, PairwiseConfig, ProbeConfig, ReportConfig
 from mmsafe.generate.config import BlindConfig, GenerateConfig
+from mmsafe.models.config import TinyModelConfig
+from mmsafe.pipeline.config import DemoConfig
 from mmsafe.synthesis import BuildConfig
 from mmsafe.train.config import TrainConfig
 from tests.generate.generate_data import make_records, write_dataset
@@ -31,12 +34,18 @@ COMMANDS = {
     "pairwise": PairwiseConfig,
     "train": TrainConfig,
     "build-data": BuildConfig,
+    "data validate": ValidateConfig,
+    "data convert": ConvertConfig,
+    "data stats": StatsConfig,
+    "data sample": SampleConfig,
+    "models tiny": TinyModelConfig,
+    "demo": DemoConfig,
 }
 
 
 def _help(command: str, capsys) -> str:
     with pytest.raises(SystemExit):
-        build_parser().parse_args([command, "--help"])
+        build_parser().parse_args([*command.split(), "--help"])
     # argparse wraps lines, also after a hyphen: the text is compared without whitespace.
     return "".join(capsys.readouterr().out.split())
 
@@ -54,15 +63,50 @@ def _command_line_fields(config_class: type) -> list[dataclasses.Field]:
 def test_every_option_of_the_config_is_a_flag_with_its_own_help(command, capsys):
     text = _help(command, capsys)
     fields = _command_line_fields(COMMANDS[command])
-    assert len(fields) >= 5
+    assert fields
     for config_field in fields:
         flag = "--" + config_field.metadata.get("flag", config_field.name).replace("_", "-")
         assert flag in text, f"{command}: {flag} missing from --help"
         # The flag's help is the field's help (the first words, argparse re-wraps lines).
         words = "".join(config_field.metadata["help"].split()[:6])
         assert words in text, f"{command} {flag}: help {words!r} not in --help"
-    for common in ("--config", "--print-config", "--dry-run"):
+    for common in ("--config", "--print-config"):
         assert common in text
+    if COMMANDS[command] not in (ValidateConfig, ConvertConfig, StatsConfig, SampleConfig, TinyModelConfig, DemoConfig):
+        assert "--dry-run" in text  # every stage that loads a model or writes much checks first
+
+
+def test_run_help_lists_every_key_of_the_pipeline_config(capsys):
+    from mmsafe.config import describe
+    from mmsafe.pipeline.config import BlindSection, GenerateSection, JudgeSection, PipelineConfig, TrainSection
+
+    text = _help("run", capsys)
+    for name, _, _ in describe(PipelineConfig):
+        assert name in text
+    for section, cls in (
+        ("blind", BlindSection),
+        ("train", TrainSection),
+        ("generate", GenerateSection),
+        ("judge", JudgeSection),
+    ):
+        for key, _, _ in describe(cls):
+            assert f"{section}.{key}" in text
+
+
+def test_the_bare_forms_of_the_data_commands_still_work(tmp_path, capsys):
+    assert main(["data", "sample", str(tmp_path / "a")]) == 0
+    assert main(["data", "sample", "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "a" / "records.jsonl").read_bytes() == (tmp_path / "b" / "records.jsonl").read_bytes()
+    records = str(tmp_path / "a" / "records.jsonl")
+    assert main(["data", "convert", records, str(tmp_path / "a.json"), "--to", "mmsafe-po"]) == 0
+    assert main(["data", "convert", "--data", records, "--out", str(tmp_path / "b.json"), "--to", "mmsafe-po"]) == 0
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    capsys.readouterr()
+    assert main(["data", "stats", records, "--data", records]) == 1
+    assert _one_error(capsys) == "error: --data is given twice (as the flag and as a bare argument)"
+    assert main(["data", "validate", records, "extra"]) == 1
+    assert "unexpected argument 'extra'" in _one_error(capsys)
 
 
 def _print_config(argv: list[str], capsys) -> dict:

@@ -95,7 +95,10 @@ def _read_request(connection: socket.socket) -> bytes:
 def _json_reply(status: int, payload: object, reason: str = "OK") -> bytes:
     body = json.dumps(payload).encode()
     return (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        # One request per connection (the server closes it after replying): say so, or a client
+        # may send its next request on the closed connection and count a connection error.
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n".encode()
         + body
     )
 

@@ -134,7 +134,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, groups: 
         target.add_argument(flag_name(config_field), *meta.get("aliases", ()), **options)
 
 
-def add_config_source_arguments(parser: argparse.ArgumentParser, *, overrides: bool = True) -> None:
+def add_config_source_arguments(
+    parser: argparse.ArgumentParser, *, overrides: bool = True, dry_run: bool = True
+) -> None:
     """``--config FILE``, trailing ``KEY=VALUE`` overrides, ``--print-config`` and ``--dry-run``."""
     parser.add_argument(
         "--config",
@@ -152,6 +154,8 @@ def add_config_source_arguments(parser: argparse.ArgumentParser, *, overrides: b
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved options as YAML (a --config file) and exit"
     )
+    if not dry_run:
+        return
     parser.add_argument(
         "--dry-run",
         action="store_true",

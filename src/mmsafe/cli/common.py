@@ -4,6 +4,7 @@ before anything slow (a model, a network call) starts."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -43,15 +44,46 @@ def stage_command(
     handler: StageHandler,
     *,
     groups: dict[str, str] | None = None,
+    positionals: tuple[str, ...] = (),
+    dry_run: bool = True,
 ) -> argparse.ArgumentParser:
     """A command whose flags are the fields of ``config_class`` (plus ``--config``,
-    ``KEY=VALUE`` overrides, ``--print-config`` and ``--dry-run``)."""
+    ``KEY=VALUE`` overrides, ``--print-config`` and ``--dry-run``).
+
+    ``positionals`` names fields that may also be given as bare arguments, in that order
+    (``mmsafe data convert IN OUT``, the form before the flags); such a command takes no
+    ``KEY=VALUE`` overrides.
+    """
     doc = (config_class.__doc__ or help_text).strip().replace("``", "")
     parser = subparsers.add_parser(name, help=help_text, description=doc)
-    add_config_source_arguments(parser)
+    add_config_source_arguments(parser, overrides=not positionals, dry_run=dry_run)
     add_config_arguments(parser, config_class, groups=groups)
-    parser.set_defaults(handler=lambda args: run_stage(args, config_class, handler), command_config=config_class)
+    if positionals:
+        parser.add_argument("positionals", nargs="*", help=argparse.SUPPRESS)
+
+    def run(args: argparse.Namespace) -> int:
+        return run_stage(args, config_class, handler, fixed=_positional_values(args, config_class, positionals))
+
+    parser.set_defaults(handler=run, command_config=config_class)
     return parser
+
+
+def _positional_values(args: argparse.Namespace, config_class: type, names: tuple[str, ...]) -> dict[str, Any]:
+    """Bare arguments as the fields ``names`` (each given once: as a flag or bare)."""
+    from mmsafe.cli.arguments import PREFIX, flag_name
+    from mmsafe.errors import ConfigError
+
+    given = list(getattr(args, "positionals", None) or [])
+    fields = {config_field.name: config_field for config_field in dataclasses.fields(config_class)}
+    if len(given) > len(names):
+        expected = " ".join(flag_name(fields[name]) + " " + name.upper() for name in names)
+        raise ConfigError(f"{args.command}: unexpected argument {given[len(names)]!r}; expected {expected}")
+    values = {}
+    for name, value in zip(names, given, strict=False):
+        if getattr(args, PREFIX + name, argparse.SUPPRESS) is not argparse.SUPPRESS:
+            raise ConfigError(f"{flag_name(fields[name])} is given twice (as the flag and as a bare argument)")
+        values[name] = value
+    return values
 
 
 def run_stage(

@@ -142,6 +142,28 @@ def add_train(subparsers: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- run and demo
 
 
+def pipeline_keys_text() -> str:
+    """The keys of a pipeline config, from its dataclasses (the epilog of ``run --help``)."""
+    import dataclasses
+    import typing
+
+    from mmsafe.config import describe
+    from mmsafe.pipeline.config import PipelineConfig
+
+    hints = typing.get_type_hints(PipelineConfig)
+    lines = ["config keys (YAML, or KEY=VALUE overrides):"]
+    for name, default, text in describe(PipelineConfig):
+        section = hints[name]
+        if isinstance(section, type) and dataclasses.is_dataclass(section):
+            lines.append(f"  {name}: {text}")
+            lines += [f"    {name}.{key} (default {value}): {help_text}" for key, value, help_text in describe(section)]
+        else:
+            lines.append(f"  {name} (default {default}): {text}")
+    lines.append("train.options, train.dpo, train.bpo and teach.options take the keys of `mmsafe train --help`;")
+    lines.append("build takes those of `mmsafe build-data --help`; judge.options.JUDGE the options of that judge.")
+    return "\n".join(lines)
+
+
 def add_run(subparsers: argparse._SubParsersAction) -> None:
     from mmsafe.pipeline import STAGES
 
@@ -149,6 +171,8 @@ def add_run(subparsers: argparse._SubParsersAction) -> None:
         "run",
         help="run every stage of a pipeline config in order (build-data, blind, train, generate, judge, report); resumable",
         description="Run every stage of a pipeline config in order; every key is checked before the first stage starts.",
+        epilog=pipeline_keys_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.set_defaults(handler=_run)
     run.add_argument("config", help="pipeline YAML (see configs/paper/llava15_7b.yaml)")
@@ -208,18 +232,19 @@ def _plan(config: Any, *, from_stage: str | None, only: str | None) -> int:
 
 
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
-    demo = subparsers.add_parser(
+    from mmsafe.pipeline.config import DemoConfig
+
+    stage_command(
+        subparsers,
         "demo",
-        help="the whole loop on the tiny built-in model and bundled data (CPU, a few minutes)",
-        description="The whole loop on the tiny built-in model and bundled data.",
-    )
-    demo.set_defaults(handler=_demo)
-    demo.add_argument(
-        "--out", default="mmsafe-demo", help="output folder (default: mmsafe-demo); a rerun reuses what is done"
+        "the whole loop on the tiny built-in model and bundled data (CPU, a few minutes)",
+        DemoConfig,
+        _demo,
+        dry_run=False,
     )
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace, demo: Any) -> int:
     import time
     from importlib import resources
 
@@ -227,7 +252,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     with resources.as_file(resources.files("mmsafe") / "configs" / "demo.yaml") as path:
-        config = load_pipeline_config(path, [f"out={json.dumps(args.out)}"])
+        config = load_pipeline_config(path, [f"out={json.dumps(demo.out)}"])
     run_pipeline(config)
     print()
     print("Safety on the held-out sample records (refusal judge: refusing is the safe answer here),")

@@ -70,6 +70,15 @@ class InputSet:
         return iter(self.records)
 
 
+def source_name(data: Any, fallback: str | None = None) -> str | None:
+    """What errors and sidecars call ``data``: the file or Hub id, an InputSet's source, else ``fallback``."""
+    if isinstance(data, str | Path):
+        return str(data)
+    if isinstance(data, InputSet) and data.source is not None:
+        return data.source
+    return fallback
+
+
 # ---------------------------------------------------------------- ids
 
 

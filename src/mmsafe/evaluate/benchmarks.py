@@ -114,7 +114,7 @@ def describe_benchmarks() -> list[dict[str, Any]]:
             rows.append({"name": entry.name, "source": entry.source, "error": entry.error})
             continue
         benchmark = get_benchmark(entry.name)
-        option = IMAGE_FOLDER_OPTION.get(entry.name) or benchmark.image_folder_option
+        option = benchmark.image_folder_option
         rows.append(
             {
                 "name": entry.name,
@@ -556,7 +556,9 @@ def _spa_vl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield str(file), row
 
 
-def load_spa_vl_harmeval(path: str | Path, *, image_dir: str | Path | None = None) -> list[BenchmarkItem]:
+def load_spa_vl_harmeval(
+    path: str | Path, *, image_root: str | Path | None = None, image_dir: str | Path | None = None
+) -> list[BenchmarkItem]:
     """SPA-VL HarmEval items, ids ``harm-<row>``; ``meta`` holds ``class1..class3``.
 
     ``path``: any of :data:`_SPA_VL_LAYOUTS`. The harm split is told from the help split
@@ -565,8 +567,9 @@ def load_spa_vl_harmeval(path: str | Path, *, image_dir: str | Path | None = Non
     ``rejected``) is refused whatever its name, and in a folder without a layout only
     files with the HarmEval columns are read.
 
-    Embedded images are written once to ``image_dir`` (default: ``images/`` beside a
-    parquet file, or inside the dataset folder) and read from there.
+    Embedded images are written once to ``image_root`` (default: ``images/`` beside a
+    parquet file, or inside the dataset folder) and read from there; ``image_dir`` is its
+    earlier name.
     """
     from mmsafe.data.formats.hf import ImageWriter
 
@@ -575,7 +578,10 @@ def load_spa_vl_harmeval(path: str | Path, *, image_dir: str | Path | None = Non
         raise DataError(f"not found (expected {_SPA_VL_LAYOUTS})", file=str(path))
     from mmsafe.data.inputs import default_image_root
 
-    root = default_image_root(path, image_dir, format_name="hf")  # embedded images: images/ beside the parquet
+    if image_root is not None and image_dir is not None:
+        raise ConfigError("spa-vl-harmeval: give image_root once (image_dir is its earlier name)")
+    given = image_root if image_root is not None else image_dir
+    root = default_image_root(path, given, format_name="hf")  # embedded images: images/ beside the parquet
     assert root is not None  # a path always has one
     writer = ImageWriter(root)
     items = []
@@ -624,11 +630,6 @@ def _check_unique(items: list[BenchmarkItem], source: str) -> None:
     check_unique_ids(items, file=source)
 
 
-#: The loader keyword that an image folder given on the command line maps to (built-ins
-#: registered before :attr:`Benchmark.image_folder_option`; newer ones set the field).
-IMAGE_FOLDER_OPTION = {"mmsafe-po": "image_root", "spa-vl-harmeval": "image_dir"}
-
-
 def default_benchmark(path: str | Path) -> str:
     """How a path is read when no benchmark is named: a prompt-set JSONL, else MMSafe-PO data."""
     return "prompts" if is_prompt_set(path) else "mmsafe-po"
@@ -653,7 +654,7 @@ def load_prompts(
         return dict(data)
     if isinstance(data, str | Path):
         name = benchmark or default_benchmark(data)
-        option = IMAGE_FOLDER_OPTION.get(name) or get_benchmark(name).image_folder_option
+        option = get_benchmark(name).image_folder_option
         if image_root is not None and option is not None:
             options[option] = image_root
         items = load_benchmark(name, data, **options)
@@ -671,6 +672,7 @@ register_benchmark(
         "MMSafe-PO test split (released JSON, HF parquet or records JSONL)",
         load_mmsafe_po,
         ("entity_type",),
+        "image_root",
     )
 )
 register_benchmark(
@@ -683,7 +685,11 @@ register_benchmark(
 )
 register_benchmark(
     Benchmark(
-        "spa-vl-harmeval", "SPA-VL HarmEval (harm split: image, question, class1..3)", load_spa_vl_harmeval, ("class1",)
+        "spa-vl-harmeval",
+        "SPA-VL HarmEval (harm split: image, question, class1..3)",
+        load_spa_vl_harmeval,
+        ("class1",),
+        "image_root",
     )
 )
 register_benchmark(

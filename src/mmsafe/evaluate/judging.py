@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmsafe.data.inputs import source_name
 from mmsafe.data.outputs import check_output_is_not_an_input
 from mmsafe.data.records import ResponseRecord, VerdictRecord, parse_messages, read_response_records
 from mmsafe.data.resumable import ResumableOutput, stamp
@@ -243,7 +244,7 @@ def judge_responses(
 
     settings = {
         "responses": str(responses_path),
-        "data": str(data) if isinstance(data, str | Path) else None if data is None else "<in memory>",
+        "data": None if data is None else source_name(data, "<in memory>"),
         "benchmark": benchmark,
         "image_root": None if image_root is None else str(image_root),
         "batch_size": batch_size,

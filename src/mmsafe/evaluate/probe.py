@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 
 from mmsafe.data.conversations import prompt_messages, with_one_image, without_image, without_image_tokens
 from mmsafe.data.images import blank_image, load_image, resolve_image_path
+from mmsafe.data.inputs import source_name
 from mmsafe.data.records import IMAGE_TOKEN, Message, PreferenceRecord, read_verdict_records
 from mmsafe.errors import ConfigError, DataError
 from mmsafe.evaluate.formatting import difference_text, p_text, rate_text
@@ -425,7 +426,7 @@ def run_probe(
     if not usable:
         raise DataError(
             "no record can be probed: each needs an image, meta.text_prompt and meta.mid_prompt",
-            file=str(data) if isinstance(data, str | Path) else None,
+            file=source_name(data),
         )
     if root is None:
         raise ConfigError("image_root: the records name images; give the folder they are relative to")
@@ -442,7 +443,7 @@ def run_probe(
             # path would otherwise name a folder outside it.
             source = resolve_image_path(root, image)
         except DataError as error:
-            raise error.at(file=str(data) if isinstance(data, str | Path) else None, record=record.id) from None
+            raise error.at(file=source_name(data), record=record.id) from None
         target = shown / "data" / image
         if not target.exists():
             load_image(root, image)  # a clear error for a missing or corrupt image
@@ -484,7 +485,7 @@ def run_probe(
             variant=variant,
             config={
                 "command": "probe",
-                "data": str(data) if isinstance(data, str | Path) else "<records>",
+                "data": source_name(data, "<records>"),
                 "variants": list(variants),
                 "seed": seed,
             },

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmsafe.data.conversations import prompt_messages, without_image, without_image_tokens
-from mmsafe.data.inputs import image_root_sidecar_path, open_inputs, write_image_root_sidecar
+from mmsafe.data.inputs import image_root_sidecar_path, open_inputs, source_name, write_image_root_sidecar
 from mmsafe.data.outputs import check_output_is_not_an_input
 from mmsafe.data.records import PreferenceRecord, read_response_records, write_records
 from mmsafe.errors import ConfigError, DataError, MmsafeError
@@ -259,7 +259,7 @@ def make_blind(
             check_output_is_not_an_input(written, [data, source, image_root])
     inputs = open_inputs(data, limit=limit, format_name=format_name, image_root=image_root, source=source)
     records, root = inputs.records, inputs.image_root
-    file = str(data) if isinstance(data, str | Path) else source
+    file = source_name(data, source)
     check_records(records, mode, file=file)
     if not records:
         raise DataError("no records to answer blind (expected at least one preference record)", file=file)

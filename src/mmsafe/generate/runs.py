@@ -44,7 +44,7 @@ from typing import Any
 
 from mmsafe.data.inputs import default_image_root as default_image_root  # re-exported: callers import it from here
 from mmsafe.data.inputs import load_records as load_records  # re-exported: callers import it from here
-from mmsafe.data.inputs import open_inputs
+from mmsafe.data.inputs import open_inputs, source_name
 from mmsafe.data.outputs import check_output_is_not_an_input
 from mmsafe.data.records import PreferenceRecord, ResponseRecord
 from mmsafe.data.resumable import Launch, ResumableOutput, nested, stamp
@@ -383,7 +383,7 @@ def generate_responses(
         source=source,
     )
     records, root = inputs.records, inputs.image_root
-    file = str(data_path_or_records) if isinstance(data_path_or_records, str | Path) else source
+    file = source_name(data_path_or_records, source)
 
     def build(record: PreferenceRecord) -> GenerationRequest:
         try:

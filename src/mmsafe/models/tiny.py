@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 # The chat template follows the LLaVA-1.5 conversation form:
 #   "USER: <image>\n{text} ASSISTANT: {answer}</s>USER: ... ASSISTANT:"
@@ -64,6 +65,12 @@ class TinyModelSpec:
     text_heads: int = 4
     vocab_size: int = 1024
     max_position_embeddings: int = 1024
+    vision_intermediate_size: int | None = None
+    """The vision MLP width (None: twice the hidden size)."""
+    text_kv_heads: int | None = None
+    """Key/value heads of the language model (None: as many as query heads)."""
+    model_vocab_size: int | None = None
+    """Rows of the embedding and output layer (None: the tokenizer's size; larger pads them)."""
 
 
 def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 1024):
@@ -116,43 +123,51 @@ def build_tiny_processor(spec: TinyModelSpec = TinyModelSpec(), corpus: Iterable
     )
 
 
-def build_tiny_llava(processor, spec: TinyModelSpec = TinyModelSpec(), seed: int = 0):
-    """A randomly initialised LlavaForConditionalGeneration sized by ``spec``."""
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def tiny_llava_config(tokenizer: Any, spec: TinyModelSpec = TinyModelSpec()) -> Any:
+    """The LlavaConfig (CLIP vision tower, Llama language model) sized by ``spec``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    tokenizer = processor.tokenizer
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden_size,
-        intermediate_size=spec.vision_hidden_size * 2,
+        intermediate_size=spec.vision_intermediate_size or spec.vision_hidden_size * 2,
         num_hidden_layers=spec.vision_layers,
         num_attention_heads=spec.vision_heads,
         image_size=spec.image_size,
         patch_size=spec.patch_size,
         projection_dim=spec.vision_hidden_size,
     )
+    if spec.model_vocab_size is not None and len(tokenizer) > spec.model_vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's {spec.model_vocab_size}")
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=spec.model_vocab_size or len(tokenizer),
         hidden_size=spec.text_hidden_size,
         intermediate_size=spec.text_intermediate_size,
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads or spec.text_heads,
         max_position_embeddings=spec.max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    image_tokens = (spec.image_size // spec.patch_size) ** 2
-    config = LlavaConfig(
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=image_tokens,
+        image_seq_length=(spec.image_size // spec.patch_size) ** 2,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
+
+
+def build_tiny_llava(processor, spec: TinyModelSpec = TinyModelSpec(), seed: int = 0):
+    """A randomly initialised LlavaForConditionalGeneration sized by ``spec``."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    config = tiny_llava_config(tokenizer, spec)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

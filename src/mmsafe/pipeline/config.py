@@ -229,3 +229,10 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
     except ConfigError as error:
         raise ConfigError(f"{_source(error_key(error), path, file_data, overrides)}: {error}") from None
     return config
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    """mmsafe demo: the whole loop on the tiny built-in model and bundled data (CPU, a few minutes)."""
+
+    out: str = option("mmsafe-demo", help="output folder; a rerun reuses what is done")

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mmsafe.data.inputs import source_name
 from mmsafe.evaluate.benchmarks import BenchmarkItem, get_benchmark, load_prompts
 from mmsafe.evaluate.report.markdown import render_markdown
 from mmsafe.evaluate.report.page import THUMBNAIL_SIDE, render_html
@@ -116,7 +117,7 @@ def build_report(
     fields: list[str] = []
     if data is not None:
         prompts = load_prompts(data, benchmark=benchmark, image_root=image_root, **dict(benchmark_options or {}))
-        check_ids(verdict_sets, prompts, str(data) if isinstance(data, str | Path) else "given")
+        check_ids(verdict_sets, prompts, source_name(data) or "given")
         if benchmark is not None:
             fields = list(get_benchmark(benchmark).category_fields)
         else:
@@ -134,7 +135,7 @@ def build_report(
         verdict_sets,
         run=run or str(run_folder or out_dir),
         config=None if config is None else str(config),
-        data=None if data is None else (str(data) if isinstance(data, str | Path) else "given items"),
+        data=None if data is None else source_name(data, "given items"),
         prompts=prompts,
     )
     if probe is not None:
