@@ -317,3 +317,30 @@ def test_sample_mode_trains_on_the_sample_records_and_benign_pairs_and_evaluates
     # the 96 sample records unchanged, then the pairs
     assert [record.to_dict() for record in trained] == [record.to_dict() for record in (*sample_records(), *pairs)]
     assert [record.to_dict() for record in read_records(eval_file)] == [record.to_dict() for record in sample_records()]
+
+
+def test_run_dry_run_says_each_stage_of_a_finished_demo_is_up_to_date_and_which_a_change_redoes(demo_run, capsys):
+    """`run --dry-run` reads the markers only: the finished demo is up to date stage by stage;
+    a changed training option makes train and every stage after it differ (the hashes come
+    from each stage's resolved config), and nothing is written either way."""
+    from importlib import resources
+
+    from mmsafe.cli import main
+    from mmsafe.pipeline import STAGES
+
+    out, _ = demo_run
+    before = sorted((path.relative_to(out), path.stat().st_mtime_ns) for path in out.rglob("*"))
+    config = str(resources.files("mmsafe") / "configs" / "demo.yaml")
+
+    def plan(*overrides: str) -> dict[str, str]:
+        capsys.readouterr()
+        assert main(["run", config, f"out={json.dumps(str(out))}", *overrides, "--dry-run"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return {line.split()[0]: line.split(None, 1)[1] for line in lines if line.split() and line.split()[0] in STAGES}
+
+    assert plan() == dict.fromkeys(STAGES, "up to date")
+    changed = plan("train.options.beta=0.25")
+    position = STAGES.index("train")
+    assert all(changed[stage] == "up to date" for stage in STAGES[:position])
+    assert all(changed[stage].startswith("would be refused") for stage in STAGES[position:]), changed
+    assert sorted((path.relative_to(out), path.stat().st_mtime_ns) for path in out.rglob("*")) == before
