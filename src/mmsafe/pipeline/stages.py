@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmsafe.config import _coerce, from_dict
-from mmsafe.errors import ConfigError, DataError, MmsafeError
+from mmsafe.errors import ConfigError, MmsafeError
 from mmsafe.models.prompts import PromptStyle
 from mmsafe.pipeline.config import STAGES, TINY_MODEL, PipelineConfig, error_key
 from mmsafe.pipeline.paths import Paths
@@ -98,20 +98,17 @@ class RecordSet:
 
     def read(self, *, required: bool = False) -> list[Any]:
         """The records of the split (then the benign prompts); ``required``: none is an error."""
-        records = _records_of_split(self.data, self.split)
-        if required and not records:
-            raise DataError(f"no evaluation records (split {self.split!r})", file=self.data)
+        from mmsafe.data.inputs import NO_RECORDS, open_inputs
+
+        # One loader for every stage; a split with no records is refused (naming it) either way.
+        records = open_inputs(
+            self.data, split=self.split, empty="no evaluation records" if required else NO_RECORDS
+        ).records
         if self.benign is not None:
             from mmsafe.data.benign_sample import benign_items
 
             records += benign_items(self.benign)
         return records
-
-
-def _records_of_split(path: str, split: str | None) -> list[Any]:
-    from mmsafe.data.inputs import open_inputs
-
-    return open_inputs(path, split=split).records
 
 
 def _eval_set(config: PipelineConfig, paths: Paths) -> RecordSet:
