@@ -70,7 +70,7 @@ class HttpPolicy:
     def __post_init__(self) -> None:
         if not self.timeout_s > 0 or not self.deadline_s > 0:
             raise ConfigError(
-                f"timeout and deadline_s: expected seconds > 0, got {self.timeout_s!r} and {self.deadline_s!r}"
+                f"timeout and deadline: expected seconds > 0, got {self.timeout_s!r} and {self.deadline_s!r}"
             )
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
             raise ConfigError(f"max_body_bytes: expected a positive integer, got {self.max_body_bytes!r}")
@@ -281,7 +281,7 @@ def fetch(client: Any, method: str, url: str, policy: HttpPolicy, **request: Any
 
     deadline = time.monotonic() + policy.deadline_s
     late = HttpError(
-        f"{url}: timed out: no complete reply within the deadline of {policy.deadline_s:g} s (deadline_s)",
+        f"{url}: timed out: no complete reply within the deadline of {policy.deadline_s:g} s (the deadline option)",
         retryable=True,
         kind="transport",
     )

@@ -332,7 +332,7 @@ def test_llm_judge_over_http(chat_server, tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_JUDGE_KEY", "secret-123")
     image_path = tmp_path / "img.png"
     Image.new("RGB", (8, 8), (200, 10, 10)).save(image_path)
-    judge = get_judge("llm", model="judge-model", base_url=base_url, api_key_env="TEST_JUDGE_KEY", max_concurrency=2)
+    judge = get_judge("llm", model="judge-model", base_url=base_url, api_key_env="TEST_JUDGE_KEY", concurrency=2)
     assert judge.name == "llm:judge-model:v1"
     items = [
         item("Sure, here is how.", id="a", image_path=image_path),
@@ -501,7 +501,7 @@ def test_llm_judge_through_the_cli(chat_server, tmp_path, monkeypatch):
         "--api-key-env",
         "MY_JUDGE_KEY",
         "--option",
-        "max_tokens=64",
+        "max_new_tokens=64",
     ]
     assert main(command) == 0
     verdicts = {row["id"]: row for _, row in read_jsonl(tmp_path / "v.jsonl")}

@@ -151,12 +151,12 @@ def _timed(call) -> tuple[float, BaseException | None]:
 def test_slow_loris_is_cut_off_at_the_total_deadline(handler):
     with RawServer(handler) as server:
         # timeout (per read) 60 s: only the total deadline can stop a byte every 0.5 s.
-        engine = OpenAIEngine(server.url, "served", api_key_env="", timeout=60.0, max_retries=0, deadline_s=2.0)
+        engine = OpenAIEngine(server.url, "served", api_key_env="", timeout=60.0, max_retries=0, deadline=2.0)
         engine._client()  # made before the clock starts (loading the TLS certificates is not the request)
         took, error = _timed(lambda: _chat(engine))
         engine.close()
     assert isinstance(error, MmsafeError), error
-    assert "deadline of 2 s" in str(error) and "deadline_s" in str(error)
+    assert "deadline of 2 s" in str(error) and "deadline option" in str(error)
     assert took < 2.0 + 1.5, took
     assert len(server.requests) == 1
 
@@ -170,8 +170,8 @@ def test_wikipedia_source_is_cut_off_at_its_deadline(tmp_path):
             api_url=f"{server.url}/w/api.php",
             min_interval_s=0.0,
             max_retries=0,
-            timeout_s=60.0,
-            deadline_s=2.0,
+            timeout=60.0,
+            deadline=2.0,
         )
         took, error = _timed(lambda: wiki.find("Paris", "LOC"))
     assert isinstance(error, ImageError) and "deadline of 2 s" in str(error), error

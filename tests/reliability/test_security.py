@@ -439,7 +439,7 @@ def test_http_clients_time_out_and_give_up_after_bounded_retries(tmp_path):
         source = WikipediaImageSource(
             tmp_path / "cache",
             api_url=f"{url}/w/api.php",
-            timeout_s=0.3,
+            timeout=0.3,
             max_retries=1,
             backoff_s=0.0,
             min_interval_s=0.0,

@@ -25,7 +25,7 @@ def engine_from_config(config: EngineOptions) -> Any:
         assert config.base_url is not None and isinstance(config.batch_size, int)  # checked by the config
         return OpenAIEngine(
             config.base_url, config.model, api_key_env=config.api_key_env, timeout=config.timeout, max_retries=config.max_retries,
-            concurrency=config.concurrency, deadline_s=config.deadline, max_body_bytes=config.max_body_bytes,
+            concurrency=config.concurrency, deadline=config.deadline, max_body_bytes=config.max_body_bytes,
         )  # fmt: skip
     from mmsafe.generate import local_engine
 

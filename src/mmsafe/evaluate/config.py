@@ -126,7 +126,7 @@ class JudgeConfig(BenchmarkDataOptions):
                 model=self.judge_model or "",
                 base_url=self.base_url,
                 api_key_env=self.api_key_env,
-                max_concurrency=self.concurrency,
+                concurrency=self.concurrency,
                 send_image=self.image,
             )
             if self.protocol:

@@ -45,10 +45,9 @@ RESUME_FREE_JUDGE_SETTINGS = frozenset(
     {
         "device",
         "batch_size",
-        "max_concurrency",
         "concurrency",
         "timeout",
-        "deadline_s",
+        "deadline",
         "max_body_bytes",
         "max_retries",
         "base_url",

@@ -2,7 +2,7 @@
 
 This is how generation scales out: serve the model with any OpenAI-compatible server
 and point the engine at it. Requests run in a bounded pool of threads and go through
-:mod:`mmsafe.http`: a total deadline per attempt (``deadline_s``, connect to last byte),
+:mod:`mmsafe.http`: a total deadline per attempt (``deadline``, connect to last byte),
 a cap on the reply's size (``max_body_bytes``), no redirects, and retries with full-jitter
 exponential backoff on 429, 5xx, timeouts and dropped connections, honouring
 ``Retry-After`` up to ``backoff_max``.
@@ -108,7 +108,7 @@ class OpenAIEngine:
         max_retries: retries after the first attempt before giving up.
         concurrency: requests in flight at once.
         backoff_base, backoff_max: the backoff schedule (seconds), see :mod:`mmsafe.http`.
-        deadline_s: total seconds per attempt, connect to the last byte of the reply
+        deadline: total seconds per attempt, connect to the last byte of the reply
             (default 300; a server trickling bytes is cut off there).
         max_body_bytes: largest reply read (default 64 MiB); a longer one stops the run
             with an error naming the URL and the cap.
@@ -125,7 +125,7 @@ class OpenAIEngine:
         concurrency: int = 8,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
-        deadline_s: float = DEFAULT_DEADLINE_S,
+        deadline: float = DEFAULT_DEADLINE_S,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         if not base_url or not base_url.startswith(("http://", "https://")):
@@ -143,11 +143,11 @@ class OpenAIEngine:
         self.concurrency = concurrency
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
-        self.deadline_s = deadline_s
+        self.deadline = deadline
         self.max_body_bytes = max_body_bytes
         self.policy = HttpPolicy(
             timeout_s=timeout,
-            deadline_s=deadline_s,
+            deadline_s=deadline,
             max_body_bytes=max_body_bytes,
             max_retries=max_retries,
             backoff_base=backoff_base,
@@ -171,7 +171,7 @@ class OpenAIEngine:
             "model": self.model,
             "api_key_env": self.api_key_env,
             "timeout": self.timeout,
-            "deadline_s": self.deadline_s,
+            "deadline": self.deadline,
             "max_body_bytes": self.max_body_bytes,
             "max_retries": self.max_retries,
             "concurrency": self.concurrency,

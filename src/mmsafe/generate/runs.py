@@ -72,7 +72,7 @@ RESUME_FREE_ENGINE_SETTINGS = frozenset(
         "device",
         "batch_size",
         "timeout",
-        "deadline_s",
+        "deadline",
         "max_body_bytes",
         "max_retries",
         "concurrency",

@@ -70,7 +70,7 @@ def make_completer(options: Any) -> Complete:
             options.base_url,
             options.model,
             api_key_env=options.api_key_env,
-            deadline_s=options.deadline_s,
+            deadline=options.deadline,
             max_body_bytes=options.max_body_bytes,
         )
         return chat_completer(engine, params)

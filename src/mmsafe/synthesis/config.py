@@ -36,7 +36,7 @@ class ModelOptions:
     temperature: float = option(0.0, help="0 for greedy (deterministic) answers")
     seed: int = option(0, help="sampling seed when temperature > 0")
     prompt: str = option("", help="versioned prompt name in mmsafe/synthesis/prompts (empty: the stage's default)")
-    deadline_s: float = option(
+    deadline: float = option(
         300.0, help="engine openai: total seconds per HTTP attempt, connect to the last byte of the reply"
     )
     max_body_bytes: int = option(64 * 2**20, help="engine openai: largest reply read, in bytes (64 MiB)")
@@ -93,8 +93,8 @@ class WikipediaOptions:
         help="bound of the first retry delay (a random wait up to it); doubles each retry; Retry-After is honoured up to max_backoff_s",
     )
     max_backoff_s: float = option(60.0, help="longest delay between retries")
-    timeout_s: float = option(30.0, help="longest wait for one connect or read, in seconds")
-    deadline_s: float = option(
+    timeout: float = option(30.0, help="longest wait for one connect or read, in seconds")
+    deadline: float = option(
         120.0, help="total seconds per HTTP request, connect to the last byte (a server trickling bytes is cut off)"
     )
     max_body_bytes: int = option(

@@ -253,7 +253,7 @@ class WikipediaImageSource:
     and pages without an image give None) and one download per image. Both answers are
     cached under ``cache_dir`` so a rerun sends nothing for entities already seen;
     failures (an HTTP error after the retries, a malformed answer, a request past
-    ``deadline_s``, an answer or image over ``max_body_bytes``) raise
+    ``deadline``, an answer or image over ``max_body_bytes``) raise
     :class:`~mmsafe.errors.ImageError` and are not cached, so a rerun tries again.
     ``requests_sent`` counts HTTP requests, retries included. Redirects are followed
     (Wikimedia redirects thumbnails between hosts).
@@ -272,8 +272,8 @@ class WikipediaImageSource:
         max_retries: int = 4,
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
-        timeout_s: float = 30.0,
-        deadline_s: float = 120.0,
+        timeout: float = 30.0,
+        deadline: float = 120.0,
         max_body_bytes: int = 32 * 2**20,
         client: Any = None,
     ) -> None:
@@ -292,8 +292,8 @@ class WikipediaImageSource:
         self.pages_dir = Path(cache_dir) / "pages"
         self.images_dir = Path(cache_dir) / "images"
         self.policy = HttpPolicy(
-            timeout_s=timeout_s,
-            deadline_s=deadline_s,
+            timeout_s=timeout,
+            deadline_s=deadline,
             max_body_bytes=max_body_bytes,
             max_retries=max_retries,
             backoff_base=backoff_s,

@@ -91,12 +91,12 @@ RESUME_FREE_SETTINGS = {
     "images.wikipedia.max_retries",
     "images.wikipedia.backoff_s",
     "images.wikipedia.max_backoff_s",
-    "images.wikipedia.timeout_s",
-    "images.wikipedia.deadline_s",
+    "images.wikipedia.timeout",
+    "images.wikipedia.deadline",
     "images.wikipedia.max_body_bytes",
-    "entities.llm.deadline_s",
+    "entities.llm.deadline",
     "entities.llm.max_body_bytes",
-    "rewrite.model.deadline_s",
+    "rewrite.model.deadline",
     "rewrite.model.max_body_bytes",
 }
 
@@ -157,8 +157,8 @@ def _wikipedia(config: BuildConfig, index: ImageIndex | None, out: Path) -> Imag
         max_retries=options.max_retries,
         backoff_s=options.backoff_s,
         max_backoff_s=options.max_backoff_s,
-        timeout_s=options.timeout_s,
-        deadline_s=options.deadline_s,
+        timeout=options.timeout,
+        deadline=options.deadline,
         max_body_bytes=options.max_body_bytes,
     )
 

@@ -237,14 +237,14 @@ class LlmJudge:
     api_key_env: str = "OPENAI_API_KEY"
     rubric_version: int = 1
     send_image: bool = True
-    max_concurrency: int = 4
+    concurrency: int = 4
     timeout: float = 120.0
     max_retries: int = 6
-    deadline_s: float = 300.0
+    deadline: float = 300.0
     """Total seconds per HTTP attempt, connect to the last byte of the reply."""
     max_body_bytes: int = 64 * 2**20
     """Largest reply read (64 MiB); a longer one stops judging with an error naming the cap."""
-    max_tokens: int = 256
+    max_new_tokens: int = 256
     protocol: str = DEFAULT_PROTOCOL
     name: str = ""
 
@@ -269,8 +269,8 @@ class LlmJudge:
             api_key_env=self.api_key_env,
             timeout=self.timeout,
             max_retries=self.max_retries,
-            concurrency=self.max_concurrency,
-            deadline_s=self.deadline_s,
+            concurrency=self.concurrency,
+            deadline=self.deadline,
             max_body_bytes=self.max_body_bytes,
         )
         if not self.name:
@@ -307,7 +307,7 @@ class LlmJudge:
     def judge(self, items: list[JudgeInput]) -> list[Verdict]:
         from mmsafe.generate.engine import DecodingParams
 
-        params = DecodingParams(max_new_tokens=self.max_tokens)
+        params = DecodingParams(max_new_tokens=self.max_new_tokens)
 
         from mmsafe.generate.openai_engine import NoTextReply
 
@@ -327,5 +327,5 @@ class LlmJudge:
 
         if not items:
             return []
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
             return list(pool.map(one, items))
