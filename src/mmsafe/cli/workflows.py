@@ -206,6 +206,10 @@ def _run(args: argparse.Namespace) -> int:
         check_model_name(config.model, what="model")
     if args.dry_run:
         return _plan(config, from_stage=args.from_stage, only=args.only)
+    logger.info(
+        "run: every key checked; the resolved config is written to %s (--print-config prints it)",
+        Path(config.out) / "run_config.yaml",
+    )
     result = run_pipeline(config, from_stage=args.from_stage, only=args.only)
     if not result.ran:
         print("nothing to do: every stage is up to date for this config")
