@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from mmsafe.cli import build_parser, main
+from mmsafe.config import DisplayConfig
 from mmsafe.data.config import ConvertConfig, SampleConfig, StatsConfig, ValidateConfig
 from mmsafe.evaluate.config import JudgeConfig, PairwiseConfig, ProbeConfig, ReportConfig
 from mmsafe.generate.config import BlindConfig, GenerateConfig
@@ -40,6 +41,8 @@ COMMANDS = {
     "data sample": SampleConfig,
     "models tiny": TinyModelConfig,
     "demo": DemoConfig,
+    "env": DisplayConfig,
+    "benchmarks list": DisplayConfig,
 }
 
 
@@ -72,7 +75,15 @@ def test_every_option_of_the_config_is_a_flag_with_its_own_help(command, capsys)
         assert words in text, f"{command} {flag}: help {words!r} not in --help"
     for common in ("--config", "--print-config"):
         assert common in text
-    if COMMANDS[command] not in (ValidateConfig, ConvertConfig, StatsConfig, SampleConfig, TinyModelConfig, DemoConfig):
+    if COMMANDS[command] not in (
+        ValidateConfig,
+        ConvertConfig,
+        StatsConfig,
+        SampleConfig,
+        TinyModelConfig,
+        DemoConfig,
+        DisplayConfig,
+    ):
         assert "--dry-run" in text  # every stage that loads a model or writes much checks first
 
 

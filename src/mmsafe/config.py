@@ -325,3 +325,10 @@ def describe(cls: type) -> list[tuple[str, str, str]]:
             default = "(required)"
         rows.append((field.name, default, field.metadata.get("help", "")))
     return rows
+
+
+@dataclasses.dataclass(kw_only=True)
+class DisplayConfig:
+    """The options of a command that only prints (``mmsafe env``, ``mmsafe benchmarks list``)."""
+
+    json: bool = option(False, help="print JSON instead of text")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
-from mmsafe.cli.common import announce, check_model, command, dry_run_message, stage_command
+from mmsafe.cli.common import announce, check_model, dry_run_message, stage_command
 from mmsafe.evaluate.config import JudgeConfig, PairwiseConfig, ReportConfig
 
 
@@ -118,11 +119,11 @@ def add_pairwise(subparsers: argparse._SubParsersAction) -> None:
     )
 
 
-def _benchmarks_list(args: argparse.Namespace) -> int:
+def _benchmarks_list(args: argparse.Namespace, config: Any) -> int:
     from mmsafe.evaluate.benchmarks import describe_benchmarks
 
     rows = describe_benchmarks()
-    if args.json:
+    if config.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False, default=str))
         return 0
     for row in rows:
@@ -143,10 +144,13 @@ def add_benchmarks(subparsers: argparse._SubParsersAction) -> None:
         "benchmarks", help="the benchmarks --benchmark reads", description="The benchmarks that --benchmark reads."
     )
     commands = benchmarks.add_subparsers(dest="benchmarks_command", required=True, metavar="COMMAND")
-    listing = command(
+    from mmsafe.config import DisplayConfig
+
+    stage_command(
         commands,
         "list",
         "every registered benchmark (plugins: the mmsafe.benchmarks entry-point group) with its options",
+        DisplayConfig,
         _benchmarks_list,
+        dry_run=False,
     )
-    listing.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from mmsafe import __version__
-from mmsafe.cli.common import command, group_missing_images, stage_command
+from mmsafe.cli.common import group_missing_images, stage_command
 
 # ---------------------------------------------------------------- data
 
@@ -148,8 +148,16 @@ EXTRAS = {
 
 
 def add_env(subparsers: argparse._SubParsersAction) -> None:
-    env = command(subparsers, "env", "versions, devices and installed extras, to paste into a bug report", _env)
-    env.add_argument("--json", action="store_true", help="print JSON instead of text")
+    from mmsafe.config import DisplayConfig
+
+    stage_command(
+        subparsers,
+        "env",
+        "versions, devices and installed extras, to paste into a bug report",
+        DisplayConfig,
+        _env,
+        dry_run=False,
+    )
 
 
 def environment_report() -> dict:
@@ -200,9 +208,9 @@ def environment_report() -> dict:
     return report
 
 
-def _env(args: argparse.Namespace) -> int:
+def _env(args: argparse.Namespace, config: Any) -> int:
     report = environment_report()
-    if args.json:
+    if config.json:
         print(json.dumps(report, indent=2))
         return 0
     devices = report.pop("devices")
