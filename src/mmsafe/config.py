@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -263,6 +264,54 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[path[-1]] = value
     return data
+
+
+#: The dotted key an error message starts with (``train.options.lerning_rate: ...``).
+_LEADING_KEY = re.compile(r"^([\w\-]+(?:\[\d+\])?(?:\.[\w\-]+(?:\[\d+\])?)*): ")
+
+
+def error_key(error: ConfigError) -> list[str] | None:
+    """The parts of the dotted key ``error`` names first, without list indexes; None if it names none."""
+    match = _LEADING_KEY.match(str(error))
+    if match is None:
+        return None
+    return re.sub(r"\[\d+\]", "", match.group(1)).split(".")
+
+
+def _in_file(data: Any, key: list[str]) -> bool:
+    for part in key:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def value_source(
+    key: list[str] | None, layers: list[tuple[str, str]], *, file: str | None = None, file_data: Any = None
+) -> str | None:
+    """Where the value at ``key`` came from, to name it in an error.
+
+    ``layers`` are ``(dotted key, name)`` pairs in the order they were applied over the
+    ``file`` (overrides, flags): the last that set ``key`` or a section above it wins; one
+    that set only a part of it names it, beside the file when the file has the key too;
+    else the file (None without one).
+    """
+    if key is not None:
+        inside = None
+        for dotted, name in reversed(layers):
+            parts = dotted.split(".")
+            if parts == key[: len(parts)]:
+                return name
+            if inside is None and key == parts[: len(key)]:
+                inside = name
+        if inside is not None:
+            return f"{file} (with {inside})" if file is not None and _in_file(file_data, key) else inside
+    return file
+
+
+def override_key(text: str) -> str:
+    """The dotted key of a ``key=value`` override as written (``train.beta=0.2`` -> ``train.beta``)."""
+    return text.split("=", 1)[0].strip()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -211,7 +211,7 @@ def test_trust_remote_code_defaults_to_off_everywhere_a_model_loads():
 
     for command, config_class in (("generate", GenerateConfig), ("blind", BlindConfig), ("probe", ProbeConfig)):
         args = build_parser().parse_args([command, "--model", "m", "--data", "d", "--out", "o"])
-        assert resolve_config(config_class, args).config.trust_remote_code is False
+        assert resolve_config(config_class, args).trust_remote_code is False
 
 
 def test_code_shipped_with_a_checkpoint_does_not_run(tiny_model_dir, tmp_path):

@@ -94,7 +94,7 @@ def _generate(args: argparse.Namespace, config: GenerateConfig) -> int:
     check_images_exist(records, image_root, config.data)
     out = args.output_path = config.output_file("responses.jsonl")
     if args.dry_run:
-        return dry_run_message(args, f"{config.model} would answer {len(records)} prompts into {out}")
+        return dry_run_message(f"{config.model} would answer {len(records)} prompts into {out}")
     announce(args, config)
     engine = engine_from_config(config)
     summary = generate_responses(
@@ -128,7 +128,7 @@ def _blind(args: argparse.Namespace, config: BlindConfig) -> int:
     release = out.parent / "mmsafe-po.json" if config.release_rows else None
     if args.dry_run:
         return dry_run_message(
-            args, f"{config.model} would answer {len(inputs.records)} prompts blind ({config.mode}) into {out}"
+            f"{config.model} would answer {len(inputs.records)} prompts blind ({config.mode}) into {out}"
         )
     announce(args, config)
     engine = engine_from_config(config)
@@ -156,7 +156,7 @@ def _probe(args: argparse.Namespace, config: ProbeConfig) -> int:
     out = Path(config.out)
     if args.dry_run:
         return dry_run_message(
-            args, f"{config.model} would be probed on {len(usable)} records ({', '.join(config.variants)}) into {out}"
+            f"{config.model} would be probed on {len(usable)} records ({', '.join(config.variants)}) into {out}"
         )
     announce(args, config)
     engine = engine_from_config(config)

@@ -19,12 +19,21 @@ import dataclasses
 import types
 import typing
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from mmsafe.config import _NotYaml, apply_overrides, from_dict, load_yaml, read_yaml, to_dict
+from mmsafe.config import (
+    _NotYaml,
+    apply_overrides,
+    error_key,
+    from_dict,
+    load_yaml,
+    override_key,
+    read_yaml,
+    to_dict,
+    value_source,
+)
 from mmsafe.errors import ConfigError
 
 #: Where a flag's value is kept in the parsed namespace (apart from the command's own arguments).
@@ -163,24 +172,16 @@ def add_config_source_arguments(
     )
 
 
-@dataclass
-class Resolved:
-    """A stage config and where each of its top-level keys was set."""
-
-    config: Any
-    sources: dict[str, str] = field(default_factory=dict)
-
-
 def _flag_value(config_field: dataclasses.Field, annotation: Any, raw: Any) -> Any:
     """A flag's command-line text as the value ``from_dict`` checks."""
     meta = config_field.metadata
     if isinstance(raw, bool):
         return raw
     if meta.get("pairs"):
-        pairs: dict[str, Any] = {}
         for text in raw:
-            pairs = apply_overrides(pairs, [text]) if "=" in text else _bad_pair(config_field, text)
-        return pairs
+            if "=" not in text:
+                raise ConfigError(f"{flag_name(config_field)}: expected KEY=VALUE, got {text!r}")
+        return apply_overrides({}, raw)
     if isinstance(raw, list):
         items: list[str] = []
         for text in raw:
@@ -195,15 +196,6 @@ def _flag_value(config_field: dataclasses.Field, annotation: Any, raw: Any) -> A
     return value
 
 
-def _bad_pair(config_field: dataclasses.Field, text: str) -> dict[str, Any]:
-    raise ConfigError(f"{flag_name(config_field)}: expected KEY=VALUE, got {text!r}")
-
-
-def _key_of(message: str) -> str:
-    """The dotted key a :func:`from_dict` error starts with (``train.beta: ...`` -> ``train.beta``)."""
-    return message.split(":", 1)[0].split(" ", 1)[0]
-
-
 def resolve_config(
     cls: type,
     args: argparse.Namespace,
@@ -211,28 +203,20 @@ def resolve_config(
     fixed: dict[str, Any] | None = None,
     before: list[tuple[str, str]] | None = None,
     after: list[tuple[str, str]] | None = None,
-) -> Resolved:
+) -> Any:
     """The stage config of a parsed command line: ``--config`` file, then overrides, then flags.
 
     ``before`` and ``after`` are ``(KEY=VALUE, source)`` pairs a command adds before or
     after the user's overrides (``build-data --sample``, ``--image-index``); ``fixed`` values
     (set by the command itself, not the user) go in last. Errors are one line naming the
-    key and where it was set (the flag, the override or the file).
+    key and where it was set (the flag, the override or the file: :func:`mmsafe.config.value_source`).
     """
-    sources: dict[str, str] = {}
-    data: dict[str, Any] = {}
     path = getattr(args, "config_file", None)
-    if path:
-        data = read_yaml(path)
-        sources.update(dict.fromkeys(data, str(path)))
-    layers = [
-        *(before or []),
-        *((text, f"override {text!r}") for text in getattr(args, "overrides", None) or []),
-        *(after or []),
-    ]
-    for text, source in layers:
-        data = apply_overrides(data, [text])
-        sources[text.split("=", 1)[0].strip()] = source
+    file_data = read_yaml(path) if path else {}
+    overrides = [(text, f"override {text!r}") for text in getattr(args, "overrides", None) or []]
+    texts = [*(before or []), *overrides, *(after or [])]
+    data = apply_overrides(file_data, [text for text, _ in texts])
+    layers = [(override_key(text), source) for text, source in texts]
     hints = typing.get_type_hints(cls)
     fields = {config_field.name: config_field for config_field in dataclasses.fields(cls)}
     for name, config_field in fields.items():
@@ -240,26 +224,19 @@ def resolve_config(
         if raw is argparse.SUPPRESS:
             continue
         data[name] = _flag_value(config_field, hints[name], raw)
-        sources[name] = flag_name(config_field)
+        layers.append((name, flag_name(config_field)))
     data.update(fixed or {})
     try:
-        config: Any = from_dict(cls, data)
+        return from_dict(cls, data)
     except ConfigError as error:
         message = str(error)
-        key = _key_of(message)
-        top = key.split(".")[0].split("[")[0]
+        key = error_key(error)
+        top = key[0] if key else None
         if message.endswith("required option is missing") and top in fields:
             flag = flag_name(fields[top]) if fields[top].metadata.get("cli", True) else None
             raise ConfigError(f"{flag or top} is required" + (f" (or {top}: in --config)" if flag else "")) from None
-        parts = key.split("[")[0].split(".")
-        found = next(
-            (sources[".".join(parts[:end])] for end in range(len(parts), 0, -1) if ".".join(parts[:end]) in sources),
-            None,
-        )
-        if found is None and path:
-            found = str(path)
+        found = value_source(key, layers, file=str(path) if path else None, file_data=file_data)
         raise ConfigError(f"{found}: {message}" if found else message) from None
-    return Resolved(config, sources)
 
 
 def config_yaml(config: Any) -> str:

@@ -64,7 +64,7 @@ def stage_command(
     def run(args: argparse.Namespace) -> int:
         return run_stage(args, config_class, handler, fixed=_positional_values(args, config_class, positionals))
 
-    parser.set_defaults(handler=run, command_config=config_class)
+    parser.set_defaults(handler=run)
     return parser
 
 
@@ -90,7 +90,7 @@ def run_stage(
     args: argparse.Namespace, config_class: type, handler: StageHandler, *, fixed: dict[str, Any] | None = None
 ) -> int:
     """Resolve the command's config, print it if asked, log it, and run the handler."""
-    config = resolve_config(config_class, args, fixed=fixed).config
+    config = resolve_config(config_class, args, fixed=fixed)
     if getattr(args, "print_config", False):
         print(config_yaml(config), end="")
         return 0
@@ -102,7 +102,7 @@ def announce(args: argparse.Namespace, config: Any) -> None:
     logger.info("%s: %s", args.command, config_line(config))
 
 
-def dry_run_message(args: argparse.Namespace, what: str) -> int:
+def dry_run_message(what: str) -> int:
     """The plan of a ``--dry-run``: inputs checked, nothing loaded or written."""
     print(f"dry run: {what}; the inputs were checked, no model was loaded and nothing was written")
     return 0

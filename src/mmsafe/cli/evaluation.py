@@ -29,7 +29,7 @@ def _judge(args: argparse.Namespace, config: JudgeConfig) -> int:
                 "response file not found (expected the JSONL `mmsafe generate` writes, or its output folder)",
                 file=str(responses),
             )
-        return dry_run_message(args, f"judge {config.judge} would label the responses of {responses} into {out}")
+        return dry_run_message(f"judge {config.judge} would label the responses of {responses} into {out}")
     announce(args, config)
     judge = get_judge(config.judge, **options)
     result = judge_responses(
@@ -54,9 +54,7 @@ def _report(args: argparse.Namespace, config: ReportConfig) -> int:
         missing = [path for path in [*config.verdicts, *config.responses] if not Path(path).is_file()]
         if missing:
             raise DataError("file not found", file=missing[0])
-        return dry_run_message(
-            args, f"a report of {len(config.verdicts)} verdict files would be written to {config.out}"
-        )
+        return dry_run_message(f"a report of {len(config.verdicts)} verdict files would be written to {config.out}")
     announce(args, config)
     result = build_report(
         config.verdicts, config.out, responses=config.responses, data=config.data, benchmark=config.benchmark, image_root=config.image_root,
@@ -77,7 +75,6 @@ def _pairwise(args: argparse.Namespace, config: PairwiseConfig) -> int:
     )
     if args.dry_run:
         return dry_run_message(
-            args,
             f"{config.model} would be scored on {len(inputs.records)} preference records ({', '.join(config.forms)}) into {config.out}",
         )
     announce(args, config)

@@ -76,7 +76,7 @@ def build_data_config(args: argparse.Namespace) -> Any:
                 "--images",
             )
         )
-    return resolve_config(BuildConfig, args, before=before, after=after).config
+    return resolve_config(BuildConfig, args, before=before, after=after)
 
 
 def _build_data(args: argparse.Namespace) -> int:
@@ -92,7 +92,7 @@ def _build_data(args: argparse.Namespace) -> int:
             from mmsafe.errors import DataError
 
             raise DataError("input file not found", file=config.input)
-        return dry_run_message(args, f"records would be built from {config.input} into {config.out}")
+        return dry_run_message(f"records would be built from {config.input} into {config.out}")
     logger.info("build-data: %s", config_line(config))
     summary = build_data(config)
     print(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) if args.json else summary.table())
@@ -117,7 +117,7 @@ def _train(args: argparse.Namespace, config: Any) -> int:
         records = load_training_records(config)
         check_rejected_sources(config, records)
         return dry_run_message(
-            args, f"{config.loss} would train {config.model} on {len(records)} records into {config.output_dir}"
+            f"{config.loss} would train {config.model} on {len(records)} records into {config.output_dir}"
         )
     announce(args, config)
     result = train(config)
@@ -232,7 +232,7 @@ def _plan(config: Any, *, from_stage: str | None, only: str | None) -> int:
         if from_stage is not None and STAGES.index(stage) >= STAGES.index(from_stage):
             status = "would be redone (--from)"
         print(f"{stage:<11} {status}")
-    return dry_run_message(argparse.Namespace(), "the whole config was checked")
+    return dry_run_message("the whole config was checked")
 
 
 def add_demo(subparsers: argparse._SubParsersAction) -> None:

@@ -10,12 +10,11 @@ written and whether it came from the file or from a ``key=value`` override.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mmsafe.config import apply_overrides, from_dict, option, parse_override, read_yaml
+from mmsafe.config import apply_overrides, error_key, from_dict, option, override_key, read_yaml, value_source
 from mmsafe.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -172,42 +171,6 @@ class PipelineConfig:
 
 # ---------------------------------------------------------------- loading
 
-#: The dotted key an error message starts with (``train.options.lerning_rate: ...``).
-_LEADING_KEY = re.compile(r"^([\w\-]+(?:\[\d+\])?(?:\.[\w\-]+(?:\[\d+\])?)*): ")
-
-
-def error_key(error: ConfigError) -> list[str] | None:
-    """The parts of the dotted key ``error`` names first, without list indexes; None if it names none."""
-    match = _LEADING_KEY.match(str(error))
-    if match is None:
-        return None
-    return re.sub(r"\[\d+\]", "", match.group(1)).split(".")
-
-
-def _in_file(data: Any, key: list[str]) -> bool:
-    for part in key:
-        if not isinstance(data, dict) or part not in data:
-            return False
-        data = data[part]
-    return True
-
-
-def _source(key: list[str] | None, path: str | Path, file_data: dict[str, Any], overrides: list[str]) -> str:
-    """Where the value an error is about came from: the last override that set it (or a
-    section above it, or a part of it the file does not have), else the file (with the
-    override that changed part of it, if any)."""
-    if key is not None:
-        inside = None
-        for text in reversed(overrides):
-            parts = parse_override(text)[0]
-            if parts == key[: len(parts)]:
-                return f"override {text!r}"
-            if inside is None and key == parts[: len(key)]:
-                inside = text
-        if inside is not None:
-            return f"{path} (with override {inside!r})" if _in_file(file_data, key) else f"override {inside!r}"
-    return str(path)
-
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a pipeline YAML; relative paths in it are relative to the current folder.
@@ -227,7 +190,9 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
         config = from_dict(PipelineConfig, data)
         stage_configs(config, Paths(Path(config.out)))
     except ConfigError as error:
-        raise ConfigError(f"{_source(error_key(error), path, file_data, overrides)}: {error}") from None
+        layers = [(override_key(text), f"override {text!r}") for text in overrides]
+        source = value_source(error_key(error), layers, file=str(path), file_data=file_data)
+        raise ConfigError(f"{source}: {error}") from None
     return config
 
 

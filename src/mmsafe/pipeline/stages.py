@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmsafe.config import _coerce, from_dict
+from mmsafe.config import _coerce, error_key, from_dict
 from mmsafe.errors import ConfigError, MmsafeError
 from mmsafe.models.prompts import PromptStyle
-from mmsafe.pipeline.config import STAGES, TINY_MODEL, PipelineConfig, error_key
+from mmsafe.pipeline.config import STAGES, TINY_MODEL, PipelineConfig
 from mmsafe.pipeline.paths import Paths
 
 logger = logging.getLogger(__name__)
