@@ -21,6 +21,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -200,19 +201,36 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+def checked_options(
+    cls: type, data: dict[str, Any], *, prefix: str = "", exclude: Iterable[str] = ()
+) -> dict[str, Any]:
+    """``data``'s options of dataclass ``cls``, each key known (did-you-mean otherwise) and
+    each value checked against its field's type; ``exclude``: fields not to be set here."""
+    hints = typing.get_type_hints(cls)
+    excluded = set(exclude)
+    fields = [field.name for field in dataclasses.fields(cls) if field.init and field.name not in excluded]
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise unknown_option(key, fields, prefix=prefix)
+        values[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return values
+
+
+def unknown_option(key: Any, known: Iterable[str], *, prefix: str = "") -> ConfigError:
+    """``prefix.key: unknown option (did you mean prefix.close?); known: ...``."""
+    names = sorted(known)
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    return ConfigError(f"{prefix}{key}: unknown option{hint}; known: {', '.join(names)}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, checking keys and types."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
     fields = {field.name: field for field in dataclasses.fields(cls) if field.init}
-    values = {}
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"{prefix}{key}: unknown option{hint}; known: {', '.join(sorted(fields))}")
-        values[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    values = checked_options(cls, data, prefix=prefix)
     try:
         return cls(**values)
     except TypeError as error:

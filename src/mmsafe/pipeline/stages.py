@@ -13,16 +13,14 @@ Building them reads no file: what an earlier stage writes is named by its path u
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import logging
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmsafe.config import _coerce, error_key, from_dict
+from mmsafe.config import checked_options, error_key, from_dict, unknown_option
 from mmsafe.errors import ConfigError, MmsafeError
 from mmsafe.models.prompts import PromptStyle
 from mmsafe.pipeline.config import STAGES, TINY_MODEL, PipelineConfig
@@ -244,22 +242,16 @@ def _train_config(
     key as written in the layer that set it (``train.dpo.beta``)."""
     from mmsafe.train.config import TrainConfig
 
-    hints = typing.get_type_hints(TrainConfig)
-    fields = [field.name for field in dataclasses.fields(TrainConfig) if field.init and field.name not in fixed]
     values = dict(defaults)
     set_by: dict[str, str] = {}
     for prefix, options in layers:
-        for key, value in options.items():
+        for key in options:
             if key in fixed:
                 raise ConfigError(
                     f"{prefix}{key}: set by the pipeline (from {_SET_BY_PIPELINE.get(key, 'the pipeline config')}); remove it"
                 )
-            if key not in fields:
-                close = difflib.get_close_matches(str(key), fields, n=1)
-                hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-                raise ConfigError(f"{prefix}{key}: unknown option{hint}; known: {', '.join(sorted(fields))}")
-            values[key] = _coerce(value, hints[key], f"{prefix}{key}")
-            set_by[key] = prefix
+        values.update(checked_options(TrainConfig, options, prefix=prefix, exclude=fixed))
+        set_by.update(dict.fromkeys(options, prefix))
     try:
         return from_dict(TrainConfig, {**values, **fixed})
     except ConfigError as error:  # a check across options (beta > 0, lora with adapters-disabled, ...)
@@ -423,11 +415,7 @@ def judge_stage(config: PipelineConfig, paths: Paths) -> JudgeStage:
         known = _judge_options(name, factory)
         for key in options:
             if known is not None and key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f" (did you mean judge.options.{name}.{close[0]}?)" if close else ""
-                raise ConfigError(
-                    f"judge.options.{name}.{key}: unknown option{hint}; known: {', '.join(sorted(known))}"
-                )
+                raise unknown_option(key, known, prefix=f"judge.options.{name}.")
         if name in _OWN_JUDGES and known is not None:
             try:  # checks the values too; mmsafe's judges load their model on first use, not here
                 get_judge(name, **options)
