@@ -6,6 +6,7 @@ Each field is documented once; the command line (:mod:`mmsafe.cli.arguments`), a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +18,24 @@ from mmsafe.models.recipe import DEFAULTS
 
 #: How judge and report name the ways of reading --data.
 BENCHMARK_HELP = "how to read --data: mmsafe-po, prompts, mm-safetybench, spa-vl-harmeval, vlguard, mossbench or a plugin's (`mmsafe benchmarks list`)"
-PROBE_VARIANTS = ["text", "multimodal", "blind", "blank", "swap", "mid"]
+#: The probe's variants: the prompt as text, with its image, blind, with a blank or a swapped image, and mid-way.
+PROBE_VARIANTS = ("text", "multimodal", "blind", "blank", "swap", "mid")
+#: The two forms of pairwise accuracy.
+PAIRWISE_FORMS = ("asked", "likelihood")
+
+
+def check_variants(variants: Sequence[str]) -> None:
+    unknown = [variant for variant in variants if variant not in PROBE_VARIANTS]
+    if unknown or not variants:
+        raise ConfigError(
+            f"variants: expected a non-empty subset of {', '.join(PROBE_VARIANTS)}, got {list(variants)!r}"
+        )
+
+
+def check_forms(forms: Sequence[str]) -> None:
+    unknown = [form for form in forms if form not in PAIRWISE_FORMS]
+    if unknown or not forms:
+        raise ConfigError(f"forms: expected asked and/or likelihood, got {list(forms)!r}")
 
 
 @dataclass(kw_only=True)
@@ -45,9 +63,7 @@ class ProbeConfig(EngineOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        unknown = [name for name in self.variants if name not in PROBE_VARIANTS]
-        if unknown:
-            raise ConfigError(f"variants: unknown variant {unknown[0]!r}; expected some of {', '.join(PROBE_VARIANTS)}")
+        check_variants(self.variants)
 
 
 @dataclass(kw_only=True)
@@ -163,7 +179,7 @@ class PairwiseConfig(DataOptions):
 
     model: str = option(help="checkpoint folder, LoRA adapter folder or Hub id", group="input")
     forms: list[str] = option(
-        default_factory=lambda: ["asked", "likelihood"],
+        default_factory=lambda: list(PAIRWISE_FORMS),
         help="asked (the model answers which response is safe, A/B order seeded) and/or likelihood (chosen more likely than rejected)",
         comma=True,
     )
@@ -187,8 +203,6 @@ class PairwiseConfig(DataOptions):
 
     def __post_init__(self) -> None:
         self.check_data_options()
-        unknown = [form for form in self.forms if form not in ("asked", "likelihood")]
-        if unknown or not self.forms:
-            raise ConfigError(f"forms: expected asked and/or likelihood, got {','.join(self.forms)!r}")
+        check_forms(self.forms)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: expected a positive integer, got {self.batch_size}")

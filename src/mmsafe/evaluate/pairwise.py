@@ -27,6 +27,7 @@ import numpy as np
 
 from mmsafe.data.records import IMAGE_TOKEN, Message, PreferenceRecord
 from mmsafe.errors import ConfigError, DataError, MmsafeError
+from mmsafe.evaluate.config import check_forms
 from mmsafe.evaluate.judges.llm import fill_rubric
 from mmsafe.evaluate.metrics import Rate, rate
 
@@ -344,9 +345,7 @@ def evaluate_pairwise(
     from mmsafe.data.jsonl import write_jsonl
     from mmsafe.generate.hf_engine import HFEngine
 
-    unknown = [form for form in forms if form not in ("asked", "likelihood")]
-    if unknown or not forms:
-        raise ConfigError(f"forms: expected asked and/or likelihood, got {list(forms)!r}")
+    check_forms(forms)
     inputs = open_inputs(data, image_root=image_root)
     records, root = inputs.records, inputs.image_root
     engine = HFEngine(

@@ -42,12 +42,13 @@ from mmsafe.data.images import blank_image, load_image, resolve_image_path
 from mmsafe.data.inputs import source_name
 from mmsafe.data.records import IMAGE_TOKEN, Message, PreferenceRecord, read_verdict_records
 from mmsafe.errors import ConfigError, DataError
+from mmsafe.evaluate.config import PROBE_VARIANTS, check_variants
 from mmsafe.evaluate.formatting import difference_text, p_text, rate_text
 from mmsafe.evaluate.metrics import paired_comparison, summarize_verdicts
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("text", "multimodal", "blind", "blank", "swap", "mid")
+VARIANTS = PROBE_VARIANTS
 #: Variants asked without any image (a model whose processor needs an image cannot run them).
 TEXT_ONLY_VARIANTS = ("text", "blind")
 #: The paired differences reported, as (name, baseline variant, compared variant).
@@ -394,9 +395,7 @@ def run_probe(
     from mmsafe.generate.engine import DecodingParams, GenerationRequest
     from mmsafe.generate.runs import run_requests
 
-    unknown = [variant for variant in variants if variant not in VARIANTS]
-    if unknown or not variants:
-        raise ConfigError(f"variants: expected a non-empty subset of {', '.join(VARIANTS)}, got {list(variants)!r}")
+    check_variants(variants)
     if not getattr(engine, "accepts_text_only", True):
         dropped = [variant for variant in variants if variant in TEXT_ONLY_VARIANTS]
         variants = [variant for variant in variants if variant not in TEXT_ONLY_VARIANTS]

@@ -84,6 +84,10 @@ def models_to_evaluate(config: PipelineConfig, paths: Paths) -> dict[str, str]:
     return models
 
 
+#: What the evaluating stages say of an evaluation split with no records.
+NO_EVALUATION_RECORDS = "no evaluation records"
+
+
 @dataclass(frozen=True)
 class RecordSet:
     """Records a stage reads: a file, the folder its image paths are relative to, the split kept."""
@@ -94,14 +98,11 @@ class RecordSet:
     benign: str | None = None
     """A sample folder whose benign prompts are added (they expect help: over-refusal)."""
 
-    def read(self, *, required: bool = False) -> list[Any]:
-        """The records of the split (then the benign prompts); ``required``: none is an error."""
+    def read(self, *, empty: str | None = None) -> list[Any]:
+        """The records of the split (then the benign prompts); none is an error, worded ``empty``."""
         from mmsafe.data.inputs import NO_RECORDS, open_inputs
 
-        # One loader for every stage; a split with no records is refused (naming it) either way.
-        records = open_inputs(
-            self.data, split=self.split, empty="no evaluation records" if required else NO_RECORDS
-        ).records
+        records = open_inputs(self.data, split=self.split, empty=empty or NO_RECORDS).records
         if self.benign is not None:
             from mmsafe.data.benign_sample import benign_items
 
@@ -547,7 +548,7 @@ def stage_generate(config: PipelineConfig, paths: Paths) -> str:
     from mmsafe.generate.runs import generate_responses
 
     stage = generate_stage(config, paths)
-    records = stage.records.read(required=True)
+    records = stage.records.read(empty=NO_EVALUATION_RECORDS)
     lines = []
     for run in stage.models:
         engine = local_engine(
@@ -575,7 +576,7 @@ def stage_judge(config: PipelineConfig, paths: Paths) -> str:
     from mmsafe.evaluate.judging import judge_responses
 
     stage = judge_stage(config, paths)
-    records = stage.records.read(required=True)
+    records = stage.records.read(empty=NO_EVALUATION_RECORDS)
     lines = []
     for spec in stage.judges:
         judge = get_judge(spec.name, **spec.options)
@@ -595,7 +596,7 @@ def stage_report(config: PipelineConfig, paths: Paths) -> str:
     from mmsafe.evaluate.report import build_report
 
     stage = report_stage(config, paths)
-    records = stage.records.read(required=True)
+    records = stage.records.read(empty=NO_EVALUATION_RECORDS)
     build_report(
         stage.verdicts,
         stage.out,
