@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from mmsafe.config import option
 from mmsafe.errors import ConfigError
-from mmsafe.generate.config import RECIPE_DEFAULT, DataOptions, EngineOptions
+from mmsafe.generate.config import RECIPE_DEFAULT, DataOptions, EngineOptions, stage_file
 from mmsafe.models.recipe import DEFAULTS
 
 #: How judge and report name the ways of reading --data.
@@ -121,8 +121,7 @@ class JudgeConfig(BenchmarkDataOptions):
             raise ConfigError(f"batch_size: expected a positive integer, got {self.batch_size}")
 
     def output_file(self) -> Path:
-        out = Path(self.out)
-        return out if out.suffix == ".jsonl" else out / f"verdicts-{self.judge}.jsonl"
+        return stage_file(self.out, f"verdicts-{self.judge}.jsonl")
 
     def responses_file(self) -> Path:
         path = Path(self.responses)

@@ -28,6 +28,12 @@ ENGINE_GROUPS = {
 }
 
 
+def stage_file(out: str | Path, name: str) -> Path:
+    """A stage's file ``name`` in the output folder ``out`` (``out`` itself when it names a .jsonl file)."""
+    folder = Path(out)
+    return folder if folder.suffix == ".jsonl" else folder / name
+
+
 @dataclass(kw_only=True)
 class DataOptions:
     """Which records a stage reads and where it writes."""
@@ -142,9 +148,7 @@ class EngineOptions(DataOptions, DecodingOptions):
                 )
 
     def output_file(self, name: str) -> Path:
-        """The stage's file ``name`` in the output folder (``out`` itself when it names a .jsonl file)."""
-        out = Path(self.out)
-        return out if out.suffix == ".jsonl" else out / name
+        return stage_file(self.out, name)
 
 
 @dataclass(kw_only=True)
